@@ -1,0 +1,29 @@
+"""`caduceus` entry point. Each command group lives in its own module with a `register()`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli import bookkeeper_cmd, config_cmd, retry_cmd, rule_cmd, service_cmd, status_cmd, up_cmd
+
+COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, retry_cmd, bookkeeper_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caduceus", description="Event-sourced DICOM orchestrator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

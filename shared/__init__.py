@@ -1,0 +1,1 @@
+"""Code shared by every caduceus service: the event contract, the bus, the runtime, the blob store, config."""

@@ -1,0 +1,235 @@
+"""Where image files live. Events carry blob keys, never pixel data.
+
+Keys are '/'-joined segments built with `blob_key(...)`, which makes every segment safe: a UID
+such as '../../etc' or one with NUL bytes or 300 characters becomes a hashed token, so no key can
+name a path outside the store.
+
+Two implementations with one contract (tests/test_blobstore.py runs against both):
+- LocalBlobStore: files under <data dir>/blobs; writes go to a temp file, are fsynced, then renamed.
+- NatsObjectBlobStore: a JetStream object store bucket, for hosts without a shared volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,95}$")
+
+
+class BlobError(RuntimeError):
+    pass
+
+
+class BlobNotFound(BlobError):
+    pass
+
+
+def safe_segment(value: str) -> str:
+    if _SAFE_SEGMENT.match(value) and value not in (".", ".."):
+        return value
+    return "h" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def blob_key(*segments: str) -> str:
+    if not segments:
+        raise BlobError("empty blob key")
+    return "/".join(safe_segment(s) for s in segments)
+
+
+def _check_key(key: str) -> list[str]:
+    parts = key.split("/")
+    if not parts or any(not _SAFE_SEGMENT.match(p) or p in (".", "..") for p in parts):
+        raise BlobError(f"unsafe blob key {key!r}")
+    return parts
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    sha256: str
+
+
+class BlobStore(Protocol):
+    async def put(self, key: str, data: bytes) -> BlobInfo: ...
+    async def put_file(self, key: str, path: Path) -> BlobInfo: ...
+    async def get(self, key: str) -> bytes: ...
+    async def exists(self, key: str) -> bool: ...
+    async def delete(self, key: str) -> None: ...
+    async def list(self, prefix: str) -> list[str]: ...
+    def local_file(self, key: str) -> contextlib.AbstractAsyncContextManager[Path]: ...
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        path = self.root.joinpath(*_check_key(key))
+        if self.root not in path.parents:
+            raise BlobError(f"blob key escapes the store: {key!r}")
+        return path
+
+    # The receiver calls the *_sync methods from pynetdicom's association threads.
+    def put_sync(self, key: str, data: bytes | memoryview) -> BlobInfo:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / f"{uuid.uuid4().hex}.part"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if self.fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return BlobInfo(key, len(data), hashlib.sha256(data).hexdigest())
+
+    def get_sync(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
+    def sync_dir(self, key: str) -> None:
+        """fsync the directory holding `key`, making its rename durable."""
+        fd = os.open(self.path(key).parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def put(self, key: str, data: bytes) -> BlobInfo:
+        return self.put_sync(key, data)
+
+    async def put_file(self, key: str, path: Path) -> BlobInfo:
+        return self.put_sync(key, Path(path).read_bytes())
+
+    async def get(self, key: str) -> bytes:
+        return self.get_sync(key)
+
+    async def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    async def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(key).unlink()
+
+    async def list(self, prefix: str) -> list[str]:
+        base = self.path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and self._tmp not in p.parents)
+
+    @contextlib.asynccontextmanager
+    async def local_file(self, key: str) -> AsyncIterator[Path]:
+        path = self.path(key)
+        if not path.is_file():
+            raise BlobNotFound(key)
+        yield path
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
+
+class NatsObjectBlobStore:
+    """Blobs in a JetStream object store bucket (128 KiB chunks)."""
+
+    def __init__(self, js: object, bucket: str) -> None:
+        self.js = js
+        self.bucket_name = bucket
+        self._store: object | None = None
+
+    async def _bucket(self):  # type: ignore[no-untyped-def]
+        if self._store is None:
+            from nats.js.api import ObjectStoreConfig
+            from nats.js.errors import BucketNotFoundError
+
+            try:
+                self._store = await self.js.object_store(self.bucket_name)  # type: ignore[attr-defined]
+            except BucketNotFoundError:
+                self._store = await self.js.create_object_store(  # type: ignore[attr-defined]
+                    self.bucket_name, config=ObjectStoreConfig(bucket=self.bucket_name))
+        return self._store
+
+    async def put(self, key: str, data: bytes) -> BlobInfo:
+        _check_key(key)
+        store = await self._bucket()
+        await store.put(key, data)
+        return BlobInfo(key, len(data), hashlib.sha256(data).hexdigest())
+
+    async def put_file(self, key: str, path: Path) -> BlobInfo:
+        return await self.put(key, Path(path).read_bytes())
+
+    async def get(self, key: str) -> bytes:
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        _check_key(key)
+        store = await self._bucket()
+        try:
+            result = await store.get(key)
+        except (ObjectNotFoundError, NotFoundError):
+            raise BlobNotFound(key) from None
+        return bytes(result.data or b"")
+
+    async def exists(self, key: str) -> bool:
+        from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
+
+        _check_key(key)
+        store = await self._bucket()
+        try:
+            info = await store.get_info(key)
+        except (ObjectNotFoundError, NotFoundError, ObjectDeletedError):
+            return False
+        return not getattr(info, "deleted", False)
+
+    async def delete(self, key: str) -> None:
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        store = await self._bucket()
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            await store.delete(key)
+
+    async def list(self, prefix: str) -> list[str]:
+        from nats.js.errors import NotFoundError
+
+        store = await self._bucket()
+        try:
+            infos = await store.list()
+        except NotFoundError:
+            return []
+        base = prefix.rstrip("/") + "/" if prefix else ""
+        return sorted(i.name for i in infos if not i.deleted and i.name.startswith(base))
+
+    @contextlib.asynccontextmanager
+    async def local_file(self, key: str) -> AsyncIterator[Path]:
+        data = await self.get(key)
+        with tempfile.TemporaryDirectory(prefix="caduceus-blob-") as tmp:
+            path = Path(tmp) / "blob.dcm"
+            path.write_bytes(data)
+            yield path
+
+
+def open_blob_store(kind: str, data_dir: Path, js: object | None = None) -> BlobStore:
+    if kind == "local":
+        return LocalBlobStore(Path(data_dir) / "blobs")
+    if kind == "nats":
+        if js is None:
+            raise BlobError("the nats blob store needs a JetStream connection")
+        from shared.subjects import BLOB_BUCKET
+
+        return NatsObjectBlobStore(js, BLOB_BUCKET)
+    raise BlobError(f"unknown blob store {kind!r} (expected 'local' or 'nats')")

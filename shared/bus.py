@@ -1,0 +1,167 @@
+"""The NATS JetStream connection every service and the CLI use.
+
+- `Bus.connect()` connects (reconnecting forever) and declares the streams idempotently.
+- `Bus.publish(event)` sends an event with `Nats-Msg-Id` = event_id (server-side de-duplication)
+  and the W3C trace context in the headers, and returns the stream sequence once JetStream has
+  stored it.
+- `Bus.publish_many(events)` pipelines many publishes and awaits all acks together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+from opentelemetry import propagate, trace
+
+from shared import subjects
+from shared.events import Event
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("caduceus")
+
+
+class PublishError(RuntimeError):
+    """JetStream did not confirm storage of an event."""
+
+
+class Bus:
+    def __init__(self, nc: NATS, js: JetStreamContext, actor: str) -> None:
+        self.nc = nc
+        self.js = js
+        self.actor = actor
+
+    @classmethod
+    async def connect(cls, url: str, actor: str, *, declare: bool = True,
+                      connect_timeout: float = 5.0, max_reconnect_attempts: int = -1) -> Bus:
+        async def on_disconnect() -> None:
+            log.warning("disconnected from NATS")
+
+        async def on_reconnect() -> None:
+            log.warning("reconnected to NATS")
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS error: %s", exc)
+
+        nc = await nats.connect(
+            servers=[u.strip() for u in url.split(",") if u.strip()],
+            name=actor,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=max_reconnect_attempts,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+        bus = cls(nc, nc.jetstream(timeout=10), actor)
+        if declare:
+            await bus.declare_streams()
+        return bus
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()
+
+    async def declare_streams(self) -> None:
+        for config in subjects.stream_configs():
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                # Exists with a different config: bring the mutable fields up to date.
+                await self.js.update_stream(config)
+
+    async def declare_durable(self, durable: subjects.Durable) -> None:
+        config = durable.config()
+        try:
+            await self.js.add_consumer(durable.stream, config)
+        except BadRequestError:
+            await self.js.update_consumer(durable.stream, config)
+
+    # ------------------------------------------------------------ publishing
+
+    def _headers(self, event: Event) -> dict[str, str]:
+        headers: dict[str, str] = {"Nats-Msg-Id": event.event_id, "Caduceus-Type": event.type}
+        propagate.inject(headers)
+        return headers
+
+    def subject_for(self, event: Event) -> str:
+        if event.type.startswith("config."):
+            return subjects.config_subject(event.config_kind or "unknown")
+        if event.type == "service.heartbeat":
+            return subjects.status_subject(event.payload.get("service", "unknown"),
+                                           event.payload.get("instance", "unknown"))
+        return subjects.event_subject(event.type, event.payload.get("priority"))
+
+    async def publish(self, event: Event, *, timeout: float = 10.0, retries: int = 5) -> int:
+        """Publish and return the stream sequence. Retries through short outages, then raises."""
+        subject = self.subject_for(event)
+        data = event.to_json()
+        with tracer.start_as_current_span(f"publish {event.type}", kind=trace.SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.system", "nats")
+            span.set_attribute("messaging.destination.name", subject)
+            span.set_attribute("messaging.message.id", event.event_id)
+            headers = self._headers(event)
+            delay = 0.2
+            for attempt in range(retries + 1):
+                try:
+                    ack = await self.js.publish(subject, data, timeout=timeout, headers=headers)
+                    return int(ack.seq)
+                except (NatsTimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+                        asyncio.TimeoutError) as exc:
+                    if attempt == retries:
+                        raise PublishError(f"could not publish {event.type} {event.event_id}: {exc!r}") from exc
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 3.0)
+        raise AssertionError("unreachable")
+
+    async def publish_many(self, events: Iterable[Event], *, timeout: float = 10.0) -> list[int]:
+        return list(await asyncio.gather(*(self.publish(e, timeout=timeout) for e in events)))
+
+    def make(self, type: str, payload: Any, **fields: Any) -> Event:
+        from shared.events import make_event
+        return make_event(type, self.actor, payload, **fields)
+
+    # ------------------------------------------------------------ reading
+
+    async def last_seq(self, stream: str) -> int:
+        info = await self.js.stream_info(stream)
+        return int(info.state.last_seq)
+
+    async def get_last_for_subject(self, stream: str, subject: str) -> Event | None:
+        try:
+            raw = await self.js.get_last_msg(stream, subject)
+        except NotFoundError:
+            return None
+        if raw.data is None:
+            return None
+        event = Event.from_json(raw.data)
+        event.stream, event.stream_seq = stream, raw.seq
+        return event
+
+
+def event_from_msg(msg: Msg) -> Event:
+    event = Event.from_json(msg.data)
+    try:
+        meta = msg.metadata
+        event.stream = meta.stream
+        event.stream_seq = meta.sequence.stream
+        event.recorded_at = meta.timestamp
+    except Exception:  # noqa: BLE001 - core NATS message without JetStream metadata
+        pass
+    return event
+
+
+def trace_context(msg: Msg) -> Any:
+    return propagate.extract(msg.headers or {})

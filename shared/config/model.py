@@ -1,0 +1,210 @@
+"""The configuration schema. What `caduceus config apply` validates and what services fold.
+
+Top level: `settings` (one mapping), `targets`, `rules`, `modules` (each a mapping of name -> item).
+Every item may carry `owner` and `description`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
+
+DEFAULT_EXTRACT_TAGS = [
+    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "PatientAge", "PatientWeight",
+    "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber",
+    "ReferringPhysicianName", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SeriesDate",
+    "SeriesTime", "Modality", "BodyPartExamined", "ProtocolName", "SOPClassUID", "SOPInstanceUID",
+    "InstanceNumber", "AcquisitionNumber", "ImageType", "Manufacturer", "ManufacturerModelName",
+    "StationName", "DeviceSerialNumber", "SoftwareVersions", "InstitutionName", "InstitutionalDepartmentName",
+    "MagneticFieldStrength", "SliceThickness", "SpacingBetweenSlices", "ContrastBolusAgent",
+    "ContrastBolusRoute", "ContrastBolusVolume", "ScanningSequence", "SequenceName", "SequenceVariant",
+    "KVP", "XRayTubeCurrent", "ConvolutionKernel", "Rows", "Columns", "NumberOfFrames",
+    "PhotometricInterpretation", "RequestingPhysician", "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription", "SpecificCharacterSet", "ScheduledProcedureStepDescription",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be applied; the message says which item and why."""
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    owner: str = ""
+    description: str = ""
+
+
+class SettingsItem(Item):
+    # receiver
+    ae_title: str = Field(default="CADUCEUS", min_length=1, max_length=16)
+    require_called_aet: bool = False
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list, description="IP addresses or CIDR networks")
+    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    min_free_space_mb: int = Field(default=500, ge=0)
+    extract_tags: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTRACT_TAGS))
+    tls_certificate: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    # router
+    series_complete_seconds: float = Field(default=60, gt=0)
+    study_complete_seconds: float = Field(default=900, gt=0)
+    study_force_complete_seconds: float = Field(default=5400, gt=0)
+    # dispatcher
+    dispatch_retries: int = Field(default=5, ge=0)
+    dispatch_retry_wait_seconds: float = Field(default=60, ge=0)
+    dispatch_retry_max_wait_seconds: float = Field(default=3600, ge=0)
+    dispatch_parallel_associations: int = Field(default=1, ge=1, le=16)
+    # scheduling and retention
+    offpeak_start: str = Field(default="22:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    offpeak_end: str = Field(default="06:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    retention_days: float = Field(default=3, ge=0)
+
+
+class TlsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    certificate: str = ""
+    key: str = ""
+    ca: str = ""
+
+
+class DicomTarget(Item):
+    type: Literal["dicom"] = "dicom"
+    host: str = Field(min_length=1, description="host name, IP, or 'sender' to send back to the source")
+    port: int = Field(ge=1, le=65535)
+    called_aet: str = Field(min_length=1, max_length=16)
+    calling_aet: str = Field(default="CADUCEUS", min_length=1, max_length=16)
+    tls: TlsConfig | None = None
+    parallel_associations: int | None = Field(default=None, ge=1, le=16)
+
+
+Target = Annotated[DicomTarget, Field(discriminator="type")]
+
+
+class Rule(Item):
+    filter: str = Field(default="True", min_length=1)
+    trigger: Literal["series", "study"] = "series"
+    action: Literal["route", "process", "both", "discard", "notification"] = "route"
+    targets: list[str] = Field(default_factory=list)
+    modules: list[str] = Field(default_factory=list)
+    priority: Literal["normal", "urgent", "offpeak"] = "normal"
+    disabled: bool = False
+    fallback: bool = False
+    series_complete_seconds: float | None = Field(default=None, gt=0)
+    study_required_series: str = ""
+    study_force_action: Literal["proceed", "discard", "ignore"] = "proceed"
+    notification_message: str = ""
+
+    @field_validator("targets", "modules", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _action_needs(self) -> Rule:
+        if self.action in ("route", "both") and not self.targets:
+            raise ValueError(f"action '{self.action}' needs at least one target")
+        if self.action in ("process", "both") and not self.modules:
+            raise ValueError(f"action '{self.action}' needs at least one module")
+        return self
+
+
+class Module(Item):
+    image: str = Field(min_length=1, description="container image (tag) to run")
+    settings: dict[str, Any] = Field(default_factory=dict)
+    environment: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=3600, gt=0)
+
+
+KINDS = ("settings", "targets", "rules", "modules")
+
+
+class CaduceusConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    settings: SettingsItem = Field(default_factory=SettingsItem)
+    targets: dict[str, Target] = Field(default_factory=dict)
+    rules: dict[str, Rule] = Field(default_factory=dict)
+    modules: dict[str, Module] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: Any) -> CaduceusConfig:
+        """Validate a whole configuration, with messages that name the offending item."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("configuration must be a mapping with settings/targets/rules/modules")
+        unknown = set(raw) - set(KINDS)
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))} "
+                              f"(expected {', '.join(KINDS)})")
+        try:
+            config = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc)) from None
+        config.check_references()
+        return config
+
+    def check_references(self) -> None:
+        from shared.rules import RuleSyntaxError, compile_rule, compile_series_list
+
+        problems: list[str] = []
+        for kind in ("targets", "rules", "modules"):
+            for name in getattr(self, kind):
+                if not NAME_RE.match(name):
+                    problems.append(f"{kind}.{name}: names are 1-64 letters, digits, space, '_', '-', '.'")
+        for name, rule in self.rules.items():
+            for target in rule.targets:
+                if target not in self.targets:
+                    problems.append(f"rules.{name}.targets: unknown target '{target}'")
+            for module in rule.modules:
+                if module not in self.modules:
+                    problems.append(f"rules.{name}.modules: unknown module '{module}'")
+            try:
+                compile_rule(rule.filter)
+            except RuleSyntaxError as exc:
+                problems.append(f"rules.{name}.filter: {exc}")
+            if rule.study_required_series:
+                try:
+                    compile_series_list(rule.study_required_series)
+                except RuleSyntaxError as exc:
+                    problems.append(f"rules.{name}.study_required_series: {exc}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def items(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Flatten to (kind, name) -> item dict, the unit that config events carry."""
+        flat: dict[tuple[str, str], dict[str, Any]] = {
+            ("settings", "global"): self.settings.model_dump(mode="json", exclude_defaults=True)}
+        for kind in ("targets", "rules", "modules"):
+            for name, item in getattr(self, kind).items():
+                flat[(kind, name)] = item.model_dump(mode="json", exclude_defaults=True)
+        return flat
+
+    @classmethod
+    def from_items(cls, items: dict[tuple[str, str], dict[str, Any]]) -> CaduceusConfig:
+        raw: dict[str, Any] = {"targets": {}, "rules": {}, "modules": {}}
+        for (kind, name), item in items.items():
+            if kind == "settings":
+                raw["settings"] = item
+            else:
+                raw[kind][name] = item
+        return cls.model_validate(raw)
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"settings": self.settings.model_dump(mode="json", exclude_defaults=True)}
+        for kind in ("targets", "rules", "modules"):
+            doc[kind] = {n: i.model_dump(mode="json", exclude_defaults=True) for n, i in getattr(self, kind).items()}
+        return doc
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        where = where.replace(".dicom.", ".")  # discriminated-union noise
+        lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,261 @@
+"""The small base every service runs on.
+
+A service subclasses `Service`, sets `name`, and implements `setup()` (declare durables, start
+servers) and, if it pulls work, registers consumers with `self.consume(durable, handler)`.
+`Service.main()` then: connects to NATS, declares streams, follows the configuration, publishes
+`service.started`, runs the consumers and a heartbeat, and on SIGTERM/SIGINT stops pulling, lets
+in-flight handlers finish (or naks them), publishes `service.stopped` and drains the connection.
+
+Handler contract: `async def handle(delivery: Delivery) -> None`. Returning normally acks (after
+the handler's own work is durable). Raising naks with a growing delay. A handler may decide
+itself with `delivery.nak(delay)`, `delivery.term()`, and must call `delivery.in_progress()`
+while long work runs (or use `delivery.keep_alive()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry import trace
+
+from shared import subjects
+from shared.bus import Bus, event_from_msg, trace_context
+from shared.config.model import CaduceusConfig
+from shared.config.state import ConfigFollower
+from shared.events import Event, ServiceHeartbeat, ServiceStarted, ServiceStopped, make_event
+from shared.logging import setup_logging
+from shared.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("caduceus")
+VERSION = "0.1.0"
+
+
+class Delivery:
+    """One message from a durable consumer, with its event and its ack decisions."""
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self.event: Event = event_from_msg(msg)
+        self.decided = False
+
+    @property
+    def attempt(self) -> int:
+        return int(self.msg.metadata.num_delivered)
+
+    async def ack(self) -> None:
+        if not self.decided:
+            self.decided = True
+            await self.msg.ack_sync()
+
+    async def nak(self, delay: float | None = None) -> None:
+        if not self.decided:
+            self.decided = True
+            await self.msg.nak(delay=delay)
+
+    async def term(self) -> None:
+        if not self.decided:
+            self.decided = True
+            await self.msg.term()
+
+    async def in_progress(self) -> None:
+        if not self.decided:
+            await self.msg.in_progress()
+
+    @contextlib.asynccontextmanager
+    async def keep_alive(self, every: float = 15.0) -> AsyncIterator[None]:
+        """Tell JetStream the work is still running, so it is not redelivered to someone else."""
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(every)
+                with contextlib.suppress(Exception):
+                    await self.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+def retry_delay(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
+    return float(min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+class Service:
+    name: str = "service"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.instance = self.settings.instance or f"{self.name}-{socket.gethostname()}-{os.getpid()}"
+        self.bus: Bus
+        self.config_follower: ConfigFollower
+        self.stopping = asyncio.Event()
+        self.started_at = time.monotonic()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self.counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------ hooks for subclasses
+
+    async def setup(self) -> None:
+        """Declare durables, open servers, register consumers."""
+
+    async def teardown(self) -> None:
+        """Close what setup opened (called after consumers stopped)."""
+
+    def health_details(self) -> dict[str, Any]:
+        """Extra fields for the heartbeat (queue sizes, open associations...)."""
+        return dict(self.counters)
+
+    def on_config(self, config: CaduceusConfig) -> None:
+        """Called when the configuration changed."""
+
+    @property
+    def config(self) -> CaduceusConfig:
+        return self.config_follower.config
+
+    # ------------------------------------------------------------ running
+
+    def main(self) -> None:
+        setup_logging(self.name, self.settings.log_level)
+        try:
+            asyncio.run(self.run())
+        except KeyboardInterrupt:
+            pass
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+        self.bus = await Bus.connect(self.settings.nats_url, actor=self.name)
+        self.config_follower = ConfigFollower(self.bus, on_change=self.on_config)
+        await self.config_follower.start()
+        await self.config_follower.wait_ready()
+        await self.setup()
+        await self.publish(make_event("service.started", self.name, ServiceStarted(
+            service=self.name, instance=self.instance, pid=os.getpid(), host=socket.gethostname(),
+            version=VERSION)))
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
+        log.info("%s started", self.name, extra={"data": {"instance": self.instance}})
+        await self.stopping.wait()
+        await self._shutdown()
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        if not self.stopping.is_set():
+            log.info("stopping: %s", reason)
+            self.stop_reason = reason
+            self.stopping.set()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._inflight:
+            log.info("waiting for %d in-flight handler(s)", len(self._inflight))
+            _, pending = await asyncio.wait(self._inflight, timeout=20)
+            for task in pending:
+                task.cancel()  # the handler's message is not acked and will be redelivered
+        await self.teardown()
+        with contextlib.suppress(Exception):
+            await self.publish(make_event("service.stopped", self.name, ServiceStopped(
+                service=self.name, instance=self.instance, reason=getattr(self, "stop_reason", "stopped"))))
+        await self.config_follower.stop()
+        await self.bus.close()
+
+    async def publish(self, event: Event) -> int:
+        return await self.bus.publish(event)
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        """Run a background loop that is cancelled at shutdown."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.heartbeat_seconds
+        while True:
+            with contextlib.suppress(Exception):
+                await self.bus.publish(make_event("service.heartbeat", self.name, ServiceHeartbeat(
+                    service=self.name, instance=self.instance, pid=os.getpid(),
+                    uptime_seconds=round(time.monotonic() - self.started_at, 1),
+                    interval_seconds=interval, details=self.health_details())), retries=0, timeout=2)
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------ consumers
+
+    def consume(self, durable: subjects.Durable, handler: Handler, *, batch: int = 10,
+                concurrency: int = 1, paused: Callable[[], bool] | None = None) -> None:
+        """Pull from a durable and run `handler` on each message (call from `setup()`)."""
+        self._tasks.append(asyncio.create_task(
+            self._consume_loop(durable, handler, batch, concurrency, paused)))
+
+    async def _consume_loop(self, durable: subjects.Durable, handler: Handler, batch: int,
+                            concurrency: int, paused: Callable[[], bool] | None) -> None:
+        await self.bus.declare_durable(durable)
+        sub = await self.bus.js.pull_subscribe_bind(durable=durable.name, stream=durable.stream)
+        limiter = asyncio.Semaphore(concurrency)
+        while not self.stopping.is_set():
+            if paused is not None and paused():
+                await asyncio.sleep(1)
+                continue
+            try:
+                msgs = await sub.fetch(batch, timeout=1)
+            except (NatsTimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as exc:  # noqa: BLE001 - connection trouble: back off and pull again
+                log.warning("fetch from %s failed: %s", durable.name, exc)
+                await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                await limiter.acquire()
+                task = asyncio.create_task(self._run_handler(handler, msg, limiter))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            if concurrency == 1 and self._inflight:
+                await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def _run_handler(self, handler: Handler, msg: Msg, limiter: asyncio.Semaphore) -> None:
+        try:
+            delivery = Delivery(msg)
+        except Exception as exc:  # noqa: BLE001 - unreadable message: never block the consumer on it
+            log.error("unreadable message on %s: %s", msg.subject, exc)
+            with contextlib.suppress(Exception):
+                await msg.term()
+            limiter.release()
+            return
+        event = delivery.event
+        ctx = {"event_type": event.type, "event_id": event.event_id, "series_uid": event.series_uid,
+               "study_uid": event.study_uid, "task_id": event.task_id}
+        try:
+            with tracer.start_as_current_span(f"handle {event.type}", context=trace_context(msg),
+                                              kind=trace.SpanKind.CONSUMER):
+                await handler(delivery)
+            await delivery.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            delay = retry_delay(delivery.attempt)
+            log.exception("handler failed (attempt %d), retry in %.0fs", delivery.attempt, delay, extra=ctx)
+            with contextlib.suppress(Exception):
+                await delivery.nak(delay=delay)
+        finally:
+            limiter.release()
+
+
+def run_service(service_cls: type[Service]) -> None:
+    service_cls().main()

@@ -1,0 +1,40 @@
+"""Process-level settings, read from CADUCEUS_* environment variables.
+
+These are the few things a process needs before it can reach the bus (where the rest of the
+configuration lives, as events on the CONFIG stream).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CADUCEUS_", extra="ignore")
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", description="NATS server(s), comma separated")
+    database_url: str = Field(default="", description="SQLAlchemy URL of the bookkeeper database; "
+                              "empty means SQLite under the data dir")
+    data_dir: Path = Field(default=Path("./caduceus-data"))
+    blob_store: str = Field(default="local", description="'local' (data dir) or 'nats' (JetStream object store)")
+    log_level: str = "INFO"
+    heartbeat_seconds: float = 5.0
+    # Receiver listens here (the launcher passes --dicom-port through this variable).
+    dicom_port: int = 11112
+    dicom_host: str = "0.0.0.0"
+    ui_port: int = 8080
+    ui_host: str = "127.0.0.1"
+    # Name of this process instance (several dispatchers may run): defaults to service name + pid.
+    instance: str = ""
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'bookkeeper.sqlite').resolve()}"
+
+
+def load_settings() -> Settings:
+    return Settings()
