@@ -6,6 +6,8 @@ configuration lives, as events on the CONFIG stream).
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -38,3 +40,34 @@ class Settings(BaseSettings):
 
 def load_settings() -> Settings:
     return Settings()
+
+
+# Written by `caduceus up` into its data dir: the embedded NATS URL and the service pids.
+UP_STATE_FILE = "caduceus-up.json"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def cli_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The data dir a CLI command means: --data-dir, else CADUCEUS_DATA_DIR, else ./caduceus-data."""
+    if data_dir:
+        return Path(data_dir)
+    return Path(os.environ.get("CADUCEUS_DATA_DIR") or "./caduceus-data")
+
+
+def nats_url_for_cli(data_dir: str | Path | None = None) -> str:
+    """The NATS URL a CLI command should use.
+
+    CADUCEUS_NATS_URL wins; otherwise the URL of the embedded NATS that `caduceus up` recorded in
+    `<data dir>/caduceus-up.json` (so commands run from another shell find it); otherwise the
+    default local server.
+    """
+    explicit = os.environ.get("CADUCEUS_NATS_URL")
+    if explicit:
+        return explicit
+    state_file = cli_data_dir(data_dir) / UP_STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return DEFAULT_NATS_URL
+    url = state.get("nats_url") if isinstance(state, dict) else None
+    return str(url) if url else DEFAULT_NATS_URL
