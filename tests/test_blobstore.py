@@ -1,0 +1,81 @@
+"""One contract, run against each blob store implementation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shared.blobstore import BlobError, BlobNotFound, BlobStore, LocalBlobStore, NatsObjectBlobStore, blob_key
+from shared.bus import Bus
+
+
+@pytest.fixture(params=["local", "nats"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path, nats_url: str) -> AsyncIterator[BlobStore]:
+    if request.param == "local":
+        yield LocalBlobStore(tmp_path / "blobs")
+        return
+    bus = await Bus.connect(nats_url, actor="test", declare=False)
+    yield NatsObjectBlobStore(bus.js, "test-blobs")
+    await bus.close()
+
+
+async def test_put_get_roundtrip(store: BlobStore) -> None:
+    key = blob_key("instances", "1.2.3", "1.2.3.4", "1.2.3.4.5.dcm")
+    info = await store.put(key, b"DICM" * 1000)
+    assert info.size == 4000 and len(info.sha256) == 64
+    assert await store.get(key) == b"DICM" * 1000
+    assert await store.exists(key)
+
+
+async def test_overwrite_replaces_content(store: BlobStore) -> None:
+    key = blob_key("a", "b")
+    await store.put(key, b"one")
+    await store.put(key, b"two")
+    assert await store.get(key) == b"two"
+
+
+async def test_missing_blob_raises_not_found(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFound):
+        await store.get(blob_key("nope", "x"))
+    assert not await store.exists(blob_key("nope", "x"))
+
+
+async def test_delete_and_list(store: BlobStore) -> None:
+    for name in ("x1", "x2", "x3"):
+        await store.put(blob_key("series", "s1", name), name.encode())
+    await store.put(blob_key("series", "s2", "y"), b"y")
+    assert await store.list("series/s1") == ["series/s1/x1", "series/s1/x2", "series/s1/x3"]
+    await store.delete(blob_key("series", "s1", "x2"))
+    assert await store.list("series/s1") == ["series/s1/x1", "series/s1/x3"]
+    await store.delete(blob_key("series", "s1", "x2"))  # deleting twice is harmless
+
+
+async def test_local_file_gives_a_readable_path(store: BlobStore) -> None:
+    key = blob_key("f", "g.dcm")
+    await store.put(key, b"content")
+    async with store.local_file(key) as path:
+        assert path.read_bytes() == b"content"
+
+
+@pytest.mark.parametrize("hostile", ["../../etc/passwd", "..", ".", "a/b", "x\x00y", "1" * 300, "", " ", "C:\\win",
+                                     "uid with space", "\u00e9\u00e8"])
+async def test_hostile_segments_cannot_escape(store: BlobStore, hostile: str, tmp_path: Path) -> None:
+    key = blob_key("instances", hostile, hostile + ".dcm")
+    assert ".." not in key.split("/") and "\x00" not in key and len(key.split("/")) == 3
+    await store.put(key, b"safe")
+    assert await store.get(key) == b"safe"
+    if isinstance(store, LocalBlobStore):
+        assert store.root in store.path(key).parents
+
+
+@pytest.mark.parametrize("raw", ["../x", "a/../../b", "/abs", "a//b", "a/\x00"])
+async def test_raw_unsafe_keys_are_refused(store: BlobStore, raw: str) -> None:
+    with pytest.raises(BlobError):
+        await store.put(raw, b"x")
+
+
+def test_distinct_hostile_values_get_distinct_keys() -> None:
+    assert blob_key("../a") != blob_key("../b")
+    assert blob_key("1.2.3") == "1.2.3"

@@ -1,0 +1,64 @@
+"""The bus against a real nats-server: streams, publish with de-duplication, headers."""
+
+from __future__ import annotations
+
+from nats.js.api import DeliverPolicy
+
+from shared import subjects
+from shared.bus import Bus, event_from_msg
+from shared.events import Event, ServiceStarted, make_event
+
+
+def _started() -> Event:
+    return make_event("service.started", "test",
+                      ServiceStarted(service="x", instance="x-1", pid=1, host="h", version="0"))
+
+
+async def test_streams_are_declared_idempotently(bus: Bus) -> None:
+    await bus.declare_streams()
+    await bus.declare_streams()
+    names = {s.config.name for s in await bus.js.streams_info()}
+    assert {subjects.EVENTS_STREAM, subjects.CONFIG_STREAM, subjects.STATUS_STREAM} <= names
+
+
+async def test_publish_returns_sequence_and_dedups_by_event_id(bus: Bus) -> None:
+    event = _started()
+    first = await bus.publish(event)
+    again = await bus.publish(event)
+    assert first == again == 1
+    other = await bus.publish(_started())
+    assert other == 2
+    assert await bus.last_seq(subjects.EVENTS_STREAM) == 2
+
+
+async def test_published_event_round_trips_with_metadata_and_headers(bus: Bus) -> None:
+    event = make_event("service.started", "test",
+                       ServiceStarted(service="x", instance="x-1", pid=1, host="h", version="0"),
+                       series_uid="1.2.3", correlation_id="c1")
+    await bus.publish(event)
+    sub = await bus.js.subscribe("caduceus.events.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    msg = await sub.next_msg(timeout=5)
+    got = event_from_msg(msg)
+    assert got.event_id == event.event_id and got.series_uid == "1.2.3" and got.correlation_id == "c1"
+    assert got.stream == subjects.EVENTS_STREAM and got.stream_seq == 1 and got.recorded_at is not None
+    assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == event.event_id
+    assert msg.headers["Caduceus-Type"] == "service.started"
+    await sub.unsubscribe()
+
+
+async def test_publish_many_pipelines(bus: Bus) -> None:
+    seqs = await bus.publish_many([_started() for _ in range(200)])
+    assert sorted(seqs) == list(range(1, 201))
+
+
+async def test_caused_event_inherits_correlation_and_keys() -> None:
+    parent = make_event("service.started", "a", ServiceStarted(service="x", instance="i", pid=1, host="h",
+                                                                 version="0"), series_uid="9", correlation_id="c")
+    child = parent.caused("service.stopped", "b", {"service": "x", "instance": "i", "reason": "r"})
+    assert child.correlation_id == "c" and child.causation_id == parent.event_id and child.series_uid == "9"
+
+
+def test_priority_goes_into_work_subjects() -> None:
+    assert subjects.event_subject("dispatch.requested", "urgent") == "caduceus.events.dispatch.requested.urgent"
+    assert subjects.event_subject("dispatch.requested") == "caduceus.events.dispatch.requested.normal"
+    assert subjects.event_subject("image.received", "urgent") == "caduceus.events.image.received"

@@ -1,0 +1,125 @@
+"""The service runtime against a real nats-server: consume, ack, nak with retry, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config.model import CaduceusConfig, SettingsItem
+from shared.config.state import plan_changes
+from shared.events import DispatchRetryRequested, make_event
+from shared.runtime import Delivery, Service
+from shared.settings import Settings
+
+WORK = subjects.Durable(subjects.EVENTS_STREAM, "test-worker",
+                        (subjects.event_subject("dispatch.retry_requested"),), ack_wait=5)
+
+
+class Worker(Service):
+    name = "testworker"
+
+    def __init__(self, settings: Settings, fail_first: int = 0) -> None:
+        super().__init__(settings)
+        self.seen: list[tuple[str, int]] = []
+        self.fail_first = fail_first
+
+    async def setup(self) -> None:
+        self.consume(WORK, self.handle)
+
+    async def handle(self, delivery: Delivery) -> None:
+        self.seen.append((delivery.event.task_id or "", delivery.attempt))
+        if delivery.attempt <= self.fail_first:
+            raise RuntimeError("transient failure")
+
+
+def _settings(nats_url: str, tmp_path: Path) -> Settings:
+    return Settings(nats_url=nats_url, data_dir=tmp_path, heartbeat_seconds=0.5)
+
+
+async def _request(bus: Bus, task_id: str) -> None:
+    await bus.publish(make_event("dispatch.retry_requested", "test", DispatchRetryRequested(task_id=task_id),
+                                 task_id=task_id))
+
+
+async def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_handler_success_acks_once(nats_url: str, tmp_path: Path, bus: Bus) -> None:
+    worker = Worker(_settings(nats_url, tmp_path))
+    running = asyncio.create_task(worker.run())
+    await _request(bus, "t1")
+    await _wait_for(lambda: worker.seen == [("t1", 1)])
+    await asyncio.sleep(0.5)
+    worker.request_stop("test over")
+    await running
+    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, WORK.name)
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_failing_handler_is_retried_with_delay(nats_url: str, tmp_path: Path, bus: Bus) -> None:
+    worker = Worker(_settings(nats_url, tmp_path), fail_first=1)
+    running = asyncio.create_task(worker.run())
+    await _request(bus, "t2")
+    await _wait_for(lambda: len(worker.seen) == 2)
+    assert worker.seen == [("t2", 1), ("t2", 2)]
+    worker.request_stop()
+    await running
+
+
+async def test_service_follows_configuration(nats_url: str, tmp_path: Path, bus: Bus) -> None:
+    worker = Worker(_settings(nats_url, tmp_path))
+    running = asyncio.create_task(worker.run())
+    await _wait_for(lambda: hasattr(worker, "config_follower") and worker.config_follower.ready.is_set())
+    desired = CaduceusConfig(settings=SettingsItem(series_complete_seconds=7))
+    await bus.publish_many(plan_changes({}, desired, actor="user:test"))
+    await _wait_for(lambda: worker.config.settings.series_complete_seconds == 7)
+    worker.request_stop()
+    await running
+
+
+async def test_heartbeats_and_lifecycle_events(nats_url: str, tmp_path: Path, bus: Bus) -> None:
+    worker = Worker(_settings(nats_url, tmp_path))
+    running = asyncio.create_task(worker.run())
+    await asyncio.sleep(1.2)
+    beat = await bus.get_last_for_subject(subjects.STATUS_STREAM,
+                                          subjects.status_subject("testworker", worker.instance))
+    assert beat is not None and beat.type == "service.heartbeat" and beat.payload["pid"] == os.getpid()
+    worker.request_stop("bye")
+    await running
+    started = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.started")
+    stopped = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.stopped")
+    assert started is not None and stopped is not None and stopped.payload["reason"] == "bye"
+
+
+def test_sigterm_stops_a_service_process_cleanly(nats_url: str, tmp_path: Path) -> None:
+    script = tmp_path / "svc.py"
+    script.write_text(textwrap.dedent("""
+        from shared.runtime import Service
+        class Idle(Service):
+            name = "idle"
+        Idle().main()
+    """))
+    env = dict(os.environ, CADUCEUS_NATS_URL=nats_url, CADUCEUS_DATA_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "idle started" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
