@@ -35,6 +35,7 @@ from shared.config.state import ConfigFollower
 from shared.events import Event, ServiceHeartbeat, ServiceStarted, ServiceStopped, make_event
 from shared.logging import setup_logging
 from shared.settings import Settings, load_settings
+from shared.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("caduceus")
@@ -132,6 +133,7 @@ class Service:
 
     def main(self) -> None:
         setup_logging(self.name, self.settings.log_level)
+        setup_tracing(self.name)
         try:
             asyncio.run(self.run())
         except KeyboardInterrupt:

@@ -62,3 +62,19 @@ def test_priority_goes_into_work_subjects() -> None:
     assert subjects.event_subject("dispatch.requested", "urgent") == "caduceus.events.dispatch.requested.urgent"
     assert subjects.event_subject("dispatch.requested") == "caduceus.events.dispatch.requested.normal"
     assert subjects.event_subject("image.received", "urgent") == "caduceus.events.image.received"
+
+
+async def test_trace_context_travels_in_headers(bus: Bus) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("producer") as span:
+        await bus.publish(_started())
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    sub = await bus.js.subscribe("caduceus.events.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    msg = await sub.next_msg(timeout=5)
+    assert msg.headers is not None and trace_id in msg.headers["traceparent"]
+    await sub.unsubscribe()
+    assert trace.get_tracer_provider() is not None
