@@ -159,3 +159,4 @@ CLEANER_EVENTS = Durable(EVENTS_STREAM, "cleaner",
 
 ROUTER_STATE_BUCKET = "caduceus-router"      # router checkpoint (lowest open stream sequence)
 BLOB_BUCKET = "caduceus-blobs"               # image files when CADUCEUS_BLOB_STORE=nats
+DISPATCH_PROGRESS_BUCKET = "caduceus-dispatch"  # per-task dispatch progress (attempts, delivered instances)
