@@ -181,7 +181,7 @@ class CaduceusConfig(BaseModel):
             ("settings", "global"): self.settings.model_dump(mode="json", exclude_defaults=True)}
         for kind in ("targets", "rules", "modules"):
             for name, item in getattr(self, kind).items():
-                flat[(kind, name)] = item.model_dump(mode="json", exclude_defaults=True)
+                flat[(kind, name)] = _dump_item(item)
         return flat
 
     @classmethod
@@ -197,8 +197,16 @@ class CaduceusConfig(BaseModel):
     def to_document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"settings": self.settings.model_dump(mode="json", exclude_defaults=True)}
         for kind in ("targets", "rules", "modules"):
-            doc[kind] = {n: i.model_dump(mode="json", exclude_defaults=True) for n, i in getattr(self, kind).items()}
+            doc[kind] = {n: _dump_item(i) for n, i in getattr(self, kind).items()}
         return doc
+
+
+def _dump_item(item: BaseModel) -> dict[str, Any]:
+    """Non-default fields, but always the `type` discriminator (targets), or the item cannot be read back."""
+    data = item.model_dump(mode="json", exclude_defaults=True)
+    if "type" in type(item).model_fields:
+        data = {"type": item.type, **data}  # type: ignore[attr-defined]
+    return data
 
 
 def _explain(exc: ValidationError) -> str:
