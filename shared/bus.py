@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import nats
@@ -149,6 +149,32 @@ class Bus:
         event = Event.from_json(raw.data)
         event.stream, event.stream_seq = stream, raw.seq
         return event
+
+
+async def replay(bus: Bus, filter_subject: str, *, idle_timeout: float = 5.0) -> AsyncIterator[Event]:
+    """Every stored event on `filter_subject` (may contain wildcards), oldest first, then stop.
+
+    An ordered consumer: cheap, nothing left behind on the server. Ends when the consumer reports
+    nothing pending (or nothing arrives for `idle_timeout`).
+    """
+    from nats.js.api import DeliverPolicy
+
+    stream = subjects.CONFIG_STREAM if filter_subject.startswith(subjects.CONFIG_PREFIX) else subjects.EVENTS_STREAM
+    info = await bus.js.stream_info(stream, subjects_filter=filter_subject)
+    if not sum((info.state.subjects or {}).values()):
+        return  # nothing stored on that filter: do not wait for the idle timeout
+    sub = await bus.js.subscribe(filter_subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout)
+            except NatsTimeoutError:
+                return  # nothing matches the filter (or the stream went quiet)
+            yield event_from_msg(msg)
+            if msg.metadata.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()
 
 
 def event_from_msg(msg: Msg) -> Event:
