@@ -42,8 +42,11 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
 
 class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 log_file: Path | None = None) -> None:
+                 log_file: Path | None = None, new_session: bool = False) -> None:
         self.store_dir = Path(store_dir)
+        # `caduceus up` runs it in its own session so a terminal Ctrl-C reaches only the launcher,
+        # which stops NATS last, after the services have published their final events.
+        self.new_session = new_session
         self.port = port or free_port()
         self.host = host
         self.log_file = log_file
@@ -57,7 +60,8 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=self.new_session)
         try:
             wait_port(self.host, self.port)
         except TimeoutError:
