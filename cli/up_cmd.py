@@ -1,9 +1,252 @@
-"""Placeholder while this command is being written (owned by one developer; replaced, not extended)."""
+"""`caduceus up`: run the whole system on one machine.
+
+1. Starts an embedded nats-server with JetStream (store under `<data dir>/nats`, port --nats-port)
+   unless CADUCEUS_NATS_URL points at an existing NATS.
+2. Uses SQLite under the data dir for the bookkeeper unless CADUCEUS_DATABASE_URL is set.
+3. Applies --config FILE like `caduceus config apply` (actor user:<OS user>).
+4. Runs every service as its own process (`python -m services.NAME`), supervised by
+   cli/supervisor.py: crashed services are restarted with backoff, recorded as service.crashed /
+   service.restarted events.
+5. Writes `<data dir>/caduceus-up.json` (NATS URL, pids) so CLI commands from another shell find
+   this NATS (shared.settings.nats_url_for_cli), and removes it on a clean stop.
+SIGTERM or Ctrl-C: stop the services (SIGTERM, wait, SIGKILL stragglers), then NATS; exit code 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cli.config_cmd import (
+    EXIT_INVALID,
+    FileError,
+    apply_config,
+    default_actor,
+    describe_change,
+    load_config_file,
+)
+from cli.supervisor import ChildSpec, Supervisor, child_env, service_argv
+from shared.bus import Bus
+from shared.config.model import CaduceusConfig, ConfigError
+from shared.health import EXPECTED_SERVICES
+from shared.natsserver import EmbeddedNats
+from shared.settings import UP_STATE_FILE
+
+log = logging.getLogger("caduceus.up")
+
+EXIT_START_FAILED = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser("up", help="start NATS (embedded) and every service, supervised")
+    parser.add_argument("--data-dir", default=os.environ.get("CADUCEUS_DATA_DIR", "./caduceus-data"),
+                        help="blobs, NATS store, SQLite, logs (default $CADUCEUS_DATA_DIR or ./caduceus-data)")
+    parser.add_argument("--config", type=Path, default=None, help="apply this YAML/JSON configuration first")
+    parser.add_argument("--dicom-port", type=int, default=11112, help="DICOM port of the receiver")
+    parser.add_argument("--ui-port", type=int, default=8080, help="port of the web UI")
+    parser.add_argument("--ui-host", default=os.environ.get("CADUCEUS_UI_HOST", "127.0.0.1"))
+    parser.add_argument("--nats-port", type=int, default=4223,
+                        help="port of the embedded NATS (4223: leaves a system NATS on 4222 alone)")
+    parser.add_argument("--services", default=",".join(EXPECTED_SERVICES),
+                        help="comma separated services to run (default: all seven)")
+    parser.add_argument("--heartbeat-seconds", type=float, default=None,
+                        help="heartbeat interval of the services (default $CADUCEUS_HEARTBEAT_SECONDS or 5)")
+    parser.add_argument("--backoff-max", type=float, default=30.0,
+                        help="longest wait before restarting a crashed service")
+    parser.add_argument("--stable-after", type=float, default=30.0,
+                        help="a service that ran this long is considered stable again (backoff resets)")
+    parser.set_defaults(func=run)
+
+
+class StartError(RuntimeError):
     pass
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s caduceus up: %(message)s", stream=sys.stderr)
+    logging.getLogger("shared.bus").setLevel(logging.ERROR)
+    desired: CaduceusConfig | None = None
+    if args.config is not None:
+        try:
+            desired = load_config_file(args.config)
+        except (FileError, ConfigError) as exc:
+            print(f"caduceus up: invalid configuration {args.config}, nothing started: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    try:
+        return asyncio.run(_up(args, desired))
+    except StartError as exc:
+        print(f"caduceus up: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_not_running(state_file: Path) -> None:
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return
+    pid = state.get("supervisor_pid") if isinstance(state, dict) else None
+    if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
+        raise StartError(f"another `caduceus up` (pid {pid}) is running on this data dir ({state_file})")
+
+
+def _check_ports(args: argparse.Namespace, services: list[str], embedded: bool) -> None:
+    wanted = []
+    if embedded:
+        wanted.append(("NATS", "127.0.0.1", args.nats_port, "--nats-port or set CADUCEUS_NATS_URL"))
+    if "receiver" in services:
+        wanted.append(("DICOM", os.environ.get("CADUCEUS_DICOM_HOST", "0.0.0.0"), args.dicom_port, "--dicom-port"))
+    if "ui" in services:
+        wanted.append(("UI", args.ui_host, args.ui_port, "--ui-port"))
+    for label, host, port, hint in wanted:
+        if not _port_free(host, port):
+            raise StartError(f"{label} port {host}:{port} is already in use (choose another with {hint})")
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir = data_dir / "logs"
+    logs_dir.mkdir(exist_ok=True)
+    state_file = data_dir / UP_STATE_FILE
+    services = [s.strip() for s in args.services.split(",") if s.strip()]
+    unknown = set(services) - set(EXPECTED_SERVICES)
+    if unknown:
+        raise StartError(f"unknown service(s): {', '.join(sorted(unknown))}")
+    _check_not_running(state_file)
+    external_url = os.environ.get("CADUCEUS_NATS_URL", "")
+    _check_ports(args, services, embedded=not external_url)
+
+    nats: EmbeddedNats | None = None
+    if external_url:
+        nats_url = external_url
+    else:
+        nats = EmbeddedNats(data_dir / "nats", port=args.nats_port, log_file=logs_dir / "nats.log",
+                            new_session=True)
+        await asyncio.to_thread(nats.start)
+        nats_url = nats.url
+    bus: Bus | None = None
+    try:
+        try:
+            bus = await Bus.connect(nats_url, actor="supervisor", connect_timeout=5, max_reconnect_attempts=5)
+        except Exception as exc:  # noqa: BLE001
+            raise StartError(f"cannot connect to NATS at {nats_url}: {exc!r}") from exc
+        if desired is not None:
+            await _apply_initial_config(bus, desired, args.config)
+        return await _supervise(args, services, data_dir, logs_dir, state_file, nats, nats_url, bus)
+    finally:
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                await bus.close()
+        if nats is not None:
+            await asyncio.to_thread(nats.stop)
+        with contextlib.suppress(FileNotFoundError):
+            state_file.unlink()
+        print("caduceus up: stopped", file=sys.stderr)
+
+
+async def _apply_initial_config(bus: Bus, desired: CaduceusConfig, path: Path) -> None:
+    actor = default_actor()
+    changes = await apply_config(bus, desired, actor, comment=f"caduceus up --config {path}")
+    if changes:
+        print(f"applied {len(changes)} configuration change(s) from {path} as {actor}:")
+        for event in changes:
+            print(f"  {describe_change(event)}")
+    else:
+        print(f"configuration {path}: no changes")
+
+
+def _service_env(args: argparse.Namespace, data_dir: Path, nats_url: str) -> dict[str, str]:
+    overrides = {
+        "CADUCEUS_NATS_URL": nats_url,
+        "CADUCEUS_DATA_DIR": str(data_dir),
+        "CADUCEUS_DICOM_PORT": str(args.dicom_port),
+        "CADUCEUS_UI_PORT": str(args.ui_port),
+        "CADUCEUS_UI_HOST": args.ui_host,
+    }
+    if not os.environ.get("CADUCEUS_DATABASE_URL"):
+        overrides["CADUCEUS_DATABASE_URL"] = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
+    if args.heartbeat_seconds is not None:
+        overrides["CADUCEUS_HEARTBEAT_SECONDS"] = str(args.heartbeat_seconds)
+    return child_env(dict(os.environ), overrides)
+
+
+async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Path, logs_dir: Path,
+                     state_file: Path, nats: EmbeddedNats | None, nats_url: str, bus: Bus) -> int:
+    env = _service_env(args, data_dir, nats_url)
+    specs = [ChildSpec(name, service_argv(name), env, logs_dir / f"{name}.log") for name in services]
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def save_state(sup: Supervisor) -> None:
+        _write_state(state_file, {
+            "supervisor_pid": os.getpid(),
+            "started_at": started_at,
+            "nats_url": nats_url,
+            "nats_embedded": nats is not None,
+            "nats_pid": nats.process.pid if nats is not None and nats.process is not None else None,
+            "data_dir": str(data_dir),
+            "ui_url": f"http://{args.ui_host}:{args.ui_port}/",
+            "dicom_port": args.dicom_port,
+            "services": sup.pids(),
+        })
+
+    supervisor = Supervisor(specs, bus, backoff_max=args.backoff_max, stable_after=args.stable_after,
+                            on_change=save_state)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, supervisor.request_stop)
+    await supervisor.start()
+    _print_banner(args, services, data_dir, logs_dir, nats_url, nats is not None)
+    await supervisor.wait()
+    return 0
+
+
+def _print_banner(args: argparse.Namespace, services: list[str], data_dir: Path, logs_dir: Path,
+                  nats_url: str, embedded: bool) -> None:
+    lines = ["caduceus is up"]
+    if "ui" in services:
+        lines.append(f"  web UI      http://{args.ui_host}:{args.ui_port}/")
+    if "receiver" in services:
+        lines.append(f"  DICOM       port {args.dicom_port} (AE title: settings.ae_title, default CADUCEUS)")
+    lines.append(f"  NATS        {nats_url}{' (embedded)' if embedded else ''}")
+    lines.append(f"  data dir    {data_dir}")
+    lines.append(f"  logs        {logs_dir}/<service>.log")
+    lines.append(f"  services    {', '.join(services)}")
+    lines.append("  status      caduceus status" + (f" --data-dir {data_dir}" if embedded else ""))
+    lines.append("Ctrl-C stops everything.")
+    print("\n".join(lines), flush=True)
