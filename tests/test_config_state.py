@@ -1,0 +1,72 @@
+"""Configuration: schema validation, the fold of config events, and planning changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.bus import Bus
+from shared.config.model import CaduceusConfig, ConfigError
+from shared.config.state import fold, plan_changes, read_all
+
+VALID = {
+    "settings": {"series_complete_seconds": 30},
+    "targets": {"pacs": {"type": "dicom", "host": "127.0.0.1", "port": 104, "called_aet": "PACS",
+                         "owner": "it", "description": "main archive"}},
+    "rules": {"ct": {"filter": "@Modality@ == 'CT'", "targets": "pacs"},
+              "rest": {"filter": "True", "action": "discard", "fallback": True}},
+    "modules": {"anon": {"image": "caduceus/anon:1"}},
+}
+
+
+def test_valid_config_parses_and_normalises_single_target() -> None:
+    config = CaduceusConfig.parse(VALID)
+    assert config.rules["ct"].targets == ["pacs"]
+    assert config.targets["pacs"].owner == "it"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rules": {"r": {"filter": "True", "targets": ["nowhere"]}}}, "unknown target 'nowhere'"),
+    ({"rules": {"r": {"filter": "@Modality@ ==", "action": "discard"}}}, "rules.r.filter"),
+    ({"rules": {"r": {"filter": "__import__('os')", "action": "discard"}}}, "rules.r.filter"),
+    ({"rules": {"r": {"filter": "True", "action": "route"}}}, "needs at least one target"),
+    ({"targets": {"t": {"type": "dicom", "host": "x"}}}, "targets.t.port"),
+    ({"targets": {"t": {"type": "dicom", "host": "x", "port": 70000, "called_aet": "A"}}}, "targets.t.port"),
+    ({"settings": {"series_complete_seconds": "soon"}}, "settings.series_complete_seconds"),
+    ({"settings": {"no_such_setting": 1}}, "settings.no_such_setting"),
+    ({"rules": {"r": {"filter": "True", "action": "process", "modules": ["ghost"]}}}, "unknown module 'ghost'"),
+    ({"bogus": {}}, "unknown top-level key"),
+    ({"rules": {"../evil": {"filter": "True", "action": "discard"}}}, "rules.../evil"),
+])
+def test_invalid_configs_are_rejected_with_a_pointed_message(change: dict, message: str) -> None:
+    raw = {**VALID, **change}
+    with pytest.raises(ConfigError) as err:
+        CaduceusConfig.parse(raw)
+    assert message in str(err.value)
+
+
+def test_plan_creates_updates_deletes_and_is_empty_when_equal() -> None:
+    config = CaduceusConfig.parse(VALID)
+    created = plan_changes({}, config, actor="user:alice", comment="initial")
+    assert {(e.type, e.config_kind, e.config_name) for e in created} == {
+        ("config.item.created", "settings", "global"), ("config.item.created", "targets", "pacs"),
+        ("config.item.created", "rules", "ct"), ("config.item.created", "rules", "rest"),
+        ("config.item.created", "modules", "anon")}
+    assert all(e.actor == "user:alice" and e.payload["comment"] == "initial" for e in created)
+    state = fold(created)
+    assert plan_changes(state, config, actor="user:alice") == []
+    assert CaduceusConfig.from_items(state) == config
+
+    changed = dict(VALID, rules={"ct": {"filter": "@Modality@ == 'MR'", "targets": "pacs"}})
+    events = plan_changes(state, CaduceusConfig.parse(changed), actor="user:bob")
+    assert {(e.type, e.config_name) for e in events} == {("config.item.updated", "ct"),
+                                                         ("config.item.deleted", "rest")}
+    state = fold(created + events)
+    assert set(CaduceusConfig.from_items(state).rules) == {"ct"}
+
+
+async def test_config_round_trips_through_the_stream(bus: Bus) -> None:
+    config = CaduceusConfig.parse(VALID)
+    await bus.publish_many(plan_changes({}, config, actor="user:alice"))
+    events = await read_all(bus)
+    assert len(events) == 5 and all(e.stream == "CONFIG" for e in events)
+    assert CaduceusConfig.from_items(fold(events)) == config
