@@ -130,6 +130,16 @@ class CaduceusConfig(BaseModel):
     rules: dict[str, Rule] = Field(default_factory=dict)
     modules: dict[str, Module] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_target_type(cls, raw: Any) -> Any:
+        """A target without `type` is a DICOM target (the discriminator itself has no default)."""
+        if isinstance(raw, dict) and isinstance(raw.get("targets"), dict):
+            raw = {**raw, "targets": {name: ({"type": "dicom", **item} if isinstance(item, dict)
+                                             and "type" not in item else item)
+                                      for name, item in raw["targets"].items()}}
+        return raw
+
     @classmethod
     def parse(cls, raw: Any) -> CaduceusConfig:
         """Validate a whole configuration, with messages that name the offending item."""

@@ -1,0 +1,175 @@
+"""`caduceus config apply/show/history` against a real nats-server (in-process CLI calls)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cli.main import main
+from shared.config.model import CaduceusConfig
+from shared.settings import UP_STATE_FILE
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "deploy" / "example-config.yaml"
+
+
+@pytest.fixture
+def cli(nats_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CADUCEUS_NATS_URL", nats_url)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def history(cli) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("config", "history", "--json")
+    assert code == 0
+    rows: list[dict[str, Any]] = json.loads(out)
+    return rows
+
+
+def write_yaml(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_apply_example_then_show_and_history(cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = cli("config", "apply", str(EXAMPLE), "--comment", "initial setup")
+    assert code == 0, err
+    assert "created  targets/pacs" in out and "created  rules/everything-else" in out
+
+    code, out, _ = cli("config", "show", "--json")
+    assert code == 0
+    expected = CaduceusConfig.parse(yaml.safe_load(EXAMPLE.read_text())).to_document()
+    assert json.loads(out) == expected
+    assert json.loads(out)["targets"]["pacs"]["type"] == "dicom"
+
+    code, out, _ = cli("config", "show")  # YAML by default
+    assert code == 0 and yaml.safe_load(out) == expected
+
+    rows = history(cli)
+    assert len(rows) == len(CaduceusConfig.parse(yaml.safe_load(EXAMPLE.read_text())).items())
+    assert {r["actor"] for r in rows} == {f"user:{getpass.getuser()}"}
+    assert {r["comment"] for r in rows} == {"initial setup"}
+    assert {r["type"] for r in rows} == {"config.item.created"}
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    assert ("rules", "ct-to-pacs") in {(r["kind"], r["name"]) for r in rows}
+
+    code, out, _ = cli("config", "history")
+    assert code == 0 and "rules/ct-to-pacs" in out and "# initial setup" in out
+
+
+def test_reapply_same_file_publishes_nothing(cli) -> None:  # type: ignore[no-untyped-def]
+    assert cli("config", "apply", str(EXAMPLE))[0] == 0
+    before = history(cli)
+    code, out, _ = cli("config", "apply", str(EXAMPLE), "--actor", "user:someone-else")
+    assert code == 0 and out.strip() == "no changes"
+    assert history(cli) == before
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"targets": {"pacs": {"host": "127.0.0.1", "port": 104, "called_aet": "PACS"}},
+      "rules": {"r": {"filter": "True", "targets": ["nowhere"]}}}, "rules.r.targets: unknown target 'nowhere'"),
+    ({"targets": {"pacs": {"host": "127.0.0.1", "port": 104, "called_aet": "PACS"}},
+      "rules": {"r": {"filter": "@Modality@ ==", "targets": ["pacs"]}}}, "rules.r.filter"),
+    ({"targets": {"pacs": {"port": 104, "called_aet": "PACS"}}}, "targets.pacs.host"),
+    ({"rules": {"r": {"filter": "True", "action": "route"}}}, "needs at least one target"),
+    ({"rulez": {}}, "unknown top-level key"),
+    ({"rules": {"r": {"filter": "__import__('os').system('true')", "action": "discard"}}}, "rules.r.filter"),
+])
+def test_invalid_config_exits_2_and_publishes_nothing(cli, tmp_path: Path, document: dict[str, Any],  # type: ignore[no-untyped-def]
+                                                      message: str) -> None:
+    code, out, err = cli("config", "apply", str(write_yaml(tmp_path / "bad.yaml", document)))
+    assert code == 2
+    assert message in err and "nothing applied" in err
+    assert history(cli) == []
+
+
+def test_invalid_after_valid_changes_nothing(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("config", "apply", str(EXAMPLE))[0] == 0
+    before = history(cli)
+    broken = yaml.safe_load(EXAMPLE.read_text())
+    broken["rules"]["ct-to-pacs"]["targets"] = ["pacs", "ghost"]
+    del broken["targets"]["research-archive"]  # would be a deletion, but the whole document is refused
+    code, _, err = cli("config", "apply", str(write_yaml(tmp_path / "c.yaml", broken)))
+    assert code == 2 and "unknown target 'ghost'" in err
+    assert history(cli) == before
+
+
+def test_unparseable_files_exit_2(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad_yaml = tmp_path / "c.yaml"
+    bad_yaml.write_text("targets: [unclosed\n")
+    assert cli("config", "apply", str(bad_yaml))[0] == 2
+    bad_json = tmp_path / "c.json"
+    bad_json.write_text('{"targets": ')
+    code, _, err = cli("config", "apply", str(bad_json))
+    assert code == 2 and "not valid JSON" in err
+    code, _, err = cli("config", "apply", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "cannot read" in err
+    assert history(cli) == []
+
+
+def test_update_and_delete(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("config", "apply", str(EXAMPLE))[0] == 0
+    count = len(history(cli))
+    changed = yaml.safe_load(EXAMPLE.read_text())
+    changed["targets"]["pacs"]["port"] = 4343
+    del changed["rules"]["ct-head-research"]
+    del changed["targets"]["research-archive"]  # only ct-head-research used it
+    code, out, err = cli("config", "apply", str(write_yaml(tmp_path / "v2.yaml", changed)), "--comment", "v2",
+                         "--actor", "user:alice")
+    assert code == 0, err
+    rows = history(cli)[count:]
+    assert {(r["type"], r["kind"], r["name"]) for r in rows} == {
+        ("config.item.updated", "targets", "pacs"),
+        ("config.item.deleted", "rules", "ct-head-research"),
+        ("config.item.deleted", "targets", "research-archive"),
+    }
+    assert {r["actor"] for r in rows} == {"user:alice"} and {r["comment"] for r in rows} == {"v2"}
+    shown = json.loads(cli("config", "show", "--json")[1])
+    assert shown["targets"]["pacs"]["port"] == 4343
+    assert "ct-head-research" not in shown["rules"] and "research-archive" not in shown["targets"]
+
+    # Settings are never deleted: an empty document resets them to defaults and deletes the rest.
+    code, out, _ = cli("config", "apply", str(write_yaml(tmp_path / "empty.yaml", {})))
+    assert code == 0
+    shown = json.loads(cli("config", "show", "--json")[1])
+    assert shown == {"settings": {}, "targets": {}, "rules": {}, "modules": {}}
+
+
+def test_dry_run_publishes_nothing(cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("config", "apply", str(EXAMPLE), "--dry-run")
+    assert code == 0 and out.startswith("would apply")
+    assert history(cli) == []
+
+
+def test_json_file(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    document = {"targets": {"a": {"host": "127.0.0.1", "port": 104, "called_aet": "A"}},
+                "rules": {"all": {"filter": "True", "targets": "a"}}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(document))
+    assert cli("config", "apply", str(path))[0] == 0
+    shown = json.loads(cli("config", "show", "--json")[1])
+    assert shown["rules"]["all"]["targets"] == ["a"]
+
+
+def test_cli_finds_nats_through_up_state_file(nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("CADUCEUS_NATS_URL", raising=False)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / UP_STATE_FILE).write_text(json.dumps({"nats_url": nats_url}))
+    assert main(["config", "apply", str(EXAMPLE), "--data-dir", str(data_dir)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("CADUCEUS_DATA_DIR", str(data_dir))
+    assert main(["config", "show", "--json"]) == 0
+    assert "pacs" in json.loads(capsys.readouterr().out)["targets"]
