@@ -1,0 +1,145 @@
+"""Helpers to start DICOM peers and the caduceus receiver for benchmarks and tests.
+
+Everything listens on 127.0.0.1 on free ports, with its own directories. DCMTK tools are called
+by absolute path (pynetdicom's pip scripts shadow the bare names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.natsserver import EmbeddedNats, free_port, wait_port
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+ORTHANC = "/usr/sbin/Orthanc"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def nodelay_env() -> dict[str, str]:
+    # DCMTK reads TCP_NODELAY from the environment; without it every response waits for the
+    # peer's delayed ACK (about 40 ms per image).
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class SendResult:
+    returncode: int
+    seconds: float
+    output: str
+
+
+def storescu(port: int, paths: list[Path] | Path, *, called_aet: str = "CADUCEUS", calling_aet: str = "BENCH",
+             extra: list[str] | None = None, timeout: float = 600) -> SendResult:
+    targets = [paths] if isinstance(paths, Path) else paths
+    args = [STORESCU, "-aet", calling_aet, "-aec", called_aet, *(extra or [])]
+    if any(p.is_dir() for p in targets):
+        args += ["+sd", "+r"]
+    args += ["127.0.0.1", str(port), *map(str, targets)]
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout)
+    return SendResult(proc.returncode, time.perf_counter() - start, proc.stdout + proc.stderr)
+
+
+def echoscu(port: int, *, called_aet: str = "CADUCEUS", calling_aet: str = "BENCH") -> SendResult:
+    args = [ECHOSCU, "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port)]
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=60)
+    return SendResult(proc.returncode, time.perf_counter() - start, proc.stdout + proc.stderr)
+
+
+def make_series(out: Path, count: int, size: int = 512, studies: int = 1, series_per_study: int = 1) -> Path:
+    tool = Path("/work/shared/tools/make_series.py")
+    subprocess.run([sys.executable, str(tool), str(out), str(count), "--size", str(size),
+                    "--studies", str(studies), "--series-per-study", str(series_per_study)],
+                   check=True, capture_output=True)
+    return out
+
+
+@dataclass
+class Peer:
+    """A listening process (storescp, Orthanc, caduceus receiver)."""
+
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+
+
+def start_storescp(workdir: Path, port: int | None = None) -> Peer:
+    port = port or free_port()
+    out = workdir / "storescp-out"
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "storescp.log"
+    proc = _spawn([STORESCP, "-od", str(out), "--accept-all", str(port)], log_path, nodelay_env())
+    wait_port("127.0.0.1", port)
+    return Peer(port, proc, log_path, {"dir": out})
+
+
+def start_orthanc(workdir: Path) -> Peer:
+    dicom_port, http_port = free_port(), free_port()
+    storage = workdir / "orthanc-storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "caduceus-bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "DicomCheckCalledAet": False, "AuthenticationEnabled": False, "Plugins": [],
+        "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": True,
+    }
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config))
+    log_path = workdir / "orthanc.log"
+    proc = _spawn([ORTHANC, str(config_path)], log_path, nodelay_env())
+    wait_port("127.0.0.1", dicom_port, timeout=30)
+    return Peer(dicom_port, proc, log_path, {"http_port": http_port})
+
+
+def start_receiver(nats_url: str, data_dir: Path, *, port: int | None = None,
+                   env: dict[str, str] | None = None, log_path: Path | None = None) -> Peer:
+    """The caduceus receiver as its own process (`python -m services.receiver`)."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or data_dir / "receiver.log"
+    full_env = {**os.environ, "CADUCEUS_NATS_URL": nats_url, "CADUCEUS_DATA_DIR": str(data_dir),
+                "CADUCEUS_DICOM_PORT": str(port), "CADUCEUS_DICOM_HOST": "127.0.0.1",
+                "CADUCEUS_HEARTBEAT_SECONDS": "30", **(env or {})}
+    proc = _spawn([sys.executable, "-m", "services.receiver"], log_path, full_env, cwd=REPO)
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"receiver did not start:\n{log_path.read_text(errors='replace')}") from None
+    return Peer(port, proc, log_path)
+
+
+def start_nats(workdir: Path) -> EmbeddedNats:
+    return EmbeddedNats(workdir / "nats", log_file=workdir / "nats.log").start()

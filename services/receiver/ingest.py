@@ -1,0 +1,216 @@
+"""What happens to one received instance: check, store, announce, answer.
+
+Runs on pynetdicom's association threads. The C-STORE status is decided here:
+- 0x0000 only after the file is in the blob store (fsynced) and JetStream acknowledged
+  `image.received`;
+- 0xA700 (out of resources) when free space is below the floor, the blob write fails or the event
+  cannot be published: the sender keeps its copy and retries later;
+- 0xC000 (cannot understand) when the data is not a readable dataset: the bytes are kept under
+  quarantine/<date>/<uuid> and `image.quarantined` says why.
+
+Duplicates (same SOP Instance UID stored again): identical bytes are not rewritten and the event
+says duplicate="identical"; different bytes replace the file and the event says "replaced". In
+both cases `image.received` is published, because the earlier copy's event may never have been
+published (a publish failure answers 0xA700 after the file was written, and the sender's retry then
+finds identical bytes). Consumers must treat every `image.received` as "this instance is present".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from shared.blobstore import BlobInfo, LocalBlobStore, blob_key
+from shared.config.model import SettingsItem
+from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
+from shared.events import Event, ImageQuarantined, ImageReceived, ImageRejected, make_event
+
+log = logging.getLogger(__name__)
+
+ACTOR = "receiver"
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+class Publisher(Protocol):
+    """Publishes an event from a non-asyncio thread and returns its stream sequence (or raises)."""
+
+    def __call__(self, event: Event, timeout: float) -> int: ...
+
+
+class BlobWriter(Protocol):
+    def put(self, key: str, data: bytes) -> BlobInfo: ...
+    def read(self, key: str) -> bytes | None: ...
+    def free_bytes(self) -> int | None: ...
+
+
+@dataclass
+class AssociationInfo:
+    """What the events need to know about the association an instance came in on."""
+
+    association_id: str
+    calling_aet: str
+    called_aet: str
+    peer_host: str
+    peer_port: int
+    stored: int = 0
+    failed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalBlobWriter:
+    """Durable writes into a LocalBlobStore: file fsync (store flag) + fsync of new directories and
+    of the directory holding the renamed file, so an acknowledged instance survives a power cut."""
+
+    def __init__(self, store: LocalBlobStore, sync_dirs: bool = True) -> None:
+        self.store = store
+        self.sync_dirs = sync_dirs and store.fsync
+
+    def put(self, key: str, data: bytes) -> BlobInfo:
+        path = self.store.path(key)
+        created = _missing_parents(path.parent, self.store.root)
+        info = self.store.put_sync(key, data)
+        if self.sync_dirs:
+            # The rename lives in the file's directory; a new directory lives in its parent.
+            for directory in {path.parent, *(d.parent for d in created)}:
+                _fsync_dir(directory)
+        return info
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self.store.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def free_bytes(self) -> int | None:
+        return self.store.free_bytes()
+
+
+def _missing_parents(directory: Path, root: Path) -> list[Path]:
+    missing = []
+    while directory != root and not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Ingest:
+    def __init__(self, writer: BlobWriter, publish: Publisher, settings: Callable[[], SettingsItem],
+                 publish_timeout: float = 5.0) -> None:
+        self.writer = writer
+        self.publish = publish
+        self.settings = settings
+        self.publish_timeout = publish_timeout
+
+    # ------------------------------------------------------------ the C-STORE path
+
+    def store(self, assoc: AssociationInfo, data: bytes, context_ts: str, request_sop_uid: str) -> int:
+        settings = self.settings()
+        if not self._enough_space(settings):
+            return self._reject(assoc, "free space below min_free_space_mb "
+                                f"({settings.min_free_space_mb} MB)", request_sop_uid)
+        try:
+            tags = extract_tags(data, settings.extract_tags)
+            self._check_identity(tags)
+        except TagExtractionError as exc:
+            return self._quarantine(assoc, data, str(exc), request_sop_uid)
+        ctx = {"study_uid": tags.study_uid, "series_uid": tags.series_uid, "sop_uid": tags.sop_uid}
+        if request_sop_uid and tags.sop_uid != request_sop_uid:
+            log.warning("dataset SOP Instance UID differs from the C-STORE request's (%s); using the "
+                        "dataset's", request_sop_uid, extra=ctx)
+        key = blob_key("instances", tags.study_uid, tags.series_uid, tags.sop_uid + ".dcm")
+        try:
+            info, duplicate = self._write(key, data)
+        except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
+            log.error("blob write failed for %s: %s", key, exc, extra=ctx)
+            return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
+        event = make_event("image.received", ACTOR, ImageReceived(
+            sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
+            blob_key=info.key, size=info.size, sha256=info.sha256, calling_aet=assoc.calling_aet,
+            called_aet=assoc.called_aet, peer_host=assoc.peer_host, peer_port=assoc.peer_port,
+            association_id=assoc.association_id, duplicate=duplicate, tags=tags.tags),
+            study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
+        try:
+            self.publish(event, self.publish_timeout)
+        except Exception as exc:  # noqa: BLE001 - not acknowledged means not accepted
+            log.error("image.received not acknowledged by JetStream: %s", exc, extra=ctx)
+            return self._reject(assoc, f"event not acknowledged: {exc}", tags.sop_uid, tags)
+        assoc.stored += 1
+        if duplicate != "new":
+            log.info("duplicate instance (%s)", duplicate, extra=ctx)
+        return STATUS_SUCCESS
+
+    def _check_identity(self, tags: ExtractedTags) -> None:
+        missing = [name for name, value in (("StudyInstanceUID", tags.study_uid),
+                                            ("SeriesInstanceUID", tags.series_uid),
+                                            ("SOPInstanceUID", tags.sop_uid)) if not value]
+        if missing:
+            raise TagExtractionError(f"required element(s) missing: {', '.join(missing)}")
+
+    def _enough_space(self, settings: SettingsItem) -> bool:
+        try:
+            free = self.writer.free_bytes()
+        except OSError:
+            return False
+        return free is None or free >= settings.min_free_space_mb * 1024 * 1024
+
+    def _write(self, key: str, data: bytes) -> tuple[BlobInfo, Literal["new", "identical", "replaced"]]:
+        existing = self.writer.read(key)
+        if existing is not None:
+            if existing == data:
+                return BlobInfo(key, len(data), hashlib.sha256(data).hexdigest()), "identical"
+            return self.writer.put(key, data), "replaced"
+        return self.writer.put(key, data), "new"
+
+    # ------------------------------------------------------------ failures
+
+    def _reject(self, assoc: AssociationInfo, reason: str, sop_uid: str,
+                tags: ExtractedTags | None = None) -> int:
+        assoc.failed += 1
+        event = make_event("image.rejected", ACTOR, ImageRejected(
+            reason=reason, status=STATUS_OUT_OF_RESOURCES, calling_aet=assoc.calling_aet,
+            peer_host=assoc.peer_host, association_id=assoc.association_id),
+            sop_uid=sop_uid or None, study_uid=tags.study_uid if tags else None,
+            series_uid=tags.series_uid if tags else None)
+        self._publish_quietly(event)
+        return STATUS_OUT_OF_RESOURCES
+
+    def _quarantine(self, assoc: AssociationInfo, data: bytes, reason: str, sop_uid: str) -> int:
+        assoc.failed += 1
+        key: str | None = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), uuid.uuid4().hex)
+        try:
+            self.writer.put(key, data)  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the sender still gets a failure and keeps its copy
+            log.error("could not keep quarantined data: %s", exc)
+            key = None
+        log.warning("quarantined instance from %s: %s", assoc.calling_aet, reason,
+                    extra={"sop_uid": sop_uid, "blob_key": key})
+        event = make_event("image.quarantined", ACTOR, ImageQuarantined(
+            reason=reason, blob_key=key, size=len(data), calling_aet=assoc.calling_aet,
+            peer_host=assoc.peer_host, association_id=assoc.association_id,
+            status=STATUS_CANNOT_UNDERSTAND), sop_uid=sop_uid or None)
+        self._publish_quietly(event)
+        return STATUS_CANNOT_UNDERSTAND
+
+    def _publish_quietly(self, event: Event) -> None:
+        """Failure events are best effort: the status code already tells the sender."""
+        try:
+            self.publish(event, min(self.publish_timeout, 2.0))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not publish %s: %s", event.type, exc)

@@ -1,0 +1,271 @@
+"""The DICOM side: a pynetdicom Storage + Verification SCP wired to `Ingest`.
+
+Association policy (calling/called AE, allowed hosts) is checked on EVT_REQUESTED against the live
+configuration, so a change applies to the next association; rejections use the DICOM reasons
+(calling AE title not recognised = 3, called AE title not recognised = 7, otherwise "no reason").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event as DicomEvent
+from pynetdicom.presentation import AllStoragePresentationContexts, VerificationPresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+
+from services.receiver import fastpath
+from services.receiver.ingest import STATUS_OUT_OF_RESOURCES, AssociationInfo, Ingest
+from shared.config.model import SettingsItem
+from shared.events import (
+    AssociationAccepted,
+    AssociationEnded,
+    AssociationRejected,
+    Event,
+    make_event,
+)
+
+log = logging.getLogger(__name__)
+
+# Transfer syntaxes accepted as proposed (never transcoded). Unrestricted storage accepts any
+# storage-like abstract syntax with the syntax the sender proposes first; this list is what is
+# offered for the explicitly known storage classes.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",          # implicit VR little endian
+    "1.2.840.10008.1.2.1",        # explicit VR little endian
+    "1.2.840.10008.1.2.2",        # explicit VR big endian (retired, still sent)
+    "1.2.840.10008.1.2.1.99",     # deflated explicit VR little endian
+    "1.2.840.10008.1.2.4.50",     # JPEG baseline
+    "1.2.840.10008.1.2.4.51",     # JPEG extended
+    "1.2.840.10008.1.2.4.57",     # JPEG lossless
+    "1.2.840.10008.1.2.4.70",     # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80",     # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",     # JPEG-LS near lossless
+    "1.2.840.10008.1.2.4.90",     # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",     # JPEG 2000
+    "1.2.840.10008.1.2.4.201",    # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",    # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203",    # HTJ2K
+    "1.2.840.10008.1.2.5",        # RLE lossless
+    "1.2.840.10008.1.2.4.100",    # MPEG2
+    "1.2.840.10008.1.2.4.102",    # MPEG-4
+    "1.2.840.10008.1.2.4.106",    # MPEG-4 stereo
+    "1.2.840.10008.1.2.4.107",    # HEVC
+]
+
+REJECT_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+DIAG_NO_REASON = 0x01
+DIAG_CALLING_AE = 0x03
+DIAG_CALLED_AE = 0x07
+
+
+@dataclass(frozen=True)
+class Refusal:
+    diagnostic: int
+    reason: str
+
+
+def check_association(settings: SettingsItem, calling_aet: str, called_aet: str, peer_host: str) -> Refusal | None:
+    """The association policy; None means accept."""
+    if settings.allowed_hosts and not _host_allowed(peer_host, settings.allowed_hosts):
+        return Refusal(DIAG_NO_REASON, f"host {peer_host} is not in allowed_hosts")
+    allowed = {a.strip() for a in settings.allowed_calling_aets}
+    if allowed and calling_aet.strip() not in allowed:
+        return Refusal(DIAG_CALLING_AE, f"calling AE title {calling_aet!r} is not in allowed_calling_aets")
+    if settings.require_called_aet and called_aet.strip() != settings.ae_title.strip():
+        return Refusal(DIAG_CALLED_AE, f"called AE title {called_aet!r} is not {settings.ae_title!r}")
+    return None
+
+
+def _host_allowed(host: str, allowed: list[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in allowed:
+        try:
+            if address in ipaddress.ip_network(entry.strip(), strict=False):
+                return True
+        except ValueError:
+            log.warning("ignoring invalid allowed_hosts entry %r", entry)
+    return False
+
+
+def ssl_context_for(settings: SettingsItem) -> ssl.SSLContext | None:
+    if not settings.tls_certificate:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_certificate, settings.tls_key or None)
+    if settings.tls_ca:
+        # A CA configured means: only peers with a certificate it signed may connect.
+        context.load_verify_locations(settings.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class StorageSCP:
+    def __init__(self, ingest: Ingest, settings: Callable[[], SettingsItem],
+                 publish_later: Callable[[Event], None], host: str, port: int,
+                 use_fastpath: bool = True) -> None:
+        self.ingest = ingest
+        self.settings = settings
+        self.publish_later = publish_later
+        self.host = host
+        self.port = port
+        self.use_fastpath = use_fastpath
+        self.server: ThreadedAssociationServer | None = None
+        self._tls_key: tuple[str, str, str] = ("", "", "")
+        self._lock = threading.Lock()
+        self.open_associations = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def build_ae(self, settings: SettingsItem) -> AE:
+        # Any storage-like SOP class (including private and unknown ones) is accepted as storage.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_associations = 200
+        ae.maximum_pdu_size = settings.max_pdu
+        ae.network_timeout = 120
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 120
+        for context in VerificationPresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> int:
+        settings = self.settings()
+        ae = self.build_ae(settings)
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        self._tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
+        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,  # type: ignore[assignment,arg-type]
+                                      ssl_context=ssl_context_for(settings))
+        assert self.server is not None
+        self.port = int(self.server.server_address[1])
+        return self.port
+
+    def apply_settings(self, settings: SettingsItem) -> None:
+        """Live configuration: AE title, max PDU and TLS apply to the next association."""
+        server = self.server
+        if server is None:
+            return
+        server.ae_title = settings.ae_title
+        server.ae.maximum_pdu_size = settings.max_pdu
+        tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
+        if tls_key != self._tls_key:
+            try:
+                server.ssl_context = ssl_context_for(settings)
+                self._tls_key = tls_key
+                log.info("TLS settings changed: %s", "enabled" if settings.tls_certificate else "disabled")
+            except (OSError, ssl.SSLError) as exc:
+                log.error("TLS settings not applied, keeping the previous ones: %s", exc)
+
+    def stop(self) -> None:
+        """Stop accepting, then abort what is still open (senders retry unacknowledged instances)."""
+        server = self.server
+        if server is None:
+            return
+        self.server = None
+        server.shutdown()
+        for assoc in list(server.ae.active_associations):
+            assoc.abort()
+
+    def active_associations(self) -> int:
+        server = self.server
+        return len(server.ae.active_associations) if server is not None else 0
+
+    # ------------------------------------------------------------ handlers (association threads)
+
+    def _on_conn_open(self, event: DicomEvent) -> None:
+        assoc: Any = event.assoc
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        if sock is not None:
+            # Without it, the last segment of each response waits for the peer's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assoc.acceptor.maximum_length = self.settings().max_pdu
+        if self.use_fastpath:
+            fastpath.install(assoc)
+
+    def _on_requested(self, event: DicomEvent) -> None:
+        assoc: Any = event.assoc
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        peer_host = str(assoc.requestor.address)
+        refusal = check_association(self.settings(), calling, called, peer_host)
+        if refusal is None:
+            return
+        log.warning("association rejected: %s", refusal.reason)
+        assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, refusal.diagnostic)
+        self.publish_later(make_event("association.rejected", "receiver", AssociationRejected(
+            calling_aet=calling, called_aet=called, peer_host=peer_host, reason=refusal.reason)))
+
+    def _on_accepted(self, event: DicomEvent) -> None:
+        assoc: Any = event.assoc
+        info = AssociationInfo(
+            association_id=uuid.uuid4().hex, calling_aet=str(assoc.requestor.ae_title).strip(),
+            called_aet=str(assoc.requestor.primitive.called_ae_title).strip(),
+            peer_host=str(assoc.requestor.address), peer_port=int(assoc.requestor.port))
+        assoc.caduceus_info = info
+        with self._lock:
+            self.open_associations += 1
+        self.publish_later(make_event("association.accepted", "receiver", AssociationAccepted(
+            association_id=info.association_id, calling_aet=info.calling_aet, called_aet=info.called_aet,
+            peer_host=info.peer_host, peer_port=info.peer_port)))
+
+    def _on_echo(self, event: DicomEvent) -> int:
+        return 0x0000
+
+    def _on_store(self, event: DicomEvent) -> int:
+        info: AssociationInfo = event.assoc.caduceus_info  # type: ignore[attr-defined]
+        request_sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - file meta could not be built: keep the raw dataset
+            raw = _raw_dataset(event)
+            return self.ingest._quarantine(info, raw, f"no file meta could be built: {exc}", request_sop_uid)
+        try:
+            return self.ingest.store(info, data, str(event.context.transfer_syntax), request_sop_uid)
+        except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
+            log.exception("unexpected error while storing an instance")
+            info.failed += 1
+            return STATUS_OUT_OF_RESOURCES
+
+    def _on_conn_close(self, event: DicomEvent) -> None:
+        assoc: Any = event.assoc
+        info: AssociationInfo | None = assoc.__dict__.pop("caduceus_info", None)
+        if info is None:
+            return  # rejected or never negotiated
+        with self._lock:
+            self.open_associations -= 1
+        how: Literal["released", "aborted", "closed"] = (
+            "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed")
+        self.publish_later(make_event("association.ended", "receiver", AssociationEnded(
+            association_id=info.association_id, calling_aet=info.calling_aet, peer_host=info.peer_host,
+            instances_stored=info.stored, instances_failed=info.failed, how=how)))
+
+
+def _raw_dataset(event: DicomEvent) -> bytes:
+    dataset: Any = getattr(event.request, "DataSet", None)
+    try:
+        return bytes(dataset.getvalue()) if dataset is not None else b""
+    except Exception:  # noqa: BLE001
+        return b""
