@@ -218,6 +218,13 @@ class StudyCompleted(BaseModel):
     series_uids: list[str]
     instance_count: int
     trigger: Literal["quiet", "required_series", "forced", "force_timeout"]
+    # What follows: rules are evaluated ("proceed"), or a force timeout discards/ignores the batch.
+    action: Literal["proceed", "discard", "ignore"] = "proceed"
+    first_seq: int = 0
+    last_seq: int = 0
+    calling_aet: str = ""
+    peer_host: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class StudyCompleteRequested(BaseModel):

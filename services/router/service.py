@@ -1,0 +1,226 @@
+"""The router: groups received instances into series/study batches, completes them, decides routes.
+
+One loop (spawned at setup) reads the EVENTS stream with an ordered consumer, filtered on the
+subjects the router folds (see state.py), starting at the checkpoint kept in the KV bucket
+`caduceus-router`. Until it has caught up with the stream it only rebuilds state; after that it
+also, at most once per second, completes quiet batches (manifest blob + series.completed /
+study.completed) and decides completed batches (decide.py). Completion and decision events come
+back through the same consumer, so the live path and the replay path fold the same events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from services.router.completion import StudyDue, enabled_rules, series_due, study_due
+from services.router.decide import decide
+from services.router.state import Batch, RouterState
+from shared import subjects
+from shared.blobstore import BlobStore, open_blob_store
+from shared.bus import event_from_msg
+from shared.events import SeriesCompleted, StudyCompleted, deterministic_event_id, make_event, utcnow
+from shared.manifest import Manifest, ManifestInstance, write_manifest
+from shared.runtime import Service
+
+log = logging.getLogger(__name__)
+
+FOLDED_TYPES = ("image.received", "series.completed", "study.completed", "study.complete_requested",
+                "route.decided")
+CHECKPOINT_KEY = "checkpoint"
+TICK_SECONDS = 1.0
+
+
+class RouterService(Service):
+    name = "router"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state = RouterState()
+        self.caught_up = False
+        self.decided: set[str] = set()   # decided here, route.decided not folded yet
+        self.blobs: BlobStore
+        self.kv: KeyValue
+        self._saved_checkpoint = 0
+        self._sub: Any = None
+
+    async def setup(self) -> None:
+        self.blobs = open_blob_store(self.settings.blob_store, self.settings.data_dir, self.bus.js)
+        self.kv = await self._bucket()
+        start = await self._load_checkpoint()
+        self.state.last_seq = start - 1   # nothing to replay means the checkpoint stays where it is
+        log.info("router replays EVENTS from sequence %d", start)
+        self._sub = await self.bus.js.subscribe(
+            subjects.event_subject("image.received"), stream=subjects.EVENTS_STREAM, ordered_consumer=True,
+            config=ConsumerConfig(filter_subjects=[subjects.event_subject(t) for t in FOLDED_TYPES],
+                                  deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start))
+        self.spawn(self._loop())
+
+    async def teardown(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    def health_details(self) -> dict[str, Any]:
+        return {**self.counters, "open_series": len(self.state.series), "open_studies": len(self.state.studies),
+                "undecided": len(self.state.pending), "checkpoint": self.state.checkpoint(),
+                "caught_up": self.caught_up}
+
+    # ------------------------------------------------------------ checkpoint
+
+    async def _bucket(self) -> KeyValue:
+        try:
+            return await self.bus.js.key_value(subjects.ROUTER_STATE_BUCKET)
+        except BucketNotFoundError:
+            return await self.bus.js.create_key_value(KeyValueConfig(
+                bucket=subjects.ROUTER_STATE_BUCKET, history=5,
+                description="router checkpoint: lowest EVENTS sequence of any open batch"))
+
+    async def _load_checkpoint(self) -> int:
+        try:
+            entry = await self.kv.get(CHECKPOINT_KEY)
+        except (NotFoundError, KeyError):
+            return 1
+        value = int((entry.value or b"1").decode())
+        self._saved_checkpoint = value
+        return max(1, value)
+
+    async def _save_checkpoint(self) -> None:
+        checkpoint = self.state.checkpoint()
+        if checkpoint != self._saved_checkpoint:
+            await self.kv.put(CHECKPOINT_KEY, str(checkpoint).encode())
+            self._saved_checkpoint = checkpoint
+
+    # ------------------------------------------------------------ the loop
+
+    async def _loop(self) -> None:
+        last_tick = 0.0
+        while not self.stopping.is_set():
+            try:
+                msg = await self._sub.next_msg(timeout=0.25)
+            except (NatsTimeoutError, TimeoutError):
+                msg = None
+            try:
+                if msg is not None:
+                    self._fold(msg)
+                elif not self.caught_up:
+                    info = await self._sub.consumer_info()
+                    self._mark_caught_up(info.num_pending == 0)
+                if not self.caught_up:
+                    continue
+                await self._decide_pending()
+                if time.monotonic() - last_tick >= TICK_SECONDS:
+                    last_tick = time.monotonic()
+                    await self._tick()
+                    await self._save_checkpoint()
+            except Exception:  # noqa: BLE001 - broker trouble: keep the state, retry on the next round
+                log.exception("router round failed; retrying")
+                self.counters["errors"] = self.counters.get("errors", 0) + 1
+                await self._pause()
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
+
+    def _fold(self, msg: Any) -> None:
+        try:
+            event = event_from_msg(msg)
+        except Exception as exc:  # noqa: BLE001 - one unreadable message must not stop routing
+            log.error("unreadable event on %s: %s", msg.subject, exc)
+            return
+        self.state.apply(event)
+        if event.type == "route.decided":
+            self.decided.discard(str(event.payload.get("batch_id", "")))
+        self._mark_caught_up(msg.metadata.num_pending == 0)
+
+    def _mark_caught_up(self, nothing_pending: bool) -> None:
+        if nothing_pending and not self.caught_up:
+            self.caught_up = True
+            log.info("router caught up at sequence %d: %d open series, %d open studies, %d undecided",
+                     self.state.last_seq, len(self.state.series), len(self.state.studies),
+                     len(self.state.pending))
+
+    # ------------------------------------------------------------ deciding
+
+    async def _decide_pending(self) -> None:
+        for batch_id, pending in list(self.state.pending.items()):
+            if batch_id in self.decided:
+                continue
+            completed = pending.completed_event
+            events = decide(completed, self.config)
+            # route.decided goes last: once it is stored the batch counts as decided.
+            await self.bus.publish_many(events[:-1])
+            await self.publish(events[-1])
+            self.decided.add(batch_id)
+            self.counters["decided"] = self.counters.get("decided", 0) + 1
+            log.info("%s batch %s decided: %s", pending.level, batch_id, events[-1].payload.get("reason"),
+                     extra={"series_uid": completed.series_uid, "study_uid": completed.study_uid})
+
+    # ------------------------------------------------------------ completing
+
+    async def _tick(self) -> None:
+        config, now = self.config, utcnow()
+        for batch in list(self.state.series.values()):
+            if series_due(batch, config, now):
+                await self._complete_series(batch)
+        study_rules = enabled_rules(config, "study")
+        for uid, batch in list(self.state.studies.items()):
+            if not study_rules:
+                del self.state.studies[uid]  # nobody routes studies: do not hold them (or the checkpoint)
+                continue
+            due = study_due(batch, config, now)
+            if due is not None:
+                await self._complete_study(batch, due)
+
+    async def _write_manifest(self, batch: Batch) -> str:
+        first = batch.first.received
+        manifest = Manifest(
+            batch_id=batch.batch_id, level=batch.level, study_uid=batch.study_uid,
+            series_uids=batch.series_uids(), calling_aet=first.calling_aet, peer_host=first.peer_host,
+            instances=[ManifestInstance(
+                sop_uid=i.sop_uid, series_uid=i.series_uid, study_uid=i.study_uid, blob_key=i.received.blob_key,
+                sop_class_uid=i.received.sop_class_uid, transfer_syntax_uid=i.received.transfer_syntax_uid,
+                sha256=i.received.sha256, size=i.received.size, stream_seq=i.stream_seq)
+                for i in batch.ordered()])
+        return await write_manifest(self.blobs, manifest)
+
+    async def _complete_series(self, batch: Batch) -> None:
+        key = await self._write_manifest(batch)
+        first = batch.first.received
+        payload = SeriesCompleted(batch_id=batch.batch_id, manifest_key=key, instance_count=len(batch.instances),
+                                  first_seq=batch.first_seq, last_seq=batch.last_seq,
+                                  calling_aet=first.calling_aet, peer_host=first.peer_host, trigger="quiet",
+                                  tags=first.tags)
+        event = make_event("series.completed", self.name, payload, correlation_id=batch.batch_id,
+                           causation_id=batch.last.event_id, study_uid=batch.study_uid, series_uid=batch.uid)
+        event.event_id = deterministic_event_id("series.completed", batch.batch_id)
+        await self.publish(event)
+        self.state.remove(batch)
+        self.counters["series_completed"] = self.counters.get("series_completed", 0) + 1
+        log.info("series complete: %d instances, batch %s", payload.instance_count, batch.batch_id,
+                 extra={"series_uid": batch.uid, "study_uid": batch.study_uid})
+
+    async def _complete_study(self, batch: Batch, due: StudyDue) -> None:
+        key = await self._write_manifest(batch)
+        first = batch.first.received
+        payload = StudyCompleted(batch_id=batch.batch_id, manifest_key=key, series_uids=batch.series_uids(),
+                                 instance_count=len(batch.instances), trigger=due.trigger, action=due.action,
+                                 first_seq=batch.first_seq, last_seq=batch.last_seq,
+                                 calling_aet=first.calling_aet, peer_host=first.peer_host, tags=first.tags)
+        cause = batch.force_request_event_id if due.trigger == "forced" else batch.last.event_id
+        event = make_event("study.completed", self.name, payload, correlation_id=batch.batch_id,
+                           causation_id=cause, study_uid=batch.study_uid)
+        event.event_id = deterministic_event_id("study.completed", batch.batch_id)
+        await self.publish(event)
+        self.state.remove(batch)
+        self.counters["studies_completed"] = self.counters.get("studies_completed", 0) + 1
+        log.info("study complete (%s, %s): %d series, %d instances", due.trigger, due.action,
+                 len(payload.series_uids), payload.instance_count, extra={"study_uid": batch.study_uid})

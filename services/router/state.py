@@ -1,0 +1,187 @@
+"""The router's state: open series/study batches and completed-but-undecided batches.
+
+The state is a pure fold of the EVENTS stream (image.received, series.completed, study.completed,
+study.complete_requested, route.decided), so the router can rebuild it after a restart by
+replaying from its checkpoint and arrive at the same batches with the same batch ids:
+
+- a batch opens with the first instance of a series (study) that has no open batch; its id is
+  derived from the series (study) UID and the stream sequence of that instance;
+- `series.completed` / `study.completed` close the batch: the instances up to the payload's
+  `last_seq` belong to it; instances after it (late arrivals that came in while the router was
+  completing) form the next batch, exactly as the live router opened it;
+- a closed batch waits in `pending` until its `route.decided` is seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from shared.events import (
+    Event,
+    ImageReceived,
+    RouteDecided,
+    SeriesCompleted,
+    StudyCompleted,
+    deterministic_event_id,
+    utcnow,
+)
+
+Level = Literal["series", "study"]
+
+
+def batch_id_for(level: Level, uid: str, first_seq: int) -> str:
+    return deterministic_event_id(f"{level}-batch", uid, str(first_seq))
+
+
+@dataclass
+class Instance:
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    stream_seq: int
+    event_id: str
+    arrived_at: datetime
+    received: ImageReceived
+
+
+@dataclass
+class Batch:
+    level: Level
+    uid: str                      # series UID or study UID
+    study_uid: str
+    first_seq: int
+    instances: dict[str, Instance] = field(default_factory=dict)
+    force_requested: bool = False
+    force_request_event_id: str = ""
+
+    @property
+    def batch_id(self) -> str:
+        return batch_id_for(self.level, self.uid, self.first_seq)
+
+    def add(self, instance: Instance) -> None:
+        # Same SOP Instance UID again: the latest copy wins (it is what the blob store holds).
+        self.instances[instance.sop_uid] = instance
+
+    def ordered(self) -> list[Instance]:
+        return sorted(self.instances.values(), key=lambda i: i.stream_seq)
+
+    @property
+    def first(self) -> Instance:
+        return min(self.instances.values(), key=lambda i: i.stream_seq)
+
+    @property
+    def last(self) -> Instance:
+        return max(self.instances.values(), key=lambda i: i.stream_seq)
+
+    @property
+    def last_seq(self) -> int:
+        return self.last.stream_seq
+
+    @property
+    def first_arrival(self) -> datetime:
+        return min(i.arrived_at for i in self.instances.values())
+
+    @property
+    def last_arrival(self) -> datetime:
+        return max(i.arrived_at for i in self.instances.values())
+
+    def series_uids(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for instance in self.ordered():
+            seen.setdefault(instance.series_uid, None)
+        return list(seen)
+
+    def series_descriptions(self) -> list[str]:
+        """SeriesDescription of each series in the batch (from its first instance)."""
+        descriptions: dict[str, str] = {}
+        for instance in self.ordered():
+            descriptions.setdefault(instance.series_uid, instance.received.tags.get("SeriesDescription", ""))
+        return list(descriptions.values())
+
+    def split_after(self, last_seq: int) -> Batch | None:
+        """The batch that follows once this one closed at `last_seq` (None if nothing is left)."""
+        rest = {sop: i for sop, i in self.instances.items() if i.stream_seq > last_seq}
+        if not rest:
+            return None
+        first_seq = min(i.stream_seq for i in rest.values())
+        return Batch(self.level, self.uid, self.study_uid, first_seq, rest)
+
+
+@dataclass
+class PendingDecision:
+    """A completed batch whose route.decided has not been seen yet."""
+
+    level: Level
+    batch_id: str
+    completed_event: Event
+    first_seq: int
+
+
+class RouterState:
+    def __init__(self) -> None:
+        self.series: dict[str, Batch] = {}
+        self.studies: dict[str, Batch] = {}
+        self.pending: dict[str, PendingDecision] = {}
+        self.last_seq = 0
+
+    def apply(self, event: Event) -> None:
+        seq = event.stream_seq or 0
+        if event.type == "image.received":
+            self._image(event, seq)
+        elif event.type == "series.completed":
+            self._closed("series", event, SeriesCompleted.model_validate(event.payload).last_seq)
+        elif event.type == "study.completed":
+            self._closed("study", event, StudyCompleted.model_validate(event.payload).last_seq)
+        elif event.type == "study.complete_requested" and event.study_uid:
+            study = self.studies.get(event.study_uid)
+            if study is not None:
+                study.force_requested = True
+                study.force_request_event_id = event.event_id
+        elif event.type == "route.decided":
+            self.pending.pop(RouteDecided.model_validate(event.payload).batch_id, None)
+        self.last_seq = max(self.last_seq, seq)
+
+    def _image(self, event: Event, seq: int) -> None:
+        if not (event.series_uid and event.study_uid and event.sop_uid):
+            return
+        instance = Instance(event.sop_uid, event.series_uid, event.study_uid, seq, event.event_id,
+                            event.recorded_at or event.occurred_at or utcnow(),
+                            ImageReceived.model_validate(event.payload))
+        for level, batches, uid in (("series", self.series, event.series_uid),
+                                    ("study", self.studies, event.study_uid)):
+            batch = batches.get(uid)
+            if batch is None:
+                batch = batches[uid] = Batch(level, uid, event.study_uid, seq)  # type: ignore[arg-type]
+            batch.add(instance)
+
+    def _closed(self, level: Level, event: Event, last_seq: int) -> None:
+        batches = self.series if level == "series" else self.studies
+        uid = event.series_uid if level == "series" else event.study_uid
+        batch_id = str(event.payload.get("batch_id", ""))
+        first_seq = int(event.payload.get("first_seq") or last_seq)
+        if uid is not None and uid in batches:
+            follower = batches.pop(uid).split_after(last_seq)
+            if follower is not None:
+                batches[uid] = follower
+        self.pending[batch_id] = PendingDecision(level, batch_id, event, first_seq)
+
+    def remove(self, batch: Batch) -> None:
+        """The live router completed `batch`: later instances of that series start a new batch."""
+        batches = self.series if batch.level == "series" else self.studies
+        current = batches.get(batch.uid)
+        if current is None:
+            return
+        follower = current.split_after(batch.last_seq)
+        if follower is None:
+            del batches[batch.uid]
+        else:
+            batches[batch.uid] = follower
+
+    def checkpoint(self) -> int:
+        """Where a replay must start to rebuild this state: the lowest sequence still needed."""
+        needed = [b.first_seq for b in self.series.values()]
+        needed += [b.first_seq for b in self.studies.values()]
+        needed += [p.first_seq for p in self.pending.values()]
+        return min(needed) if needed else self.last_seq + 1
