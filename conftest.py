@@ -15,6 +15,9 @@ import pytest
 from shared.bus import Bus
 from shared.natsserver import EmbeddedNats
 
+# Real DICOM peers (DCMTK storescp, Orthanc) as fixtures for any test.
+pytest_plugins = ["tests.peers"]
+
 POSTGRES_ADMIN_URL = os.environ.get("CADUCEUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 

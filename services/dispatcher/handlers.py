@@ -1,0 +1,360 @@
+"""Handling `dispatch.requested` and `dispatch.retry_requested`: one attempt per delivery.
+
+The message that carries a task (the original request, or a manual retry that took it over after
+it failed) decides its own fate: ack when every instance is delivered, nak(delay) after a failed
+attempt, term after the last one (with `dispatch.failed` + `alert.raised` published first).
+Follow-up events have deterministic ids (task, generation, attempt), so an attempt repeated after
+a crash re-publishes the same facts and JetStream/the bookkeeper drop the copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from shared.blobstore import BlobError, BlobStore
+from shared.bus import Bus, replay
+from shared.config.model import CaduceusConfig, DicomTarget
+from shared.events import (
+    AlertRaised,
+    DispatchAttemptFailed,
+    DispatchCompleted,
+    DispatchFailed,
+    DispatchRequested,
+    DispatchRetryRequested,
+    Event,
+    deterministic_event_id,
+)
+from shared.manifest import Manifest, read_manifest
+from shared.runtime import Delivery
+from shared.subjects import event_subject
+
+from .progress import ProgressRecord, ProgressStore, TaskState
+from .schedule import attempt_delay, seconds_until_offpeak
+from .sender import Destination, SendItem, SendResult, send_items
+
+log = logging.getLogger(__name__)
+ACTOR = "dispatcher"
+FLUSH_SECONDS = 0.5  # how often confirmed instances are written to the progress record
+
+
+class AttemptError(Exception):
+    """The attempt cannot succeed as things stand (missing target/blob, peer trouble)."""
+
+
+@dataclass
+class Outcome:
+    sent: int
+    warnings: int
+    skipped: int
+    failed_sop_uids: list[str]
+    error: str  # empty on success
+
+
+class Dispatcher:
+    def __init__(self, bus: Bus, progress: ProgressStore, store: BlobStore,
+                 config: Callable[[], CaduceusConfig], keep_alive_seconds: float,
+                 counters: dict[str, int]) -> None:
+        self.bus = bus
+        self.progress = progress
+        self.store = store
+        self.config = config
+        self.keep_alive_seconds = keep_alive_seconds
+        self.counters = counters
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # ------------------------------------------------------------ entry point
+
+    async def handle(self, delivery: Delivery) -> None:
+        if delivery.event.type == "dispatch.retry_requested":
+            await self.handle_retry(delivery)
+        elif delivery.event.type == "dispatch.requested":
+            await self.handle_request(delivery)
+        else:
+            log.error("unexpected event type %s on a dispatcher durable", delivery.event.type)
+            await delivery.term()
+
+    async def handle_request(self, delivery: Delivery) -> None:
+        event = delivery.event
+        request = DispatchRequested.model_validate(event.payload)
+        record = await self.progress.ensure(event)
+        ctx = _log_context(record)
+        if record.state == "completed":
+            log.info("task %s already completed; redelivery acknowledged", request.task_id, extra=ctx)
+            return
+        if record.state == "failed":
+            log.info("task %s already failed; waiting for a manual retry", request.task_id, extra=ctx)
+            await delivery.term()
+            return
+        if record.carrier != event.event_id:
+            # A manual retry took the task over (or this is a re-published copy of the request
+            # under another id): that other message carries the task.
+            log.info("task %s is carried by event %s; this delivery is acknowledged", request.task_id,
+                     record.carrier, extra=ctx)
+            return
+        if request.priority == "offpeak":
+            settings = self.config().settings
+            wait = seconds_until_offpeak(datetime.now().astimezone(), settings.offpeak_start,
+                                         settings.offpeak_end)
+            if wait > 0:
+                log.info("off-peak task %s waits %.0f s for the window", request.task_id, wait, extra=ctx)
+                await delivery.nak(delay=wait)
+                return
+        await self.run_attempt(delivery, record)
+
+    async def handle_retry(self, delivery: Delivery) -> None:
+        retry = DispatchRetryRequested.model_validate(delivery.event.payload)
+        record = await self.progress.get(retry.task_id)
+        if record is None:
+            request = await self.find_request(retry.task_id)
+            if request is None:
+                log.error("retry requested for unknown task %s", retry.task_id)
+                await delivery.term()
+                return
+            record = await self.progress.ensure(request)
+        carrier = delivery.event.event_id
+
+        def take_over(current: ProgressRecord | None) -> ProgressRecord | None:
+            if current is None or current.state == "completed":
+                return None
+            if current.state == "pending" and current.carrier == carrier:
+                return None  # our own take-over, redelivered after a crash
+            current.attempts = 0
+            current.generation += 1
+            if current.state == "failed":
+                current.state = "pending"
+                current.carrier = carrier
+            return current
+
+        before = record
+        record = await self.progress.mutate(retry.task_id, take_over)
+        assert record is not None
+        ctx = _log_context(record)
+        if record.state == "completed":
+            log.info("retry of task %s: already completed, nothing to send", retry.task_id, extra=ctx)
+            return
+        if record.carrier != carrier:
+            log.info("retry of task %s: still being retried, attempt counter reset", retry.task_id, extra=ctx)
+            return
+        log.info("retry of task %s by %s (was %s)", retry.task_id, delivery.event.actor, before.state, extra=ctx)
+        await self.run_attempt(delivery, record)
+
+    async def find_request(self, task_id: str) -> Event | None:
+        """The original dispatch.requested of a task without a progress record, from the EVENTS stream."""
+        async for event in replay(self.bus, event_subject("dispatch.requested", "*")):
+            if event.payload.get("task_id") == task_id:
+                return event
+        return None
+
+    # ------------------------------------------------------------ one attempt
+
+    async def run_attempt(self, delivery: Delivery, record: ProgressRecord) -> None:
+        attempt = record.attempts + 1
+        started = time.monotonic()
+        ctx = _log_context(record)
+        log.info("task %s attempt %d", record.task_id, attempt, extra=ctx)
+        async with delivery.keep_alive(every=self.keep_alive_seconds):
+            outcome = await self.attempt(record)
+        if not outcome.error:
+            await self._completed(delivery, record, outcome, time.monotonic() - started)
+        else:
+            await self._failed_attempt(delivery, record, outcome)
+
+    async def attempt(self, record: ProgressRecord) -> Outcome:
+        request = DispatchRequested.model_validate(record.request_event().payload)
+        try:
+            manifest = await self._manifest(request)
+            destination = self._destination(request)
+        except AttemptError as exc:
+            return Outcome(0, 0, 0, [], str(exc))
+        delivered = record.delivered_set()
+        todo = [i for i in range(len(manifest.instances)) if i not in delivered]
+        skipped = len(manifest.instances) - len(todo)
+        if not todo:
+            return Outcome(0, 0, skipped, [], "")
+        try:
+            result = await self._send(record.task_id, manifest, todo, destination, self._parallel(request))
+        except AttemptError as exc:
+            return Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in todo], str(exc))
+        missing = sorted(set(todo) - set(result.delivered))
+        error = _describe_failure(result, len(todo), destination) if missing else ""
+        return Outcome(len(result.delivered), result.warnings, skipped,
+                       [manifest.instances[i].sop_uid for i in missing], error)
+
+    async def _manifest(self, request: DispatchRequested) -> Manifest:
+        try:
+            return await read_manifest(self.store, request.manifest_key)
+        except (BlobError, ValidationError, ValueError) as exc:
+            raise AttemptError(f"manifest {request.manifest_key} unreadable: {exc}") from exc
+
+    def _target(self, request: DispatchRequested) -> DicomTarget:
+        target = self.config().targets.get(request.target)
+        if target is None:
+            raise AttemptError(f"target '{request.target}' is not configured")
+        return target
+
+    def _destination(self, request: DispatchRequested) -> Destination:
+        target = self._target(request)
+        host = target.host
+        if host == "sender":
+            if not request.peer_host:
+                raise AttemptError(f"target '{request.target}' sends back to the sender, "
+                                   "but the task has no peer_host")
+            host = request.peer_host
+        return Destination(host, target.port, target.called_aet, target.calling_aet, target.tls)
+
+    def _parallel(self, request: DispatchRequested) -> int:
+        target = self.config().targets.get(request.target)
+        if target is not None and target.parallel_associations:
+            return target.parallel_associations
+        return self.config().settings.dispatch_parallel_associations
+
+    async def _send(self, task_id: str, manifest: Manifest, todo: list[int], destination: Destination,
+                    parallel: int) -> SendResult:
+        confirmed: list[tuple[int, int]] = []  # appended by the sender threads (list.append is atomic)
+        abort = threading.Event()
+
+        def on_delivered(index: int, status: int) -> None:
+            confirmed.append((index, status))
+
+        async with contextlib.AsyncExitStack() as files:
+            items = []
+            for index in todo:
+                instance = manifest.instances[index]
+                try:
+                    path = await files.enter_async_context(self.store.local_file(instance.blob_key))
+                except BlobError as exc:
+                    raise AttemptError(f"blob {instance.blob_key} unavailable: {exc}") from exc
+                items.append(SendItem(index, instance.sop_uid, instance.sop_class_uid,
+                                      instance.transfer_syntax_uid, path))
+            chunks = [items[i::parallel] for i in range(min(parallel, len(items)))]
+            flusher = asyncio.create_task(self._flush_loop(task_id, confirmed))
+            try:
+                results = await asyncio.gather(*(
+                    asyncio.to_thread(send_items, destination, chunk, on_delivered, abort) for chunk in chunks))
+            except asyncio.CancelledError:
+                abort.set()  # the threads stop after their current instance
+                raise
+            finally:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+                await asyncio.shield(self._flush(task_id, confirmed))
+        total = SendResult()
+        for result in results:
+            total.merge(result)
+        self.count("instances_sent", len(total.delivered))
+        return total
+
+    async def _flush_loop(self, task_id: str, confirmed: list[tuple[int, int]]) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            with contextlib.suppress(Exception):  # the final flush retries what this one missed
+                await self._flush(task_id, confirmed)
+
+    async def _flush(self, task_id: str, confirmed: list[tuple[int, int]]) -> None:
+        taken = len(confirmed)
+        if not taken:
+            return
+        batch = confirmed[:taken]
+        warnings = sum(1 for _, status in batch if status != 0)
+        await self.progress.add_delivered(task_id, (index for index, _ in batch), warnings)
+        del confirmed[:taken]
+
+    # ------------------------------------------------------------ outcomes
+
+    def _follow_up(self, record: ProgressRecord, delivery: Delivery, type_: str, payload: BaseModel,
+                   *id_parts: str) -> Event:
+        event = record.request_event().caused(type_, ACTOR, payload)
+        event.causation_id = delivery.event.event_id
+        event.event_id = deterministic_event_id(type_, record.task_id, str(record.generation), *id_parts)
+        return event
+
+    async def _completed(self, delivery: Delivery, record: ProgressRecord, outcome: Outcome,
+                         duration: float) -> None:
+        request = DispatchRequested.model_validate(record.request_event().payload)
+        current = await self.progress.get(record.task_id) or record
+        attempt = current.attempts + 1
+        await self.bus.publish(self._follow_up(current, delivery, "dispatch.completed", DispatchCompleted(
+            task_id=record.task_id, target=request.target, sent=outcome.sent, warnings=current.warnings,
+            skipped_already_sent=outcome.skipped, attempt=attempt, duration_seconds=round(duration, 3))))
+        await self.progress.mutate(record.task_id, _record_outcome(attempt - 1, "", "completed"))
+        self.count("tasks_completed")
+        log.info("task %s delivered to %s: %d sent, %d already there, %d warnings", record.task_id,
+                 request.target, outcome.sent, outcome.skipped, current.warnings, extra=_log_context(record))
+        await delivery.ack()
+
+    async def _failed_attempt(self, delivery: Delivery, record: ProgressRecord, outcome: Outcome) -> None:
+        request = DispatchRequested.model_validate(record.request_event().payload)
+        # Re-read: a manual retry may have reset the counter while this attempt ran.
+        current = await self.progress.get(record.task_id) or record
+        attempt = current.attempts + 1
+        settings = self.config().settings
+        max_attempts = max(1, settings.dispatch_retries)
+        last = attempt >= max_attempts
+        delay = 0.0 if last else attempt_delay(attempt, settings.dispatch_retry_wait_seconds,
+                                               settings.dispatch_retry_max_wait_seconds)
+        ctx = _log_context(record)
+        log.warning("task %s attempt %d/%d failed: %s", record.task_id, attempt, max_attempts, outcome.error,
+                    extra=ctx)
+        self.count("attempts_failed")
+        await self.bus.publish(self._follow_up(current, delivery, "dispatch.attempt_failed", DispatchAttemptFailed(
+            task_id=record.task_id, target=request.target, attempt=attempt, error=outcome.error,
+            sent=outcome.sent, failed=len(outcome.failed_sop_uids), retry_in_seconds=delay), str(attempt)))
+        if not last:
+            await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error))
+            await delivery.nak(delay=delay)
+            return
+        await self.bus.publish(self._follow_up(current, delivery, "dispatch.failed", DispatchFailed(
+            task_id=record.task_id, target=request.target, attempts=attempt, error=outcome.error,
+            failed_sop_uids=outcome.failed_sop_uids)))
+        await self.bus.publish(self._follow_up(current, delivery, "alert.raised", AlertRaised(
+            severity="error", source=ACTOR,
+            message=f"dispatch of task {record.task_id} to '{request.target}' failed after {attempt} "
+                    f"attempt(s): {outcome.error}. Files kept; `caduceus retry {record.task_id}` resends.")))
+        await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error, "failed"))
+        self.count("tasks_failed")
+        log.error("task %s failed after %d attempt(s)", record.task_id, attempt, extra=ctx)
+        await delivery.term()
+
+
+
+def _record_outcome(attempts: int, error: str, state: TaskState | None = None,
+                    ) -> Callable[[ProgressRecord | None], ProgressRecord | None]:
+    def change(record: ProgressRecord | None) -> ProgressRecord | None:
+        if record is None:
+            return None
+        record.attempts = attempts
+        record.last_error = error
+        if state:
+            record.state = state
+        return record
+    return change
+
+
+def _describe_failure(result: SendResult, todo: int, destination: Destination) -> str:
+    parts = list(dict.fromkeys(result.errors))
+    if result.failed:
+        reasons = sorted(set(result.failed.values()))
+        parts.append(f"{len(result.failed)} instance(s) refused ({'; '.join(reasons[:3])})")
+    not_tried = todo - len(result.delivered) - len(result.failed)
+    if not_tried and not result.errors:
+        parts.append(f"{not_tried} instance(s) not sent")
+    return f"{', '.join(parts) or 'incomplete'} [{len(result.delivered)}/{todo} sent to {destination.describe()}]"
+
+
+def _log_context(record: ProgressRecord) -> dict[str, Any]:
+    request = record.request
+    return {"task_id": record.task_id, "series_uid": request.get("series_uid"),
+            "study_uid": request.get("study_uid"), "target": request.get("payload", {}).get("target")}

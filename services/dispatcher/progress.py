@@ -1,0 +1,176 @@
+"""Per-task progress in the NATS KV bucket `caduceus-dispatch` (shared.subjects.DISPATCH_PROGRESS_BUCKET).
+
+One record per task id holds what a retry or a redelivery needs to carry on where the last
+attempt stopped: the original `dispatch.requested` event, the number of failed attempts, which
+manifest instances the target already confirmed, and the task state. Several dispatchers may
+touch one record (a redelivery to another process, a manual retry while the task is waiting), so
+every change is a compare-and-set on the KV revision that merges rather than overwrites.
+
+Delivered instances are a bitmap over the manifest's instance list (the manifest of a task never
+changes), so a record stays small (1.25 KB for 10 000 instances) whatever the series size.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel
+
+from shared.events import Event
+from shared.subjects import DISPATCH_PROGRESS_BUCKET
+
+TaskState = Literal["pending", "completed", "failed"]
+_KV_KEY = re.compile(r"^[-_=A-Za-z0-9]{1,120}$")
+# Records outlive any retention period a site would configure for the blobs they point to.
+RECORD_MAX_AGE_SECONDS = 365 * 24 * 3600.0
+
+
+class Bitmap:
+    """A set of small non-negative integers, serialised as base64."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = bytearray(data)
+
+    @classmethod
+    def decode(cls, text: str) -> Bitmap:
+        return cls(base64.b64decode(text)) if text else cls()
+
+    def encode(self) -> str:
+        return base64.b64encode(bytes(self.data.rstrip(b"\0"))).decode()
+
+    def add(self, index: int) -> None:
+        byte, bit = divmod(index, 8)
+        if byte >= len(self.data):
+            self.data.extend(b"\0" * (byte + 1 - len(self.data)))
+        self.data[byte] |= 1 << bit
+
+    def update(self, indexes: Iterable[int]) -> None:
+        for index in indexes:
+            self.add(index)
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int):
+            return False
+        byte, bit = divmod(index, 8)
+        return byte < len(self.data) and bool(self.data[byte] & (1 << bit))
+
+    def count(self) -> int:
+        return sum(bin(b).count("1") for b in self.data)
+
+
+class ProgressRecord(BaseModel):
+    task_id: str
+    request: dict[str, Any]  # the dispatch.requested envelope (JSON form), to re-run the task later
+    state: TaskState = "pending"
+    attempts: int = 0  # failed attempts since the task was requested or last manually retried
+    generation: int = 0  # +1 per manual retry; part of the ids of the events an attempt publishes
+    carrier: str = ""  # event id of the message that runs the task (the request, or a manual retry)
+    delivered: str = ""  # Bitmap of manifest indexes the target confirmed (success or warning status)
+    warnings: int = 0
+    last_error: str = ""
+
+    def request_event(self) -> Event:
+        return Event.model_validate(self.request)
+
+    def delivered_set(self) -> Bitmap:
+        return Bitmap.decode(self.delivered)
+
+
+def kv_key(task_id: str) -> str:
+    """KV keys allow a narrow alphabet; an unusual task id becomes a hash."""
+    if _KV_KEY.match(task_id):
+        return task_id
+    return "h" + hashlib.sha256(task_id.encode()).hexdigest()[:40]
+
+
+class ProgressStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> ProgressStore:
+        try:
+            kv = await js.key_value(DISPATCH_PROGRESS_BUCKET)
+        except BucketNotFoundError:
+            try:
+                kv = await js.create_key_value(KeyValueConfig(
+                    bucket=DISPATCH_PROGRESS_BUCKET, history=1, storage=StorageType.FILE,
+                    ttl=RECORD_MAX_AGE_SECONDS,
+                    description="dispatcher: attempts and delivered instances per task"))
+            except BadRequestError:  # another dispatcher created it a moment ago
+                kv = await js.key_value(DISPATCH_PROGRESS_BUCKET)
+        return cls(kv)
+
+    async def get(self, task_id: str) -> ProgressRecord | None:
+        record, _ = await self._read(task_id)
+        return record
+
+    async def _read(self, task_id: str) -> tuple[ProgressRecord | None, int | None]:
+        try:
+            entry = await self.kv.get(kv_key(task_id))
+        except KeyNotFoundError:
+            return None, None
+        if entry.value is None:
+            return None, None
+        return ProgressRecord.model_validate_json(entry.value), entry.revision
+
+    async def mutate(self, task_id: str, change: Callable[[ProgressRecord | None], ProgressRecord | None],
+                     ) -> ProgressRecord | None:
+        """Read-modify-write with compare-and-set; `change` may run more than once on conflict."""
+        while True:
+            record, revision = await self._read(task_id)
+            new = change(record.model_copy(deep=True) if record else None)
+            if new is None:
+                return record
+            data = new.model_dump_json().encode()
+            try:
+                if revision is None:
+                    await self.kv.create(kv_key(task_id), data)
+                else:
+                    await self.kv.update(kv_key(task_id), data, last=revision)
+                return new
+            except KeyWrongLastSequenceError:
+                continue  # someone else wrote in between: re-read and apply our change again
+            except BadRequestError as exc:
+                # create() on an existing key reports "wrong last sequence" as a plain bad request
+                if "wrong last sequence" not in str(exc).lower():
+                    raise
+                continue
+
+    async def ensure(self, request: Event) -> ProgressRecord:
+        """The record of a requested task, created from the request if this is its first delivery."""
+        task_id = request.payload["task_id"]
+
+        def create(record: ProgressRecord | None) -> ProgressRecord | None:
+            if record is not None:
+                return None
+            return ProgressRecord(task_id=task_id, request=request.model_dump(mode="json"),
+                                  carrier=request.event_id)
+
+        record = await self.mutate(task_id, create)
+        assert record is not None
+        return record
+
+    async def add_delivered(self, task_id: str, indexes: Iterable[int], warnings: int) -> None:
+        indexes = list(indexes)
+        if not indexes:
+            return
+
+        def merge(record: ProgressRecord | None) -> ProgressRecord | None:
+            if record is None:
+                return None
+            bitmap = record.delivered_set()
+            bitmap.update(indexes)
+            record.delivered = bitmap.encode()
+            record.warnings += warnings
+            return record
+
+        await self.mutate(task_id, merge)

@@ -1,0 +1,194 @@
+"""The DICOM C-STORE SCU side: one association sending a list of files (synchronous; pynetdicom).
+
+Files go out as stored: `STORE_SEND_CHUNKED_DATASET` makes pynetdicom stream the dataset bytes
+after the file meta straight from disk (no decode, no re-encode), and each file is proposed in its
+own transfer syntax, so nothing is transcoded. A peer that refuses a file's SOP class/transfer
+syntax gets nothing for that file and the attempt fails for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+
+from shared.config.model import TlsConfig
+
+log = logging.getLogger(__name__)
+
+# Send file bytes as stored (pynetdicom reads the dataset from the file after its meta header).
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+SUCCESS = 0x0000
+# Statuses that mean the peer stored the instance, with a remark worth a log line.
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
+
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str
+    tls: TlsConfig | None = None
+
+    def describe(self) -> str:
+        return f"{self.called_aet}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
+@dataclass(frozen=True)
+class SendItem:
+    index: int  # position in the manifest
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path
+
+
+@dataclass
+class SendResult:
+    delivered: list[int] = field(default_factory=list)
+    warnings: int = 0
+    failed: dict[int, str] = field(default_factory=dict)  # manifest index -> reason
+    errors: list[str] = field(default_factory=list)  # association-level problems
+
+    def merge(self, other: SendResult) -> None:
+        self.delivered += other.delivered
+        self.warnings += other.warnings
+        self.failed.update(other.failed)
+        self.errors += other.errors
+
+
+DeliveredCallback = Callable[[int, int], None]  # (manifest index, status)
+
+
+def context_groups(items: Sequence[SendItem]) -> list[list[SendItem]]:
+    """Split items so that no association needs more than MAX_CONTEXTS presentation contexts."""
+    groups: list[list[SendItem]] = []
+    pairs: set[tuple[str, str]] = set()
+    current: list[SendItem] = []
+    for item in items:
+        pair = (item.sop_class_uid, item.transfer_syntax_uid)
+        if pair not in pairs and len(pairs) == MAX_CONTEXTS:
+            groups.append(current)
+            current, pairs = [], set()
+        pairs.add(pair)
+        current.append(item)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def presentation_contexts(items: Sequence[SendItem]) -> list[PresentationContext]:
+    """One context per (SOP class, transfer syntax) pair, proposing exactly the file's own syntax."""
+    pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in items})
+    return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca or None)
+    if tls.certificate:
+        context.load_cert_chain(tls.certificate, tls.key or None)
+    return context
+
+
+def _nodelay(event: evt.Event) -> None:
+    # Without TCP_NODELAY small PDUs wait for delayed ACKs (tens of ms per instance).
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
+    ae = AE(ae_title=dest.calling_aet)
+    ae.requested_contexts = presentation_contexts(items)
+    ae.maximum_pdu_size = 0
+    ae.connection_timeout = 10
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 120
+    ae.network_timeout = 120
+    tls_args = (tls_context(dest.tls), dest.host) if dest.tls else None
+    return ae.associate(dest.host, dest.port, ae_title=dest.called_aet, tls_args=tls_args,
+                        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+
+
+def _association_error(assoc: Association, dest: Destination) -> str:
+    if assoc.is_rejected:
+        return f"association rejected by {dest.describe()}"
+    if assoc.is_aborted:
+        return f"association aborted by {dest.describe()}"
+    return f"could not connect to {dest.describe()}"
+
+
+def _status_of(response: Dataset) -> int | None:
+    return int(response.Status) if "Status" in response else None
+
+
+def send_items(dest: Destination, items: Sequence[SendItem], on_delivered: DeliveredCallback,
+               abort: threading.Event) -> SendResult:
+    """Send `items` over as few associations as the context limit allows; never raises for peers."""
+    result = SendResult()
+    for group in context_groups(items):
+        if abort.is_set():
+            break
+        result.merge(_send_group(dest, group, on_delivered, abort))
+    return result
+
+
+def _send_group(dest: Destination, items: Sequence[SendItem], on_delivered: DeliveredCallback,
+                abort: threading.Event) -> SendResult:
+    result = SendResult()
+    try:
+        assoc = _associate(dest, items)
+    except Exception as exc:  # noqa: BLE001 - TLS setup or socket errors become a failed attempt
+        result.errors.append(f"could not associate with {dest.describe()}: {exc}")
+        return result
+    if not assoc.is_established:
+        result.errors.append(_association_error(assoc, dest))
+        return result
+    try:
+        for item in items:
+            if abort.is_set() or not assoc.is_established:
+                break
+            _send_one(assoc, item, result, on_delivered)
+        if not assoc.is_established and len(result.delivered) + len(result.failed) < len(items):
+            result.errors.append(_association_error(assoc, dest))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return result
+
+
+def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> None:
+    try:
+        response = assoc.send_c_store(item.path)
+    except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
+        result.failed[item.index] = str(exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - unreadable file, socket trouble: this instance failed
+        result.failed[item.index] = f"{type(exc).__name__}: {exc}"
+        return
+    status = _status_of(response)
+    if status is None:
+        if assoc.is_established:
+            result.failed[item.index] = "no C-STORE response"
+        return  # aborted mid-send: reported once for the association by the caller
+    if status == SUCCESS or status in WARNING_STATUSES:
+        if status != SUCCESS:
+            result.warnings += 1
+            log.warning("C-STORE warning 0x%04X for %s", status, item.sop_uid,
+                        extra={"sop_uid": item.sop_uid})
+        result.delivered.append(item.index)
+        on_delivered(item.index, status)
+        return
+    result.failed[item.index] = f"C-STORE status 0x{status:04X}"

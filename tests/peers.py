@@ -1,0 +1,268 @@
+"""Real DICOM peers for tests: DCMTK storescp and Orthanc, on free ports under the test's tmp dir.
+
+Registered as a pytest plugin in the root conftest.py (`pytest_plugins = ["tests.peers"]`), so any
+test can ask for the fixtures:
+
+- `storescp`: a running DCMTK `/usr/bin/storescp` (accepts every transfer syntax, writes files
+  bit-preserved, one process per association) -> `StoreScp` (port, aet, out_dir, files(), sop_uids()).
+- `storescp_factory`: make more, or make one without starting it (`start=False`, to test a target
+  that comes up later).
+- `orthanc`: a running Orthanc with its own JSON config, DICOM/HTTP ports and storage -> `Orthanc`
+  (dicom_port, aet, http_url, instances(), sop_uids(), file(id), file_by_sop(uid)).
+- `orthanc_factory`: the same, several or not started.
+- `make_series(out_dir, n, size=64, ...)`: synthetic CT files via /work/shared/tools/make_series.py.
+
+Helpers fail loudly when a binary is missing: tests must not skip silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from shared.natsserver import free_port, wait_port
+
+STORESCP = "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
+MAKE_SERIES = Path(os.environ.get("CADUCEUS_MAKE_SERIES", "/work/shared/tools/make_series.py"))
+
+
+def make_series(out_dir: Path, n: int, *, size: int = 64, studies: int = 1, series_per_study: int = 1,
+                ) -> list[Path]:
+    """Write a synthetic CT series (n slices of size x size) and return the files, sorted."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(MAKE_SERIES), str(out_dir), str(n), "--size", str(size),
+                    "--studies", str(studies), "--series-per-study", str(series_per_study)],
+                   check=True, capture_output=True)
+    return sorted(out_dir.glob("*.dcm"))
+
+
+def _stop_process_group(process: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
+
+
+# ---------------------------------------------------------------- DCMTK storescp
+
+@dataclass
+class StoreScp:
+    """DCMTK storescp: `+xa` accepts all transfer syntaxes it knows (no transcoding on our side is
+    needed), `+B` writes the data set exactly as received, `--fork` serves parallel associations."""
+
+    out_dir: Path
+    port: int = field(default_factory=free_port)
+    aet: str = "STORESCP"
+    host: str = "127.0.0.1"
+    extra_args: list[str] = field(default_factory=list)
+    log_file: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreScp:
+        if not Path(STORESCP).is_file():
+            raise FileNotFoundError(f"{STORESCP} missing: apt-get install dcmtk")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        args = [STORESCP, "--fork", "+xa", "+B", "-aet", self.aet, "-od", str(self.out_dir),
+                *self.extra_args, str(self.port)]
+        log = open(self.log_file or self.out_dir.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
+        # TCP_NODELAY=1: DCMTK otherwise stalls on delayed ACKs with small PDUs.
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "TCP_NODELAY": "1"})
+        log.close()
+        wait_port(self.host, self.port, timeout=10)
+        return self
+
+    def stop(self) -> None:
+        _stop_process_group(self.process)
+        self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def files(self) -> list[Path]:
+        # storescp writes "<modality>.<sop uid>" files; skip anything still being written.
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file() and not p.name.endswith(".tmp")) \
+            if self.out_dir.is_dir() else []
+
+    def sop_uids(self) -> set[str]:
+        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.files()}
+
+    def datasets(self) -> dict[str, Any]:
+        """SOP Instance UID -> dataset (with pixel data, not decoded until accessed)."""
+        return {str(ds.SOPInstanceUID): ds for ds in (dcmread(p) for p in self.files())}
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[Path]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            files = self.files()
+            if len(files) >= count:
+                return files
+            time.sleep(0.1)
+        raise TimeoutError(f"storescp on {self.port} has {len(self.files())} of {count} files")
+
+
+# ---------------------------------------------------------------- Orthanc
+
+@dataclass
+class Orthanc:
+    root: Path
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    aet: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "Name": f"caduceus-test-{self.dicom_port}",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "StorageCompression": False,
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "UnknownSopClassAccepted": True,
+            "AcceptedTransferSyntaxes": ["1.2.840.10008.1.*"],
+            "OverwriteInstances": True,
+            "SaveJobs": False,
+            "Plugins": [],
+            "StableAge": 1,
+            **self.config_overrides,
+        }
+
+    def start(self) -> Orthanc:
+        if not Path(ORTHANC).is_file():
+            raise FileNotFoundError(f"{ORTHANC} missing: apt-get install orthanc")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config_file = self.root / "orthanc.json"
+        config_file.write_text(json.dumps(self.config(), indent=2))
+        log = open(self.root / "orthanc.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen([ORTHANC, str(config_file)], stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, cwd=self.root)
+        log.close()
+        wait_port(self.host, self.http_port, timeout=30)
+        wait_port(self.host, self.dicom_port, timeout=30)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.http_url}/system", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"Orthanc REST on {self.http_port} not ready")
+
+    def stop(self) -> None:
+        _stop_process_group(self.process, timeout=15)
+        self.process = None
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.http_url}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def instances(self) -> list[str]:
+        """Orthanc ids of every stored instance."""
+        return list(self.get("/instances"))
+
+    def sop_uids(self) -> set[str]:
+        return set(self.instances_by_sop())
+
+    def instances_by_sop(self) -> dict[str, str]:
+        """SOP Instance UID -> Orthanc instance id."""
+        found = self.get("/instances?expand")
+        return {item["MainDicomTags"]["SOPInstanceUID"]: item["ID"] for item in found}
+
+    def file(self, instance_id: str) -> bytes:
+        response = httpx.get(f"{self.http_url}/instances/{instance_id}/file", timeout=30)
+        response.raise_for_status()
+        return response.content
+
+    def file_by_sop(self, sop_uid: str) -> bytes:
+        return self.file(self.instances_by_sop()[sop_uid])
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> set[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            uids = self.sop_uids()
+            if len(uids) >= count:
+                return uids
+            time.sleep(0.2)
+        raise TimeoutError(f"Orthanc on {self.dicom_port} has {len(self.sop_uids())} of {count} instances")
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture
+def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StoreScp]]:
+    made: list[StoreScp] = []
+
+    def make(*, start: bool = True, aet: str = "STORESCP", extra_args: list[str] | None = None,
+             port: int | None = None) -> StoreScp:
+        peer = StoreScp(tmp_path / f"storescp-{len(made)}", aet=aet, extra_args=extra_args or [])
+        if port:
+            peer.port = port
+        made.append(peer)
+        return peer.start() if start else peer
+
+    yield make
+    for peer in made:
+        peer.stop()
+
+
+@pytest.fixture
+def storescp(storescp_factory: Callable[..., StoreScp]) -> StoreScp:
+    return storescp_factory()
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    made: list[Orthanc] = []
+
+    def make(*, start: bool = True, aet: str = "ORTHANC", **overrides: Any) -> Orthanc:
+        peer = Orthanc(tmp_path / f"orthanc-{len(made)}", aet=aet, config_overrides=overrides)
+        made.append(peer)
+        return peer.start() if start else peer
+
+    yield make
+    for peer in made:
+        peer.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_factory: Callable[..., Orthanc]) -> Orthanc:
+    return orthanc_factory()
