@@ -316,10 +316,10 @@ def _check_attribute(ctx: _Ctx, node: ast.Attribute, call_func: bool) -> None:
     if not call_func:
         raise _node_error(ctx, node, "attribute access is only allowed as tags.Keyword "
                                      "or to call a string method")
+    _check(ctx, node.value)  # report the innermost offending part first
     if node.attr not in STRING_METHODS:
         raise _node_error(ctx, node, f"method '{node.attr}' is not allowed "
                                      f"(allowed: {', '.join(sorted(STRING_METHODS))})")
-    _check(ctx, node.value)
 
 
 def _check_subscript(ctx: _Ctx, node: ast.Subscript) -> None:
