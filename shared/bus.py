@@ -61,6 +61,9 @@ class Bus:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
+            # A pull subscription whose fetch was cancelled never empties its queue, and drain
+            # would wait its full timeout (30 s by default) for it; handlers have finished by then.
+            drain_timeout=5,
         )
         bus = cls(nc, nc.jetstream(timeout=10), actor)
         if declare:

@@ -210,6 +210,15 @@ class Service:
                             concurrency: int, paused: Callable[[], bool] | None) -> None:
         await self.bus.declare_durable(durable)
         sub = await self.bus.js.pull_subscribe_bind(durable=durable.name, stream=durable.stream)
+        try:
+            await self._pull(durable, sub, handler, batch, concurrency, paused)
+        finally:
+            # Without this, draining the connection at shutdown waits for the pull queue (see Bus).
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _pull(self, durable: subjects.Durable, sub: Any, handler: Handler, batch: int,
+                    concurrency: int, paused: Callable[[], bool] | None) -> None:
         limiter = asyncio.Semaphore(concurrency)
         while not self.stopping.is_set():
             if paused is not None and paused():

@@ -1,0 +1,276 @@
+"""`caduceus up` end to end: real processes, real nats-server, real kill -9 and SIGTERM.
+
+Also the supervisor on its own with children that crash at once (backoff grows, events recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cli.supervisor import ChildSpec, Supervisor, backoff_delay, child_env
+from shared.bus import Bus
+from shared.events import Event
+from shared.health import EXPECTED_SERVICES
+from shared.natsserver import free_port
+from shared.settings import UP_STATE_FILE
+from shared.subjects import EVENTS_PREFIX, EVENTS_STREAM
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "deploy" / "example-config.yaml"
+HEALTHY_TIMEOUT = 90.0
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    ui_port: int
+    env: dict[str, str]
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / UP_STATE_FILE
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.state_file.read_text())
+        return data
+
+    def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli.main", *argv, "--data-dir", str(self.data_dir)],
+                              env=self.env, capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json")
+        assert result.returncode in (0, 1), result.stderr
+        report: dict[str, Any] = json.loads(result.stdout)
+        return report
+
+    def logs(self) -> str:
+        parts = []
+        for log in sorted((self.data_dir / "logs").glob("*.log")):
+            parts.append(f"----- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(parts)
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("CADUCEUS_NATS_URL", "CADUCEUS_DATABASE_URL", "CADUCEUS_DATA_DIR"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    data_dir = tmp_path / "data"
+    ui_port = free_port()
+    env = _cli_env()
+    argv = [sys.executable, "-m", "cli.main", "up", "--data-dir", str(data_dir),
+            "--nats-port", str(free_port()), "--ui-port", str(ui_port), "--dicom-port", str(free_port()),
+            "--heartbeat-seconds", "1", "--backoff-max", "2", "--config", str(EXAMPLE)]
+    process = subprocess.Popen(argv, env=env, cwd=REPO, stdout=open(tmp_path / "up.out", "wb"),  # noqa: SIM115
+                               stderr=subprocess.STDOUT)
+    launched = Up(process, data_dir, ui_port, env)
+    yield launched
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_for(predicate: Any, timeout: float, what: str, up: Up | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.5)
+    detail = f"\n{up.logs()}" if up is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}{detail}")
+
+
+def all_healthy(up: Up) -> dict[str, Any] | None:
+    if up.process.poll() is not None:
+        raise AssertionError(f"caduceus up exited with {up.process.returncode}\n{up.logs()}")
+    if not up.state_file.exists():
+        return None
+    report = up.status()
+    states = {s["service"]: s["state"] for s in report["services"]}
+    return report if report["healthy"] and all(states[name] == "healthy" for name in EXPECTED_SERVICES) else None
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def last_event(nats_url: str, event_type: str) -> Event | None:
+    bus = await Bus.connect(nats_url, actor="test", declare=False, max_reconnect_attempts=2)
+    try:
+        return await bus.get_last_for_subject(EVENTS_STREAM, f"{EVENTS_PREFIX}.{event_type}")
+    finally:
+        await bus.close()
+
+
+@pytest.mark.slow
+def test_up_runs_all_services_restarts_crashed_one_and_stops_cleanly(up: Up) -> None:
+    report = wait_for(lambda: all_healthy(up), HEALTHY_TIMEOUT, "all seven services healthy", up)
+    assert {s["name"] for s in report["streams"]} == {"EVENTS", "CONFIG", "STATUS"}
+    state = up.state()
+    pids: dict[str, int] = state["services"]
+    assert set(pids) == set(EXPECTED_SERVICES)
+    nats_url, nats_pid = state["nats_url"], state["nats_pid"]
+
+    # --config was applied as the user before the services started.
+    shown = up.cli("config", "show", "--json")
+    assert shown.returncode == 0 and "pacs" in json.loads(shown.stdout)["targets"]
+
+    # The UI serves the dashboard, its fragment, the config page and /healthz.
+    base = f"http://127.0.0.1:{up.ui_port}"
+    assert httpx.get(f"{base}/healthz", timeout=10).json()["nats_connected"] is True
+    dashboard = httpx.get(f"{base}/", timeout=10).text
+    assert 'hx-get="/fragments/health"' in dashboard and "htmx.min.js" in dashboard
+    fragment = httpx.get(f"{base}/fragments/health", timeout=10).text
+    for name in EXPECTED_SERVICES:
+        assert f'data-service="{name}"' in fragment
+    assert "ct-to-pacs" in httpx.get(f"{base}/config", timeout=10).text
+
+    # kill -9 one service: the supervisor restarts it and records the crash.
+    victim = "processor"
+    os.kill(pids[victim], signal.SIGKILL)
+    new_pid = wait_for(lambda: (p := up.state()["services"][victim]) != pids[victim] and p, 30,
+                       "processor restarted", up)
+    crashed = asyncio.run(last_event(nats_url, "service.crashed"))
+    assert crashed is not None and crashed.actor == "supervisor"
+    assert crashed.payload["service"] == victim and crashed.payload["pid"] == pids[victim]
+    assert crashed.payload["exit_code"] == -signal.SIGKILL
+    restarted = asyncio.run(last_event(nats_url, "service.restarted"))
+    assert restarted is not None and restarted.payload["pid"] == new_pid
+
+    def processor_healthy_again() -> bool:
+        instances = {s["service"]: s for s in up.status()["services"]}[victim]["instances"]
+        return any(i["pid"] == new_pid and i["state"] == "healthy" for i in instances)
+
+    wait_for(processor_healthy_again, 30, "restarted processor healthy", up)
+    for name, pid in pids.items():
+        if name != victim:
+            assert not pid_gone(pid), f"{name} should still be running"
+
+    # SIGTERM to the launcher: every child and NATS exit, exit code 0, state file removed.
+    started = time.monotonic()
+    up.process.send_signal(signal.SIGTERM)
+    assert up.process.wait(60) == 0, up.logs()
+    stop_seconds = time.monotonic() - started
+    for name, pid in {**pids, victim: new_pid, "nats": nats_pid}.items():
+        assert pid_gone(pid), f"{name} (pid {pid}) still running after caduceus up stopped"
+    assert not up.state_file.exists()
+    # Every service got SIGTERM and stopped by itself (none needed SIGKILL).
+    out = (up.data_dir.parent / "up.out").read_text()
+    assert "did not stop within" not in out, out
+    assert stop_seconds < 30, f"stopping took {stop_seconds:.1f}s"
+
+
+def test_up_refuses_an_invalid_config_and_starts_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  r:\n    filter: 'True'\n    targets: [ghost]\n")
+    result = subprocess.run([sys.executable, "-m", "cli.main", "up", "--data-dir", str(tmp_path / "d"),
+                             "--config", str(bad), "--nats-port", str(free_port())],
+                            env=_cli_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown target 'ghost'" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_status_exits_nonzero_when_services_are_missing(nats_url: str, tmp_path: Path) -> None:
+    env = {**_cli_env(), "CADUCEUS_NATS_URL": nats_url}
+    result = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["healthy"] is False
+    assert {s["service"]: s["state"] for s in report["services"]} == dict.fromkeys(EXPECTED_SERVICES, "missing")
+
+
+def test_backoff_delay_grows_and_caps() -> None:
+    assert [backoff_delay(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+
+
+async def test_supervisor_restarts_crashing_child_with_backoff_and_records_it(bus: Bus, tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    # A child that records each run and then fails at once.
+    script = f"import sys; open({str(marker)!r}, 'a').write('x'); sys.exit(3)"
+    spec = ChildSpec("processor", [sys.executable, "-c", script], child_env(dict(os.environ), {}),
+                     tmp_path / "child.log")
+    supervisor = Supervisor([spec], bus, backoff_base=0.2, backoff_max=0.8, stable_after=60, grace=5)
+    await supervisor.start()
+    deadline = time.monotonic() + 20
+    while supervisor.children["processor"].restarts < 4 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    supervisor.request_stop()
+    await asyncio.wait_for(supervisor.wait(), 20)
+    child = supervisor.children["processor"]
+    assert child.restarts >= 4 and marker.read_text().count("x") >= 4
+    assert set(child.exits) == {3}
+
+    crashed = await _read_events(bus, "service.crashed")
+    delays = [e.payload["restart_in_seconds"] for e in crashed]
+    assert delays[:4] == [0.2, 0.4, 0.8, 0.8]
+    assert all(e.actor == "supervisor" and e.payload["exit_code"] == 3 for e in crashed)
+    restarted = await _read_events(bus, "service.restarted")
+    assert [e.payload["restarts"] for e in restarted][:4] == [1, 2, 3, 4]
+
+
+async def test_supervisor_stop_kills_a_child_that_ignores_sigterm(bus: Bus, tmp_path: Path) -> None:
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    log_file = tmp_path / "stubborn.log"
+    spec = ChildSpec("cleaner", [sys.executable, "-c", script], child_env(dict(os.environ), {}), log_file)
+    supervisor = Supervisor([spec], bus, grace=1.0)
+    await supervisor.start()
+    while "ready" not in (log_file.read_text() if log_file.exists() else ""):
+        await asyncio.sleep(0.05)
+    started = time.monotonic()
+    supervisor.request_stop()
+    await asyncio.wait_for(supervisor.wait(), 10)
+    assert supervisor.children["cleaner"].exits == [-signal.SIGKILL]
+    assert time.monotonic() - started < 5
+    assert await _read_events(bus, "service.crashed") == []
+
+
+async def _read_events(bus: Bus, event_type: str) -> list[Event]:
+    from nats.js.api import DeliverPolicy
+
+    from shared.bus import event_from_msg
+
+    info = await bus.js.stream_info(EVENTS_STREAM, subjects_filter=f"{EVENTS_PREFIX}.{event_type}")
+    count = (info.state.subjects or {}).get(f"{EVENTS_PREFIX}.{event_type}", 0)
+    events: list[Event] = []
+    if not count:
+        return events
+    sub = await bus.js.subscribe(f"{EVENTS_PREFIX}.{event_type}", ordered_consumer=True,
+                                 deliver_policy=DeliverPolicy.ALL)
+    try:
+        while len(events) < count:
+            events.append(event_from_msg(await sub.next_msg(timeout=5)))
+    finally:
+        await sub.unsubscribe()
+    return events
