@@ -102,11 +102,12 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def _nodelay(event: evt.Event) -> None:
+def _on_connection_open(event: evt.Event) -> None:
     # Without TCP_NODELAY small PDUs wait for delayed ACKs (tens of ms per instance).
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    event.assoc.caduceus_connected = True  # tells "refused/unreachable" from "aborted by the peer"
 
 
 def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
@@ -119,15 +120,17 @@ def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
     ae.network_timeout = 120
     tls_args = (tls_context(dest.tls), dest.host) if dest.tls else None
     return ae.associate(dest.host, dest.port, ae_title=dest.called_aet, tls_args=tls_args,
-                        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)])
 
 
 def _association_error(assoc: Association, dest: Destination) -> str:
+    if not getattr(assoc, "caduceus_connected", False):
+        return f"could not connect to {dest.describe()}"
     if assoc.is_rejected:
         return f"association rejected by {dest.describe()}"
     if assoc.is_aborted:
         return f"association aborted by {dest.describe()}"
-    return f"could not connect to {dest.describe()}"
+    return f"association with {dest.describe()} ended unexpectedly"
 
 
 def _status_of(response: Dataset) -> int | None:
