@@ -1,9 +1,170 @@
-"""Placeholder while this command is being written (owned by one developer; replaced, not extended)."""
+"""`caduceus rule test --filter EXPR (--tags FILE.json | --file x.dcm | --series UID)`.
+
+Evaluates a rule filter the way the router does and prints the result, the tag values the rule
+used and the tags that were missing. Exit status: 0 match, 1 no match, 2 error (syntax error,
+run-time error of the rule, unreadable input, unknown series).
+
+Tag sources:
+- `--tags FILE.json`: a JSON object keyword -> value (values are turned into strings);
+- `--file x.dcm`: the DICOM file's tags, read without pixel data (shared/dicomtags.py);
+- `--series UID`: the tags of the series' first `image.received` event (what the router
+  evaluates), asked from the bookkeeper; when no bookkeeper answers, read from the EVENTS stream.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any, cast
+
+from shared.rules import CompiledRule, RuleResult, RuleSyntaxError, compile_rule
+
+EXIT_MATCH, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
+
+
+class SourceError(RuntimeError):
+    """The tags could not be read."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    pass
+    parser = sub.add_parser("rule", help="work with routing rules")
+    rule_sub = parser.add_subparsers(dest="rule_command", required=True)
+    test = rule_sub.add_parser("test", help="evaluate a rule filter against tags, a DICOM file or a series",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    test.add_argument("--filter", required=True, dest="filter_expr", metavar="EXPR", help="the rule filter")
+    source = test.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tags", type=Path, metavar="FILE.json", help="JSON object of tag keyword -> value")
+    source.add_argument("--file", type=Path, metavar="FILE.dcm", help="a DICOM file")
+    source.add_argument("--series", metavar="UID", help="a received series (its first instance's tags)")
+    test.add_argument("--json", action="store_true", help="print the result as JSON")
+    test.add_argument("--data-dir", default=None, help="data dir of `caduceus up` (to find its NATS)")
+    test.set_defaults(func=run_test)
+
+
+def run_test(args: argparse.Namespace) -> int:
+    try:
+        rule = compile_rule(args.filter_expr)
+    except RuleSyntaxError as exc:
+        _print_syntax_error(args.filter_expr, exc)
+        return EXIT_ERROR
+    try:
+        tags, origin = _load_tags(args, rule)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    result = rule.evaluate(tags)
+    if args.json:
+        print(json.dumps({"matched": result.matched, "error": result.error, "used_tags": result.used_tags,
+                          "missing_tags": result.missing_tags, "warnings": rule.warnings, "source": origin},
+                         indent=2))
+    else:
+        _print_result(rule, result, origin)
+    if result.error:
+        return EXIT_ERROR
+    return EXIT_MATCH if result.matched else EXIT_NO_MATCH
+
+
+def _print_syntax_error(expr: str, exc: RuleSyntaxError) -> None:
+    print(f"error: invalid rule: {exc}", file=sys.stderr)
+    if exc.column is not None and "\n" not in expr:
+        print(f"  {expr.strip()}", file=sys.stderr)
+        print("  " + " " * (exc.column - 1) + "^", file=sys.stderr)
+
+
+def _print_result(rule: CompiledRule, result: RuleResult, origin: str) -> None:
+    if result.error:
+        print(f"ERROR: {result.error} (counts as no match)")
+    else:
+        print("MATCH" if result.matched else "NO MATCH")
+    print(f"tags from: {origin}")
+    if result.used_tags:
+        print("tags used:")
+        width = max(len(k) for k in result.used_tags)
+        for keyword, value in result.used_tags.items():
+            mark = "   (missing)" if keyword in result.missing_tags else ""
+            print(f"  {keyword.ljust(width)} = {value!r}{mark}")
+    if result.missing_tags:
+        print(f"missing tags: {', '.join(result.missing_tags)}")
+    for warning in rule.warnings:
+        print(f"warning: {warning}")
+
+
+def _load_tags(args: argparse.Namespace, rule: CompiledRule) -> tuple[dict[str, str], str]:
+    if args.tags is not None:
+        return _tags_from_json(args.tags), str(args.tags)
+    if args.file is not None:
+        return _tags_from_dicom(args.file, rule), str(args.file)
+    return _tags_from_series(args.series, args.data_dir)
+
+
+def _tags_from_json(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object of tag keyword -> value")
+    return {str(k): "" if v is None else str(v) for k, v in data.items()}
+
+
+def _tags_from_dicom(path: Path, rule: CompiledRule) -> dict[str, str]:
+    from shared.config.model import DEFAULT_EXTRACT_TAGS
+    from shared.dicomtags import TagExtractionError, extract_tags
+
+    try:
+        extracted = extract_tags(path, [*DEFAULT_EXTRACT_TAGS, *rule.tags])
+    except (OSError, TagExtractionError) as exc:
+        raise SourceError(f"cannot read DICOM file {path}: {exc}") from None
+    for warning in extracted.warnings:
+        print(f"note: {warning}", file=sys.stderr)
+    return extracted.tags
+
+
+def _tags_from_series(series_uid: str, data_dir: str | None) -> tuple[dict[str, str], str]:
+    from cli.config_cmd import connect_cli_bus, default_actor
+
+    async def lookup() -> tuple[dict[str, str], str]:
+        try:
+            bus = await connect_cli_bus(data_dir, default_actor())
+        except Exception as exc:  # noqa: BLE001 - no broker: say so
+            raise SourceError(f"cannot reach NATS: {exc}") from None
+        try:
+            return await first_instance_tags(bus, series_uid)
+        finally:
+            await bus.close()
+
+    return asyncio.run(lookup())
+
+
+async def first_instance_tags(bus: Any, series_uid: str) -> tuple[dict[str, str], str]:
+    """Tags of the series' first image.received: from the bookkeeper, else from the stream."""
+    from shared.bookkeeper_client import BookkeeperClient, BookkeeperUnavailable
+
+    try:
+        page = await BookkeeperClient(bus, timeout=5).events(
+            series_uid=series_uid, type="image.received", stream="EVENTS", limit=1)
+    except BookkeeperUnavailable:
+        return await _first_instance_from_stream(bus, series_uid)
+    if not page.events:
+        raise SourceError(f"no image.received for series {series_uid} in the bookkeeper")
+    record = page.events[0]
+    return dict(record.payload.get("tags") or {}), f"bookkeeper: EVENTS seq {record.stream_seq}"
+
+
+async def _first_instance_from_stream(bus: Any, series_uid: str) -> tuple[dict[str, str], str]:
+    from shared.bus import replay
+    from shared.events import Event
+    from shared.subjects import event_subject
+
+    # replay() is an async generator: close it (and its consumer) as soon as the series is found.
+    events_gen = cast(AsyncGenerator[Event, None], replay(bus, event_subject("image.received"), idle_timeout=3))
+    async with contextlib.aclosing(events_gen) as events:
+        async for event in events:
+            if event.series_uid == series_uid:
+                return dict(event.payload.get("tags") or {}), f"EVENTS stream seq {event.stream_seq}"
+    raise SourceError(f"no image.received for series {series_uid} on the EVENTS stream")

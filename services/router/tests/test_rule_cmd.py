@@ -1,0 +1,77 @@
+"""`caduceus rule test`: exit codes, printed tags, and the three tag sources (JSON, DICOM, series)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from cli.main import main
+from services.router.tests.helpers import send_series
+from shared.blobstore import LocalBlobStore
+from shared.bus import Bus
+
+
+@pytest.fixture
+def tags_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tags.json"
+    path.write_text(json.dumps({"Modality": "CT", "SliceThickness": "1.0", "SeriesNumber": 3}))
+    return path
+
+
+@pytest.mark.parametrize(("expr", "code", "expected"), [
+    ("float(tags.SliceThickness) < 2.0 and @Modality@ == 'CT'", 0, "MATCH"),
+    ("@Modality@ == 'MR'", 1, "NO MATCH"),
+    ("@SeriesNumber@ == '3' and @BodyPartExamined@ == ''", 0, "missing tags: BodyPartExamined"),
+    ("float(@PatientWeight@) > 70", 2, "ERROR: ValueError"),
+])
+def test_rule_test_with_tags_file(tags_file: Path, expr: str, code: int, expected: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rule", "test", "--filter", expr, "--tags", str(tags_file)]) == code
+    out = capsys.readouterr().out
+    assert expected in out
+    assert "Modality" in out or "PatientWeight" in out or "SeriesNumber" in out
+
+
+def test_rule_test_syntax_error_points_at_the_problem(tags_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rule", "test", "--filter", "@Modality@ == 'CT' and ().__class__", "--tags", str(tags_file)]) == 2
+    err = capsys.readouterr().err
+    assert "column 24" in err and "__class__" in err and "^" in err
+
+
+def test_rule_test_json_output(tags_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rule", "test", "--filter", "@Modality@ == 'CT'", "--tags", str(tags_file), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["matched"] is True and result["used_tags"] == {"Modality": "CT"}
+
+
+def test_rule_test_with_dicom_file(capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(get_testdata_file("CT_small.dcm"))
+    assert main(["rule", "test", "--filter", "@Modality@ == 'CT' and float(@SliceThickness@) > 1",
+                 "--file", path]) == 0
+    out = capsys.readouterr().out
+    assert "MATCH" in out and "SliceThickness" in out
+    assert main(["rule", "test", "--filter", "@Modality@ == 'CT'", "--file", __file__]) == 2
+
+
+def test_rule_test_with_series_from_stream(nats_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """No bookkeeper runs here: the command reads the series' first image.received from EVENTS."""
+    async def publish() -> None:
+        bus = await Bus.connect(nats_url, actor="test")
+        try:
+            store = LocalBlobStore(data_dir / "blobs")
+            await send_series(bus, store, "2.1", "2.1.1", 2, {"Modality": "MR", "SeriesDescription": "Ax T2"})
+            await send_series(bus, store, "2.1", "2.1.2", 2, {"Modality": "MR", "SeriesDescription": "Sag T1"})
+        finally:
+            await bus.close()
+
+    asyncio.run(publish())
+    monkeypatch.setenv("CADUCEUS_NATS_URL", nats_url)
+    assert main(["rule", "test", "--filter", "@SeriesDescription@ == 'Sag T1'", "--series", "2.1.2"]) == 0
+    out = capsys.readouterr().out
+    assert "MATCH" in out and "EVENTS stream seq 3" in out
+    assert main(["rule", "test", "--filter", "True", "--series", "9.9.9"]) == 2
