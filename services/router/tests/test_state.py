@@ -1,0 +1,63 @@
+"""The router's fold: a replay that sees late instances before series.completed rebuilds the same batches."""
+
+from __future__ import annotations
+
+from services.router.state import RouterState, batch_id_for
+from shared.events import Event, ImageReceived, RouteDecided, SeriesCompleted, make_event
+
+
+def image(seq: int, sop: str, series: str = "1.1") -> Event:
+    event = make_event("image.received", "receiver", ImageReceived(
+        sop_class_uid="1.2", transfer_syntax_uid="1.2.840.10008.1.2.1", blob_key=f"instances/{sop}", size=1,
+        sha256="0", calling_aet="A", called_aet="B", peer_host="127.0.0.1", peer_port=1, association_id="x",
+        tags={"SeriesDescription": series}), study_uid="1", series_uid=series, sop_uid=sop)
+    event.stream_seq = seq
+    return event
+
+
+def completed(seq: int, first_seq: int, last_seq: int, series: str = "1.1") -> Event:
+    batch_id = batch_id_for("series", series, first_seq)
+    event = make_event("series.completed", "router", SeriesCompleted(
+        batch_id=batch_id, manifest_key="m", instance_count=1, first_seq=first_seq, last_seq=last_seq,
+        calling_aet="A", peer_host="h"), series_uid=series, study_uid="1")
+    event.stream_seq = seq
+    return event
+
+
+def test_live_and_replay_agree_on_the_next_batch() -> None:
+    # Live: instances 1,2 complete (last_seq 2); instance 3 arrives before series.completed is stored.
+    live = RouterState()
+    for event in (image(1, "a"), image(2, "b")):
+        live.apply(event)
+    live.remove(live.series["1.1"])
+    live.apply(image(3, "c"))
+    live.apply(completed(4, 1, 2))
+    # Replay of the same stream: 1, 2, 3 all land in one batch until series.completed splits it.
+    replayed = RouterState()
+    for event in (image(1, "a"), image(2, "b"), image(3, "c"), completed(4, 1, 2)):
+        replayed.apply(event)
+    for state in (live, replayed):
+        assert list(state.series["1.1"].instances) == ["c"]
+        assert state.series["1.1"].batch_id == batch_id_for("series", "1.1", 3)
+        assert list(state.pending) == [batch_id_for("series", "1.1", 1)]
+        assert state.checkpoint() == 1   # the undecided batch still needs its instances
+
+
+def test_resent_instance_latest_wins_and_checkpoint_moves_on() -> None:
+    state = RouterState()
+    state.apply(image(5, "a"))
+    state.apply(image(6, "a"))
+    batch = state.series["1.1"]
+    assert batch.first_seq == 5 and len(batch.instances) == 1 and batch.instances["a"].stream_seq == 6
+    state.apply(completed(7, 5, 6))
+    assert state.checkpoint() == 5
+    batch_id = batch_id_for("series", "1.1", 5)
+    decided = make_event("route.decided", "router", RouteDecided(
+        trigger="series", batch_id=batch_id, evaluations=[], matched_rules=[], tasks=[], discarded=True,
+        reason="no rule matched"))
+    decided.stream_seq = 8
+    state.apply(decided)
+    assert not state.pending and not state.series
+    assert state.checkpoint() == 5            # the study batch still holds it
+    state.studies.clear()                     # what the tick does when no study rule is enabled
+    assert state.checkpoint() == 9
