@@ -87,10 +87,13 @@ class Bus:
 
     async def declare_durable(self, durable: subjects.Durable) -> None:
         config = durable.config()
+        # The server's consumer create is create-or-update for the mutable fields; a change it
+        # refuses (e.g. a different deliver policy) needs an operator decision, so say which durable.
         try:
             await self.js.add_consumer(durable.stream, config)
-        except BadRequestError:
-            await self.js.update_consumer(durable.stream, config)
+        except BadRequestError as exc:
+            raise RuntimeError(f"durable {durable.stream}/{durable.name} exists with an incompatible "
+                               f"configuration: {exc.description}") from exc
 
     # ------------------------------------------------------------ publishing
 
@@ -121,8 +124,7 @@ class Bus:
                 try:
                     ack = await self.js.publish(subject, data, timeout=timeout, headers=headers)
                     return int(ack.seq)
-                except (NatsTimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
-                        asyncio.TimeoutError) as exc:
+                except (TimeoutError, NatsTimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
                     if attempt == retries:
                         raise PublishError(f"could not publish {event.type} {event.event_id}: {exc!r}") from exc
                     await asyncio.sleep(delay)
