@@ -226,7 +226,7 @@ class Service:
                 continue
             try:
                 msgs = await sub.fetch(batch, timeout=1)
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeoutError):
                 continue
             except Exception as exc:  # noqa: BLE001 - connection trouble: back off and pull again
                 log.warning("fetch from %s failed: %s", durable.name, exc)
