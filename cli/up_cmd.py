@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from cli.config_cmd import (
     EXIT_INVALID,
     FileError,
@@ -114,9 +116,37 @@ def _check_not_running(state_file: Path) -> None:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         return
-    pid = state.get("supervisor_pid") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        return
+    pid = state.get("supervisor_pid")
     if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
         raise StartError(f"another `caduceus up` (pid {pid}) is running on this data dir ({state_file})")
+    _stop_orphaned_nats(state, state_file.parent)
+
+
+def _stop_orphaned_nats(state: dict[str, Any], data_dir: Path) -> None:
+    """A launcher that was killed (-9) leaves its embedded NATS running: stop it before starting anew.
+
+    The services die with the launcher (PR_SET_PDEATHSIG); NATS is not our child in that sense.
+    Only a process that is really a nats-server using this data dir's store is touched.
+    """
+    pid = state.get("nats_pid")
+    if not state.get("nats_embedded") or not isinstance(pid, int):
+        return
+    try:
+        process = psutil.Process(pid)
+        cmdline = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return
+    store = str((data_dir / "nats").resolve())
+    if not cmdline or "nats-server" not in Path(cmdline[0]).name or store not in cmdline:
+        return
+    log.warning("stopping NATS (pid %d) left behind by a previous caduceus up", pid)
+    process.terminate()
+    try:
+        process.wait(10)
+    except psutil.TimeoutExpired:
+        process.kill()
 
 
 def _check_ports(args: argparse.Namespace, services: list[str], embedded: bool) -> None:

@@ -274,3 +274,40 @@ async def _read_events(bus: Bus, event_type: str) -> list[Event]:
     finally:
         await sub.unsubscribe()
     return events
+
+
+def _start_up(data_dir: Path, nats_port: int, services: str, log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "cli.main", "up", "--data-dir", str(data_dir), "--nats-port", str(nats_port),
+            "--services", services, "--heartbeat-seconds", "1"]
+    return subprocess.Popen(argv, env=_cli_env(), cwd=REPO, stdout=open(log, "ab"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT)
+
+
+def test_killed_launcher_leaves_no_orphans_and_up_starts_again(tmp_path: Path) -> None:
+    data_dir, nats_port, services = tmp_path / "data", free_port(), "processor,cleaner"
+    first = _start_up(data_dir, nats_port, services, tmp_path / "up.out")
+    try:
+        launched = Up(first, data_dir, 0, _cli_env())
+        wait_for(lambda: launched.state_file.exists() and len(launched.state()["services"]) == 2, 60,
+                 "first launcher started", launched)
+        state = launched.state()
+        first.kill()  # SIGKILL: no chance to clean up
+        first.wait(10)
+        # The services die with their launcher (PR_SET_PDEATHSIG) ...
+        for name, pid in state["services"].items():
+            wait_for(lambda pid=pid: pid_gone(pid), 30, f"{name} gone after its launcher was killed")
+        # ... and a new `up` on the same data dir stops the NATS left behind and starts normally.
+        assert not pid_gone(state["nats_pid"])
+        second = _start_up(data_dir, nats_port, services, tmp_path / "up.out")
+        relaunched = Up(second, data_dir, 0, _cli_env())
+        wait_for(lambda: relaunched.state_file.exists() and relaunched.state()["supervisor_pid"] == second.pid,
+                 60, "second launcher started", relaunched)
+        assert pid_gone(state["nats_pid"])
+        wait_for(lambda: relaunched.cli("status", "--services", services).returncode == 0, 30,
+                 "services healthy after relaunch", relaunched)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    finally:
+        for process in (first, locals().get("second")):
+            if process is not None and process.poll() is None:
+                process.kill()
