@@ -1,0 +1,136 @@
+"""The audit loop: pull a batch from a durable, store it in one transaction, then ack it.
+
+A message is acked only after the transaction that stored it has committed. If the database
+fails, the batch is nak'ed (JetStream hands the same messages back first) and the loop backs off
+before pulling again, so the log catches up without gaps; the unique constraints make any
+re-delivery harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from sqlalchemy import Engine
+
+from services.bookkeeper.store import BatchResult, Record, record_from_event, record_unreadable, write_batch
+from shared import subjects
+from shared.bus import Bus
+from shared.events import Event
+
+log = logging.getLogger(__name__)
+
+BATCH = 200
+MAX_BACKOFF = 30.0
+
+
+def record_from_msg(msg: Msg) -> Record:
+    meta = msg.metadata
+    stream, seq = meta.stream, int(meta.sequence.stream)
+    recorded_at = meta.timestamp if meta.timestamp else None
+    if recorded_at is not None and recorded_at.tzinfo is None:
+        recorded_at = recorded_at.replace(tzinfo=UTC)
+    try:
+        event = Event.from_json(msg.data)
+    except Exception:  # noqa: BLE001 - not a valid event: still recorded, never dropped
+        headers = msg.headers or {}
+        return record_unreadable(msg.data, headers.get("Nats-Msg-Id"), headers.get("Caduceus-Type"),
+                                 stream, seq, recorded_at)
+    return record_from_event(event, stream, seq, recorded_at)
+
+
+class IngestStats:
+    def __init__(self) -> None:
+        self.stored = 0
+        self.duplicates = 0
+        self.batches = 0
+        self.db_failures = 0
+        self.last_batch_at: datetime | None = None
+        self.last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stored": self.stored, "duplicates": self.duplicates, "batches": self.batches,
+                "db_failures": self.db_failures, "last_error": self.last_error,
+                "last_batch_at": self.last_batch_at.isoformat() if self.last_batch_at else None}
+
+
+class Ingestor:
+    """Follows one durable into the database."""
+
+    def __init__(self, bus: Bus, engine: Engine, durable: subjects.Durable, stats: IngestStats,
+                 stopping: asyncio.Event, floor: Callable[[], dict[str, float]], batch: int = BATCH) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.durable = durable
+        self.stats = stats
+        self.stopping = stopping
+        self.floor = floor
+        self.batch = batch
+        self.backoff = 0.0
+        self.sub: Any = None
+
+    async def run(self) -> None:
+        await self.bus.declare_durable(self.durable)
+        self.sub = sub = await self.bus.js.pull_subscribe_bind(durable=self.durable.name,
+                                                               stream=self.durable.stream)
+        while not self.stopping.is_set():
+            try:
+                msgs = await sub.fetch(self.batch, timeout=1)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception as exc:  # noqa: BLE001 - connection trouble: pull again shortly
+                log.warning("fetch from %s failed: %s", self.durable.name, exc)
+                await asyncio.sleep(1)
+                continue
+            await self.handle(msgs)
+
+    async def close(self) -> None:
+        # Unsubscribe rather than leave it to drain: messages of a fetch cut short by shutdown sit
+        # unread in the subscription queue and make drain wait for its timeout. Unacked, they are
+        # simply delivered again later.
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        records = [record_from_msg(m) for m in msgs]
+        started = time.monotonic()
+        try:
+            result = await asyncio.to_thread(write_batch, self.engine, records, self.floor())
+        except Exception as exc:  # noqa: BLE001 - database down or failing: nothing is acked
+            await self._failed(msgs, exc)
+            return
+        # Acks after the commit. A lost ack only means a harmless re-delivery.
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+        self.backoff = 0.0
+        self._count(result, len(msgs), time.monotonic() - started)
+
+    async def _failed(self, msgs: list[Msg], exc: Exception) -> None:
+        self.stats.db_failures += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        self.backoff = min(MAX_BACKOFF, max(0.5, self.backoff * 2))
+        log.error("storing %d events from %s failed, will retry in %.1fs: %s", len(msgs), self.durable.name,
+                  self.backoff, self.stats.last_error)
+        # In stream order, so the re-delivery comes back in the same order.
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=self.backoff)
+
+    def _count(self, result: BatchResult, received: int, seconds: float) -> None:
+        self.stats.stored += result.stored
+        self.stats.duplicates += result.duplicates
+        self.stats.batches += 1
+        self.stats.last_batch_at = datetime.now(UTC)
+        log.debug("stored batch of %d from %s in %.3fs (%d duplicates, %d projected)", received,
+                  self.durable.name, seconds, result.duplicates, result.projected)
