@@ -145,10 +145,11 @@ async def running(settings: Settings, batch: int = 200) -> AsyncIterator[Bookkee
 
 def stored_state(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        last = dict(conn.execute(select(EVENTS.c.stream, func.max(EVENTS.c.stream_seq)).group_by(EVENTS.c.stream)).all())
-        dups = dict(conn.execute(select(DUPLICATES.c.stream, func.max(DUPLICATES.c.stream_seq))
-                                 .group_by(DUPLICATES.c.stream)).all())
-        cursors = dict(conn.execute(select(CURSORS.c.stream, CURSORS.c.last_seq)).all())
+        last: dict[str, int] = {s: n for s, n in conn.execute(
+            select(EVENTS.c.stream, func.max(EVENTS.c.stream_seq)).group_by(EVENTS.c.stream))}
+        dups: dict[str, int] = {s: n for s, n in conn.execute(
+            select(DUPLICATES.c.stream, func.max(DUPLICATES.c.stream_seq)).group_by(DUPLICATES.c.stream))}
+        cursors: dict[str, int] = {s: n for s, n in conn.execute(select(CURSORS.c.stream, CURSORS.c.last_seq))}
     return {s: max(last.get(s, 0), dups.get(s, 0)) for s in set(last) | set(dups)} | {
         f"cursor:{s}": v for s, v in cursors.items()}
 
