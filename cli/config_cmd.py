@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from nats.js.errors import APIError
 
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError
@@ -27,6 +28,8 @@ from shared.settings import nats_url_for_cli
 
 EXIT_INVALID = 2
 EXIT_UNREACHABLE = 3
+EXIT_CONFLICT = 4
+WRONG_LAST_SEQUENCE = 10071  # JetStream error code for a failed Nats-Expected-Last-Sequence
 
 T = TypeVar("T")
 
@@ -82,15 +85,41 @@ def load_config_file(path: Path) -> CaduceusConfig:
     return CaduceusConfig.parse(load_document(path))
 
 
+class ConcurrentChange(RuntimeError):
+    """Someone else changed the configuration between our read and our publish."""
+
+
+async def plan_apply(bus: Bus, desired: CaduceusConfig, actor: str, comment: str = "") -> tuple[list[Event], int]:
+    """The events that turn the current fold into `desired`, and the CONFIG sequence they are based on."""
+    events = await read_all(bus)
+    based_on = (events[-1].stream_seq or 0) if events else 0
+    return plan_changes(fold(events), desired, actor, comment), based_on
+
+
+async def publish_plan(bus: Bus, changes: list[Event], based_on: int) -> None:
+    """Publish a plan with "expected last sequence" N, N+1, ...
+
+    If another apply slipped in after the plan was made, JetStream refuses ours instead of
+    silently mixing two plans, and ConcurrentChange is raised.
+    """
+    last_seq = based_on
+    for done, event in enumerate(changes):
+        try:
+            last_seq = await bus.publish(event, expected_last_seq=last_seq)
+        except APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise
+            raise ConcurrentChange(
+                f"the configuration was changed by someone else while applying ({done} of {len(changes)} "
+                f"change(s) published); run the command again") from None
+
+
 async def apply_config(bus: Bus, desired: CaduceusConfig, actor: str, comment: str = "",
                        dry_run: bool = False) -> list[Event]:
-    """Publish the events that turn the current fold into `desired`; return them."""
-    current = fold(await read_all(bus))
-    changes = plan_changes(current, desired, actor, comment)
+    """Plan against the current fold and publish (unless dry_run); return the planned events."""
+    changes, based_on = await plan_apply(bus, desired, actor, comment)
     if not dry_run:
-        # One by one, in plan order, so the stream order is the plan order.
-        for event in changes:
-            await bus.publish(event)
+        await publish_plan(bus, changes, based_on)
     return changes
 
 
@@ -144,6 +173,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         changes = run_with_bus(args.data_dir, actor, lambda bus: apply_config(
             bus, desired, actor, args.comment, args.dry_run))
+    except ConcurrentChange as exc:
+        return _fail(str(exc), EXIT_CONFLICT)
     except Exception as exc:  # noqa: BLE001 - connection trouble: say what and where
         return _fail(f"failed talking to NATS at {nats_url_for_cli(args.data_dir)}: {exc!r}", EXIT_UNREACHABLE)
     if not changes:

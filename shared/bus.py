@@ -110,8 +110,13 @@ class Bus:
                                            event.payload.get("instance", "unknown"))
         return subjects.event_subject(event.type, event.payload.get("priority"))
 
-    async def publish(self, event: Event, *, timeout: float = 10.0, retries: int = 5) -> int:
-        """Publish and return the stream sequence. Retries through short outages, then raises."""
+    async def publish(self, event: Event, *, timeout: float = 10.0, retries: int = 5,
+                      expected_last_seq: int | None = None) -> int:
+        """Publish and return the stream sequence. Retries through short outages, then raises.
+
+        `expected_last_seq`: optimistic concurrency; JetStream refuses the message (APIError,
+        err_code 10071) unless the stream's last sequence is exactly this.
+        """
         subject = self.subject_for(event)
         data = event.to_json()
         with tracer.start_as_current_span(f"publish {event.type}", kind=trace.SpanKind.PRODUCER) as span:
@@ -119,6 +124,8 @@ class Bus:
             span.set_attribute("messaging.destination.name", subject)
             span.set_attribute("messaging.message.id", event.event_id)
             headers = self._headers(event)
+            if expected_last_seq is not None:
+                headers["Nats-Expected-Last-Sequence"] = str(expected_last_seq)
             delay = 0.2
             for attempt in range(retries + 1):
                 try:

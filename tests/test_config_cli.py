@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from cli.config_cmd import ConcurrentChange, apply_config, plan_apply, publish_plan
 from cli.main import main
+from shared.bus import Bus
 from shared.config.model import CaduceusConfig
 from shared.settings import UP_STATE_FILE
 
@@ -173,3 +175,16 @@ def test_cli_finds_nats_through_up_state_file(nats_url: str, tmp_path: Path, mon
     monkeypatch.setenv("CADUCEUS_DATA_DIR", str(data_dir))
     assert main(["config", "show", "--json"]) == 0
     assert "pacs" in json.loads(capsys.readouterr().out)["targets"]
+
+
+async def test_concurrent_apply_is_refused_not_mixed(bus: Bus) -> None:
+    example = CaduceusConfig.parse(yaml.safe_load(EXAMPLE.read_text()))
+    stale_plan, based_on = await plan_apply(bus, example, "user:alice")
+    other = CaduceusConfig.parse({"targets": {"x": {"host": "127.0.0.1", "port": 104, "called_aet": "X"}}})
+    await apply_config(bus, other, "user:bob")  # lands between alice's read and her publish
+    seq_after_bob = await bus.last_seq("CONFIG")
+    with pytest.raises(ConcurrentChange, match="0 of 9"):
+        await publish_plan(bus, stale_plan, based_on)
+    assert await bus.last_seq("CONFIG") == seq_after_bob
+    # Re-planning against the new state works.
+    assert len(await apply_config(bus, example, "user:alice")) == 10  # 9 items + deletion of x
