@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -138,6 +139,10 @@ def _service_times(requested: dict[str, tuple[str | None, float]], finished: dic
     return times
 
 
+def load_text() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} CPUs)"
+
+
 def print_row(label: str, m: Measurement) -> None:
     print(f"{label:9s} {m.senders} sender(s) {m.images:6d} images: {m.seconds:8.2f} s "
           f"({m.images / m.seconds:7.1f} img/s), storescu done after {m.send_seconds:7.2f} s", flush=True)
@@ -229,16 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="caduceus-e2e-", dir=args.workdir) as tmp:
         work = Path(tmp)
         total_series = sum(senders) + (1 if args.profile else 0) + 1
+        print(f"load average at the start: {load_text()}")
         print(f"generating {total_series} series of {args.n} x {args.size}x{args.size} CT images", flush=True)
         warmup = make_series(work / "warmup", 3, 64)
         batches: dict[int, list[Path]] = {
             k: [make_series(work / f"s{k}-{i}", args.n, args.size) for i in range(k)] for k in senders}
-        direct, caduceus = run_direct(work, warmup, batches, args.n, timeout), {}
+        direct_dest = start_storescp(work / "dest-direct")
         cad_dest = start_storescp(work / "dest-caduceus")
         cad = start_caduceus(work / "caduceus", route_all_config(cad_dest.port, args.quiet))
+        direct: dict[int, Measurement] = {}
+        caduceus: dict[int, Measurement] = {}
         try:
-            measure_caduceus(cad, cad_dest, [warmup], 3, args.quiet, timeout)  # warm-up, not counted
+            measure_direct(direct_dest, [warmup], 3, timeout)  # warm-up, not counted
+            measure_caduceus(cad, cad_dest, [warmup], 3, args.quiet, timeout)
+            # Direct and caduceus alternate per sender count, so both see the same machine load.
             for k, dirs in batches.items():
+                direct[k] = measure_direct(direct_dest, dirs, args.n, timeout)
+                print_row("direct", direct[k])
                 caduceus[k] = measure_caduceus(cad, cad_dest, dirs, args.n, args.quiet, timeout)
                 print_row("caduceus", caduceus[k])
                 print_hops(caduceus[k])
@@ -247,22 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cad.stop()
             cad_dest.stop()
+            direct_dest.stop()
+        print(f"load average at the end: {load_text()}")
         report(direct, caduceus, args)
     return 0
-
-
-def run_direct(work: Path, warmup: Path, batches: dict[int, list[Path]], n: int,
-               timeout: float) -> dict[int, Measurement]:
-    dest = start_storescp(work / "dest-direct")
-    results = {}
-    try:
-        measure_direct(dest, [warmup], 3, timeout)
-        for k, dirs in batches.items():
-            results[k] = measure_direct(dest, dirs, n, timeout)
-            print_row("direct", results[k])
-    finally:
-        dest.stop()
-    return results
 
 
 def profile_pass(cad: Caduceus, dest: Peer, work: Path, args: argparse.Namespace) -> None:

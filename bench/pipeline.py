@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from shared.natsserver import free_port, wait_port
 from shared.settings import UP_STATE_FILE
 
 DEST_AET = "STORESCP"
+# Closing the benchmark's own NATS connections logs "disconnected" warnings: not news here.
+logging.getLogger("shared.bus").setLevel(logging.ERROR)
 
 
 def route_all_config(dest_port: int, quiet_seconds: float, extra_rules: int = 0) -> dict[str, Any]:

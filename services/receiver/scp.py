@@ -153,6 +153,8 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         self._tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
@@ -190,7 +192,10 @@ class StorageSCP:
 
     def active_associations(self) -> int:
         server = self.server
-        return len(server.ae.active_associations) if server is not None else 0
+        if server is None:
+            return 0
+        # Connections still negotiating (or port probes) do not hold instances; only count the rest.
+        return sum(1 for assoc in server.ae.active_associations if assoc.is_established)
 
     # ------------------------------------------------------------ handlers (association threads)
 
@@ -215,6 +220,9 @@ class StorageSCP:
             return
         log.warning("association rejected: %s", refusal.reason)
         assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, refusal.diagnostic)
+        # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and the
+        # peer closed, otherwise the server shuts the socket first and the peer sees an abort.
+        assoc.kill()
         self.publish_later(make_event("association.rejected", "receiver", AssociationRejected(
             calling_aet=calling, called_aet=called, peer_host=peer_host, reason=refusal.reason)))
 
@@ -249,15 +257,25 @@ class StorageSCP:
             info.failed += 1
             return STATUS_OUT_OF_RESOURCES
 
+    def _on_released(self, event: DicomEvent) -> None:
+        self._ended(event.assoc, "released")
+
+    def _on_aborted(self, event: DicomEvent) -> None:
+        self._ended(event.assoc, "aborted")
+
     def _on_conn_close(self, event: DicomEvent) -> None:
-        assoc: Any = event.assoc
+        # The close can come (from the DUL thread) just before EVT_RELEASED/EVT_ABORTED; give those
+        # a moment to report the better reason, whoever pops the info first publishes.
+        timer = threading.Timer(1.0, self._ended, (event.assoc, "closed"))
+        timer.daemon = True
+        timer.start()
+
+    def _ended(self, assoc: Any, how: Literal["released", "aborted", "closed"]) -> None:
         info: AssociationInfo | None = assoc.__dict__.pop("caduceus_info", None)
         if info is None:
-            return  # rejected or never negotiated
+            return  # rejected, never negotiated, or already reported
         with self._lock:
             self.open_associations -= 1
-        how: Literal["released", "aborted", "closed"] = (
-            "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed")
         self.publish_later(make_event("association.ended", "receiver", AssociationEnded(
             association_id=info.association_id, calling_aet=info.calling_aet, peer_host=info.peer_host,
             instances_stored=info.stored, instances_failed=info.failed, how=how)))

@@ -1,0 +1,57 @@
+"""Test helpers: a receiver process, configuration, and reading events back from the stream."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import DeliverPolicy
+
+from shared import subjects
+from shared.bus import Bus, event_from_msg
+from shared.config.model import CaduceusConfig
+from shared.config.state import fold, plan_changes, read_all
+from shared.events import Event
+
+
+async def apply_settings(bus: Bus, **settings: Any) -> None:
+    current = fold(await read_all(bus))
+    desired = CaduceusConfig.parse({"settings": settings})
+    for event in plan_changes(current, desired, actor="test"):
+        await bus.publish(event)
+    await asyncio.sleep(0.3)  # the receiver's config follower applies it
+
+
+async def read_events(bus: Bus, event_type: str | None = None, settle: float = 0.5) -> list[Event]:
+    subject = subjects.event_subject(event_type) if event_type else f"{subjects.EVENTS_PREFIX}.>"
+    if event_type in subjects.PRIORITISED_TYPES:
+        subject = f"{subjects.EVENTS_PREFIX}.{event_type}.>"
+    sub = await bus.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    events: list[Event] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=settle)
+            except (TimeoutError, NatsTimeoutError):
+                break
+            events.append(event_from_msg(msg))
+    finally:
+        await sub.unsubscribe()
+    return events
+
+
+async def wait_events(bus: Bus, event_type: str, count: int, timeout: float = 15) -> list[Event]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        events = await read_events(bus, event_type, settle=0.2)
+        if len(events) >= count or loop.time() > deadline:
+            return events
+        await asyncio.sleep(0.2)
+
+
+def blob_files(data_dir: Path, prefix: str = "instances") -> list[Path]:
+    root = data_dir / "blobs" / prefix
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []

@@ -1,0 +1,260 @@
+"""The receiver as a process, driven by DCMTK and pynetdicom senders, checked via blobs and events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_charset_files
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config
+
+from bench.common import STORESCU, Peer, echoscu, make_series, nodelay_env, storescu
+from services.receiver.tests.helpers import apply_settings, blob_files, read_events, wait_events
+from shared.bus import Bus
+from shared.natsserver import EmbeddedNats
+
+OUT_OF_RESOURCES = re.compile(r"(?i)out ?of ?resources|a700")
+
+
+def _uids(path: Path) -> tuple[str, bytes]:
+    ds = pydicom.dcmread(path)
+    return str(ds.SOPInstanceUID), bytes(ds.PixelData)
+
+
+async def test_store_series_blobs_and_events(receiver: Peer, bus: Bus, series5: Path, data_dir: Path) -> None:
+    result = await asyncio.to_thread(storescu, receiver.port, series5)
+    assert result.returncode == 0, result.output
+    received = await wait_events(bus, "image.received", 5)
+    assert len(received) == 5
+    sent = {uid: pixels for uid, pixels in map(_uids, series5.iterdir())}
+    stored = {uid: pixels for uid, pixels in map(_uids, blob_files(data_dir))}
+    assert stored == sent  # same instances, same pixel data
+    for event in received:
+        payload = event.payload
+        assert event.sop_uid in sent and event.study_uid and event.series_uid
+        assert event.correlation_id is None
+        assert payload["duplicate"] == "new" and payload["calling_aet"] == "BENCH"
+        assert payload["tags"]["Modality"] == "CT" and payload["tags"]["SOPInstanceUID"] == event.sop_uid
+        blob = data_dir / "blobs" / payload["blob_key"]
+        assert blob.stat().st_size == payload["size"]
+        assert blob.read_bytes()[128:132] == b"DICM"
+    accepted = await read_events(bus, "association.accepted")
+    ended = await wait_events(bus, "association.ended", 1)
+    assert len(accepted) == 1
+    assert ended[0].payload["instances_stored"] == 5 and ended[0].payload["how"] == "released"
+    assert ended[0].payload["association_id"] == received[0].payload["association_id"]
+
+
+async def test_duplicates_identical_and_replaced(receiver: Peer, bus: Bus, series5: Path, tmp_path: Path,
+                                                 data_dir: Path) -> None:
+    one = sorted(series5.iterdir())[0]
+    assert (await asyncio.to_thread(storescu, receiver.port, one)).returncode == 0
+    assert (await asyncio.to_thread(storescu, receiver.port, one)).returncode == 0
+    changed = pydicom.dcmread(one)
+    changed.SeriesDescription = "changed"
+    changed_path = tmp_path / "changed.dcm"
+    changed.save_as(changed_path)
+    assert (await asyncio.to_thread(storescu, receiver.port, changed_path)).returncode == 0
+    events = await wait_events(bus, "image.received", 3)
+    assert [e.payload["duplicate"] for e in events] == ["new", "identical", "replaced"]
+    (blob,) = blob_files(data_dir)
+    assert pydicom.dcmread(blob).SeriesDescription == "changed"
+
+
+async def test_echo(receiver: Peer) -> None:
+    result = await asyncio.to_thread(echoscu, receiver.port)
+    assert result.returncode == 0, result.output
+
+
+async def test_called_aet_required(receiver: Peer, bus: Bus, series5: Path) -> None:
+    await apply_settings(bus, require_called_aet=True, ae_title="CADUCEUS")
+    wrong = await asyncio.to_thread(storescu, receiver.port, series5, called_aet="SOMEONE")
+    assert wrong.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong.output, wrong.output
+    right = await asyncio.to_thread(storescu, receiver.port, series5, called_aet="CADUCEUS")
+    assert right.returncode == 0, right.output
+    rejected = await wait_events(bus, "association.rejected", 1)
+    assert rejected[0].payload["called_aet"] == "SOMEONE"
+
+
+async def test_calling_aet_allow_list_live(receiver: Peer, bus: Bus, series5: Path) -> None:
+    assert (await asyncio.to_thread(storescu, receiver.port, series5, calling_aet="ANYONE")).returncode == 0
+    await apply_settings(bus, allowed_calling_aets=["GOOD"])
+    bad = await asyncio.to_thread(storescu, receiver.port, series5, calling_aet="ANYONE")
+    assert bad.returncode != 0 and "Calling AE Title Not Recognized" in bad.output, bad.output
+    good = await asyncio.to_thread(storescu, receiver.port, series5, calling_aet="GOOD")
+    assert good.returncode == 0, good.output
+    await apply_settings(bus, allowed_hosts=["10.0.0.0/8"])
+    host = await asyncio.to_thread(storescu, receiver.port, series5, calling_aet="ANYONE")
+    assert host.returncode != 0
+    reasons = [e.payload["reason"] for e in await wait_events(bus, "association.rejected", 2)]
+    assert any("allowed_calling_aets" in r for r in reasons) and any("allowed_hosts" in r for r in reasons)
+
+
+async def test_free_space_floor_answers_out_of_resources(receiver: Peer, bus: Bus, series5: Path,
+                                                          data_dir: Path) -> None:
+    await apply_settings(bus, min_free_space_mb=10**9)
+    result = await asyncio.to_thread(storescu, receiver.port, sorted(series5.iterdir())[0], extra=["-v"])
+    assert result.returncode != 0 and OUT_OF_RESOURCES.search(result.output), result.output
+    assert blob_files(data_dir) == []
+    rejected = await wait_events(bus, "image.rejected", 1)
+    assert rejected[0].payload["status"] == 0xA700 and "free space" in rejected[0].payload["reason"]
+    assert await read_events(bus, "image.received") == []
+
+
+def _send_raw_files(port: int, paths: list[Path]) -> list[int]:
+    """pynetdicom SCU sending files as they are (chunked: the dataset bytes are not decoded)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title="RAWSCU")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="CADUCEUS")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(p).Status) for p in paths]
+        assoc.release()
+        return statuses
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+
+
+def _with_body(template: Path, body: bytes, out: Path) -> Path:
+    """A file with the template's preamble and file meta and `body` as the dataset."""
+    raw = template.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")  # group length element + group
+    out.write_bytes(raw[:meta_end] + body)
+    return out
+
+
+async def test_garbage_and_truncated_are_quarantined(receiver: Peer, bus: Bus, series5: Path, tmp_path: Path,
+                                                     data_dir: Path) -> None:
+    template = sorted(series5.iterdir())[0]
+    raw = template.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    garbage = _with_body(template, os.urandom(3000), tmp_path / "garbage.dcm")
+    truncated = _with_body(template, raw[meta_end:len(raw) - 1000], tmp_path / "truncated.dcm")
+    statuses = await asyncio.to_thread(_send_raw_files, receiver.port, [garbage, truncated])
+    assert statuses == [0xC000, 0xC000]
+    quarantined = await wait_events(bus, "image.quarantined", 2)
+    assert len(quarantined) == 2
+    assert "truncated" in quarantined[1].payload["reason"]
+    kept = blob_files(data_dir, "quarantine")
+    assert len(kept) == 2
+    assert {p.stat().st_size for p in kept} == {q.payload["size"] for q in quarantined}
+    assert blob_files(data_dir) == []
+
+
+async def test_nats_down_is_not_success(receiver: Peer, bus: Bus, nats_server: EmbeddedNats,
+                                        series5: Path) -> None:
+    nats_server.stop()
+    result = await asyncio.to_thread(storescu, receiver.port, sorted(series5.iterdir())[0], extra=["-v"])
+    assert result.returncode != 0 and OUT_OF_RESOURCES.search(result.output), result.output
+    assert "Received Store Response (Success)" not in result.output
+    receiver.kill()  # its graceful stop would wait for the missing broker
+
+
+def _send_datasets(port: int, datasets: list[Dataset]) -> list[int]:
+    ae = AE(ae_title="DSSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.7", ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CADUCEUS")
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    return statuses
+
+
+def _secondary_capture(study: str, series: str, sop: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = sop, study, series
+    ds.PatientName, ds.PatientID, ds.Modality = "Hostile^Uids", "H1", "OT"
+    return ds
+
+
+async def test_hostile_uids_stored_safely(receiver: Peer, bus: Bus, data_dir: Path) -> None:
+    datasets = [_secondary_capture("../../etc", "1." * 120 + "1", "..")]
+    statuses = await asyncio.to_thread(_send_datasets, receiver.port, datasets)
+    assert statuses == [0]
+    (event,) = await wait_events(bus, "image.received", 1)
+    assert event.study_uid == "../../etc"
+    key = event.payload["blob_key"]
+    assert ".." not in key.split("/")
+    path = (data_dir / "blobs" / key).resolve()
+    assert (data_dir / "blobs").resolve() in path.parents and path.is_file()
+    assert not Path("/etc/...dcm").exists()
+
+
+async def test_charset_files(receiver: Peer, bus: Bus, tmp_path: Path) -> None:
+    names = ["chrH31.dcm", "chrX1.dcm", "chrX2.dcm", "chrGerm.dcm", "chrI2.dcm", "chrRuss.dcm"]
+    folder = tmp_path / "charsets"
+    folder.mkdir()
+    for name in names:
+        shutil.copy(get_charset_files(name)[0], folder / name)
+    result = await asyncio.to_thread(storescu, receiver.port, folder)
+    assert result.returncode == 0, result.output
+    events = await wait_events(bus, "image.received", len(names))
+    names_by_patient = {e.payload["tags"]["PatientID"]: e.payload["tags"]["PatientName"] for e in events}
+    assert "山田^太郎" in names_by_patient["H31EXAMPLE"]
+    assert names_by_patient["X1EXAMPLE"] == "Wang^XiaoDong=王^小東"
+    assert names_by_patient["X2EXAMPLE"] == "Wang^XiaoDong=王^小东"
+    assert names_by_patient["SCSGERM"] == "Äneas^Rüdiger"
+    assert "홍^길동" in names_by_patient["I2EXAMPLE"]
+
+
+async def test_parallel_associations(receiver: Peer, bus: Bus, tmp_path: Path) -> None:
+    folders = [make_series(tmp_path / f"s{i}", 5, size=64) for i in range(4)]
+    results = await asyncio.gather(*(asyncio.to_thread(storescu, receiver.port, f) for f in folders))
+    assert all(r.returncode == 0 for r in results), [r.output for r in results]
+    events = await wait_events(bus, "image.received", 20)
+    assert len({e.sop_uid for e in events}) == 20
+    assert len({e.payload["association_id"] for e in events}) == 4
+
+
+async def test_kill_9_mid_association_keeps_every_acknowledged_instance(
+        receiver: Peer, bus: Bus, tmp_path: Path, data_dir: Path) -> None:
+    folder = make_series(tmp_path / "big", 60, size=256)
+    sender = subprocess.Popen([STORESCU, "-v", "-aet", "BENCH", "-aec", "CADUCEUS", "+sd", "127.0.0.1",
+                               str(receiver.port), str(folder)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=nodelay_env())
+    await _wait_for_progress(data_dir, 10)
+    assert receiver.process is not None
+    os.kill(receiver.process.pid, signal.SIGKILL)
+    output, _ = await asyncio.to_thread(sender.communicate, timeout=60)
+    acknowledged = _acknowledged_files(output)
+    assert 0 < len(acknowledged) < 60, output[-2000:]
+    received = {e.sop_uid: e for e in await read_events(bus, "image.received")}
+    for path in acknowledged:
+        sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert sop_uid in received, f"acknowledged {path.name} has no image.received event"
+        blob = data_dir / "blobs" / received[sop_uid].payload["blob_key"]
+        assert blob.is_file() and blob.stat().st_size == received[sop_uid].payload["size"]
+
+
+async def _wait_for_progress(data_dir: Path, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(blob_files(data_dir)) < count:
+        assert time.monotonic() < deadline, "receiver made no progress"
+        await asyncio.sleep(0.01)
+
+
+def _acknowledged_files(output: str) -> list[Path]:
+    """Files for which storescu logged a successful C-STORE response."""
+    acknowledged, current = [], None
+    for line in output.splitlines():
+        sending = re.search(r"Sending file: (.+)$", line)
+        if sending:
+            current = Path(sending.group(1).strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            acknowledged.append(current)
+            current = None
+    return acknowledged
