@@ -1,0 +1,169 @@
+"""shared.dicomtags on real-world files: charsets, compressed, multi-frame, private tags, broken data."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from shared.config.model import DEFAULT_EXTRACT_TAGS
+from shared.dicomtags import TagExtractionError, extract_tags
+
+
+def _local(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    assert path, f"pydicom test file {name} is missing"
+    return str(path)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("chrH31.dcm", "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    ("chrH32.dcm", "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),
+    ("chrX1.dcm", "Wang^XiaoDong=王^小東"),
+    ("chrX2.dcm", "Wang^XiaoDong=王^小东"),          # GB18030
+    ("chrI2.dcm", "Hong^Gildong=洪^吉洞=홍^길동"),    # ISO 2022 IR 149
+    ("chrFren.dcm", "Buc^Jérôme"),                    # ISO_IR 100
+    ("chrRuss.dcm", "Люкceмбypг"),
+    ("chrArab.dcm", "قباني^لنزار"),
+])
+def test_charsets_decoded_to_unicode(name: str, expected: str) -> None:
+    result = extract_tags(get_charset_files(name)[0], ["PatientName"])
+    assert result.tags["PatientName"] == expected
+    assert result.warnings == []
+
+
+def test_charset_in_sequence_file_does_not_raise() -> None:
+    result = extract_tags(get_charset_files("chrSQEncoding.dcm")[0], DEFAULT_EXTRACT_TAGS)
+    assert result.tags["SpecificCharacterSet"] == "ISO_IR 192"
+
+
+def test_bad_charset_falls_back_without_raising() -> None:
+    ds = pydicom.dcmread(get_charset_files("chrFren.dcm")[0])
+    ds.SpecificCharacterSet = "ISO_IR 9999"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    result = extract_tags(buffer.getvalue(), ["PatientName", "PatientID"])
+    assert result.tags["PatientName"] == "Buc^Jérôme"  # Latin-1 bytes, read by the default fallback
+    assert result.tags["PatientID"] == "SCSFREN"
+
+
+def test_invalid_utf8_with_utf8_charset_falls_back() -> None:
+    ds = pydicom.dcmread(get_charset_files("chrX1.dcm")[0])
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    raw = buffer.getvalue().replace(b"Wang^XiaoDong", b"W\xffng^XiaoDong")
+    result = extract_tags(raw, ["PatientName"])
+    assert result.tags["PatientName"].startswith("W")
+
+
+@pytest.mark.parametrize("name, syntax", [
+    ("JPEG2000.dcm", "1.2.840.10008.1.2.4.91"),
+    ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5"),
+    ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.4.50"),
+    ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81"),
+    ("MR_small_bigendian.dcm", "1.2.840.10008.1.2.2"),
+    ("MR_small_implicit.dcm", "1.2.840.10008.1.2"),
+    ("image_dfl.dcm", "1.2.840.10008.1.2.1.99"),
+])
+def test_compressed_and_other_syntaxes(name: str, syntax: str) -> None:
+    result = extract_tags(_local(name), DEFAULT_EXTRACT_TAGS)
+    assert result.transfer_syntax_uid == syntax
+    assert result.sop_uid and result.sop_class_uid
+    assert "Rows" in result.tags
+
+
+def test_values_are_strings_multi_valued_joined() -> None:
+    result = extract_tags(_local("MR_small.dcm"), ["ImageType", "PixelSpacing", "Rows", "PatientName"])
+    assert result.tags["ImageType"] == "DERIVED\\SECONDARY\\OTHER"
+    assert result.tags["PixelSpacing"] == "0.3125\\0.3125"
+    assert result.tags["Rows"] == "64"
+    assert result.tags["PatientName"] == "CompressedSamples^MR1"
+
+
+def test_multiframe_rtdose() -> None:
+    result = extract_tags(_local("rtdose.dcm"), ["NumberOfFrames", "Modality"])
+    assert result.tags["NumberOfFrames"] == "15" and result.tags["Modality"] == "RTDOSE"
+
+
+def _enhanced_ct(frames: int) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Modality, ds.PatientName, ds.ImageType = "CT", "Enhanced^Frames", ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, 4, 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    shared = Dataset()
+    measures = Dataset()
+    measures.SliceThickness = "1.25"
+    shared.PixelMeasuresSequence = Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for i in range(frames):
+        item, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [0, 0, i * 1.25]
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = b"\x00\x01" * 16 * frames
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_enhanced_multiframe_with_functional_groups() -> None:
+    result = extract_tags(_enhanced_ct(50), DEFAULT_EXTRACT_TAGS + ["SharedFunctionalGroupsSequence"])
+    assert result.tags["NumberOfFrames"] == "50"
+    assert result.tags["ImageType"] == "ORIGINAL\\PRIMARY\\AXIAL\\NONE"
+    assert "SharedFunctionalGroupsSequence" not in result.tags  # sequences are not rule values
+    assert result.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+@pytest.mark.parametrize("form", ["({group:04X},{element:04X})", "{group:04X}{element:04X}"])
+def test_private_tags_by_hex(form: str) -> None:
+    ds = pydicom.dcmread(_local("CT_small.dcm"))
+    block = ds.private_block(0x0041, "CADUCEUS TEST", create=True)
+    block.add_new(0x01, "LO", "odd value")
+    tag = block.get_tag(0x01)
+    ds.add_new(0x00431010, "OB", b"\x00\x01binary")
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    name = form.format(group=tag >> 16, element=tag & 0xFFFF)
+    result = extract_tags(buffer.getvalue(), [name, "(0043,1010)", "NoSuchKeyword"])
+    assert result.tags[name] == "odd value"
+    assert "(0043,1010)" not in result.tags  # binary values are not rule material
+    assert "NoSuchKeyword" not in result.tags
+
+
+def test_from_path_and_bytes_agree(tmp_path: Path) -> None:
+    path = _local("CT_small.dcm")
+    assert extract_tags(path, DEFAULT_EXTRACT_TAGS) == extract_tags(Path(path).read_bytes(), DEFAULT_EXTRACT_TAGS)
+
+
+@pytest.mark.parametrize("cut", [1000, 6000, 20000, 39000])
+def test_truncated_data_raises(cut: int) -> None:
+    raw = Path(_local("CT_small.dcm")).read_bytes()
+    with pytest.raises(TagExtractionError, match="truncated"):
+        extract_tags(raw[:cut], DEFAULT_EXTRACT_TAGS)
+
+
+def test_truncated_encapsulated_raises() -> None:
+    raw = Path(_local("JPEG2000.dcm")).read_bytes()
+    with pytest.raises(TagExtractionError, match="truncated"):
+        extract_tags(raw[:-100], DEFAULT_EXTRACT_TAGS)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello world", bytes(range(256)) * 20])
+def test_garbage_raises(data: bytes) -> None:
+    with pytest.raises(TagExtractionError):
+        extract_tags(data, DEFAULT_EXTRACT_TAGS)
