@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ SUCCESS = 0x0000
 # Statuses that mean the peer stored the instance, with a remark worth a log line.
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
+MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted one
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def _on_connection_open(event: evt.Event) -> None:
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    event.assoc.caduceus_connected = True  # tells "refused/unreachable" from "aborted by the peer"
+    event.assoc.caduceus_connected = True  # type: ignore[attr-defined]  # tells "refused/unreachable" from "aborted by the peer"
 
 
 def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
@@ -150,42 +152,80 @@ def send_items(dest: Destination, items: Sequence[SendItem], on_delivered: Deliv
 
 def _send_group(dest: Destination, items: Sequence[SendItem], on_delivered: DeliveredCallback,
                 abort: threading.Event) -> SendResult:
+    """Send on one association; if the peer aborts it, go on with the rest on a fresh one.
+
+    The instance in flight when the association dropped counts as failed for this attempt, so one
+    instance the peer cannot take does not keep every instance after it from being delivered.
+    """
     result = SendResult()
+    remaining: list[SendItem] | None = list(items)
+    for _ in range(1 + MAX_REASSOCIATIONS):
+        if not remaining or abort.is_set():
+            break
+        remaining = _send_on_association(dest, remaining, result, on_delivered, abort)
+    return result
+
+
+def _send_on_association(dest: Destination, items: list[SendItem], result: SendResult,
+                         on_delivered: DeliveredCallback, abort: threading.Event) -> list[SendItem] | None:
+    """Returns the items still to send after the association ended early, None if none could start."""
     try:
         assoc = _associate(dest, items)
     except Exception as exc:  # noqa: BLE001 - TLS setup or socket errors become a failed attempt
         result.errors.append(f"could not associate with {dest.describe()}: {exc}")
-        return result
+        return None
     if not assoc.is_established:
         result.errors.append(_association_error(assoc, dest))
-        return result
+        return None
+    left = list(items)
     try:
-        for item in items:
-            if abort.is_set() or not assoc.is_established:
-                break
-            _send_one(assoc, item, result, on_delivered)
-        if not assoc.is_established and len(result.delivered) + len(result.failed) < len(items):
+        while left and not abort.is_set() and assoc.is_established:
+            item = left.pop(0)
+            if not _send_one(assoc, item, result, on_delivered):
+                left.insert(0, item)  # never went out: try it on the next association
+        if not assoc.is_established:
             result.errors.append(_association_error(assoc, dest))
     finally:
         if assoc.is_established:
             assoc.release()
-    return result
+    return left
 
 
-def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> None:
+def _settle_reactor(assoc: Association, timeout: float = 0.2) -> None:
+    """Wait until the association's reactor thread has resumed after the previous C-STORE.
+
+    pynetdicom race (3.0.x): send_c_store() pauses the reactor by clearing a checkpoint and waiting
+    for `_is_paused`; right after the previous send set the checkpoint again, `_is_paused` is still
+    True from before while the reactor is already waking up, so the next send goes ahead and the
+    reactor then takes its C-STORE response off the queue ("Received unexpected C-STORE service
+    message"), leaving the send waiting for the DIMSE timeout. With a fast peer and TCP_NODELAY this
+    happened every few hundred instances. Seeing `_is_paused` False once means the reactor is
+    past its wait, so the next pause handshake is real.
+    """
+    deadline = time.monotonic() + timeout
+    while getattr(assoc, "_is_paused", False) and time.monotonic() < deadline:
+        time.sleep(0.00005)
+
+
+def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
+    """Send one instance and record its outcome; False if it never went out (association gone)."""
+    _settle_reactor(assoc)
     try:
         response = assoc.send_c_store(item.path)
     except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
         result.failed[item.index] = str(exc)
-        return
+        return True
+    except RuntimeError:
+        if not assoc.is_established:
+            return False  # the association ended just before this send
+        raise
     except Exception as exc:  # noqa: BLE001 - unreadable file, socket trouble: this instance failed
         result.failed[item.index] = f"{type(exc).__name__}: {exc}"
-        return
+        return True
     status = _status_of(response)
     if status is None:
-        if assoc.is_established:
-            result.failed[item.index] = "no C-STORE response"
-        return  # aborted mid-send: reported once for the association by the caller
+        result.failed[item.index] = "no C-STORE response (association aborted while sending)"
+        return True
     if status == SUCCESS or status in WARNING_STATUSES:
         if status != SUCCESS:
             result.warnings += 1
@@ -193,5 +233,6 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
                         extra={"sop_uid": item.sop_uid})
         result.delivered.append(item.index)
         on_delivered(item.index, status)
-        return
+        return True
     result.failed[item.index] = f"C-STORE status 0x{status:04X}"
+    return True

@@ -33,7 +33,7 @@ FAST_RETRIES = {"dispatch_retries": 3, "dispatch_retry_wait_seconds": 0.2,
 @pytest.fixture
 def blob_store(data_dir: Path) -> LocalBlobStore:
     # Where a dispatcher with CADUCEUS_DATA_DIR=data_dir and the local blob store looks.
-    return LocalBlobStore(data_dir / "blobs")
+    return LocalBlobStore(data_dir / "blobs", fsync=False)
 
 
 async def stage_files(store: LocalBlobStore, files: list[Path], batch_id: str | None = None,
@@ -41,7 +41,8 @@ async def stage_files(store: LocalBlobStore, files: list[Path], batch_id: str | 
     """Put files into the blob store as the receiver would and write the manifest the router would."""
     instances = []
     for seq, path in enumerate(files, start=1):
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[
+            "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
         study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
         key = blob_key("instances", study, series, f"{sop}.dcm")
         info = await store.put(key, path.read_bytes())

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import signal
+import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pynetdicom.dsutils import split_dataset
 
+from services.dispatcher.progress import ProgressStore
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
-from tests.peers import Orthanc, StoreScp, make_series
+from tests.peers import Orthanc, StoreScp, clone_instances, make_series
 
 from .conftest import (
     FAST_RETRIES,
@@ -23,6 +28,7 @@ from .conftest import (
     run_cli,
     running_dispatcher,
     stage_files,
+    start_dispatcher_process,
     wait_events,
 )
 
@@ -95,3 +101,79 @@ async def test_target_down_fails_after_attempts_then_cli_retry_delivers(
     # A completed task is not retried again.
     again = await asyncio.to_thread(run_cli, nats_url, "retry", task_id)
     assert again.returncode == 1 and "already completed" in again.stderr
+
+
+async def test_kill_9_mid_send_second_dispatcher_resumes(tmp_path: Path, bus: Bus, nats_url: str,
+                                                         data_dir: Path, blob_store: LocalBlobStore,
+                                                         storescp: StoreScp) -> None:
+    count = 300
+    template = make_series(tmp_path / "template", 1)[0]
+    files = clone_instances(template, tmp_path / "series", count)
+    manifest, key = await stage_files(blob_store, files)
+    await apply_config(bus, {"settings": FAST_RETRIES,
+                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    first = start_dispatcher_process(nats_url, data_dir, tmp_path / "dispatcher-1.log",
+                                     CADUCEUS_DISPATCH_ACK_WAIT_SECONDS="3")
+    try:
+        request = await request_dispatch(bus, manifest, key, "pacs")
+        task_id = request.task_id or ""
+        progress = await ProgressStore.open(bus.js)
+        deadline = time.monotonic() + 60
+        while True:  # kill once the progress record shows confirmed instances
+            record = await progress.get(task_id)
+            if record and record.delivered_set().count() >= 20:
+                break
+            assert time.monotonic() < deadline, "first dispatcher never recorded progress"
+            assert first.poll() is None, (tmp_path / "dispatcher-1.log").read_text()[-3000:]
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    delivered_before = record.delivered_set().count()
+    assert delivered_before < count, "the first dispatcher finished before it was killed: test proves nothing"
+    assert await events_of(bus, "dispatch.completed", task_id) == []
+    async with running_dispatcher(nats_url, data_dir, dispatch_ack_wait_seconds=3):
+        completed = (await wait_events(bus, "dispatch.completed", task_id, timeout=60))[0]
+    assert completed.payload["skipped_already_sent"] >= delivered_before
+    assert completed.payload["sent"] + completed.payload["skipped_already_sent"] == count
+    assert completed.payload["sent"] < count
+    assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances}
+
+
+COMPRESSED_AND_OTHER_SYNTAXES = ["JPEG2000.dcm", "SC_rgb_rle_32bit.dcm", "JPEG-lossy.dcm", "rtplan.dcm",
+                                 "SC_rgb_small_odd_big_endian.dcm"]
+# Deflated, but its deflate stream has an odd length (PS3.5 A.5 wants it padded): sent as stored,
+# DCMTK aborts the association ("Odd Fragment Length"). It must not keep the others from going out.
+NONCONFORMANT = "image_dfl.dcm"
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta header: what goes on the wire when nothing is transcoded."""
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+async def test_files_go_out_in_their_own_transfer_syntax_without_transcoding(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        storescp: StoreScp) -> None:
+    files = [Path(get_testdata_file(name)) for name in COMPRESSED_AND_OTHER_SYNTAXES]
+    bad = Path(get_testdata_file(NONCONFORMANT))
+    # The bad file in the middle: the instances after it go out on a fresh association.
+    manifest, key = await stage_files(blob_store, files[:2] + [bad] + files[2:])
+    await apply_config(bus, {"settings": FAST_RETRIES,
+                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "pacs")
+        failed = await wait_events(bus, "dispatch.failed", request.task_id)
+    attempts = await events_of(bus, "dispatch.attempt_failed", request.task_id)
+    assert [a.payload["sent"] for a in attempts] == [len(files), 0, 0]  # later attempts resend only the bad one
+    assert failed[0].payload["failed_sop_uids"] == [str(dcmread(bad, stop_before_pixels=True).SOPInstanceUID)]
+    received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in storescp.files()}
+    assert len(received) == len(files)
+    for source in files:
+        ds = dcmread(source, stop_before_pixels=True)
+        copy = received[str(ds.SOPInstanceUID)]
+        assert dcmread(copy, stop_before_pixels=True).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert _dataset_bytes(copy) == _dataset_bytes(source), source.name
