@@ -193,7 +193,9 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
     bus: Bus | None = None
     try:
         try:
-            bus = await Bus.connect(nats_url, actor="supervisor", connect_timeout=5, max_reconnect_attempts=5)
+            # Reconnect forever once connected (the launcher outlives NATS restarts), but give up
+            # on a first connection that does not succeed within 30 s.
+            bus = await asyncio.wait_for(Bus.connect(nats_url, actor="supervisor", connect_timeout=5), 30)
         except Exception as exc:  # noqa: BLE001
             raise StartError(f"cannot connect to NATS at {nats_url}: {exc!r}") from exc
         if desired is not None:
@@ -207,7 +209,6 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
             await asyncio.to_thread(nats.stop)
         with contextlib.suppress(FileNotFoundError):
             state_file.unlink()
-        print("caduceus up: stopped", file=sys.stderr)
 
 
 async def _apply_initial_config(bus: Bus, desired: CaduceusConfig, path: Path) -> None:
@@ -263,6 +264,8 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
     await supervisor.start()
     _print_banner(args, services, data_dir, logs_dir, nats_url, nats is not None)
     await supervisor.wait()
+    print("caduceus up: services stopped; stopping NATS" if nats is not None else "caduceus up: services stopped",
+          file=sys.stderr, flush=True)
     return 0
 
 
