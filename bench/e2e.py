@@ -183,34 +183,52 @@ def stop_profilers(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.kill()
 
 
-def summarize_profile(path: Path, top: int = 12) -> str:
-    """Self and inclusive sample shares per function from py-spy's collapsed ("raw") stacks."""
-    self_counts: Counter[str] = Counter()
-    incl_counts: Counter[str] = Counter()
-    total = 0
+# Leaf frames where a thread waits rather than works (py-spy counts some of them as active).
+WAITING = ("select (selectors.py)", "wait (threading.py)", "_worker (thread.py)", "sleep", "_wait (fastpath.py)",
+           "poll (selectors.py)", "acquire")
+PROJECT_FILES = ("services/", "shared/")
+
+
+def parse_collapsed(path: Path) -> list[tuple[list[str], int]]:
+    """py-spy's raw output: 'frame;frame;... count' per line -> (frames 'func (file)', count)."""
+    stacks = []
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
-        total += count
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]
-        frames = frames[1:] if frames and frames[0].startswith("process ") else frames
+        frames = []
+        for frame in stack.split(";"):
+            if frame.startswith(("process ", "thread ")):
+                continue
+            func, _, where = frame.partition(" (")
+            file = where.split(":")[0]
+            keep = next((file[file.index(d):] for d in PROJECT_FILES if d in file), file.rsplit("/", 1)[-1])
+            frames.append(f"{func} ({keep})")
         if frames:
-            self_counts[frames[-1]] += count
+            stacks.append((frames, int(count_text)))
+    return stacks
+
+
+def summarize_profile(path: Path, top: int = 10) -> str:
+    """Where the busy samples of one process went: leaf functions and our own functions (inclusive)."""
+    stacks = parse_collapsed(path)
+    total = sum(c for _, c in stacks)
+    busy = [(f, c) for f, c in stacks if not any(w in f[-1] for w in WAITING)]
+    busy_total = sum(c for _, c in busy)
+    if not busy_total:
+        return f"{path.stem}: no busy samples"
+    self_counts: Counter[str] = Counter()
+    incl_counts: Counter[str] = Counter()
+    for frames, count in busy:
+        self_counts[frames[-1]] += count
         for frame in set(frames):
-            incl_counts[frame] += count
-    if not total:
-        return f"{path.stem}: no samples (process idle?)"
-    lines = [f"{path.stem}: {total} active samples"]
-    lines += [f"   self {100 * c / total:5.1f}%  {f}" for f, c in self_counts.most_common(top)]
-    interesting = [(f, c) for f, c in incl_counts.most_common(200)
-                   if any(key in f for key in ("services/", "shared/", "(service.py)", "(handlers.py)",
-                                               "(projector.py)", "(store.py)", "(state.py)", "(sender.py)",
-                                               "(bus.py)", "(runtime.py)", "(ingest.py)", "(decide.py)",
-                                               "(completion.py)", "(projections.py)", "(scp.py)"))]
-    lines += [f"   incl {100 * c / total:5.1f}%  {f}" for f, c in interesting[:top]]
+            if any(d in frame for d in PROJECT_FILES):
+                incl_counts[frame] += count
+    lines = [f"{path.stem}: {busy_total} busy samples of {total} (waiting leaves left out); % of busy samples:"]
+    lines += [f"   self {100 * c / busy_total:5.1f}%  {f}" for f, c in self_counts.most_common(top)]
+    skip = ("Service.main", "run_service", "_run_handler")
+    incl = [(f, c) for f, c in incl_counts.most_common() if not f.startswith(skip)]
+    lines += [f"   incl {100 * c / busy_total:5.1f}%  {f}" for f, c in incl[:top]]
     return "\n".join(lines)
 
 

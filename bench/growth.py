@@ -36,8 +36,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, make_series, start_storescp
+from bench.common import REPO, Peer, make_series, start_storescp
 from bench.pipeline import (
+    Caduceus,
     clear_dir,
     last_seq,
     read_events,
@@ -71,26 +72,20 @@ def series_files(root: Path, count: int) -> list[Path]:
     return sorted(root.iterdir())  # st0_se<k>_<i>: series by series, like a modality sends them
 
 
-def bench_series(work: Path, counts: list[int], quiet: float) -> dict[int, float]:
-    dest = start_storescp(work / "dest-series")
-    cad = start_caduceus(work / "caduceus-series", route_all_config(dest.port, quiet))
+def bench_series(cad: Caduceus, dest: Peer, work: Path, counts: list[int], quiet: float) -> dict[int, float]:
     out: Path = dest.extra["dir"]  # type: ignore[assignment]
     per_series: dict[int, float] = {}
-    try:
-        for count in counts:
-            files = series_files(work / f"series-{count}", count)
-            clear_dir(out)
-            t0 = time.time()
-            cad.send(files)
-            sent = time.time() - t0
-            done = wait_for_files(out, len(files), timeout=120 + 2 * len(files))
-            seconds = done - t0 - quiet
-            per_series[count] = seconds / count
-            print(f"series {count:5d} x {IMAGES_PER_SERIES} images: {seconds:8.2f} s after the quiet period "
-                  f"(storescu {sent:.2f} s), {1000 * per_series[count]:8.1f} ms per series", flush=True)
-    finally:
-        cad.stop()
-        dest.stop()
+    for count in counts:
+        files = series_files(work / f"series-{count}", count)
+        clear_dir(out)
+        t0 = time.time()
+        cad.send(files)
+        sent = time.time() - t0
+        done = wait_for_files(out, len(files), timeout=120 + 2 * len(files))
+        seconds = done - t0 - quiet
+        per_series[count] = seconds / count
+        print(f"series {count:5d} x {IMAGES_PER_SERIES} images: {seconds:8.2f} s after the quiet period "
+              f"(storescu {sent:.2f} s), {1000 * per_series[count]:8.1f} ms per series", flush=True)
     growth_line("series", [float(c) for c in counts], [per_series[c] for c in counts], "time per series",
                 per_item=True)
     return per_series
@@ -98,30 +93,48 @@ def bench_series(work: Path, counts: list[int], quiet: float) -> dict[int, float
 
 # ------------------------------------------------------------------ 2. rule count
 
-def bench_rules(work: Path, rule_counts: list[int], n_series: int, quiet: float) -> dict[int, float]:
+def bench_rules(cad: Caduceus, dest: Peer, work: Path, rule_counts: list[int], n_series: int,
+                quiet: float) -> dict[int, float]:
     results: dict[int, float] = {}
+    out: Path = dest.extra["dir"]  # type: ignore[assignment]
     for extra in rule_counts:
-        dest = start_storescp(work / f"dest-rules-{extra}")
-        cad = start_caduceus(work / f"caduceus-rules-{extra}", route_all_config(dest.port, quiet, extra))
-        try:
-            files = series_files(work / f"rules-{extra}", n_series)
-            since = last_seq(cad.nats_url)
-            cad.send(files)
-            wait_for_files(dest.extra["dir"], len(files), timeout=120 + 2 * len(files))  # type: ignore[arg-type]
-            events = read_events(cad.nats_url, ("series.completed", "route.decided"), since_seq=since)
-        finally:
-            cad.stop()
-            dest.stop()
+        cad.apply_config(route_all_config(dest.port, quiet, extra))
+        files = series_files(work / f"rules-{extra}", n_series)
+        clear_dir(out)
+        since = last_seq(cad.nats_url)
+        cad.send(files)
+        wait_for_files(out, len(files), timeout=120 + 2 * len(files))
+        events = read_events(cad.nats_url, ("series.completed", "route.decided"), since_seq=since)
         completed = {e.payload["batch_id"]: ts(e.occurred_at) for e in events if e.type == "series.completed"}
-        decided = {e.payload["batch_id"]: ts(e.occurred_at) for e in events if e.type == "route.decided"}
-        times = [decided[b] - completed[b] for b in completed if b in decided]
-        if len(times) != n_series:
-            raise RuntimeError(f"{extra} rules: {len(times)} decisions for {n_series} series")
+        decided = {e.payload["batch_id"]: (ts(e.occurred_at), len(e.payload.get("evaluations") or []))
+                   for e in events if e.type == "route.decided"}
+        times = [decided[b][0] - completed[b] for b in completed if b in decided]
+        evaluated = {decided[b][1] for b in completed if b in decided}
+        if len(times) != n_series or evaluated != {extra + 1}:
+            raise RuntimeError(f"{extra} extra rules: {len(times)} decisions for {n_series} series, "
+                               f"rules evaluated per decision: {sorted(evaluated)} (expected {extra + 1})")
         results[extra] = statistics.median(times)
         print(f"rules {extra + 1:4d} (route-all + {extra} non-matching): decision median "
               f"{1000 * results[extra]:7.2f} ms, max {1000 * max(times):7.2f} ms over {n_series} series", flush=True)
     growth_line("rules", [float(r + 1) for r in rule_counts], [results[r] for r in rule_counts],
                 "decision time", per_item=False)
+    return results
+
+
+def bench_pipeline(work: Path, args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
+    """Series and rule growth share one `caduceus up` (rules are changed with `caduceus config apply`)."""
+    results: dict[str, Any] = {}
+    dest = start_storescp(work / "dest")
+    cad = start_caduceus(work / "caduceus", route_all_config(dest.port, args.quiet))
+    try:
+        if "series" not in skip:
+            results["series"] = bench_series(cad, dest, work, [int(c) for c in args.series.split(",")], args.quiet)
+        if "rules" not in skip:
+            results["rules"] = bench_rules(cad, dest, work, [int(c) for c in args.rules.split(",")],
+                                           args.rule_series, args.quiet)
+    finally:
+        cad.stop()
+        dest.stop()
     return results
 
 
@@ -297,11 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="caduceus-growth-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        if "series" not in skip:
-            results["series"] = bench_series(work, [int(c) for c in args.series.split(",")], args.quiet)
-        if "rules" not in skip:
-            results["rules"] = bench_rules(work, [int(c) for c in args.rules.split(",")], args.rule_series,
-                                           args.quiet)
+        if not {"series", "rules"} <= skip:
+            results.update(bench_pipeline(work, args, skip))
     if "events" not in skip:
         results["events"] = bench_events([int(c) for c in args.events.split(",")], args.postgres)
     if args.json:

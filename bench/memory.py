@@ -96,6 +96,7 @@ class Sampler:
         self.root = psutil.Process(root_pid)
         self.interval = interval
         self.usage: dict[str, Usage] = {}
+        self.names: dict[int, str] = {}   # reading cmdline every 0.1 s would slow the sampling down
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -104,9 +105,13 @@ class Sampler:
         found: dict[str, float] = {}
         procs = [(self.root, "caduceus up (supervisor)")]
         try:
-            procs += [(p, process_name(p)) for p in self.root.children(recursive=True)]
+            children = self.root.children(recursive=True)
         except psutil.NoSuchProcess:
             return found
+        for child in children:
+            if child.pid not in self.names:
+                self.names[child.pid] = process_name(child)
+            procs.append((child, self.names[child.pid]))
         for proc, name in procs:
             try:
                 rss = proc.memory_info().rss / MB
