@@ -123,7 +123,9 @@ def _element_text(ds: Dataset, tag: BaseTag, notes: list[str]) -> str | None:
         if raw.length not in (0xFFFFFFFF, None) and raw.value is not None and len(raw.value) < raw.length:
             raise TagExtractionError(f"truncated: {keyword_of(tag)} declares {raw.length} bytes, "
                                      f"{len(raw.value)} present")
-        vr = raw.VR or dictionary_vr(tag)
+        # Explicit VR "UN" for a standard element (as GDCM writes after some conversions) still
+        # holds the standard encoding: read it by its dictionary VR, as pydicom itself does.
+        vr = raw.VR if raw.VR and raw.VR != "UN" else dictionary_vr(tag)
         if vr in BINARY_VRS:
             return None
         if vr not in TEXT_VRS:
