@@ -230,7 +230,8 @@ async def test_supervisor_restarts_crashing_child_with_backoff_and_records_it(bu
     await asyncio.wait_for(supervisor.wait(), 20)
     child = supervisor.children["processor"]
     assert child.restarts >= 4 and marker.read_text().count("x") >= 4
-    assert set(child.exits) == {3}
+    # Every run failed with 3, except perhaps the last one, stopped by our SIGTERM while it started.
+    assert set(child.exits[:-1]) == {3} and child.exits[-1] in (3, -signal.SIGTERM)
 
     crashed = await _read_events(bus, "service.crashed")
     delays = [e.payload["restart_in_seconds"] for e in crashed]
