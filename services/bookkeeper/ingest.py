@@ -80,16 +80,26 @@ class Ingestor:
         await self.bus.declare_durable(self.durable)
         self.sub = sub = await self.bus.js.pull_subscribe_bind(durable=self.durable.name,
                                                                stream=self.durable.stream)
-        while not self.stopping.is_set():
-            try:
-                msgs = await sub.fetch(self.batch, timeout=1)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except Exception as exc:  # noqa: BLE001 - connection trouble: pull again shortly
-                log.warning("fetch from %s failed: %s", self.durable.name, exc)
-                await asyncio.sleep(1)
-                continue
-            await self.handle(msgs)
+        # The next batch is fetched while the previous one is written (NATS and database work overlap);
+        # writes stay one at a time.
+        writing: asyncio.Task[None] | None = None
+        try:
+            while not self.stopping.is_set():
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=1)
+                except (TimeoutError, NatsTimeoutError):
+                    continue
+                except Exception as exc:  # noqa: BLE001 - connection trouble: pull again shortly
+                    log.warning("fetch from %s failed: %s", self.durable.name, exc)
+                    await asyncio.sleep(1)
+                    continue
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self.handle(msgs))
+        finally:
+            if writing is not None:
+                # Let a running write finish and ack (or nak) instead of leaving it to ack_wait.
+                await asyncio.shield(writing)
 
     async def close(self) -> None:
         # Unsubscribe rather than leave it to drain: messages of a fetch cut short by shutdown sit

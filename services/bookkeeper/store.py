@@ -58,7 +58,9 @@ def write_batch(engine: Engine, records: list[Record], floors: dict[str, float] 
     streams = sorted({r.stream for r in records})
     with engine.begin() as conn:
         if records:
-            conn.execute(dialect_insert(conn, EVENTS).on_conflict_do_nothing(), [r.row for r in records])
+            # executemany: psycopg 3 pipelines it; measured faster than multi-row VALUES here.
+            conn.execute(dialect_insert(conn, EVENTS).on_conflict_do_nothing(),
+                         [r.row for r in records])
         for stream in streams:
             mine = [r for r in records if r.stream == stream]
             seqs = [r.stream_seq for r in mine]
