@@ -164,8 +164,10 @@ def test_up_runs_all_services_restarts_crashed_one_and_stops_cleanly(up: Up) -> 
     assert crashed is not None and crashed.actor == "supervisor"
     assert crashed.payload["service"] == victim and crashed.payload["pid"] == pids[victim]
     assert crashed.payload["exit_code"] == -signal.SIGKILL
-    restarted = asyncio.run(last_event(nats_url, "service.restarted"))
-    assert restarted is not None and restarted.payload["pid"] == new_pid
+    # service.restarted is published just after the state file got the new pid.
+    restarted = wait_for(lambda: (e := asyncio.run(last_event(nats_url, "service.restarted"))) is not None
+                         and e.payload["pid"] == new_pid and e, 10, "service.restarted event", up)
+    assert restarted.actor == "supervisor" and restarted.payload["restarts"] == 1
 
     def processor_healthy_again() -> bool:
         instances = {s["service"]: s for s in up.status()["services"]}[victim]["instances"]
