@@ -45,7 +45,7 @@ def test_target_down_then_cli_retry_delivers(tmp_path: Path, caduceus_factory: C
     target.start()
     result = cad.cli("retry", "--series", series_uid, "--comment", "target is back")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert task_id in result.stdout + result.stderr
+    assert task_id is not None and task_id in result.stdout + result.stderr
     target.wait_for(6, timeout=60)
     completed = cad.wait_events("dispatch.completed", lambda found: any(e.task_id == task_id for e in found), 60)
     assert [e.payload["sent"] for e in completed if e.task_id == task_id] == [6]
