@@ -158,8 +158,8 @@ def _dataset_bytes(path: Path) -> bytes:
 async def test_files_go_out_in_their_own_transfer_syntax_without_transcoding(
         tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
         storescp: StoreScp) -> None:
-    files = [Path(get_testdata_file(name)) for name in COMPRESSED_AND_OTHER_SYNTAXES]
-    bad = Path(get_testdata_file(NONCONFORMANT))
+    files = [Path(str(get_testdata_file(name))) for name in COMPRESSED_AND_OTHER_SYNTAXES]
+    bad = Path(str(get_testdata_file(NONCONFORMANT)))
     # The bad file in the middle: the instances after it go out on a fresh association.
     manifest, key = await stage_files(blob_store, files[:2] + [bad] + files[2:])
     await apply_config(bus, {"settings": FAST_RETRIES,

@@ -1,0 +1,85 @@
+"""Which work runs when: urgent before normal without starving it, the off-peak window, back-off."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from services.dispatcher.schedule import attempt_delay, seconds_until_offpeak
+from shared.blobstore import LocalBlobStore
+from shared.bus import Bus
+from tests.peers import StoreScp, make_series
+
+from .conftest import (
+    FAST_RETRIES,
+    apply_config,
+    dicom_target,
+    events_of,
+    request_dispatch,
+    running_dispatcher,
+    stage_files,
+    wait_events,
+)
+
+
+def test_offpeak_window_wrapping_midnight() -> None:
+    at = lambda hhmm: datetime.fromisoformat(f"2026-01-05T{hhmm}:00")  # noqa: E731
+    assert seconds_until_offpeak(at("23:00"), "22:00", "06:00") == 0
+    assert seconds_until_offpeak(at("05:59"), "22:00", "06:00") == 0
+    assert seconds_until_offpeak(at("06:00"), "22:00", "06:00") == 16 * 3600
+    assert seconds_until_offpeak(at("21:30"), "22:00", "06:00") == 1800
+
+
+def test_offpeak_window_within_a_day_and_always() -> None:
+    at = lambda hhmm: datetime.fromisoformat(f"2026-01-05T{hhmm}:00")  # noqa: E731
+    assert seconds_until_offpeak(at("13:00"), "12:00", "14:00") == 0
+    assert seconds_until_offpeak(at("14:00"), "12:00", "14:00") == 22 * 3600
+    assert seconds_until_offpeak(at("11:00"), "12:00", "14:00") == 3600
+    assert seconds_until_offpeak(at("03:00"), "00:00", "00:00") == 0
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    assert [attempt_delay(n, 60, 300) for n in (1, 2, 3, 4, 5)] == [60, 120, 240, 300, 300]
+
+
+async def test_urgent_first_but_normal_not_starved(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
+                                                   blob_store: LocalBlobStore, storescp: StoreScp) -> None:
+    files = make_series(tmp_path / "series", 1)
+    manifest, key = await stage_files(blob_store, files)
+    await apply_config(bus, {"settings": FAST_RETRIES,
+                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    normal = [await request_dispatch(bus, manifest, key, "pacs", task_id=f"normal-{i}") for i in range(4)]
+    urgent = [await request_dispatch(bus, manifest, key, "pacs", priority="urgent", task_id=f"urgent-{i}")
+              for i in range(4)]
+    assert len(normal + urgent) == 8
+    # One task at a time; every 3rd pull asks normal work first.
+    async with running_dispatcher(nats_url, data_dir, dispatch_concurrency=1, dispatch_normal_every=3):
+        done = await wait_events(bus, "dispatch.completed", count=8)
+    order = [e.payload["task_id"].split("-")[0] for e in done]
+    assert order == ["urgent", "urgent", "normal", "urgent", "urgent", "normal", "normal", "normal"]
+
+
+async def test_offpeak_task_waits_outside_the_window(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
+                                                     blob_store: LocalBlobStore, storescp: StoreScp) -> None:
+    files = make_series(tmp_path / "series", 2)
+    manifest, key = await stage_files(blob_store, files)
+    now = datetime.now().astimezone()
+    # A one-minute window that opened two minutes ago: closed now, opens again in ~23 h 58 min.
+    start = f"{(now.hour * 60 + now.minute - 2) % 1440 // 60:02d}:{(now.minute - 2) % 60:02d}"
+    end = f"{(now.hour * 60 + now.minute - 1) % 1440 // 60:02d}:{(now.minute - 1) % 60:02d}"
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "offpeak_start": start, "offpeak_end": end},
+                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    async with running_dispatcher(nats_url, data_dir):
+        waiting = await request_dispatch(bus, manifest, key, "pacs", priority="offpeak")
+        normal = await request_dispatch(bus, manifest, key, "pacs")
+        await wait_events(bus, "dispatch.completed", normal.task_id)
+        assert await events_of(bus, "dispatch.completed", waiting.task_id) == []
+        assert await events_of(bus, "dispatch.attempt_failed") == []
+        info = await bus.js.consumer_info("EVENTS", "dispatcher-normal")
+        assert info.num_ack_pending == 1  # held back with a delay, not lost and not failed
+    # Inside the window (start == end reads as "always") it goes out.
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "offpeak_start": "00:00", "offpeak_end": "00:00"},
+                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    async with running_dispatcher(nats_url, data_dir):
+        now_task = await request_dispatch(bus, manifest, key, "pacs", priority="offpeak")
+        await wait_events(bus, "dispatch.completed", now_task.task_id)
