@@ -67,7 +67,7 @@ def test_every_stream_event_is_in_the_audit_log_once(tmp_path: Path, database_ur
     assert max(stored_ids.values()) == 1, "an event stored twice"
     assert set(stored_ids) == set(stream_ids), (set(stream_ids) ^ set(stored_ids))
     # Same event at the same place: the bookkeeper's (stream, sequence) is the stream's.
-    first_place = {}
+    first_place: dict[str, tuple[str, int]] = {}
     for s, q, event_id in sorted(stream, key=lambda row: (row[0], row[1])):
         first_place.setdefault(event_id, (s, q))
     assert {event_id: (s, q) for s, q, event_id in stored} == first_place
