@@ -48,14 +48,16 @@ async def test_every_event_stored_once_even_when_published_twice(bus: Bus, nats_
     # ... beyond it (simulated with a different Nats-Msg-Id) they reach the stream a second time.
     for event in events[5:8]:
         await bus.js.publish(bus.subject_for(event), event.to_json(), headers={"Nats-Msg-Id": "x" + event.event_id})
+    # Not an event at all: kept as 'unreadable', and it does not stall the projections.
+    await bus.js.publish("caduceus.events.garbage", b"\x00 not json", headers={"Nats-Msg-Id": "garbage-1"})
     settings = settings_for(nats_url, database_url, data_dir)
     async with running(settings) as service:
         await wait_caught_up(bus, service.engine)
         ids, total, dups = event_ids_and_counts(database_url)
     assert len(ids) == len(set(ids)) == total
-    assert set(ids) >= {e.event_id for e in events}
-    # our events + service.started (the stop event arrives after we stopped reading)
-    assert total == len(events) + 1
+    assert set(ids) >= {e.event_id for e in events} | {"garbage-1"}
+    # our events + the garbage + service.started (the stop event arrives after we stopped reading)
+    assert total == len(events) + 2
     assert dups == 3
 
 

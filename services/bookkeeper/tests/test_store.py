@@ -1,0 +1,98 @@
+"""The write path without NATS: gaps, duplicates, floors, unreadable and hostile messages (both backends)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from services.bookkeeper.db import open_database
+from services.bookkeeper.models import CURSORS, DUPLICATES, EVENTS, SERIES
+from services.bookkeeper.store import Record, advance_all, record_from_event, record_unreadable, write_batch
+from services.bookkeeper.tests.scenario import image, projection_snapshot
+
+REPO = Path(__file__).resolve().parents[3]
+STUDY, SERIES_UID = "1.2.3.4", "1.2.3.4.5"
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = open_database(database_url)
+    yield engine
+    engine.dispose()
+
+
+def records(count: int) -> list[Record]:
+    return [record_from_event(image(STUDY, SERIES_UID, n), "EVENTS", n + 1, None) for n in range(count)]
+
+
+def cursor(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(CURSORS.c.last_seq).where(CURSORS.c.stream == "EVENTS")).scalar_one())
+
+
+def instance_count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(SERIES.c.instance_count)).scalar_one())
+
+
+def test_projection_waits_at_a_gap_and_continues_when_it_is_filled(engine: Engine) -> None:
+    recs = records(6)
+    write_batch(engine, recs[:2] + recs[3:])  # sequence 3 held by "another process"
+    assert cursor(engine) == 2 and instance_count(engine) == 2
+    write_batch(engine, [recs[2]])
+    assert cursor(engine) == 6 and instance_count(engine) == 6
+    write_batch(engine, recs)  # redelivery of everything: nothing changes
+    assert cursor(engine) == 6 and instance_count(engine) == 6
+
+
+def test_duplicate_event_id_is_not_a_gap(engine: Engine) -> None:
+    recs = records(3)
+    again = Record("EVENTS", 4, dict(recs[0].row, stream_seq=4))  # same event_id, later sequence
+    write_batch(engine, recs + [again] + [Record("EVENTS", 5, dict(records(5)[4].row, stream_seq=5))])
+    assert cursor(engine) == 5 and instance_count(engine) == 4
+    with engine.connect() as conn:
+        assert conn.execute(select(DUPLICATES.c.stream_seq, DUPLICATES.c.event_id)).all() == [
+            (4, recs[0].row["event_id"])]
+
+
+def test_floor_skips_sequences_the_stream_no_longer_has(engine: Engine) -> None:
+    recs = records(5)
+    write_batch(engine, recs[3:])  # 1..3 expired from the stream before we stored them
+    assert cursor(engine) == 0
+    advance_all(engine, ["EVENTS"], floors={"EVENTS": 3})  # what the service's gap watch does
+    assert cursor(engine) == 5 and instance_count(engine) == 2
+
+
+def test_unreadable_and_hostile_messages_are_kept(engine: Engine) -> None:
+    hostile = image(STUDY, SERIES_UID, 1, PatientName="Evil\x00Name", SeriesDescription="' OR 1=1; --")
+    write_batch(engine, [
+        record_from_event(image(STUDY, SERIES_UID, 0), "EVENTS", 1, None),
+        record_unreadable(b"\xff\xfe not json", "msg-2", "image.received", "EVENTS", 2, None),
+        record_from_event(hostile, "EVENTS", 3, None),
+    ])
+    assert cursor(engine) == 3
+    with engine.connect() as conn:
+        rows = conn.execute(select(EVENTS.c.stream_seq, EVENTS.c.type, EVENTS.c.payload)
+                            .order_by(EVENTS.c.stream_seq)).all()
+        series = conn.execute(select(SERIES)).one()
+    assert [r.type for r in rows] == ["image.received", "unreadable", "image.received"]
+    assert "not json" in rows[1].payload["raw"]
+    assert rows[2].payload["tags"]["SeriesDescription"] == "' OR 1=1; --"
+    assert series.instance_count == 2 and series.patient_name in ("Evil\ufffdName", "Evil\x00Name")
+
+
+def test_cli_rebuild_accepts_plain_postgres_url(engine: Engine, database_url: str) -> None:
+    write_batch(engine, records(4))
+    live = projection_snapshot(engine)
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    out = subprocess.run([sys.executable, "-m", "cli.main", "bookkeeper", "rebuild", "--database-url", url],
+                         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rebuilt projections from 4 events (EVENTS: 4)" in out.stdout
+    assert projection_snapshot(engine) == live
