@@ -12,6 +12,8 @@ test can ask for the fixtures:
 - `orthanc_factory`: the same, several or not started.
 - `make_series(out_dir, n, size=64, ...)`: synthetic CT files via /work/shared/tools/make_series.py.
 - `clone_instances(template, out_dir, n)`: n copies of one file with new SOP Instance UIDs (fast).
+- `make_tls_files(dir)`: a test CA with server/client certificates; a TLS storescp is
+  `storescp_factory(extra_args=StoreScp.tls_args(files))` (requires a client certificate).
 
 Helpers fail loudly when a binary is missing: tests must not skip silently.
 """
@@ -71,6 +73,34 @@ def clone_instances(template: Path, out_dir: Path, n: int) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(out_dir: Path) -> TlsFiles:
+    """A throw-away CA and a server (SAN 127.0.0.1/localhost) and client certificate it signed (PEM)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["/usr/bin/openssl", *args], check=True, capture_output=True, cwd=out_dir)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=caduceus-test-ca")
+    for name, san in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=caduceus-test-{name}")
+        (out_dir / f"{name}.ext").write_text(san + "\n" if san else "basicConstraints=CA:FALSE\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return TlsFiles(out_dir / "ca.pem", out_dir / "server.pem", out_dir / "server.key",
+                    out_dir / "client.pem", out_dir / "client.key")
+
+
 def _stop_process_group(process: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
     if process is None or process.poll() is not None:
         return
@@ -110,6 +140,11 @@ class StoreScp:
         log.close()
         wait_port(self.host, self.port, timeout=10)
         return self
+
+    @staticmethod
+    def tls_args(files: TlsFiles) -> list[str]:
+        """storescp arguments for DICOM TLS: our server certificate, peers must present one from the CA."""
+        return ["+tls", str(files.server_key), str(files.server_cert), "-pw", "+cf", str(files.ca), "-rc"]
 
     def stop(self) -> None:
         _stop_process_group(self.process)

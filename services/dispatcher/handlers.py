@@ -115,15 +115,17 @@ class Dispatcher:
 
     async def handle_retry(self, delivery: Delivery) -> None:
         retry = DispatchRetryRequested.model_validate(delivery.event.payload)
+        carrier = delivery.event.event_id
         record = await self.progress.get(retry.task_id)
         if record is None:
+            # No dispatcher has seen the task yet (or its record expired): this retry runs it; the
+            # original request, should it still come, finds another carrier and is acknowledged.
             request = await self.find_request(retry.task_id)
             if request is None:
                 log.error("retry requested for unknown task %s", retry.task_id)
                 await delivery.term()
                 return
-            record = await self.progress.ensure(request)
-        carrier = delivery.event.event_id
+            record = await self.progress.ensure(request, carrier=carrier)
 
         def take_over(current: ProgressRecord | None) -> ProgressRecord | None:
             if current is None or current.state == "completed":
@@ -164,8 +166,16 @@ class Dispatcher:
         started = time.monotonic()
         ctx = _log_context(record)
         log.info("task %s attempt %d", record.task_id, attempt, extra=ctx)
-        async with delivery.keep_alive(every=self.keep_alive_seconds):
-            outcome = await self.attempt(record)
+        try:
+            async with delivery.keep_alive(every=self.keep_alive_seconds):
+                outcome = await self.attempt(record)
+        except asyncio.CancelledError:
+            # Shutdown cut the send short (confirmed instances are already recorded): hand the
+            # task back now rather than after the ack wait.
+            log.info("task %s interrupted by shutdown; handed back", record.task_id, extra=ctx)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(delivery.nak())
+            raise
         if not outcome.error:
             await self._completed(delivery, record, outcome, time.monotonic() - started)
         else:

@@ -145,15 +145,18 @@ class ProgressStore:
                     raise
                 continue
 
-    async def ensure(self, request: Event) -> ProgressRecord:
-        """The record of a requested task, created from the request if this is its first delivery."""
+    async def ensure(self, request: Event, carrier: str | None = None) -> ProgressRecord:
+        """The record of a requested task, created from the request if this is its first delivery.
+
+        `carrier`: the event id of the message that will run the task (default: the request's).
+        """
         task_id = request.payload["task_id"]
 
         def create(record: ProgressRecord | None) -> ProgressRecord | None:
             if record is not None:
                 return None
             return ProgressRecord(task_id=task_id, request=request.model_dump(mode="json"),
-                                  carrier=request.event_id)
+                                  carrier=carrier or request.event_id)
 
         record = await self.mutate(task_id, create)
         assert record is not None

@@ -17,7 +17,7 @@ from pynetdicom.dsutils import split_dataset
 from services.dispatcher.progress import ProgressStore
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
-from tests.peers import Orthanc, StoreScp, clone_instances, make_series
+from tests.peers import Orthanc, StoreScp, clone_instances, make_series, make_tls_files
 
 from .conftest import (
     FAST_RETRIES,
@@ -177,3 +177,80 @@ async def test_files_go_out_in_their_own_transfer_syntax_without_transcoding(
         copy = received[str(ds.SOPInstanceUID)]
         assert dcmread(copy, stop_before_pixels=True).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
         assert _dataset_bytes(copy) == _dataset_bytes(source), source.name
+
+
+async def test_tls_target_with_client_certificate(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
+                                                  blob_store: LocalBlobStore,
+                                                  storescp_factory: Callable[..., StoreScp]) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    peer = storescp_factory(extra_args=StoreScp.tls_args(tls))
+    files = make_series(tmp_path / "series", 3)
+    manifest, key = await stage_files(blob_store, files)
+    target_tls = {"ca": str(tls.ca), "certificate": str(tls.client_cert), "key": str(tls.client_key)}
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 1}, "targets": {
+        "secure": dicom_target(peer.port, peer.aet, tls=target_tls),
+        "no-client-cert": dicom_target(peer.port, peer.aet, tls={"ca": str(tls.ca)}),
+        "plain": dicom_target(peer.port, peer.aet)}})
+    async with running_dispatcher(nats_url, data_dir):
+        secure = await request_dispatch(bus, manifest, key, "secure")
+        await wait_events(bus, "dispatch.completed", secure.task_id)
+        for target in ("no-client-cert", "plain"):  # the peer refuses both
+            refused = await request_dispatch(bus, manifest, key, target)
+            await wait_events(bus, "dispatch.failed", refused.task_id)
+    assert peer.sop_uids() == {i.sop_uid for i in manifest.instances}
+
+
+async def test_retry_of_a_waiting_task_resets_its_attempts(tmp_path: Path, bus: Bus, nats_url: str,
+                                                           data_dir: Path, blob_store: LocalBlobStore,
+                                                           storescp_factory: Callable[..., StoreScp]) -> None:
+    peer = storescp_factory(start=False)
+    files = make_series(tmp_path / "series", 2)
+    manifest, key = await stage_files(blob_store, files)
+    await apply_config(bus, {"settings": {"dispatch_retries": 2, "dispatch_retry_wait_seconds": 3},
+                             "targets": {"pacs": dicom_target(peer.port, peer.aet)}})
+    unknown = await asyncio.to_thread(run_cli, nats_url, "retry", "no-such-task")
+    assert unknown.returncode == 1 and "no dispatch task no-such-task" in unknown.stderr
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "pacs")
+        task_id = request.task_id or ""
+        await wait_events(bus, "dispatch.attempt_failed", task_id)
+        result = await asyncio.to_thread(run_cli, nats_url, "retry", task_id)
+        assert result.returncode == 0 and "was retrying" in result.stdout, result
+        progress = await ProgressStore.open(bus.js)
+        deadline = time.monotonic() + 10
+        while (record := await progress.get(task_id)) is None or record.generation == 0:
+            assert time.monotonic() < deadline, "the dispatcher did not take the retry"
+            await asyncio.sleep(0.05)
+        assert record.attempts == 0 and record.state == "pending"
+        peer.start()
+        completed = (await wait_events(bus, "dispatch.completed", task_id))[0]
+    # The original message carried on; its next attempt counts from 1 again (it would have been
+    # attempt 2 of 2, the last, without the reset).
+    assert completed.payload["attempt"] == 1
+    assert await events_of(bus, "dispatch.failed", task_id) == []
+    assert peer.sop_uids() == {i.sop_uid for i in manifest.instances}
+
+
+async def test_retry_before_any_dispatcher_saw_the_task_runs_it_once(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        storescp: StoreScp) -> None:
+    files = make_series(tmp_path / "series", 2)
+    manifest, key = await stage_files(blob_store, files)
+    await apply_config(bus, {"settings": FAST_RETRIES,
+                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    request = await request_dispatch(bus, manifest, key, "pacs", priority="urgent")
+    result = await asyncio.to_thread(run_cli, nats_url, "retry", request.task_id or "")
+    assert result.returncode == 0 and "was queued" in result.stdout
+    # Normal work (where retries are) pulled first: the retry finds no progress record, looks the
+    # request up in the EVENTS stream and runs it; the request itself is then acknowledged.
+    async with running_dispatcher(nats_url, data_dir, dispatch_concurrency=1, dispatch_normal_every=1):
+        completed = await wait_events(bus, "dispatch.completed", request.task_id)
+        retry = (await events_of(bus, "dispatch.retry_requested", request.task_id))[0]
+        deadline = time.monotonic() + 10
+        while (await bus.js.consumer_info("EVENTS", "dispatcher-urgent")).num_ack_pending or \
+                (await bus.js.consumer_info("EVENTS", "dispatcher-urgent")).num_pending:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    assert completed[0].causation_id == retry.event_id
+    assert len(await events_of(bus, "dispatch.completed", request.task_id)) == 1
+    assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances}
