@@ -87,13 +87,20 @@ class Caduceus:
         return result.seconds
 
     def apply_config(self, config: dict[str, Any]) -> None:
-        """`caduceus config apply` a new document; the services fold it from the CONFIG stream."""
-        path = self.workdir / f"config-{time.monotonic_ns()}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proc = subprocess.run([sys.executable, "-m", "cli.main", "config", "apply", str(path)], capture_output=True,
-                              text=True, cwd=REPO, env={**os.environ, "CADUCEUS_NATS_URL": self.nats_url})
-        if proc.returncode != 0:
-            raise RuntimeError(f"caduceus config apply failed: {proc.stdout}{proc.stderr}")
+        """What `caduceus config apply` does, in process; the services fold it from the CONFIG stream."""
+        from cli.config_cmd import apply_config
+        from shared.config.model import CaduceusConfig
+
+        desired = CaduceusConfig.parse(config)
+
+        async def run() -> None:
+            bus = await Bus.connect(self.nats_url, actor="bench", declare=False)
+            try:
+                await apply_config(bus, desired, "user:bench", comment="benchmark")
+            finally:
+                await bus.close()
+
+        asyncio.run(run())
         time.sleep(1.0)  # the router folds CONFIG live; route.decided shows which rules it evaluated
 
     def stop(self, timeout: float = 60) -> None:
