@@ -130,8 +130,8 @@ class Dispatcher:
         def take_over(current: ProgressRecord | None) -> ProgressRecord | None:
             if current is None or current.state == "completed":
                 return None
-            if current.state == "pending" and current.carrier == carrier:
-                return None  # our own take-over, redelivered after a crash
+            if current.carrier == carrier:
+                return None  # this retry already carries the task (a redelivery of it)
             current.attempts = 0
             current.generation += 1
             if current.state == "failed":
@@ -148,6 +148,10 @@ class Dispatcher:
             return
         if record.carrier != carrier:
             log.info("retry of task %s: still being retried, attempt counter reset", retry.task_id, extra=ctx)
+            return
+        if record.state == "failed":
+            log.info("retry of task %s used its attempts; already reported", retry.task_id, extra=ctx)
+            await delivery.term()
             return
         log.info("retry of task %s by %s (was %s)", retry.task_id, delivery.event.actor, before.state, extra=ctx)
         await self.run_attempt(delivery, record)
