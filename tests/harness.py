@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,34 @@ def storescu(port: int, files: list[Path], *, aet: str = "CADUCEUS", calling: st
     output = done.stdout + done.stderr
     accepted, failed, statuses = parse_storescu(output, files)
     return StoreResult(done.returncode, output, accepted, failed, statuses)
+
+
+@dataclass
+class BackgroundStore:
+    """A storescu running in the background (so a test can break things mid-association)."""
+
+    process: subprocess.Popen[bytes]
+    files: list[Path]
+    log: Path
+
+    def finish(self, timeout: float = 300) -> StoreResult:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        output = self.log.read_text(errors="replace")
+        accepted, failed, statuses = parse_storescu(output, self.files)
+        return StoreResult(self.process.returncode, output, accepted, failed, statuses)
+
+
+def storescu_background(port: int, files: list[Path], log: Path, *, aet: str = "CADUCEUS",
+                        calling: str = "MODALITY") -> BackgroundStore:
+    args = [STORESCU, "-v", "-aet", calling, "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TCP_NODELAY": "1"})
+    return BackgroundStore(process, files, log)
 
 
 def echoscu(port: int, aet: str = "CADUCEUS") -> bool:
@@ -362,6 +391,11 @@ class Caduceus:
     def blob_root(self) -> Path:
         return self.data / "blobs"
 
+    def stored_instance_count(self) -> int:
+        """Image files in the blob store (cheaper than reading events while data flows)."""
+        root = self.blob_root / "instances"
+        return sum(1 for _ in root.rglob("*.dcm")) if root.exists() else 0
+
     def database_url(self) -> str:
         return self.env_extra.get("CADUCEUS_DATABASE_URL") or f"sqlite:///{self.data / 'bookkeeper.sqlite'}"
 
@@ -402,6 +436,25 @@ def delivered_ids(events: list[Event]) -> dict[str, list[str]]:
         if event.type.startswith("dispatch.") and event.task_id:
             seen.setdefault(event.task_id, []).append(event.type)
     return seen
+
+
+def assert_ledger(accepted: set[str], delivered: Counter[str], *, resent: set[str] | frozenset[str] = frozenset(),
+                  exactly_once: bool = False) -> None:
+    """Every instance the sender saw accepted is at the destination; nothing that was not sent
+    arrives (no new identities); an instance arrives more than once only when it was sent more
+    than once (or, unless `exactly_once`, when at-least-once delivery re-sent it)."""
+    missing = accepted - set(delivered)
+    assert not missing, f"{len(missing)} accepted instance(s) never delivered: {sorted(missing)[:5]}"
+    foreign = set(delivered) - accepted - resent
+    assert not foreign, f"destination got instances nobody sent: {sorted(foreign)[:5]}"
+    if exactly_once:
+        repeated = {uid: n for uid, n in delivered.items() if n > 1 and uid not in resent}
+        assert not repeated, f"delivered more than once: {repeated}"
+
+
+def storescp_deliveries(files: list[Path]) -> Counter[str]:
+    """SOP Instance UID -> number of files storescp (+uf: unique file names) wrote for it."""
+    return Counter(sop_uid_of(p) for p in files)
 
 
 def settings_doc(**overrides: Any) -> dict[str, Any]:
