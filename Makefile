@@ -4,26 +4,35 @@
 # Variables: PYTHON (interpreter), UP_ARGS (extra `caduceus up` arguments, e.g.
 # UP_ARGS="--config deploy/example-config.yaml"), PYTEST_ARGS (e.g. PYTEST_ARGS="-x -k launcher").
 
+# Everything installs into a virtual environment: Debian's own python3 refuses system-wide pip
+# installs (PEP 668), and a venv keeps the test run honest about what it installed itself.
 PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 UP_ARGS ?=
 PYTEST_ARGS ?=
 # sudo only when not root (CI containers usually are root and have no sudo).
 SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
-APT_PACKAGES := dcmtk orthanc chromium postgresql
+APT_PACKAGES := dcmtk orthanc chromium postgresql python3-venv
 
 .PHONY: run test install install-test-deps system-deps lint typecheck pytest
 
 run: install
-	@# same as `caduceus up`, without depending on where pip put the console script
-	$(PYTHON) -m cli.main up $(UP_ARGS)
+	$(VENV)/bin/caduceus up $(UP_ARGS)
 
-install:
-	$(PYTHON) -m pip install -e .
+$(PY):
+	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -e .
 
 test: install-test-deps lint typecheck pytest
 
-install-test-deps: system-deps
-	$(PYTHON) -m pip install -e '.[test]'
+install-test-deps: system-deps $(PY)
+	$(PY) -m pip install -e '.[test]'
 
 # apt-get only when a tool is missing, so repeated runs are quick and work offline.
 system-deps:
@@ -41,14 +50,14 @@ system-deps:
 	fi
 
 lint:
-	$(PYTHON) -m ruff check .
+	$(PY) -m ruff check .
 
 typecheck:
-	$(PYTHON) -m mypy
+	$(PY) -m mypy
 
 # pytest exits 5 when it collected no tests; make treats every non-zero exit as failure, so an
 # empty run fails too. The explicit check makes that intent visible.
 pytest:
-	$(PYTHON) -m pytest $(PYTEST_ARGS); status=$$?; \
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; \
 	exit $$status
