@@ -9,8 +9,17 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Database unavailable, locked, deadlocked: retry later. Anything else is about the data."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def normalize_url(url: str) -> str:
@@ -29,6 +38,8 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling breaks SAVEPOINT: take it over (SQLAlchemy's recipe).
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
         return engine
     # pool_pre_ping: a Postgres restart leaves dead pooled connections; test them before use.
     # connect_timeout: an unreachable server must fail the batch quickly (it is retried), not hang it.
@@ -37,6 +48,7 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # see the "begin" listener
     cursor = dbapi_connection.cursor()
     # WAL lets the RPC readers run while the ingest loop writes; FULL sync because an acked
     # event must survive a power cut (the broker may not hold it forever).

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
+from services.bookkeeper.db import is_transient
 from services.bookkeeper.models import (
     CONFIG_ITEMS,
     CURSORS,
@@ -82,7 +83,7 @@ def advance(conn: Connection, stream: str, floor: float = 0) -> int:
         events, last_seq = _next_run(conn, stream, cursor, floor)
         if last_seq == cursor:
             return applied
-        apply_events(conn, events)
+        apply_guarded(conn, events)
         set_cursor(conn, stream, last_seq)
         applied += len(events)
         cursor = last_seq
@@ -114,6 +115,30 @@ def _next_run(conn: Connection, stream: str, cursor: int, floor: float) -> tuple
         last = seq
         expected = seq + 1
     return run, last
+
+
+def apply_guarded(conn: Connection, events: list[StoredEvent]) -> None:
+    """Apply a run; if the database refuses the result, apply event by event and skip the one it refuses.
+
+    Live and rebuild both go through here, so a skipped event is skipped the same way in both, and
+    the audit log (committed with the projections) never waits for a projection problem.
+    """
+    try:
+        with conn.begin_nested():
+            apply_events(conn, events)
+        return
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.error("projection of %d events failed (%s); applying one by one", len(events), exc)
+    for event in events:
+        try:
+            with conn.begin_nested():
+                apply_events(conn, [event])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("projection skipped event %s:%s (%s): %s", event.stream, event.stream_seq, event.type, exc)
 
 
 def apply_events(conn: Connection, events: list[StoredEvent]) -> None:
@@ -170,6 +195,9 @@ def rebuild(conn: Connection) -> dict[str, int]:
     Every stored event is applied, in (stream, stream_seq) order; gaps are irrelevant here
     because the log is all there is. Readers keep seeing the old tables until commit.
     """
+    # Write first: takes SQLite's write lock before any read, and locks the Postgres cursor rows so
+    # that live batches wait for the rebuild.
+    conn.execute(CURSORS.update().values(last_seq=CURSORS.c.last_seq))
     streams = conn.execute(select(EVENTS.c.stream).distinct()).scalars().all()
     for stream in streams:
         lock_cursor(conn, stream)

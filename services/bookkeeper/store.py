@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
 
+from services.bookkeeper.db import is_transient
 from services.bookkeeper.models import DUPLICATES, EVENTS
 from services.bookkeeper.projector import advance, clean, dialect_insert
 from shared.events import Event
+
+log = logging.getLogger(__name__)
 
 ENVELOPE_STRINGS = ("event_id", "type", "actor", "correlation_id", "causation_id", "study_uid", "series_uid",
                     "sop_uid", "task_id", "config_kind", "config_name")
@@ -52,7 +57,42 @@ def record_unreadable(raw: bytes, msg_id: str | None, event_type: str | None, st
 
 
 def write_batch(engine: Engine, records: list[Record], floors: dict[str, float] | None = None) -> BatchResult:
-    """Insert the records (existing event_ids and sequences are left alone), then advance projections."""
+    """Insert the records (existing event_ids and sequences are left alone), then advance projections.
+
+    Transient database errors propagate (the caller naks and retries). A batch the database refuses
+    for its content is split: each record is written alone, and one that still fails is stored as
+    `unreadable` with its text, so a single odd event can never stop the audit log.
+    """
+    try:
+        return _write(engine, records, floors)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.error("batch of %d refused by the database (%s); writing one by one", len(records), exc)
+    result = BatchResult()
+    for record in records:
+        try:
+            part = _write(engine, [record], floors)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("event %s:%s refused by the database, stored as unreadable: %s", record.stream,
+                      record.stream_seq, exc)
+            part = _write(engine, [_as_unreadable(record, exc)], floors)
+        result.stored += part.stored
+        result.duplicates += part.duplicates
+        result.projected += part.projected
+    return result
+
+
+def _as_unreadable(record: Record, exc: Exception) -> Record:
+    text = json.dumps(record.row, default=str, ensure_ascii=True)
+    return record_unreadable(text.encode(), f"unstorable:{record.stream}:{record.stream_seq}",
+                             f"{record.row.get('type')}: {type(exc).__name__}", record.stream, record.stream_seq,
+                             record.row.get("recorded_at"))
+
+
+def _write(engine: Engine, records: list[Record], floors: dict[str, float] | None) -> BatchResult:
     result = BatchResult()
     records = sorted(records, key=lambda r: (r.stream, r.stream_seq))
     streams = sorted({r.stream for r in records})

@@ -96,3 +96,34 @@ def test_cli_rebuild_accepts_plain_postgres_url(engine: Engine, database_url: st
     assert out.returncode == 0, out.stderr
     assert "rebuilt projections from 4 events (EVENTS: 4)" in out.stdout
     assert projection_snapshot(engine) == live
+
+
+def test_an_event_the_database_refuses_does_not_stop_the_log(engine: Engine, database_url: str) -> None:
+    recs = records(4)
+    # A lone surrogate cannot be encoded for either database.
+    bad = Record("EVENTS", 2, dict(recs[1].row, actor="receiver\ud800"))
+    write_batch(engine, [recs[0], bad, recs[2], recs[3]])
+    with engine.connect() as conn:
+        rows = conn.execute(select(EVENTS.c.stream_seq, EVENTS.c.type, EVENTS.c.event_id)
+                            .order_by(EVENTS.c.stream_seq)).all()
+    assert [(r.stream_seq, r.type) for r in rows] == [(1, "image.received"), (2, "unreadable"),
+                                                      (3, "image.received"), (4, "image.received")]
+    assert rows[1].event_id == "unstorable:EVENTS:2"
+    assert cursor(engine) == 4 and instance_count(engine) == 3
+
+
+def test_an_event_the_projection_cannot_store_is_skipped_live_and_in_rebuild(engine: Engine,
+                                                                              database_url: str) -> None:
+    from services.bookkeeper.rebuild import rebuild_database
+    from shared.events import ServiceStarted, make_event
+
+    huge = make_event("service.started", "x", ServiceStarted(service="odd", instance="i", pid=2**70, host="h",
+                                                             version="1"))
+    recs = records(2) + [record_from_event(huge, "EVENTS", 3, None)]
+    recs.append(record_from_event(image(STUDY, SERIES_UID, 9), "EVENTS", 4, None))
+    write_batch(engine, recs)
+    assert cursor(engine) == 4 and instance_count(engine) == 3  # the image after the odd event counts
+    live = projection_snapshot(engine)
+    assert live["services"] == []
+    rebuild_database(database_url)
+    assert projection_snapshot(engine) == live
