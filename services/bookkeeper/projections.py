@@ -114,7 +114,9 @@ def apply_event(state: ProjectionState, ev: StoredEvent) -> None:
     try:
         _apply(state, ev)
     except Exception:  # noqa: BLE001 - a malformed payload is skipped by live and rebuild alike
-        log.exception("projection skipped event %s:%s (%s)", ev.stream, ev.stream_seq, ev.type)
+        log.exception("projection skipped event %s:%s (%s)", ev.stream, ev.stream_seq, ev.type,
+                      extra={"series_uid": ev.series_uid, "study_uid": ev.study_uid, "task_id": ev.task_id,
+                             "event_type": ev.type})
 
 
 def _apply(state: ProjectionState, ev: StoredEvent) -> None:

@@ -138,7 +138,9 @@ def apply_guarded(conn: Connection, events: list[StoredEvent]) -> None:
         except Exception as exc:
             if is_transient(exc):
                 raise
-            log.error("projection skipped event %s:%s (%s): %s", event.stream, event.stream_seq, event.type, exc)
+            log.error("projection skipped event %s:%s (%s): %s", event.stream, event.stream_seq, event.type, exc,
+                      extra={"series_uid": event.series_uid, "study_uid": event.study_uid,
+                             "task_id": event.task_id, "event_type": event.type})
 
 
 def apply_events(conn: Connection, events: list[StoredEvent]) -> None:

@@ -157,3 +157,22 @@ async def test_two_bookkeepers_share_the_durable(bus: Bus, nats_url: str, databa
         assert projection_snapshot(engine) == live
     finally:
         engine.dispose()
+
+
+async def test_restart_resumes_from_the_durable(bus: Bus, nats_url: str, database_url: str, data_dir: Path) -> None:
+    settings = settings_for(nats_url, database_url, data_dir)
+    first, second = mixed_events(images=2), mixed_events(images=3)
+    await bus.publish_many(first)
+    async with running(settings) as service:
+        await wait_caught_up(bus, service.engine)
+    await bus.publish_many(second)  # while the bookkeeper is down (its service.stopped is in between)
+    async with running(settings) as service:
+        await wait_caught_up(bus, service.engine)
+        stored_now = service.ingest_stats.stored
+    ids, total, dups = event_ids_and_counts(database_url)
+    assert len(ids) == len(set(ids)) == total
+    assert {e.event_id for e in first + second} <= set(ids)
+    # started, stopped, started: the second run read only what was new
+    assert total == len(first) + len(second) + 3
+    assert stored_now == len(second) - 5 + 2 + 5  # domain events + stopped/started + config events
+    assert dups == 0

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from conftest import POSTGRES_ADMIN_URL
 from services.bookkeeper.db import create_db_engine
 from services.bookkeeper.models import EVENTS
 from services.bookkeeper.rebuild import rebuild_database
+from services.bookkeeper.service import BookkeeperService
 from services.bookkeeper.tests.scenario import (
     mixed_events,
     projection_snapshot,
@@ -73,3 +75,38 @@ async def test_database_outage_naks_then_catches_up(bus: Bus, nats_url: str, pos
         assert projection_snapshot(engine) == live
     finally:
         engine.dispose()
+
+
+async def test_database_created_after_the_service_started(bus: Bus, nats_url: str, data_dir: Path) -> None:
+    """The migration at start waits for the database; nothing is lost meanwhile."""
+    name = f"caduceus_test_late_{uuid.uuid4().hex[:8]}"
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"  # plain postgresql:// on purpose
+    events = mixed_events(images=2)
+    await bus.publish_many(events)
+    service = BookkeeperService(settings_for(nats_url, url, data_dir))
+    task = asyncio.create_task(service.run())
+    try:
+        await asyncio.sleep(2)
+        assert not task.done() and service.rpc is None  # still waiting for its database
+        admin(f'CREATE DATABASE "{name}"')
+        deadline = time.monotonic() + 60
+        while service.rpc is None:
+            assert time.monotonic() < deadline and not task.done(), "bookkeeper did not start"
+            await asyncio.sleep(0.1)
+        await wait_caught_up(bus, service.engine)
+        total = await asyncio.to_thread(count_events, url)
+        assert total == len(events) + 1
+    finally:
+        service.request_stop("test done")
+        await asyncio.wait_for(task, 30)
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def count_events(url: str) -> int:
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(EVENTS)).scalar_one()
+    finally:
+        engine.dispose()
+    return int(total)
