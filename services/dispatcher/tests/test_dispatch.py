@@ -257,3 +257,17 @@ async def test_retry_before_any_dispatcher_saw_the_task_runs_it_once(
     assert completed[0].causation_id == retry.event_id
     assert len(await events_of(bus, "dispatch.completed", request.task_id)) == 1
     assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances}
+
+
+async def test_process_stops_cleanly_on_sigterm(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path) -> None:
+    process = start_dispatcher_process(nats_url, data_dir, tmp_path / "dispatcher.log")
+    try:
+        started = await wait_events(bus, "service.started", timeout=30)
+        assert started[0].payload["service"] == "dispatcher"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stopped = await wait_events(bus, "service.stopped")
+    assert stopped[0].payload["instance"] == started[0].payload["instance"]
