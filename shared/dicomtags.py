@@ -14,25 +14,33 @@ Used by the receiver for every instance it accepts and by `caduceus rule test --
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
 import struct
 import warnings
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import dcmread
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    PrivateTransferSyntaxes,
+)
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
 # Elements every caller needs whatever was configured.
 IDENTITY_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
@@ -70,12 +78,24 @@ def parse_tag_name(name: str) -> tuple[BaseTag, str] | None:
 
 
 def _wanted_tags(keywords: Iterable[str]) -> dict[BaseTag, str]:
+    return dict(_wanted_cached(tuple(keywords)))
+
+
+@functools.lru_cache(maxsize=64)
+def _wanted_cached(keywords: tuple[str, ...]) -> tuple[tuple[BaseTag, str], ...]:
+    # The receiver asks for the same configured list for every image: parse it once.
     wanted: dict[BaseTag, str] = {}
     for name in (*IDENTITY_KEYWORDS, *keywords):
         parsed = parse_tag_name(name)
         if parsed is not None:
             wanted.setdefault(parsed[0], parsed[1])
-    return wanted
+    return tuple(wanted.items())
+
+
+@functools.lru_cache(maxsize=64)
+def _wanted_numbers(wanted: tuple[int, ...]) -> frozenset[int]:
+    # Plain ints: BaseTag.__eq__ is Python code, a set of ints is looked up in C.
+    return frozenset(wanted)
 
 
 def _fallback_text(raw: bytes) -> str:
@@ -157,7 +177,9 @@ def _read(fileobj: BinaryIO, wanted: list[BaseTag]) -> Dataset:
             warnings.simplefilter("ignore")
             return dcmread(fileobj, stop_before_pixels=True, specific_tags=wanted, force=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, IndexError,
-            NotImplementedError, OverflowError, UnicodeError, struct.error) as exc:
+            NotImplementedError, OverflowError, UnicodeError, struct.error, OSError, zlib.error) as exc:
+        # OSError: pydicom's "No tag to read at file position ..." for data cut inside a sequence;
+        # zlib.error: a cut deflated dataset.
         raise TagExtractionError(f"not a readable DICOM dataset: {exc}") from exc
 
 
@@ -165,12 +187,7 @@ _LONG_HEADER_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ
 
 
 def _check_complete(fileobj: BinaryIO, total: int, ds: Dataset) -> None:
-    """Raise if the data ends inside an element.
-
-    pydicom seeks past the elements it was not asked for, so a truncation before the pixel data
-    shows as a read position beyond the end. From the pixel data on (where pydicom stopped), the
-    remaining top-level element headers are walked: each length must fit in what is left.
-    """
+    """Raise if the data ends inside an element (pydicom path)."""
     pos = fileobj.tell()
     if pos > total:
         raise TagExtractionError(f"truncated: an element runs {pos - total} bytes past the end of the data")
@@ -179,6 +196,16 @@ def _check_complete(fileobj: BinaryIO, total: int, ds: Dataset) -> None:
     implicit, little = ds.original_encoding
     if implicit is None or little is None:
         return
+    _check_tail(fileobj, pos, total, implicit, little)
+
+
+def _check_tail(fileobj: BinaryIO, pos: int, total: int, implicit: bool, little: bool) -> None:
+    """From the pixel data on (where reading stopped), walk the remaining top-level element headers:
+    each length must fit in what is left.
+
+    Before the pixel data, pydicom seeks past the elements it was not asked for, so a truncation
+    there shows as a read position beyond the end (the fast reader checks every length itself).
+    """
     order = "<" if little else ">"
     while pos < total:
         fileobj.seek(pos)
@@ -233,20 +260,252 @@ def _read_checked(fileobj: BinaryIO, total: int, wanted: list[BaseTag]) -> Datas
     return ds
 
 
+# ---------------------------------------------------------------- fast header reader
+#
+# pydicom's dcmread costs ~1.4 ms for a CT header even with specific_tags (file-like reads, a
+# generator and a RawDataElement per element). The receiver calls extract_tags for every image, so
+# the common case -- a Part 10 file (preamble, file meta) in implicit or explicit VR little endian --
+# is walked here directly on the bytes: element headers only, values sliced for the wanted tags.
+# Everything else (big endian, deflate, no preamble, an unexpected VR, an undefined-length value
+# that is not a sequence, anything truncated or odd) raises _Unusual and pydicom reads the data as
+# before, so errors and odd cases keep pydicom's behaviour. The wanted elements are then converted
+# by the same code (_element_text on a pydicom Dataset), so values are identical by construction;
+# tests/test_dicomtags.py compares both readers on every pydicom test file.
+
+
+class _Unusual(Exception):
+    """The fast reader met something it leaves to pydicom."""
+
+
+_EXPLICIT = struct.Struct("<HH2sH")
+_IMPLICIT = struct.Struct("<HHI")
+_U32 = struct.Struct("<I")
+_VALID_VRS = frozenset(vr.encode() for vr in STANDARD_VR)
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where pydicom's stop_before_pixels stops
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_NOT_FAST_SYNTAXES = {ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+
+
+def _element_header(data: bytes, pos: int, total: int, implicit: bool) -> tuple[int, str | None, int, int]:
+    """(tag, VR or None, value length, value offset) of the element at `pos`."""
+    if implicit:
+        group, element, length = _IMPLICIT.unpack_from(data, pos)
+        return group << 16 | element, None, length, pos + 8
+    group, element, raw_vr, length = _EXPLICIT.unpack_from(data, pos)
+    if raw_vr not in _VALID_VRS:
+        raise _Unusual("unknown VR")
+    if raw_vr in _LONG_VRS:
+        if pos + 12 > total:
+            raise _Unusual("short header")
+        return group << 16 | element, raw_vr.decode(), _U32.unpack_from(data, pos + 8)[0], pos + 12
+    return group << 16 | element, raw_vr.decode(), length, pos + 8
+
+
+def _looks_implicit(data: bytes, pos: int) -> bool:
+    """pydicom's test (filereader._is_implicit_vr): a VR is two upper-case ASCII letters."""
+    return not (0x40 < data[pos + 4] < 0x5B and 0x40 < data[pos + 5] < 0x5B)
+
+
+def _is_sequence(data: bytes, start: int, tag: int, vr: str | None) -> bool:
+    """An undefined-length element is a sequence to skip the way pydicom decides it is one."""
+    if vr is not None:
+        return vr in ("SQ", "UN")
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return bool(data[start:start + 4] == b"\xfe\xff\x00\xe0")  # private: is an item next?
+
+
+def _skip_sequence(data: bytes, pos: int, total: int, implicit: bool) -> int:
+    """Offset after the sequence delimiter of the undefined-length sequence whose value starts at `pos`."""
+    while True:
+        if pos + 8 > total:
+            raise _Unusual("sequence runs past the end")
+        group, element, length = _IMPLICIT.unpack_from(data, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unusual("not an item in a sequence")
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        # Items of a sequence in an explicit VR dataset may be implicit VR (PS3.5 6.2.2, as pydicom reads them).
+        item_implicit = implicit or (pos + 6 <= total and _looks_implicit(data, pos))
+        pos = _skip_item(data, pos, total, item_implicit)
+
+
+def _skip_item(data: bytes, pos: int, total: int, implicit: bool) -> int:
+    """Offset after the item delimiter of the undefined-length item whose elements start at `pos`."""
+    while True:
+        if pos + 8 > total:
+            raise _Unusual("item runs past the end")
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group == 0xFFFE:
+            if element == 0xE00D:
+                return pos + 8
+            raise _Unusual("unexpected delimiter in an item")
+        tag, vr, length, start = _element_header(data, pos, total, implicit)
+        if length == _UNDEFINED:
+            if not _is_sequence(data, start, tag, vr):
+                raise _Unusual("undefined-length value that is not a sequence")
+            pos = _skip_sequence(data, start, total, implicit)
+        else:
+            pos = start + length
+
+
+def _read_file_meta(data: bytes, total: int) -> tuple[str, int]:
+    """(transfer syntax UID, offset of the dataset) of a Part 10 file; explicit VR LE by definition."""
+    if total < 132 or data[128:132] != b"DICM":
+        raise _Unusual("no preamble")
+    pos, transfer_syntax = 132, None
+    while pos + 8 <= total and data[pos:pos + 2] == b"\x02\x00":
+        tag, _vr, length, start = _element_header(data, pos, total, implicit=False)
+        if length == _UNDEFINED or start + length > total:
+            raise _Unusual("odd file meta")
+        if tag == 0x00020010:
+            transfer_syntax = data[start:start + length].decode("ascii").rstrip("\0 ")
+        pos = start + length
+    if not transfer_syntax or "\\" in transfer_syntax or pos + 8 > total:
+        raise _Unusual("no transfer syntax or no dataset")
+    return transfer_syntax, pos
+
+
+def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
+    """The wanted elements of a little endian Part 10 file, as pydicom's reader would give them."""
+    total = len(data)
+    transfer_syntax, pos = _read_file_meta(data, total)
+    if transfer_syntax in _NOT_FAST_SYNTAXES or transfer_syntax in PrivateTransferSyntaxes:
+        raise _Unusual("transfer syntax left to pydicom")
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    if data[pos:pos + 2] == b"\x00\x00" or _looks_implicit(data, pos) != implicit:
+        raise _Unusual("command elements or a VR encoding other than the transfer syntax says")
+    found: dict[BaseTag, DataElement | RawDataElement] = {}
+    numbers = _wanted_numbers(tuple(wanted))
+    # The element loop is written out (no helper call per element): a CT header has ~250 elements.
+    unpack = _IMPLICIT.unpack_from if implicit else _EXPLICIT.unpack_from
+    raw_vr = b""
+    while pos < total:
+        if pos + 8 > total:
+            raise _Unusual("trailing bytes")
+        if implicit:
+            group, element, length = unpack(data, pos)
+            start = pos + 8
+        else:
+            group, element, raw_vr, length = unpack(data, pos)
+            if raw_vr in _LONG_VRS:
+                if pos + 12 > total:
+                    raise _Unusual("short header")
+                length, start = _U32.unpack_from(data, pos + 8)[0], pos + 12
+            elif raw_vr in _VALID_VRS:
+                start = pos + 8
+            else:
+                raise _Unusual("unknown VR")
+        tag = group << 16 | element
+        vr = raw_vr.decode() if raw_vr else None
+        if tag in _PIXEL_TAGS:
+            break
+        if group == 0xFFFE:
+            raise _Unusual("delimiter at the top level")
+        if length == _UNDEFINED:
+            if not _is_sequence(data, start, tag, vr):
+                raise _Unusual("undefined-length value that is not a sequence")
+            pos = _skip_sequence(data, start, total, implicit)
+            continue  # a sequence is never a rule value
+        pos = start + length
+        if pos > total:
+            raise _Unusual("value runs past the end")
+        if tag in numbers:
+            value = data[start:pos] if length else empty_value_for_VR(vr, raw=True)
+            found[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, start,  # type: ignore[arg-type]
+                                                 implicit, True)
+    if not found:
+        raise _Unusual("none of the wanted elements")
+    if pos < total:
+        _check_tail(io.BytesIO(data), pos, total, implicit, True)
+    ds = Dataset(found)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # As pydicom's reader: text values are decoded with the dataset's original character set.
+            # (Read from a copy: ds keeps the raw charset element, which _cached_text uses as a key.)
+            charset = {tag: elem for tag, elem in found.items() if tag == 0x00080005}
+            ds.set_original_encoding(implicit, True, Dataset(charset)._character_set)
+    except Exception as exc:  # noqa: BLE001 - pydicom decides what an unusable charset element means
+        raise _Unusual("character set") from exc
+    return ds, transfer_syntax
+
+
+def _cached_text(ds: Dataset, tag: BaseTag, charset: Any, notes: list[str]) -> str | None:
+    """_element_text, memoised for short text values read by the fast reader.
+
+    Decoding text through pydicom (charset, validation warnings) is the costly part of a header,
+    and most text values repeat for every image of a series. The result depends only on the raw
+    element and the character set element, which form the key (without their file offsets).
+    """
+    raw = ds._dict.get(tag)
+    if not isinstance(raw, RawDataElement) or raw.value is None or len(raw.value) > 256:
+        return _element_text(ds, tag, notes)
+    vr = raw.VR if raw.VR and raw.VR != "UN" else dictionary_vr(tag)
+    if vr not in TEXT_VRS:
+        return _element_text(ds, tag, notes)
+    if charset is not None and not isinstance(charset, RawDataElement):
+        return _element_text(ds, tag, notes)  # already converted: not a key
+    text, new_notes = _convert_text(raw._replace(value_tell=0),
+                                    charset._replace(value_tell=0) if charset is not None else None)
+    notes.extend(new_notes)
+    return text
+
+
+@functools.lru_cache(maxsize=4096)
+def _convert_text(raw: RawDataElement, charset: RawDataElement | None) -> tuple[str | None, tuple[str, ...]]:
+    elements: dict[BaseTag, DataElement | RawDataElement] = {raw.tag: raw}
+    if charset is not None:
+        elements[charset.tag] = charset
+    ds = Dataset(elements)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.set_original_encoding(raw.is_implicit_VR, True, ds._character_set)
+    notes: list[str] = []
+    text = _element_text(ds, raw.tag, notes)
+    return text, tuple(notes)
+
+
+def _read_with_pydicom(fileobj: BinaryIO, total: int, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
+    ds = _read_checked(fileobj, total, list(wanted))
+    meta = getattr(ds, "file_meta", None)
+    return ds, str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+
+
 def extract_tags(source: bytes | bytearray | memoryview | str | Path,
-                 keywords: Iterable[str] = ()) -> ExtractedTags:
-    """Read `keywords` (plus the identity UIDs) from a DICOM instance; see the module docstring."""
+                 keywords: Iterable[str] = (), *, fast: bool = True) -> ExtractedTags:
+    """Read `keywords` (plus the identity UIDs) from a DICOM instance; see the module docstring.
+
+    `fast=False` reads with pydicom only (the reference the fast reader is tested against).
+    """
     wanted = _wanted_tags(keywords)
+    fast_read = False
     if isinstance(source, str | Path):
         with open(source, "rb") as handle:
-            ds = _read_checked(handle, os.fstat(handle.fileno()).st_size, list(wanted))
+            ds, transfer_syntax = _read_with_pydicom(handle, os.fstat(handle.fileno()).st_size, wanted)
     else:
-        ds = _read_checked(io.BytesIO(source), len(source), list(wanted))
+        data = source if isinstance(source, bytes) else bytes(source)
+        try:
+            if not fast:
+                raise _Unusual("pydicom requested")
+            ds, transfer_syntax = _fast_read(data, wanted)
+            fast_read = True
+        except (_Unusual, struct.error, UnicodeDecodeError, IndexError):
+            ds, transfer_syntax = _read_with_pydicom(io.BytesIO(data), len(data), wanted)
     notes: list[str] = []
     tags: dict[str, str] = {}
+    charset = ds._dict.get(BaseTag(0x00080005)) if fast_read else None
     for tag, name in wanted.items():
         try:
-            text = _element_text(ds, tag, notes)
+            text = _cached_text(ds, tag, charset, notes) if fast_read else _element_text(ds, tag, notes)
         except TagExtractionError:
             raise
         except Exception as exc:  # noqa: BLE001 - one malformed value must not hide the others
@@ -254,8 +513,6 @@ def extract_tags(source: bytes | bytearray | memoryview | str | Path,
             continue
         if text is not None:
             tags[name] = text
-    meta = getattr(ds, "file_meta", None)
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
     return ExtractedTags(
         study_uid=tags.get("StudyInstanceUID", ""),
         series_uid=tags.get("SeriesInstanceUID", ""),

@@ -167,3 +167,71 @@ def test_truncated_encapsulated_raises() -> None:
 def test_garbage_raises(data: bytes) -> None:
     with pytest.raises(TagExtractionError):
         extract_tags(data, DEFAULT_EXTRACT_TAGS)
+
+
+# ---------------------------------------------------------------- fast reader vs pydicom
+
+_DIFF_KEYWORDS = [*DEFAULT_EXTRACT_TAGS, "(0019,10A1)", "ImagePositionPatient", "WindowCenter",
+                  "SmallestImagePixelValue", "ReferencedImageSequence", "TransferSyntaxUID", "(0029,1010)"]
+
+
+def _outcome(data: bytes, fast: bool) -> object:
+    try:
+        return extract_tags(data, _DIFF_KEYWORDS, fast=fast)
+    except TagExtractionError as exc:
+        return ("TagExtractionError", str(exc))
+
+
+def _all_pydicom_files() -> list[Path]:
+    import os
+
+    from pydicom.data import get_testdata_files
+
+    names = set(get_testdata_files()) | set(get_charset_files())
+    return sorted(Path(n) for n in names if os.path.isfile(n))
+
+
+def test_fast_reader_matches_pydicom_on_every_test_file() -> None:
+    """The fast header reader gives exactly pydicom's results, on whole and on truncated files."""
+    from shared.dicomtags import _fast_read, _Unusual, _wanted_tags
+
+    files = _all_pydicom_files()
+    assert len(files) > 150
+    handled = 0
+    mismatches = []
+    for path in files:
+        data = path.read_bytes()
+        for cut in (len(data), len(data) // 2, len(data) - 3, 700):
+            variant = data[:cut]
+            if _outcome(variant, True) != _outcome(variant, False):
+                mismatches.append(f"{path.name}[:{cut}]")
+            try:
+                _fast_read(variant, _wanted_tags(_DIFF_KEYWORDS))
+                handled += 1
+            except (_Unusual, ValueError, IndexError):
+                pass
+    assert mismatches == []
+    assert handled > 100  # the comparison is about the fast reader, not only its fallback
+
+
+def test_fast_reader_skips_undefined_length_sequences() -> None:
+    """Enhanced multi-frame: functional groups are undefined-length sequences before the wanted tags."""
+    from shared.dicomtags import _fast_read, _wanted_tags
+
+    ds = pydicom.dcmread(io.BytesIO(_enhanced_ct(3)))
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        ds[keyword].is_undefined_length = True
+        for item in ds[keyword].value:
+            item.is_undefined_length_sequence_item = True
+            for nested in item:
+                if nested.VR == "SQ":
+                    nested.is_undefined_length = True  # nested sequences too
+    ds.ContentDescription = "after the sequences"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    data = buffer.getvalue()
+    assert b"\xfe\xff\xdd\xe0" in data  # really written with sequence delimiters
+    keywords = [*DEFAULT_EXTRACT_TAGS, "ContentDescription"]
+    _fast_read(data, _wanted_tags(keywords))  # handled, not left to pydicom
+    assert extract_tags(data, keywords) == extract_tags(data, keywords, fast=False)
+    assert extract_tags(data, keywords).tags["ContentDescription"] == "after the sequences"
