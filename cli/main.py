@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import bookkeeper_cmd, config_cmd, retry_cmd, rule_cmd, service_cmd, status_cmd, up_cmd
+from cli import bookkeeper_cmd, config_cmd, retry_cmd, rule_cmd, service_cmd, status_cmd, study_cmd, up_cmd
 
-COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, retry_cmd, bookkeeper_cmd]
+COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, retry_cmd, study_cmd, bookkeeper_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
