@@ -88,12 +88,17 @@ class LocalBlobStore:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp / f"{uuid.uuid4().hex}.part"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            if self.fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            # A failed write (disk full) must not leave a partial temp file taking the space.
+            tmp.unlink(missing_ok=True)
+            raise
         return BlobInfo(key, len(data), hashlib.sha256(data).hexdigest())
 
     def get_sync(self, key: str) -> bytes:

@@ -457,6 +457,47 @@ def storescp_deliveries(files: list[Path]) -> Counter[str]:
     return Counter(sop_uid_of(p) for p in files)
 
 
+Row = tuple[str, int, str]  # stream, stream sequence, event id
+
+
+def stream_rows(cad: Caduceus) -> list[Row]:
+    """(stream, sequence, event id) of every event stored on EVENTS and CONFIG."""
+    events = [*cad.events(), *cad.config_events()]
+    return [(str(e.stream), int(e.stream_seq or 0), e.event_id) for e in events]
+
+
+def audit_rows(cad: Caduceus) -> tuple[list[Row], list[Row]]:
+    """The bookkeeper's events table and its event_duplicates table, as rows."""
+    stored = [(str(s), int(q), str(i)) for s, q, i in cad.query("select stream, stream_seq, event_id from events")]
+    duplicates = [(str(s), int(q), str(i)) for s, q, i in
+                  cad.query("select stream, stream_seq, event_id from event_duplicates")]
+    return stored, duplicates
+
+
+def wait_audit_complete(cad: Caduceus, timeout: float = 60) -> tuple[list[Row], list[Row], list[Row]]:
+    """Wait until every stream message is accounted for in the audit log, then check "exactly
+    once": each event id stored once, at the place (stream, sequence) where the stream first has
+    it; a later copy of the same id (re-published after the de-duplication window) is recorded as
+    a duplicate, never as a second event. Returns (stream rows, stored rows, duplicate rows)."""
+    def caught_up() -> tuple[list[Row], list[Row], list[Row]] | None:
+        stream = stream_rows(cad)
+        stored, duplicates = audit_rows(cad)
+        accounted = {(s, q) for s, q, _ in stored} | {(s, q) for s, q, _ in duplicates}
+        return (stream, stored, duplicates) if {(s, q) for s, q, _ in stream} <= accounted else None
+
+    stream, stored, duplicates = wait_for(caught_up, timeout, "bookkeeper caught up with EVENTS and CONFIG",
+                                          cad.logs, interval=1.0)
+    stored_ids = Counter(event_id for _, _, event_id in stored)
+    assert max(stored_ids.values()) == 1, "an event stored twice"
+    assert set(stored_ids) == {event_id for _, _, event_id in stream}, "audit log and streams differ"
+    first_place: dict[str, tuple[str, int]] = {}
+    for s, q, event_id in sorted(stream, key=lambda row: (row[0], row[1])):
+        first_place.setdefault(event_id, (s, q))
+    assert {event_id: (s, q) for s, q, event_id in stored} == first_place, "an event stored at the wrong place"
+    assert len(stream) == len(stored) + len([row for row in duplicates if row in stream])
+    return stream, stored, duplicates
+
+
 def settings_doc(**overrides: Any) -> dict[str, Any]:
     return {**FAST_SETTINGS, **overrides}
 

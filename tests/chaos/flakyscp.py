@@ -5,7 +5,7 @@ whose behaviour the test controls while it runs.
   kills the dispatcher);
 - `fail_first`: answer 0xA700 (out of resources) to the first N C-STOREs of every SOP instance;
 - `abort_after`: abort the association after this many C-STOREs (once per association);
-- `refuse`: reject every association (A-ASSOCIATE-RJ, permanent) while set.
+- `refuse`: reject every association (A-ASSOCIATE-RJ, calling AE title not recognised) while set.
 
 Every C-STORE is recorded in order (`receipts`: SOP Instance UID and the status answered); only
 instances answered 0x0000 count as stored.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +44,19 @@ class FlakyScp:
     aborted: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: Any = None
+    _ae: Any = None
+
+    def set_refuse(self, refuse: bool) -> None:
+        """pynetdicom checks `require_calling_aet` for every new association request."""
+        self.refuse = refuse
+        if self._ae is not None:
+            self._ae.require_calling_aet = ["NOBODY-CALLS"] if refuse else []
 
     def start(self) -> FlakyScp:
         ae = AE(ae_title=self.aet)
         ae.require_called_aet = True
+        self._ae = ae
+        self.set_refuse(self.refuse)
         ae.maximum_associations = 20
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
@@ -65,9 +75,10 @@ class FlakyScp:
         with self._lock:
             self.associations += 1
             event.assoc.caduceus_count = 0
-        if self.refuse:
-            # 0x01 rejected-permanent, 0x01 service user, 0x01 no reason given
-            event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+
+    def __str__(self) -> str:
+        return (f"{self.aet}: {self.associations} association(s), {self.aborted} aborted, "
+                f"receipts {[(uid[-6:], hex(status)) for uid, status in self.receipts]}")
 
     def _on_store(self, event: Any) -> int:
         sop_uid = str(event.request.AffectedSOPInstanceUID)
@@ -92,11 +103,13 @@ class FlakyScp:
         with self._lock:
             return Counter(uid for uid, status in self.receipts if status == 0x0000)
 
-    def wait_stored(self, uids: set[str], timeout: float = 60) -> Counter[str]:
+    def wait_stored(self, uids: set[str], timeout: float = 60,
+                    detail: Callable[[], str] | None = None) -> Counter[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stored = self.stored()
             if uids <= set(stored):
                 return stored
             time.sleep(0.2)
-        raise TimeoutError(f"{self.aet}: {len(set(self.stored()) & uids)} of {len(uids)} stored")
+        raise TimeoutError(f"{len(set(self.stored()) & uids)} of {len(uids)} stored; {self}\n"
+                           f"{detail() if detail else ''}")

@@ -13,25 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.events import Event
-from tests.harness import Caduceus, dicom_target, settings_doc, storescu, wait_for
+from tests.harness import Caduceus, dicom_target, settings_doc, storescu, wait_audit_complete
 from tests.peers import StoreScp, make_series
 
 pytestmark = pytest.mark.slow
-
-
-def _stream_rows(cad: Caduceus) -> list[tuple[str, int, str]]:
-    events: list[Event] = [*cad.events(), *cad.config_events()]
-    return [(str(e.stream), int(e.stream_seq or 0), e.event_id) for e in events]
-
-
-def _db_rows(cad: Caduceus) -> list[tuple[str, int, str]]:
-    return [(str(s), int(q), str(i)) for s, q, i in cad.query("select stream, stream_seq, event_id from events")]
-
-
-def _db_duplicates(cad: Caduceus) -> list[tuple[str, int, str]]:
-    return [(str(s), int(q), str(i)) for s, q, i in
-            cad.query("select stream, stream_seq, event_id from event_duplicates")]
 
 
 def test_every_stream_event_is_in_the_audit_log_once(tmp_path: Path, database_url: str,
@@ -55,24 +40,7 @@ def test_every_stream_event_is_in_the_audit_log_once(tmp_path: Path, database_ur
     config["settings"] = settings_doc(retention_days=7)
     cad.apply_config(config, comment="longer retention")
 
-    def complete() -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]] | None:
-        stream, stored = _stream_rows(cad), _db_rows(cad)
-        accounted = {(s, q) for s, q, _ in stored} | {(s, q) for s, q, _ in _db_duplicates(cad)}
-        return (stream, stored) if {(s, q) for s, q, _ in stream} <= accounted else None
-
-    stream, stored = wait_for(complete, 60, "bookkeeper caught up with both streams", cad.logs)
-
-    stream_ids = Counter(event_id for _, _, event_id in stream)
-    stored_ids = Counter(event_id for _, _, event_id in stored)
-    assert max(stored_ids.values()) == 1, "an event stored twice"
-    assert set(stored_ids) == set(stream_ids), (set(stream_ids) ^ set(stored_ids))
-    # Same event at the same place: the bookkeeper's (stream, sequence) is the stream's.
-    first_place: dict[str, tuple[str, int]] = {}
-    for s, q, event_id in sorted(stream, key=lambda row: (row[0], row[1])):
-        first_place.setdefault(event_id, (s, q))
-    assert {event_id: (s, q) for s, q, event_id in stored} == first_place
-    # Anything the stream holds twice (re-published beyond the dedup window) is accounted as a duplicate.
-    assert len(stream) == len(stored) + len([row for row in _db_duplicates(cad) if row in stream])
+    _, stored, _ = wait_audit_complete(cad)
 
     by_stream = Counter(s for s, _, _ in stored)
     assert by_stream["CONFIG"] >= 6 and by_stream["EVENTS"] >= 30, by_stream

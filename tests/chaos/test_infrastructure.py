@@ -1,0 +1,215 @@
+"""Infrastructure failures while data flows: NATS killed and restarted, Postgres unavailable,
+the blob store's disk full. The ledger holds through each."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import POSTGRES_ADMIN_URL
+from shared.natsserver import EmbeddedNats
+from tests.harness import (
+    Caduceus,
+    assert_ledger,
+    dicom_target,
+    pid_alive,
+    settings_doc,
+    sop_uid_of,
+    storescp_deliveries,
+    storescu,
+    storescu_background,
+    wait_audit_complete,
+    wait_for,
+)
+from tests.peers import StoreScp, make_series
+
+pytestmark = [pytest.mark.slow, pytest.mark.chaos]
+
+
+def _route_all(port: int, aet: str, **settings: object) -> dict[str, object]:
+    return {"settings": settings_doc(**settings), "targets": {"dest": dicom_target(port, aet)},
+            "rules": {"all": {"filter": "True", "targets": ["dest"]}}}
+
+
+def _resend_until_accepted(cad: Caduceus, files: list[Path], not_accepted: set[str], rounds: int = 5) -> set[str]:
+    """What a sender does with failures: send them again later. Returns what got accepted."""
+    accepted: set[str] = set()
+    pending = set(not_accepted)
+    for _ in range(rounds):
+        if not pending:
+            break
+        result = storescu(cad.dicom_port, [p for p in files if sop_uid_of(p) in pending])
+        accepted |= result.accepted
+        pending -= result.accepted
+        if pending:
+            time.sleep(2)
+    assert not pending, f"{len(pending)} never accepted"
+    return accepted
+
+
+# ---------------------------------------------------------------- NATS
+
+def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
+                                            storescp_factory: Callable[..., StoreScp]) -> None:
+    dest = storescp_factory(extra_args=["+uf"])
+    cad = caduceus_factory(config=_route_all(dest.port, dest.aet))
+    nats_pid = int(cad.state()["nats_pid"])
+    files = make_series(tmp_path / "in", 150, size=64)
+    replacement: EmbeddedNats | None = None
+    try:
+        running = storescu_background(cad.dicom_port, files, tmp_path / "storescu.log")
+        wait_for(lambda: cad.stored_instance_count() >= 40, 60, "40 instances stored", cad.logs, interval=0.05)
+        os.kill(nats_pid, signal.SIGKILL)
+        time.sleep(3)
+        # The same server again: same port, same JetStream store directory.
+        replacement = EmbeddedNats(cad.data / "nats", port=cad.nats_port,
+                                   log_file=cad.data / "logs" / "nats-restarted.log").start()
+        first = running.finish()
+        assert len(first.accepted) >= 35, first.output[-2000:]
+
+        cad.wait_healthy(timeout=90)
+        assert cad.process is not None and cad.process.poll() is None, "caduceus up died with NATS"
+        accepted = first.accepted | _resend_until_accepted(cad, files, first.failed)
+
+        wait_for(lambda: set(storescp_deliveries(dest.files())) >= accepted, 120, "all 150 at storescp",
+                 cad.logs)
+        assert_ledger(accepted, storescp_deliveries(dest.files()), resent=first.failed)
+        # Every success answered to storescu has its image.received in the stream (the worst bug:
+        # success without a durable event).
+        received = {e.sop_uid for e in cad.events("image.received")}
+        assert accepted <= received
+        wait_audit_complete(cad, timeout=90)
+    finally:
+        cad.kill_all()
+        if replacement is not None:
+            replacement.stop()
+
+
+# ---------------------------------------------------------------- Postgres
+
+@contextlib.contextmanager
+def _connections_refused(database: str) -> Iterator[None]:
+    """Postgres refuses new connections to `database` and drops the open ones, until the block ends."""
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+        try:
+            yield
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+
+def test_postgres_unavailable_for_a_while(tmp_path: Path, postgres_url: str,
+                                          caduceus_factory: Callable[..., Caduceus], storescp: StoreScp) -> None:
+    cad = caduceus_factory(config=_route_all(storescp.port, storescp.aet),
+                           env_extra={"CADUCEUS_DATABASE_URL": postgres_url})
+    database = postgres_url.rsplit("/", 1)[1]
+    files = make_series(tmp_path / "in", 10, size=64, series_per_study=3)
+    first = storescu(cad.dicom_port, files[:10])
+    assert first.returncode == 0
+    wait_for(lambda: cad.query("select count(*) from events where type = 'image.received'")[0][0] == 10, 30,
+             "bookkeeper recorded the first images")
+    bookkeeper_pid = cad.pid("bookkeeper")
+    with _connections_refused(database):
+        # Events keep flowing while the database is gone: ingest and delivery do not need it.
+        second = storescu(cad.dicom_port, files[10:])
+        assert second.returncode == 0 and len(second.accepted) == 20
+        storescp.wait_for(30, timeout=60)
+        time.sleep(4)
+        # The outage is real: the bookkeeper's durable holds the events it could not store.
+        lag = {c["name"]: c["num_pending"] + c["num_ack_pending"] for c in cad.status()["consumers"]}
+        assert lag["bookkeeper-events"] > 0, lag
+    accepted = first.accepted | second.accepted
+    assert storescp.sop_uids() == accepted
+
+    _, stored, _ = wait_audit_complete(cad, timeout=120)
+    assert cad.query("select count(*) from events where type = 'image.received'")[0][0] == 30
+    # Whether the bookkeeper rode it out or was restarted by the supervisor, it is healthy now.
+    crashed = [e.payload for e in cad.events("service.crashed") if e.payload["service"] == "bookkeeper"]
+    new_pid = cad.pid("bookkeeper")
+    cad.wait_service_healthy("bookkeeper", new_pid)
+    print(f"RESULT postgres outage: {len(stored)} events stored once; bookkeeper crashes={len(crashed)} "
+          f"pid {bookkeeper_pid}->{new_pid}")
+
+
+# ---------------------------------------------------------------- disk full
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MB tmpfs mounted where the blob store lives (the data dir's `blobs`)."""
+    data_dir = tmp_path / "data"
+    blobs = data_dir / "blobs"
+    blobs.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(blobs)], check=True)
+    try:
+        yield data_dir
+    finally:
+        subprocess.run(["umount", "-l", str(blobs)], check=False)
+
+
+def _fill(path: Path, leave_bytes: int) -> None:
+    """Write `path` until the file system has about `leave_bytes` free (0: completely full)."""
+    stats = os.statvfs(path.parent)
+    size = max(0, stats.f_bavail * stats.f_frsize - leave_bytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        written = 0
+        for chunk_size in (1 << 20, 1 << 12, 1):  # big chunks, then small ones for the last bytes
+            chunk = b"\0" * chunk_size
+            while leave_bytes == 0 or written + chunk_size <= size:
+                try:
+                    written += os.write(fd, chunk)
+                except OSError:
+                    break  # ENOSPC: that was the point
+    finally:
+        os.close(fd)
+
+
+def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: Path,
+                                                   caduceus_factory: Callable[..., Caduceus],
+                                                   storescp: StoreScp) -> None:
+    cad = caduceus_factory(config=_route_all(storescp.port, storescp.aet, min_free_space_mb=5),
+                           data_dir=small_disk)
+    blobs = small_disk / "blobs"
+    files = make_series(tmp_path / "in", 15, size=128)
+    try:
+        ok = storescu(cad.dicom_port, files[:5])
+        assert ok.returncode == 0 and len(ok.accepted) == 5
+
+        # Below the free-space floor: refused with 0xA700 before anything is written.
+        _fill(blobs / "filler-1", leave_bytes=3 * 1024 * 1024)
+        floor = storescu(cad.dicom_port, files[5:10], extra=["-nh"])  # -nh: go on after a failure
+        assert not floor.accepted and len(floor.failed) == 5, floor.output
+        assert floor.statuses and all("OutOfResources" in s for s in floor.statuses.values()), floor.output
+        rejected = cad.wait_events("image.rejected", lambda found: len(found) >= 5, 30)
+        assert all("free space" in e.payload["reason"] and e.payload["status"] == 0xA700 for e in rejected)
+
+        # No floor, and the disk really full: the write fails, still 0xA700, never success.
+        cad.apply_config(_route_all(storescp.port, storescp.aet, min_free_space_mb=0))
+        time.sleep(1.5)
+        _fill(blobs / "filler-2", leave_bytes=0)
+        full = storescu(cad.dicom_port, files[10:], extra=["-nh"])
+        assert not full.accepted, full.output
+        cad.wait_events("image.rejected", lambda found: any("write failed" in e.payload["reason"] for e in found),
+                        30)
+        assert pid_alive(cad.pid("receiver"))
+
+        # Space returns: the sender's retries are accepted and everything is delivered.
+        (blobs / "filler-1").unlink()
+        (blobs / "filler-2").unlink()
+        accepted = ok.accepted | _resend_until_accepted(cad, files, floor.failed | full.failed)
+        storescp.wait_for(15, timeout=90)
+        assert storescp.sop_uids() == accepted
+        assert not cad.events("image.quarantined")
+        # No partial file left behind by the failed writes (a temp file is renamed or removed).
+        assert not list((blobs / ".tmp").iterdir())
+    finally:
+        cad.kill_all()
