@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.synthetic import write_series
 from shared.natsserver import EmbeddedNats, free_port, wait_port
 
 STORESCU = "/usr/bin/storescu"
@@ -56,10 +57,7 @@ def echoscu(port: int, *, called_aet: str = "CADUCEUS", calling_aet: str = "BENC
 
 
 def make_series(out: Path, count: int, size: int = 512, studies: int = 1, series_per_study: int = 1) -> Path:
-    tool = Path("/work/shared/tools/make_series.py")
-    subprocess.run([sys.executable, str(tool), str(out), str(count), "--size", str(size),
-                    "--studies", str(studies), "--series-per-study", str(series_per_study)],
-                   check=True, capture_output=True)
+    write_series(out, count, size=size, studies=studies, series_per_study=series_per_study)
     return out
 
 

@@ -10,7 +10,7 @@ test can ask for the fixtures:
 - `orthanc`: a running Orthanc with its own JSON config, DICOM/HTTP ports and storage -> `Orthanc`
   (dicom_port, aet, http_url, instances(), sop_uids(), file(id), file_by_sop(uid)).
 - `orthanc_factory`: the same, several or not started.
-- `make_series(out_dir, n, size=64, ...)`: synthetic CT files via /work/shared/tools/make_series.py.
+- `make_series(out_dir, n, size=64, ...)`: synthetic CT files (bench/synthetic.py).
 - `clone_instances(template, out_dir, n)`: n copies of one file with new SOP Instance UIDs (fast).
 - `make_tls_files(dir)`: a test CA with server/client certificates; a TLS storescp is
   `storescp_factory(extra_args=StoreScp.tls_args(files))` (requires a client certificate).
@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,20 +34,17 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from bench.synthetic import write_series
 from shared.natsserver import free_port, wait_port
 
 STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
-MAKE_SERIES = Path(os.environ.get("CADUCEUS_MAKE_SERIES", "/work/shared/tools/make_series.py"))
 
 
 def make_series(out_dir: Path, n: int, *, size: int = 64, studies: int = 1, series_per_study: int = 1,
                 ) -> list[Path]:
     """Write a synthetic CT series (n slices of size x size) and return the files, sorted."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(MAKE_SERIES), str(out_dir), str(n), "--size", str(size),
-                    "--studies", str(studies), "--series-per-study", str(series_per_study)],
-                   check=True, capture_output=True)
+    write_series(out_dir, n, size=size, studies=studies, series_per_study=series_per_study)
     return sorted(out_dir.glob("*.dcm"))
 
 
