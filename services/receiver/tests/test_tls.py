@@ -1,0 +1,30 @@
+"""The receiver over TLS: DCMTK storescu with a client certificate gets in, plain TCP does not."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from bench.common import Peer, storescu
+from services.receiver.tests.helpers import apply_settings, wait_events
+from shared.bus import Bus
+from tests.peers import make_tls_files
+
+
+async def test_tls_with_client_certificates(receiver: Peer, bus: Bus, series5: Path, tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    await apply_settings(bus, tls_certificate=str(tls.server_cert), tls_key=str(tls.server_key),
+                         tls_ca=str(tls.ca))
+    await asyncio.sleep(1.0)  # the live configuration reaches the receiver; TLS applies to new associations
+
+    secure = await asyncio.to_thread(storescu, receiver.port, series5, extra=[
+        "+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca)])
+    assert secure.returncode == 0, secure.output
+    received = await wait_events(bus, "image.received", 5)
+    assert len({e.sop_uid for e in received}) == 5
+
+    plain = await asyncio.to_thread(storescu, receiver.port, series5)
+    assert plain.returncode != 0
+
+    anonymous = await asyncio.to_thread(storescu, receiver.port, series5, extra=["+tla", "+cf", str(tls.ca)])
+    assert anonymous.returncode != 0, "a client without a certificate must be refused when a CA is configured"
