@@ -87,6 +87,11 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
         received = {e.sop_uid for e in cad.events("image.received")}
         assert accepted <= received
         wait_audit_complete(cad, timeout=90)
+        crashed = [e.payload["service"] for e in cad.events("service.crashed")]
+        delivered = storescp_deliveries(dest.files())
+        print(f"RESULT nats restart: storescu accepted {len(first.accepted)}/150 in the broken association, "
+              f"resent {len(first.failed)}; deliveries {sum(delivered.values())} for {len(delivered)} instances; "
+              f"services crashed: {crashed}")
     finally:
         cad.kill_all()
         if replacement is not None:
