@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from services.receiver.timing import PhaseTimer
 from shared.blobstore import BlobInfo, LocalBlobStore, blob_key
 from shared.config.model import SettingsItem
 from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
@@ -64,6 +66,7 @@ class AssociationInfo:
     stored: int = 0
     failed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    timer: PhaseTimer | None = None  # CADUCEUS_RECEIVER_TIMING=1 (services/receiver/timing.py)
 
 
 class LocalBlobWriter:
@@ -121,15 +124,20 @@ class Ingest:
     # ------------------------------------------------------------ the C-STORE path
 
     def store(self, assoc: AssociationInfo, data: bytes, context_ts: str, request_sop_uid: str) -> int:
+        timer, mark = assoc.timer, time.perf_counter_ns()
         settings = self.settings()
         if not self._enough_space(settings):
             return self._reject(assoc, "free space below min_free_space_mb "
                                 f"({settings.min_free_space_mb} MB)", request_sop_uid)
+        if timer:
+            mark = timer.mark("space", mark)
         try:
             tags = extract_tags(data, settings.extract_tags)
             self._check_identity(tags)
         except TagExtractionError as exc:
             return self._quarantine(assoc, data, str(exc), request_sop_uid)
+        if timer:
+            mark = timer.mark("tags", mark)
         ctx = {"study_uid": tags.study_uid, "series_uid": tags.series_uid, "sop_uid": tags.sop_uid}
         if request_sop_uid and tags.sop_uid != request_sop_uid:
             log.warning("dataset SOP Instance UID differs from the C-STORE request's (%s); using the "
@@ -140,17 +148,23 @@ class Ingest:
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
+        if timer:
+            mark = timer.mark("write", mark)
         event = make_event("image.received", ACTOR, ImageReceived(
             sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
             blob_key=info.key, size=info.size, sha256=info.sha256, calling_aet=assoc.calling_aet,
             called_aet=assoc.called_aet, peer_host=assoc.peer_host, peer_port=assoc.peer_port,
             association_id=assoc.association_id, duplicate=duplicate, tags=tags.tags),
             study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
+        if timer:
+            mark = timer.mark("event", mark)
         try:
             self.publish(event, self.publish_timeout)
         except Exception as exc:  # noqa: BLE001 - not acknowledged means not accepted
             log.error("image.received not acknowledged by JetStream: %s", exc, extra=ctx)
             return self._reject(assoc, f"event not acknowledged: {exc}", tags.sop_uid, tags)
+        if timer:
+            timer.mark("publish", mark)
         assoc.stored += 1
         if duplicate != "new":
             log.info("duplicate instance (%s)", duplicate, extra=ctx)

@@ -22,8 +22,9 @@ from pynetdicom.events import Event as DicomEvent
 from pynetdicom.presentation import AllStoragePresentationContexts, VerificationPresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from services.receiver import fastpath
+from services.receiver import fastpath, part10, timing
 from services.receiver.ingest import STATUS_OUT_OF_RESOURCES, AssociationInfo, Ingest
+from services.receiver.timing import PhaseTimer
 from shared.config.model import SettingsItem
 from shared.events import (
     AssociationAccepted,
@@ -132,6 +133,9 @@ class StorageSCP:
     def build_ae(self, settings: SettingsItem) -> AE:
         # Any storage-like SOP class (including private and unknown ones) is accepted as storage.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # pynetdicom's own event logging formats every DIMSE message (~0.2 ms per image) even when
+        # nothing is logged; the receiver logs associations and failures itself.
+        _config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_associations = 200
         ae.maximum_pdu_size = settings.max_pdu
@@ -231,7 +235,8 @@ class StorageSCP:
         info = AssociationInfo(
             association_id=uuid.uuid4().hex, calling_aet=str(assoc.requestor.ae_title).strip(),
             called_aet=str(assoc.requestor.primitive.called_ae_title).strip(),
-            peer_host=str(assoc.requestor.address), peer_port=int(assoc.requestor.port))
+            peer_host=str(assoc.requestor.address), peer_port=int(assoc.requestor.port),
+            timer=PhaseTimer() if timing.enabled() else None)
         assoc.caduceus_info = info
         with self._lock:
             self.open_associations += 1
@@ -244,12 +249,23 @@ class StorageSCP:
 
     def _on_store(self, event: DicomEvent) -> int:
         info: AssociationInfo = event.assoc.caduceus_info  # type: ignore[attr-defined]
+        timer = info.timer
+        mark = timer.start_image() if timer else 0
+        try:
+            return self._store(event, info, mark)
+        finally:
+            if timer:
+                timer.end_image()
+
+    def _store(self, event: DicomEvent, info: AssociationInfo, mark: int) -> int:
         request_sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data = part10.encoded_dataset(event)
         except Exception as exc:  # noqa: BLE001 - file meta could not be built: keep the raw dataset
             raw = _raw_dataset(event)
             return self.ingest._quarantine(info, raw, f"no file meta could be built: {exc}", request_sop_uid)
+        if info.timer:
+            info.timer.mark("encode", mark)
         try:
             return self.ingest.store(info, data, str(event.context.transfer_syntax), request_sop_uid)
         except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
@@ -276,6 +292,8 @@ class StorageSCP:
             return  # rejected, never negotiated, or already reported
         with self._lock:
             self.open_associations -= 1
+        if info.timer:
+            log.info("association timing (ms per image)", extra={"data": info.timer.summary()})
         self.publish_later(make_event("association.ended", "receiver", AssociationEnded(
             association_id=info.association_id, calling_aet=info.calling_aet, peer_host=info.peer_host,
             instances_stored=info.stored, instances_failed=info.failed, how=how)))
