@@ -51,6 +51,7 @@ from bench.pipeline import (
     ts,
     wait_for_files,
 )
+from shared.health import EXPECTED_SERVICES
 
 GOAL_RATIO = 3.0
 
@@ -241,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", default="1,2,4", help="comma separated numbers of concurrent senders")
     parser.add_argument("--quiet", type=float, default=1.0, help="settings.series_complete_seconds")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy pass; stacks written here")
+    parser.add_argument("--services", default=",".join(EXPECTED_SERVICES),
+                        help="services `caduceus up` runs (e.g. without bookkeeper, to see what it costs)")
+    parser.add_argument("--database-url", default="",
+                        help="CADUCEUS_DATABASE_URL for the bookkeeper (default: SQLite in the data dir)")
     parser.add_argument("--smoke", action="store_true", help="5 images of 64x64, senders 1,2")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -259,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             k: [make_series(work / f"s{k}-{i}", args.n, args.size) for i in range(k)] for k in senders}
         direct_dest = start_storescp(work / "dest-direct")
         cad_dest = start_storescp(work / "dest-caduceus")
-        cad = start_caduceus(work / "caduceus", route_all_config(cad_dest.port, args.quiet))
+        env = {"CADUCEUS_DATABASE_URL": args.database_url} if args.database_url else {}
+        cad = start_caduceus(work / "caduceus", route_all_config(cad_dest.port, args.quiet), env=env,
+                             services=tuple(s for s in args.services.split(",") if s))
         direct: dict[int, Measurement] = {}
         caduceus: dict[int, Measurement] = {}
         try:

@@ -114,7 +114,7 @@ class Caduceus:
 
 
 def start_caduceus(workdir: Path, config: dict[str, Any], *, env: dict[str, str] | None = None,
-                   timeout: float = 120) -> Caduceus:
+                   services: tuple[str, ...] = EXPECTED_SERVICES, timeout: float = 120) -> Caduceus:
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "caduceus.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -125,26 +125,26 @@ def start_caduceus(workdir: Path, config: dict[str, Any], *, env: dict[str, str]
     full_env.pop("CADUCEUS_NATS_URL", None)  # always the embedded NATS of this run
     args = [sys.executable, "-m", "cli.main", "up", "--data-dir", str(data_dir), "--config", str(config_path),
             "--dicom-port", str(dicom_port), "--ui-port", str(ui_port), "--nats-port", str(nats_port),
-            "--heartbeat-seconds", "1"]
+            "--heartbeat-seconds", "1", "--services", ",".join(services)]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
     run = Caduceus(workdir, data_dir, proc, dicom_port, f"nats://127.0.0.1:{nats_port}", log_path)
     try:
         wait_port("127.0.0.1", dicom_port, timeout=timeout)
-        asyncio.run(_wait_healthy(run.nats_url, timeout))
+        asyncio.run(_wait_healthy(run.nats_url, services, timeout))
     except Exception:
         run.stop()
         raise RuntimeError(f"caduceus up did not become healthy:\n{run.log_text()[-3000:]}") from None
     return run
 
 
-async def _wait_healthy(nats_url: str, timeout: float) -> None:
+async def _wait_healthy(nats_url: str, services: tuple[str, ...], timeout: float) -> None:
     """Every service heartbeats and the router reports it has caught up with EVENTS."""
     deadline = time.monotonic() + timeout
     bus = await Bus.connect(nats_url, actor="bench", declare=False)
     try:
         while time.monotonic() < deadline:
-            report = await collect_health(bus, EXPECTED_SERVICES)
+            report = await collect_health(bus, services)
             router = [i for s in report.services if s.service == "router" for i in s.instances]
             if report.healthy and router and router[0].details.get("caught_up"):
                 return
