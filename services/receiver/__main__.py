@@ -1,7 +1,13 @@
 """`python -m services.receiver`: the DICOM C-STORE SCP."""
 
+import os
+import sys
+
 from services.receiver.service import ReceiverService
 from shared.runtime import run_service
 
 if __name__ == "__main__":
+    # A thread waiting for the GIL (the blob writer, the DUL thread reading the next PDU) gets
+    # it after at most this long while another thread runs Python code (default 5 ms).
+    sys.setswitchinterval(float(os.environ.get("CADUCEUS_RECEIVER_SWITCH_INTERVAL", "0.0005")))
     run_service(ReceiverService)

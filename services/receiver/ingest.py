@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,6 +97,62 @@ class LocalBlobWriter:
     def free_bytes(self) -> int | None:
         return self.store.free_bytes()
 
+    # Two-step write, so the data can go to disk while the tags are read (see Ingest.store).
+    def stage(self, data: bytes) -> Staged:
+        """Write `data` to a temp file in the store and fsync it; the key is not known yet."""
+        tmp = self.store._tmp / f"{uuid.uuid4().hex}.part"  # the store's own temp dir (same filesystem)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                if self.store.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return Staged(tmp, len(data), hashlib.sha256(data).hexdigest())
+
+    def commit(self, key: str, staged: Staged) -> BlobInfo:
+        """Rename a staged file to `key` and make the rename (and new directories) durable."""
+        path = self.store.path(key)
+        created = _missing_parents(path.parent, self.store.root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged.path, path)
+        if self.sync_dirs:
+            for directory in {path.parent, *(d.parent for d in created)}:
+                _fsync_dir(directory)
+        return BlobInfo(key, staged.size, staged.sha256)
+
+
+@dataclass(frozen=True)
+class Staged:
+    path: Path
+    size: int
+    sha256: str
+
+
+class StagedWrite:
+    """A stage() running on a worker thread; commit it under a key or discard it."""
+
+    def __init__(self, writer: LocalBlobWriter, data: bytes, pool: ThreadPoolExecutor) -> None:
+        self.writer = writer
+        self.future: Future[Staged] = pool.submit(writer.stage, data)
+        self.done = False
+
+    def commit(self, key: str) -> BlobInfo:
+        self.done = True
+        return self.writer.commit(key, self.future.result())
+
+    def discard(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            staged = self.future.result()
+        except Exception:  # noqa: BLE001 - stage() already removed its temp file
+            return
+        staged.path.unlink(missing_ok=True)
+
 
 def _missing_parents(directory: Path, root: Path) -> list[Path]:
     missing = []
@@ -120,6 +177,10 @@ class Ingest:
         self.publish = publish
         self.settings = settings
         self.publish_timeout = publish_timeout
+        # Local store: the file is written and fsynced on a worker thread while the association
+        # thread reads the tags (write, fsync and sha256 release the GIL).
+        self.stage_pool = (ThreadPoolExecutor(max_workers=32, thread_name_prefix="blob-stage")
+                           if isinstance(writer, LocalBlobWriter) else None)
 
     # ------------------------------------------------------------ the C-STORE path
 
@@ -131,6 +192,17 @@ class Ingest:
                                 f"({settings.min_free_space_mb} MB)", request_sop_uid)
         if timer:
             mark = timer.mark("space", mark)
+        staged = (StagedWrite(self.writer, data, self.stage_pool)
+                  if self.stage_pool is not None and isinstance(self.writer, LocalBlobWriter) else None)
+        try:
+            return self._store(assoc, data, context_ts, request_sop_uid, staged, settings, mark)
+        finally:
+            if staged is not None:
+                staged.discard()  # nothing if it was committed
+
+    def _store(self, assoc: AssociationInfo, data: bytes, context_ts: str, request_sop_uid: str,
+               staged: StagedWrite | None, settings: SettingsItem, mark: int) -> int:
+        timer = assoc.timer
         try:
             tags = extract_tags(data, settings.extract_tags)
             self._check_identity(tags)
@@ -144,7 +216,7 @@ class Ingest:
                         "dataset's", request_sop_uid, extra=ctx)
         key = blob_key("instances", tags.study_uid, tags.series_uid, tags.sop_uid + ".dcm")
         try:
-            info, duplicate = self._write(key, data)
+            info, duplicate = self._write(key, data, staged)
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
@@ -184,13 +256,15 @@ class Ingest:
             return False
         return free is None or free >= settings.min_free_space_mb * 1024 * 1024
 
-    def _write(self, key: str, data: bytes) -> tuple[BlobInfo, Literal["new", "identical", "replaced"]]:
+    def _write(self, key: str, data: bytes,
+               staged: StagedWrite | None) -> tuple[BlobInfo, Literal["new", "identical", "replaced"]]:
         existing = self.writer.read(key)
-        if existing is not None:
-            if existing == data:
-                return BlobInfo(key, len(data), hashlib.sha256(data).hexdigest()), "identical"
-            return self.writer.put(key, data), "replaced"
-        return self.writer.put(key, data), "new"
+        if existing is not None and existing == data:
+            return BlobInfo(key, len(data), hashlib.sha256(data).hexdigest()), "identical"
+        duplicate: Literal["new", "replaced"] = "new" if existing is None else "replaced"
+        if staged is not None:
+            return staged.commit(key), duplicate
+        return self.writer.put(key, data), duplicate
 
     # ------------------------------------------------------------ failures
 
