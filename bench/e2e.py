@@ -20,7 +20,8 @@ image.received (stream time) -> series.completed minus the quiet period; decide 
 --profile DIR: after the measurements, one more single-sender caduceus pass with
 `py-spy record --nonblocking` attached to router, dispatcher, bookkeeper and receiver; prints the
 functions with the most samples (self and inclusive) per service and keeps the raw stacks in DIR.
---smoke: 5 images of 64x64, senders 1,2: checks the machinery, not the targets.
+--smoke: 5 images of 64x64, senders 1,2, only receiver/router/dispatcher, no warm-up: checks the
+machinery, not the targets.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from bench.common import Peer, make_series, start_storescp, storescu
 from bench.pipeline import (
+    DATA_PATH,
     DEST_AET,
     Caduceus,
     clear_dir,
@@ -242,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", default="1,2,4", help="comma separated numbers of concurrent senders")
     parser.add_argument("--quiet", type=float, default=1.0, help="settings.series_complete_seconds")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy pass; stacks written here")
-    parser.add_argument("--services", default=",".join(EXPECTED_SERVICES),
-                        help="services `caduceus up` runs (e.g. without bookkeeper, to see what it costs)")
+    parser.add_argument("--services", default=None,
+                        help="services `caduceus up` runs (default all seven; --smoke: the data path "
+                             f"{','.join(DATA_PATH)}), e.g. without the bookkeeper to see what it costs")
     parser.add_argument("--database-url", default="",
                         help="CADUCEUS_DATABASE_URL for the bookkeeper (default: SQLite in the data dir)")
     parser.add_argument("--smoke", action="store_true", help="5 images of 64x64, senders 1,2")
@@ -252,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.size, args.senders = 5, 64, "1,2"
+    if args.services is None:
+        args.services = ",".join(DATA_PATH if args.smoke else EXPECTED_SERVICES)
     senders = [int(s) for s in args.senders.split(",") if s.strip()]
     timeout = 120 + args.n * max(senders) * 0.2
     with tempfile.TemporaryDirectory(prefix="caduceus-e2e-", dir=args.workdir) as tmp:
@@ -270,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         direct: dict[int, Measurement] = {}
         caduceus: dict[int, Measurement] = {}
         try:
-            measure_direct(direct_dest, [warmup], 3, timeout)  # warm-up, not counted
-            measure_caduceus(cad, cad_dest, [warmup], 3, args.quiet, timeout)
+            if not args.smoke:  # warm-up, not counted
+                measure_direct(direct_dest, [warmup], 3, timeout)
+                measure_caduceus(cad, cad_dest, [warmup], 3, args.quiet, timeout)
             # Direct and caduceus alternate per sender count, so both see the same machine load.
             for k, dirs in batches.items():
                 direct[k] = measure_direct(direct_dest, dirs, args.n, timeout)

@@ -17,7 +17,8 @@
 Every step prints its growth factor against the previous one; a step whose cost grew more than
 1.5x faster than its size is flagged "WORSE THAN LINEAR" (per-item cost for series, time for the
 log; the decision time should not grow with the rule count more than the rule count does).
---smoke: 1 and 5 series, 0 and 10 rules with 2 series, 240 and 2400 events.
+--smoke: 1 and 5 series, 0 and 10 rules with 2 series, 240 and 2400 events; `caduceus up` runs only
+receiver, router and dispatcher.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 
 from bench.common import REPO, Peer, make_series, start_storescp
 from bench.pipeline import (
+    DATA_PATH,
     Caduceus,
     clear_dir,
     last_seq,
@@ -47,6 +49,7 @@ from bench.pipeline import (
     ts,
     wait_for_files,
 )
+from shared.health import EXPECTED_SERVICES
 
 FLAG_FACTOR = 1.5
 IMAGES_PER_SERIES = 10
@@ -128,7 +131,8 @@ def bench_pipeline(work: Path, args: argparse.Namespace, skip: set[str]) -> dict
     """Series and rule growth share one `caduceus up` (rules are changed with `caduceus config apply`)."""
     results: dict[str, Any] = {}
     dest = start_storescp(work / "dest")
-    cad = start_caduceus(work / "caduceus", route_all_config(dest.port, args.quiet))
+    services = DATA_PATH if args.smoke else EXPECTED_SERVICES
+    cad = start_caduceus(work / "caduceus", route_all_config(dest.port, args.quiet), services=services)
     try:
         if "series" not in skip:
             results["series"] = bench_series(cad, dest, work, [int(c) for c in args.series.split(",")], args.quiet)

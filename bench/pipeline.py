@@ -32,6 +32,8 @@ from shared.natsserver import free_port, wait_port
 from shared.settings import UP_STATE_FILE
 
 DEST_AET = "STORESCP"
+# The services an image passes through: enough for smoke runs (starting all seven costs seconds).
+DATA_PATH = ("receiver", "router", "dispatcher")
 # Closing the benchmark's own NATS connections logs "disconnected" warnings: not news here.
 logging.getLogger("shared.bus").setLevel(logging.ERROR)
 
