@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from shared.config.model import TlsConfig
+
+from . import fastpath
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def _on_connection_open(event: evt.Event) -> None:
 
 
 def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
-    ae = AE(ae_title=dest.calling_aet)
+    ae = fastpath.FastAE(ae_title=dest.calling_aet)
     ae.requested_contexts = presentation_contexts(items)
     ae.maximum_pdu_size = 0
     ae.connection_timeout = 10
@@ -209,7 +211,13 @@ def _settle_reactor(assoc: Association, timeout: float = 0.2) -> None:
 
 def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
     """Send one instance and record its outcome; False if it never went out (association gone)."""
-    _settle_reactor(assoc)
+    if fastpath.installed(assoc):
+        # Its reactor never takes responses (no race to settle), but it notices an abort a few
+        # milliseconds late: do not send into an association that just ended.
+        if fastpath.ended(assoc):
+            return False
+    else:
+        _settle_reactor(assoc)
     try:
         response = assoc.send_c_store(item.path)
     except ValueError as exc:  # no accepted presentation context for this SOP class / syntax

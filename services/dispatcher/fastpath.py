@@ -1,0 +1,176 @@
+"""SCU-side replacements for pynetdicom's polling loops (pynetdicom 3.0), installed per association.
+
+Why (profiled, docs/performance.md "Dispatch hop"): per C-STORE, pynetdicom's SCU pays
+- the DUL thread's 1 ms sleeps, between the PDUs of the data set and while waiting for the
+  response (replaced by `shared.dicomnet`'s select-based DUL loop, as on the receiver side);
+- the association thread's loop, which sleeps 1 ms per round and only reaches the pause
+  checkpoint between sleeps, so `send_c_store()` waits for it before every request.
+
+The association thread of an SCU that sends C-STOREs and waits for each response itself has
+little to do: notice a peer's A-RELEASE request, an abort, a dead DUL thread and the network
+timeout. `_scu_reactor` does those checks every few milliseconds, reports itself paused at all
+other times, and never takes messages off the DIMSE queue. The last point also removes the race
+that `sender._settle_reactor` works around (pynetdicom's reactor, woken right after a send,
+taking the next send's C-STORE response off the queue).
+
+`FastAE` installs both at the moment pynetdicom creates the association's socket, before the DUL
+thread starts. `CADUCEUS_DISPATCH_FASTPATH=0` (or another pynetdicom version) keeps pynetdicom's
+own loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import types
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import P_DATA
+
+from shared import dicomnet
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 0.005  # seconds between the association thread's checks for release/abort/timeout
+
+
+def enabled() -> bool:
+    return dicomnet.supported() and os.environ.get("CADUCEUS_DISPATCH_FASTPATH", "1") != "0"
+
+
+class FastAE(AE):
+    """An AE whose requested associations run the fast loops (when `enabled()`)."""
+
+    def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> Any:
+        sock = super()._create_socket(assoc, address, tls_args)
+        if enabled():
+            dicomnet.install_dul(assoc.dul, sock)
+            _install_direct_send(assoc.dul, sock)
+            assoc._run_reactor = types.MethodType(_scu_reactor, assoc)
+            assoc.caduceus_fastpath = True
+        return sock
+
+
+def _install_direct_send(dul: Any, sock: Any) -> None:
+    """P-DATA from the sending thread straight to the socket, not through the DUL thread.
+
+    In the data transfer state (Sta6) pynetdicom's DUL turns each queued P-DATA primitive into a
+    P-DATA-TF PDU and writes it (DT-1, next state Sta6 again): no state change, so writing the
+    PDU from the calling thread is the same protocol step without the queue, the thread hand-over
+    per PDU and the state machine bookkeeping (EVT_PDU_SENT/EVT_FSM_TRANSITION are not fired for
+    these PDUs; EVT_DATA_SENT is). Ordering: the direct path is taken only while nothing is
+    queued for the DUL; once a P-DATA had to be queued (another state, an abort pending) every
+    later one is queued too, so P-DATA never overtakes queued P-DATA. One lock around every
+    socket write keeps a PDU the DUL writes (an A-ABORT) from interleaving with one written here.
+    """
+    write_lock = threading.Lock()
+    original_write = sock.send
+    queued_send_pdu = dul.send_pdu
+    direct = True
+
+    def locked_write(data: bytes) -> None:
+        with write_lock:
+            original_write(data)
+
+    def send_pdu(primitive: Any) -> None:
+        nonlocal direct
+        if direct and isinstance(primitive, P_DATA):
+            if dul.state_machine.current_state == "Sta6" and dul.to_provider_queue.empty():
+                locked_write(encode_p_data_tf(primitive.presentation_data_value_list))
+                return
+            direct = False
+        queued_send_pdu(primitive)
+
+    sock.send = locked_write
+    dul.send_pdu = send_pdu
+
+
+def encode_p_data_tf(values: list[tuple[int, bytes]]) -> bytes:
+    """A P-DATA-TF PDU (PS3.8 9.3.5): type 04, reserved, length, then one PDV item per value."""
+    parts: list[bytes] = []
+    for context_id, value in values:  # value = message control header byte + fragment
+        parts.append(struct.pack(">IB", len(value) + 1, context_id))
+        parts.append(value)
+    body = b"".join(parts)
+    return struct.pack(">BBI", 0x04, 0x00, len(body)) + body
+
+
+def installed(assoc: Any) -> bool:
+    return bool(getattr(assoc, "caduceus_fastpath", False))
+
+
+def ended(assoc: Any, timeout: float = 1.0) -> bool:
+    """From the sending thread, before a request: has the association ended (or is it ending)?
+
+    The association thread notices a peer's abort or a closed connection within CHECK_EVERY; a
+    request sent in that moment would go to a dead DUL and wait the whole DIMSE timeout. The abort
+    primitive is already queued for the user, or the DUL thread gone, when the previous request
+    returned, so look at those directly, then give the association thread the moment it needs to
+    record how the association ended (`is_aborted`, for the error message).
+    """
+    if not assoc.is_established:
+        return True
+    if not assoc.acse.is_aborted() and assoc.dul.is_alive():
+        return False
+    deadline = time.monotonic() + timeout
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(CHECK_EVERY / 5)
+    return True
+
+
+def _scu_reactor(self: Any) -> None:
+    """Association._run_reactor for a requestor that only sends requests and reads their responses.
+
+    Pause handshake (what `send_c_store`/`release` expect): they clear `_reactor_checkpoint`, then
+    wait for `_is_paused`. Here `_is_paused` is False only while the checks run, and it is set
+    False *before* the checkpoint is looked at, so a sender that cleared the checkpoint and then
+    reads `_is_paused` True knows the checks are not running and will not start.
+    """
+    self._is_paused = True
+    checkpoint = self._reactor_checkpoint
+    while not self._kill:
+        time.sleep(CHECK_EVERY)
+        if not checkpoint.is_set():
+            continue
+        self._is_paused = False
+        if not checkpoint.is_set():
+            self._is_paused = True
+            continue
+        try:
+            finished = _checks(self)
+        finally:
+            self._is_paused = True
+        if finished:
+            return
+
+
+def _checks(self: Any) -> bool:
+    """pynetdicom's reactor checks minus serving DIMSE requests; True when the association ended."""
+    if self.is_established and self.acse.is_release_requested():
+        self.acse.send_release(is_response=True)
+        self.is_released = True
+        self.is_established = False
+        evt.trigger(self, evt.EVT_RELEASED, {})
+        self.kill()
+        return True
+    if self.acse.is_aborted():
+        # State first, then take the primitive: `ended()` (sending thread) sees one or the other.
+        self.is_aborted = True
+        self.is_established = False
+        self.dul.receive_pdu(wait=False)
+        evt.trigger(self, evt.EVT_ABORTED, {})
+        self.kill()
+        return True
+    if not self.dul.is_alive():
+        self.kill()
+        return True
+    if self.dul.idle_timer_expired():
+        log.error("network timeout reached")
+        self.abort()
+        self.kill()
+        return True
+    return False

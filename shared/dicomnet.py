@@ -1,0 +1,157 @@
+"""An event-driven DUL reactor for pynetdicom 3.0 associations, for both the SCP and the SCU side.
+
+Why: pynetdicom's DUL thread (`DULServiceProvider.run_reactor`) sleeps `_run_loop_delay` (1 ms)
+whenever it finds nothing to do, and reads the socket 4 KiB per `recv`. Every PDU that a sender
+hands over while the thread sleeps, and every response the peer sends, waits for the end of that
+sleep; with one C-STORE in flight at a time this is paid several times per image (see
+docs/performance.md, "Ingest" and "Dispatch hop"). Here the DUL thread instead waits in
+`select()` on the peer socket *and* a wake-up socketpair written by `send_pdu`, `kill_dul` and
+`stop_dul`, and the socket is read with large `recv_into` calls.
+
+The loop keeps pynetdicom's state machine, timers and abort handling (its body follows pynetdicom
+3.0's `DULServiceProvider.run_reactor`). `install_dul(dul, sock)` must run before the DUL thread
+starts: on the SCP side from EVT_CONN_OPEN (the association thread starts the DUL later), on the
+SCU side when the association's socket is created (before `Association.request()`).
+
+This module is the common part of the receiver's and the dispatcher's fast paths (the association
+reactors differ: an SCP serves requests, an SCU only waits for its own responses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import types
+from typing import Any
+
+import pynetdicom
+from pynetdicom.pdu import A_ABORT_RQ
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PYNETDICOM = ("3.0",)
+IDLE_WAIT = 0.05  # upper bound for a select() when nothing happens (timers are checked then)
+RECV_CHUNK = 1 << 20
+
+
+def supported() -> bool:
+    """The replaced loops follow pynetdicom 3.0's internals; other versions keep their own loops."""
+    return pynetdicom.__version__.startswith(SUPPORTED_PYNETDICOM)
+
+
+def install_dul(dul: Any, sock: Any) -> None:
+    """Replace the DUL thread's loop (before it starts) and `sock`'s (an AssociationSocket) recv."""
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+
+    def wake() -> None:
+        with contextlib.suppress(OSError):
+            wake_w.send(b"\0")
+
+    original_send_pdu = dul.send_pdu
+    original_kill = dul.kill_dul
+    original_stop = dul.stop_dul
+
+    def send_pdu(primitive: Any) -> None:
+        original_send_pdu(primitive)
+        wake()
+
+    def kill_dul() -> None:
+        original_kill()
+        wake()
+
+    def stop_dul() -> bool:
+        wake()
+        return bool(original_stop())
+
+    dul.send_pdu = send_pdu
+    dul.kill_dul = kill_dul
+    dul.stop_dul = stop_dul
+    dul._target = lambda: _dul_reactor(dul, wake_r, wake_w)
+    sock.recv = types.MethodType(_recv, sock)
+
+
+def _recv(self: Any, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv: same contract (short result when the peer closed), fewer syscalls."""
+    buffer = bytearray(nr_bytes)
+    received = 0
+    with memoryview(buffer) as view:
+        while received < nr_bytes:
+            count = self.socket.recv_into(view[received:], min(nr_bytes - received, RECV_CHUNK))
+            if count == 0:
+                break
+            received += count
+    if received < nr_bytes:
+        del buffer[received:]
+    return buffer
+
+
+def _wait(dul: Any, wake_r: socket.socket) -> None:
+    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+        return
+    sock = dul.socket.socket if dul.socket is not None else None
+    if sock is None or dul.socket._is_connected is False:
+        select.select([wake_r], [], [], 0.001)
+        _drain(wake_r)
+        return
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return
+    try:
+        ready, _, _ = select.select([sock, wake_r], [], [], IDLE_WAIT)
+    except (OSError, ValueError):
+        return  # the socket went away: the transport check reports it
+    if wake_r in ready:
+        _drain(wake_r)
+
+
+def _drain(wake_r: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while wake_r.recv(4096):
+            pass
+
+
+def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket) -> None:
+    dul._idle_timer.start()
+    idle = False
+    try:
+        while True:
+            if not dul.assoc._dul_ready.is_set():
+                dul.assoc._dul_ready.set()
+            if idle:
+                _wait(dul, wake_r)
+            if dul._kill_thread:
+                break
+            if dul.artim_timer.expired:
+                dul.event_queue.put("Evt18")
+            try:
+                if dul._process_recv_primitive():
+                    pass
+                elif dul._is_transport_event():
+                    dul._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - same recovery as pynetdicom: abort the association
+                log.error("exception in the DUL reactor, aborting the association: %s", exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                with contextlib.suppress(Exception):
+                    dul.socket.send(abort_pdu.encode())
+                dul.assoc.is_aborted = True
+                dul.assoc.is_established = False
+                dul.assoc._kill = True
+                dul._kill_thread = True
+                return
+            try:
+                event = dul.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            dul.state_machine.do_action(event)
+            idle = False
+    finally:
+        wake_r.close()
+        wake_w.close()
