@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -116,8 +117,9 @@ def ssl_context_for(settings: SettingsItem) -> ssl.SSLContext | None:
 class StorageSCP:
     def __init__(self, ingest: Ingest, settings: Callable[[], SettingsItem],
                  publish_later: Callable[[Event], None], host: str, port: int,
-                 use_fastpath: bool = True) -> None:
+                 use_fastpath: bool = True, on_conn_close: Callable[[], None] | None = None) -> None:
         self.ingest = ingest
+        self.on_conn_close = on_conn_close  # workers: tell the supervisor a connection ended
         self.settings = settings
         self.publish_later = publish_later
         self.host = host
@@ -148,7 +150,9 @@ class StorageSCP:
             ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> int:
+    def start(self, server_class: type[ThreadedAssociationServer] = ThreadedAssociationServer,
+              configure: Callable[[Any], None] | None = None) -> int:
+        """Start accepting (on a thread). `server_class`/`configure`: see services/receiver/workers.py."""
         settings = self.settings()
         ae = self.build_ae(settings)
         handlers = [
@@ -162,10 +166,15 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         self._tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
-        self.server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,  # type: ignore[assignment,arg-type]
-                                      ssl_context=ssl_context_for(settings))
-        assert self.server is not None
-        self.port = int(self.server.server_address[1])
+        server = ae.make_server((self.host, self.port), evt_handlers=handlers,  # type: ignore[arg-type]
+                                ssl_context=ssl_context_for(settings), server_class=server_class)
+        if configure is not None:
+            configure(server)
+        # As AE.start_server(block=False) does, with our server class.
+        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+        ae._servers.append(server)
+        self.server = server
+        self.port = int(server.server_address[1])
         return self.port
 
     def apply_settings(self, settings: SettingsItem) -> None:
@@ -280,6 +289,8 @@ class StorageSCP:
         self._ended(event.assoc, "aborted")
 
     def _on_conn_close(self, event: DicomEvent) -> None:
+        if self.on_conn_close is not None:
+            self.on_conn_close()
         # The close can come (from the DUL thread) just before EVT_RELEASED/EVT_ABORTED; give those
         # a moment to report the better reason, whoever pops the info first publishes.
         timer = threading.Timer(1.0, self._ended, (event.assoc, "closed"))
@@ -293,7 +304,7 @@ class StorageSCP:
         with self._lock:
             self.open_associations -= 1
         if info.timer:
-            log.info("association timing (ms per image)", extra={"data": info.timer.summary()})
+            log.info("association timing (ms per image)", extra={"data": {**info.timer.summary(), "pid": os.getpid()}})
         self.publish_later(make_event("association.ended", "receiver", AssociationEnded(
             association_id=info.association_id, calling_aet=info.calling_aet, peer_host=info.peer_host,
             instances_stored=info.stored, instances_failed=info.failed, how=how)))

@@ -9,15 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
 from services.receiver.scp import StorageSCP
+from services.receiver.workers import RoutingServer, WorkerPool, worker_count
 from shared.blobstore import BlobInfo, LocalBlobStore, NatsObjectBlobStore, open_blob_store
+from shared.bus import Bus
 from shared.config.model import CaduceusConfig, SettingsItem
 from shared.events import Event
 from shared.runtime import Service
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,43 +60,72 @@ class AsyncBlobWriter:
         return None
 
 
+def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], SettingsItem],
+              loop: asyncio.AbstractEventLoop, on_conn_close: Callable[[], None] | None = None) -> StorageSCP:
+    """The storage SCP with its Ingest, publishing through `bus` on `loop` (supervisor and workers)."""
+    bridge = ThreadBridge(loop)
+    publish_timeout = float(os.environ.get("CADUCEUS_RECEIVER_PUBLISH_TIMEOUT", "5"))
+    use_fastpath = os.environ.get("CADUCEUS_RECEIVER_FASTPATH", "1") != "0"
+    store = open_blob_store(settings.blob_store, settings.data_dir, bus.js)
+    writer: BlobWriter
+    if isinstance(store, LocalBlobStore):
+        # Measurement switch only (docs/performance.md): without fsync an acknowledged image
+        # can be lost in a power cut.
+        store.fsync = os.environ.get("CADUCEUS_RECEIVER_FSYNC", "1") != "0"
+        writer = LocalBlobWriter(store)
+    else:
+        assert isinstance(store, NatsObjectBlobStore)
+        writer = AsyncBlobWriter(store, bridge)
+
+    def publish(event: Event, timeout: float) -> int:
+        # retries=0: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
+        return bridge.run(bus.publish(event, timeout=timeout, retries=0), timeout + 1)  # type: ignore[no-any-return]
+
+    def publish_later(event: Event) -> None:
+        future = bridge.submit(bus.publish(event, timeout=publish_timeout, retries=2))
+        future.add_done_callback(_log_failure(event))
+
+    ingest = Ingest(writer, publish, settings_item, publish_timeout=publish_timeout)
+    return StorageSCP(ingest, settings_item, publish_later, settings.dicom_host, settings.dicom_port,
+                      use_fastpath=use_fastpath, on_conn_close=on_conn_close)
+
+
+def drain_associations(scp: StorageSCP, grace: float = 15.0) -> None:
+    """SIGTERM: stop accepting; give open associations a moment to finish, then abort them."""
+    server = scp.server
+    if server is None:
+        return
+    server.ae.maximum_associations = 0  # new requests are rejected (local limit exceeded)
+    deadline = time.monotonic() + grace
+    while scp.active_associations() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    scp.stop()
+
+
 class ReceiverService(Service):
     name = "receiver"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.scp: StorageSCP | None = None
-        # How long a C-STORE waits for JetStream's ack before answering 0xA700.
-        self.publish_timeout = float(os.environ.get("CADUCEUS_RECEIVER_PUBLISH_TIMEOUT", "5"))
-        self.use_fastpath = os.environ.get("CADUCEUS_RECEIVER_FASTPATH", "1") != "0"
+        self.pool: WorkerPool | None = None
 
     async def setup(self) -> None:
-        bridge = ThreadBridge(asyncio.get_running_loop())
-        store = open_blob_store(self.settings.blob_store, self.settings.data_dir, self.bus.js)
-        writer: BlobWriter
-        if isinstance(store, LocalBlobStore):
-            # Measurement switch only (docs/performance.md): without fsync an acknowledged image
-            # can be lost in a power cut.
-            store.fsync = os.environ.get("CADUCEUS_RECEIVER_FSYNC", "1") != "0"
-            writer = LocalBlobWriter(store)
+        workers = worker_count()
+        if workers > 1:
+            self.pool = WorkerPool(workers - 1, self.instance)
+        pool = self.pool
+        self.scp = build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop(),
+                             on_conn_close=pool.local_closed if pool else None)
+        if pool is not None:
+            port = await asyncio.to_thread(self.scp.start, RoutingServer,
+                                           lambda server: setattr(server, "router", pool.route))
+            pool.start()
         else:
-            assert isinstance(store, NatsObjectBlobStore)
-            writer = AsyncBlobWriter(store, bridge)
-
-        def publish(event: Event, timeout: float) -> int:
-            # retries=0: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
-            return bridge.run(self.bus.publish(event, timeout=timeout, retries=0), timeout + 1)  # type: ignore[no-any-return]
-
-        def publish_later(event: Event) -> None:
-            future = bridge.submit(self.bus.publish(event, timeout=self.publish_timeout, retries=2))
-            future.add_done_callback(_log_failure(event))
-
-        ingest = Ingest(writer, publish, self._settings, publish_timeout=self.publish_timeout)
-        self.scp = StorageSCP(ingest, self._settings, publish_later, self.settings.dicom_host,
-                              self.settings.dicom_port, use_fastpath=self.use_fastpath)
-        port = await asyncio.to_thread(self.scp.start)
+            port = await asyncio.to_thread(self.scp.start)
         log.info("DICOM storage SCP listening", extra={"data": {
-            "host": self.settings.dicom_host, "port": port, "ae_title": self._settings().ae_title}})
+            "host": self.settings.dicom_host, "port": port, "ae_title": self._settings().ae_title,
+            "processes": workers}})
 
     def _settings(self) -> SettingsItem:
         return self.config.settings
@@ -101,28 +135,19 @@ class ReceiverService(Service):
             self.scp.apply_settings(config.settings)
 
     async def teardown(self) -> None:
+        jobs = []
+        if self.pool is not None:
+            jobs.append(asyncio.to_thread(self.pool.stop))
         if self.scp is not None:
-            await asyncio.to_thread(self._drain_associations)
-
-    def _drain_associations(self, grace: float = 15.0) -> None:
-        """SIGTERM: stop accepting; give open associations a moment to finish, then abort them."""
-        import time
-
-        scp = self.scp
-        assert scp is not None
-        server = scp.server
-        if server is None:
-            return
-        server.ae.maximum_associations = 0  # new requests are rejected (local limit exceeded)
-        deadline = time.monotonic() + grace
-        while scp.active_associations() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        scp.stop()
+            jobs.append(asyncio.to_thread(drain_associations, self.scp))
+        await asyncio.gather(*jobs)
 
     def health_details(self) -> dict[str, Any]:
-        details = dict(self.counters)
+        details: dict[str, Any] = dict(self.counters)
         if self.scp is not None:
             details["open_associations"] = self.scp.active_associations()
+        if self.pool is not None:
+            details.update(self.pool.details())
         return details
 
 

@@ -1,0 +1,99 @@
+"""Receiver worker processes (services/receiver/workers.py): spread, restart, exit with the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.common import Peer, make_series, start_receiver, storescu
+from services.receiver.tests.helpers import wait_events
+from shared.bus import Bus
+
+WORKER_STARTED = re.compile(r"receiver worker (\d+) started \(pid (\d+)\)")
+
+
+@pytest.fixture
+def two_process_receiver(nats_url: str, data_dir: Path, tmp_path: Path) -> Iterator[Peer]:
+    peer = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log",
+                          env={"CADUCEUS_RECEIVER_WORKERS": "2", "CADUCEUS_RECEIVER_TIMING": "1"})
+    yield peer
+    peer.stop()
+
+
+def _wait_log(peer: Peer, text: str, count: int = 1, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = peer.log_text()
+        if log.count(text) >= count:
+            return log
+        assert time.monotonic() < deadline, f"{text!r} x{count} not in the log:\n{log[-3000:]}"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_parallel_senders_are_spread_over_the_processes(two_process_receiver: Peer, bus: Bus,
+                                                              tmp_path: Path) -> None:
+    peer = two_process_receiver
+    _wait_log(peer, "receiver worker ready")
+    folders = [make_series(tmp_path / f"s{i}", 5, size=64) for i in range(4)]
+    results = await asyncio.gather(*(asyncio.to_thread(storescu, peer.port, f) for f in folders))
+    assert all(r.returncode == 0 for r in results), [r.output[-1000:] for r in results]
+    events = await wait_events(bus, "image.received", 20)
+    assert len({e.sop_uid for e in events}) == 20
+    log = _wait_log(peer, "association timing", 4)
+    pids = re.findall(r'"association timing \(ms per image\)".*?"pid": (\d+)', log)
+    assert len(set(pids)) == 2, log[-3000:]  # both processes served associations
+    assert sorted(pids.count(p) for p in set(pids)) == [2, 2]  # fewest open connections wins
+
+
+async def test_a_dead_worker_is_replaced(two_process_receiver: Peer, bus: Bus, tmp_path: Path) -> None:
+    peer = two_process_receiver
+    log = _wait_log(peer, "receiver worker ready")
+    worker_pid = int(WORKER_STARTED.findall(log)[0][1])
+    os.kill(worker_pid, signal.SIGKILL)
+    log = _wait_log(peer, "receiver worker ready", 2)
+    assert "receiver worker 1 exited" in log
+    folders = [make_series(tmp_path / f"s{i}", 3, size=64) for i in range(2)]
+    results = await asyncio.gather(*(asyncio.to_thread(storescu, peer.port, f) for f in folders))
+    assert all(r.returncode == 0 for r in results), [r.output[-1000:] for r in results]
+    assert len(await wait_events(bus, "image.received", 6)) == 6
+
+
+def test_workers_exit_when_the_supervisor_is_killed(two_process_receiver: Peer) -> None:
+    peer = two_process_receiver
+    log = _wait_log(peer, "receiver worker ready")
+    worker_pid = int(WORKER_STARTED.findall(log)[0][1])
+    assert peer.process is not None
+    peer.process.kill()
+    peer.process.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker_pid):
+        assert time.monotonic() < deadline, "worker outlived its supervisor"
+        time.sleep(0.1)
+
+
+def test_sigterm_stops_supervisor_and_workers(two_process_receiver: Peer) -> None:
+    peer = two_process_receiver
+    log = _wait_log(peer, "receiver worker ready")
+    worker_pid = int(WORKER_STARTED.findall(log)[0][1])
+    peer.stop(timeout=40)
+    assert peer.process is not None and peer.process.returncode == 0
+    assert not _alive(worker_pid)
