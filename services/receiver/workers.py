@@ -244,14 +244,40 @@ def run_worker(fd: int) -> None:
 
 
 async def _worker_main(settings: Any, channel: socket.socket) -> None:
-    from services.receiver.service import build_scp, drain_associations
-    from shared.bus import Bus
-    from shared.config.state import ConfigFollower
+    from services.receiver.service import drain_associations
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Until this worker says it is ready the supervisor sends nothing: the channel becoming
+    # readable means it closed (supervisor gone). Startup (NATS may be down) must not outlive it.
+    loop.add_reader(channel.fileno(), stop.set)
+    startup = asyncio.ensure_future(_start_worker(settings, channel, loop, stop))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    loop.remove_reader(channel.fileno())
+    if not startup.done():
+        startup.cancel()
+        with contextlib.suppress(BaseException):
+            await startup
+        return
+    stopped.cancel()
+    scp, follower, bus = startup.result()
+    channel.send(READY)
+    log.info("receiver worker ready", extra={"data": {"pid": os.getpid()}})
+    await stop.wait()
+    await asyncio.to_thread(drain_associations, scp)
+    await follower.stop()
+    await bus.close()
+
+
+async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.AbstractEventLoop,
+                        stop: asyncio.Event) -> tuple[Any, Any, Any]:
+    from services.receiver.service import build_scp
+    from shared.bus import Bus
+    from shared.config.state import ConfigFollower
+
     bus = await Bus.connect(settings.nats_url, actor="receiver")
     scp_holder: list[Any] = []
 
@@ -274,9 +300,4 @@ async def _worker_main(settings: Any, channel: socket.socket) -> None:
     scp = build_scp(settings, bus, lambda: follower.config.settings, loop, on_conn_close=ended)
     scp_holder.append(scp)
     await asyncio.to_thread(scp.start, HandedOverServer, configure)
-    channel.send(READY)
-    log.info("receiver worker ready", extra={"data": {"pid": os.getpid()}})
-    await stop.wait()
-    await asyncio.to_thread(drain_associations, scp)
-    await follower.stop()
-    await bus.close()
+    return scp, follower, bus

@@ -97,3 +97,17 @@ def test_sigterm_stops_supervisor_and_workers(two_process_receiver: Peer) -> Non
     peer.stop(timeout=40)
     assert peer.process is not None and peer.process.returncode == 0
     assert not _alive(worker_pid)
+
+
+def test_a_starting_worker_exits_when_the_supervisor_is_killed(two_process_receiver: Peer) -> None:
+    """Killed before its worker was ready (e.g. still connecting to NATS): no orphan stays behind."""
+    peer = two_process_receiver
+    log = _wait_log(peer, "receiver worker 1 started")
+    worker_pid = int(WORKER_STARTED.findall(log)[0][1])
+    assert peer.process is not None
+    peer.process.kill()
+    peer.process.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker_pid):
+        assert time.monotonic() < deadline, "starting worker outlived its supervisor"
+        time.sleep(0.1)
