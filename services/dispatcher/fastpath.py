@@ -4,7 +4,10 @@ Why (profiled, docs/performance.md "Dispatch hop"): per C-STORE, pynetdicom's SC
 - the DUL thread's 1 ms sleeps, between the PDUs of the data set and while waiting for the
   response (replaced by `shared.dicomnet`'s select-based DUL loop, as on the receiver side);
 - the association thread's loop, which sleeps 1 ms per round and only reaches the pause
-  checkpoint between sleeps, so `send_c_store()` waits for it before every request.
+  checkpoint between sleeps, so `send_c_store()` waits for it before every request;
+- the DIMSE/DUL machinery per PDU (a queue and a thread hand-over per P-DATA, pydicom encoding of
+  the command set): with the fast path installed the dispatcher sends its C-STOREs with
+  `cstore.send_c_store`, which writes the PDUs itself (this module provides the write lock).
 
 The association thread of an SCU that sends C-STOREs and waits for each response itself has
 little to do: notice a peer's A-RELEASE request, an abort, a dead DUL thread and the network
@@ -22,14 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 import types
 from typing import Any
 
 from pynetdicom import AE, evt
-from pynetdicom.pdu_primitives import P_DATA
 
 from shared import dicomnet
 
@@ -49,54 +50,25 @@ class FastAE(AE):
         sock = super()._create_socket(assoc, address, tls_args)
         if enabled():
             dicomnet.install_dul(assoc.dul, sock)
-            _install_direct_send(assoc.dul, sock)
+            _install_write_lock(assoc, sock)
             assoc._run_reactor = types.MethodType(_scu_reactor, assoc)
             assoc.caduceus_fastpath = True
         return sock
 
 
-def _install_direct_send(dul: Any, sock: Any) -> None:
-    """P-DATA from the sending thread straight to the socket, not through the DUL thread.
-
-    In the data transfer state (Sta6) pynetdicom's DUL turns each queued P-DATA primitive into a
-    P-DATA-TF PDU and writes it (DT-1, next state Sta6 again): no state change, so writing the
-    PDU from the calling thread is the same protocol step without the queue, the thread hand-over
-    per PDU and the state machine bookkeeping (EVT_PDU_SENT/EVT_FSM_TRANSITION are not fired for
-    these PDUs; EVT_DATA_SENT is). Ordering: the direct path is taken only while nothing is
-    queued for the DUL; once a P-DATA had to be queued (another state, an abort pending) every
-    later one is queued too, so P-DATA never overtakes queued P-DATA. One lock around every
-    socket write keeps a PDU the DUL writes (an A-ABORT) from interleaving with one written here.
-    """
+def _install_write_lock(assoc: Any, sock: Any) -> None:
+    """One lock around every socket write: `cstore.send_c_store` writes P-DATA-TF PDUs from the
+    sending thread while the DUL thread may write an A-ABORT or A-RELEASE; no PDU may interleave
+    with another. `assoc.caduceus_write(data)` is the locked write."""
     write_lock = threading.Lock()
     original_write = sock.send
-    queued_send_pdu = dul.send_pdu
-    direct = True
 
-    def locked_write(data: bytes) -> None:
+    def locked_write(data: bytes | bytearray) -> None:
         with write_lock:
             original_write(data)
 
-    def send_pdu(primitive: Any) -> None:
-        nonlocal direct
-        if direct and isinstance(primitive, P_DATA):
-            if dul.state_machine.current_state == "Sta6" and dul.to_provider_queue.empty():
-                locked_write(encode_p_data_tf(primitive.presentation_data_value_list))
-                return
-            direct = False
-        queued_send_pdu(primitive)
-
     sock.send = locked_write
-    dul.send_pdu = send_pdu
-
-
-def encode_p_data_tf(values: list[tuple[int, bytes]]) -> bytes:
-    """A P-DATA-TF PDU (PS3.8 9.3.5): type 04, reserved, length, then one PDV item per value."""
-    parts: list[bytes] = []
-    for context_id, value in values:  # value = message control header byte + fragment
-        parts.append(struct.pack(">IB", len(value) + 1, context_id))
-        parts.append(value)
-    body = b"".join(parts)
-    return struct.pack(">BBI", 0x04, 0x00, len(body)) + body
+    assoc.caduceus_write = locked_write
 
 
 def installed(assoc: Any) -> bool:

@@ -24,12 +24,15 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from shared.config.model import TlsConfig
 
-from . import fastpath
+from . import cstore, fastpath
 
 log = logging.getLogger(__name__)
 
 # Send file bytes as stored (pynetdicom reads the dataset from the file after its meta header).
 _config.STORE_SEND_CHUNKED_DATASET = True
+# pynetdicom's standard event handlers format every DIMSE message and PDU even when nothing is
+# logged (pynetdicom logs at WARNING here); the dispatcher logs outcomes itself.
+_config.LOG_HANDLER_LEVEL = "none"
 
 SUCCESS = 0x0000
 # Statuses that mean the peer stored the instance, with a remark worth a log line.
@@ -209,17 +212,26 @@ def _settle_reactor(assoc: Association, timeout: float = 0.2) -> None:
         time.sleep(0.00005)
 
 
-def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
-    """Send one instance and record its outcome; False if it never went out (association gone)."""
+def _c_store(assoc: Association, path: Path) -> int | None:
+    """The C-STORE status of one file, None without a response (see cstore/fastpath for why two paths)."""
     if fastpath.installed(assoc):
         # Its reactor never takes responses (no race to settle), but it notices an abort a few
         # milliseconds late: do not send into an association that just ended.
         if fastpath.ended(assoc):
-            return False
-    else:
-        _settle_reactor(assoc)
+            raise cstore.NotSent()
+        return cstore.send_c_store(assoc, path)
+    _settle_reactor(assoc)
+    return _status_of(assoc.send_c_store(path))
+
+
+def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
+    """Send one instance and record its outcome; False if it never went out (association gone)."""
     try:
-        response = assoc.send_c_store(item.path)
+        status = _c_store(assoc, item.path)
+    except cstore.NotSent:
+        if assoc.is_established:
+            assoc.abort()  # established but out of data transfer: do not keep trying on it
+        return False
     except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
         result.failed[item.index] = str(exc)
         return True
@@ -230,7 +242,6 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
     except Exception as exc:  # noqa: BLE001 - unreadable file, socket trouble: this instance failed
         result.failed[item.index] = f"{type(exc).__name__}: {exc}"
         return True
-    status = _status_of(response)
     if status is None:
         result.failed[item.index] = "no C-STORE response (association aborted while sending)"
         return True

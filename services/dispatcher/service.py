@@ -20,6 +20,7 @@ from .handlers import Dispatcher
 from .progress import ProgressStore
 
 log = logging.getLogger(__name__)
+LONG_POLL_SECONDS = 0.25
 
 
 class DispatcherSettings(Settings):
@@ -89,8 +90,9 @@ class DispatcherService(Service):
         for position, sub in enumerate(order):
             last = position == len(order) - 1
             try:
-                # Probe the preferred durables briefly; wait on the last one (a long poll).
-                msgs = await sub.fetch(1, timeout=1.0 if last else 0.05)
+                # Probe the preferred durables briefly; wait on the last one (a long poll). Work
+                # arriving on another durable meanwhile waits for this poll to end, so it is short.
+                msgs = await sub.fetch(1, timeout=LONG_POLL_SECONDS if last else 0.05)
             except (TimeoutError, NatsTimeoutError):
                 continue
             except Exception as exc:  # noqa: BLE001 - connection trouble: back off and pull again
