@@ -77,16 +77,23 @@ def install_dul(dul: Any, sock: Any) -> None:
 
 
 def _recv(self: Any, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv: same contract (short result when the peer closed), fewer syscalls."""
-    buffer = bytearray(nr_bytes)
+    """AssociationSocket.recv: same contract (short result when the peer closed), fewer syscalls.
+
+    `nr_bytes` comes from a PDU header, i.e. from the peer: a 6-byte header may claim 4 GB. The
+    buffer starts at most RECV_CHUNK long and doubles only as data actually arrives, so memory
+    follows what was received, not what was announced.
+    """
+    buffer = bytearray(min(nr_bytes, RECV_CHUNK))
     received = 0
-    with memoryview(buffer) as view:
-        while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], min(nr_bytes - received, RECV_CHUNK))
-            if count == 0:
-                break
-            received += count
-    if received < nr_bytes:
+    while received < nr_bytes:
+        if received == len(buffer):
+            buffer.extend(bytes(min(len(buffer), nr_bytes - received)))
+        with memoryview(buffer) as view:
+            count = self.socket.recv_into(view[received:], min(len(buffer) - received, RECV_CHUNK))
+        if count == 0:
+            break
+        received += count
+    if received < len(buffer):
         del buffer[received:]
     return buffer
 

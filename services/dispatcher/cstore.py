@@ -31,7 +31,7 @@ from pynetdicom.dsutils import split_dataset
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 1 << 20  # file bytes read (and PDUs written) per call
-UNLIMITED_FRAGMENT = 1 << 20  # fragment size when the peer has no maximum PDU length
+UNLIMITED_FRAGMENT = 1 << 20  # largest fragment per PDU (the peer's maximum may be 0 = none, or huge)
 PRIORITY_MEDIUM = 0x0000
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _META_READ = 64 * 1024  # enough for any file meta we write; longer ones go to split_dataset
@@ -126,8 +126,14 @@ def _pdu_header(context_id: int, control: int, fragment: bytes | memoryview) -> 
 
 
 def _fragment_size(assoc: Any) -> int:
-    maximum = int(assoc.acceptor.maximum_length or 0)  # the peer's maximum PDV list length
-    return maximum - 6 if maximum else UNLIMITED_FRAGMENT
+    """Bytes of message per PDU: within the peer's maximum PDV list length (PDV item header: 6
+    bytes), and never above UNLIMITED_FRAGMENT, which bounds what is read into memory at once."""
+    maximum = int(assoc.acceptor.maximum_length or 0)
+    if not maximum:
+        return UNLIMITED_FRAGMENT
+    if maximum <= 6:
+        raise ValueError(f"peer's maximum PDU length {maximum} leaves no room for data")
+    return min(maximum - 6, UNLIMITED_FRAGMENT)
 
 
 def _write_command(assoc: Any, context_id: int, command: bytes, fragment: int) -> None:

@@ -95,3 +95,16 @@ def test_small_peer_pdus_many_instances_bit_preserved(tmp_path: Path,
     received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in peer.files()}
     for item in items:
         assert _dataset_bytes(received[item.sop_uid]) == _dataset_bytes(item.path), item.path.name
+
+
+def test_fragment_size_follows_the_peer_maximum_within_bounds() -> None:
+    from types import SimpleNamespace
+
+    def assoc(maximum: int) -> SimpleNamespace:
+        return SimpleNamespace(acceptor=SimpleNamespace(maximum_length=maximum))
+
+    assert cstore._fragment_size(assoc(16384)) == 16378
+    assert cstore._fragment_size(assoc(0)) == cstore.UNLIMITED_FRAGMENT  # 0: the peer has no limit
+    assert cstore._fragment_size(assoc(0xFFFFFFFF)) == cstore.UNLIMITED_FRAGMENT  # memory stays bounded
+    with pytest.raises(ValueError):
+        cstore._fragment_size(assoc(6))
