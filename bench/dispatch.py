@@ -1,7 +1,7 @@
 """Dispatch-hop benchmark: the caduceus dispatcher vs DCMTK storescu, sending to the same storescp.
 
     python -m bench.dispatch [--count 300] [--size 512] [--repeat 3] [--parallel 1] [--smoke]
-                             [--workdir DIR] [--data DIR] [--json FILE] [--no-service]
+                             [--workdir DIR] [--data DIR] [--json FILE] [--no-service] [--baseline]
 
 One series (`make_series.py`) is staged the way the dispatcher meets it in production: every file
 in a LocalBlobStore under its instance key, plus a manifest. Then, per repeat and back to back,
@@ -11,6 +11,8 @@ against one DCMTK storescp (`TCP_NODELAY=1`, one association at a time, files wr
   (time = process wall clock);
 - `sender`: the dispatcher's `send_items()` sends the same files (time = the call, association
   set-up and release included);
+- `pynetdicom` (`--baseline`): `send_items()` with the fast path off (CADUCEUS_DISPATCH_FASTPATH=0:
+  pynetdicom's loops and its `send_c_store`), for the before/after in one run;
 - `service`: a DispatcherService (in this process, embedded nats-server) gets a `dispatch.requested`
   event; time = publish of the request until the `dispatch.completed` event arrives.
 
@@ -239,6 +241,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 clear(out_dir)
                 row["sender"], row["sender_cpu"] = await asyncio.to_thread(
                     time_sender, storescp.port, items, args.parallel)
+                if args.baseline:
+                    clear(out_dir)
+                    os.environ["CADUCEUS_DISPATCH_FASTPATH"] = "0"  # read per association
+                    try:
+                        row["pynetdicom"], row["pynetdicom_cpu"] = await asyncio.to_thread(
+                            time_sender, storescp.port, items, args.parallel)
+                    finally:
+                        os.environ.pop("CADUCEUS_DISPATCH_FASTPATH")
                 if count_files(out_dir) != len(items):
                     raise RuntimeError(f"storescp holds {count_files(out_dir)}/{len(items)} files")
                 if service:
@@ -251,6 +261,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     if count_files(out_dir) != len(items):
                         raise RuntimeError(f"storescp holds {count_files(out_dir)}/{len(items)} files")
                 row["ratio_sender"] = row["sender"] / row["storescu"]
+                if args.baseline:
+                    row["ratio_pynetdicom"] = row["pynetdicom"] / row["storescu"]
                 if service:
                     row["ratio_service"] = row["service"] / row["storescu"]
                 runs.append(row)
@@ -273,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="associations of the dispatcher")
     parser.add_argument("--no-service", dest="service", action="store_false",
                         help="skip the whole-service measurement")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time send_items() with the fast path off (pynetdicom's own loops and C-STORE)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--workdir", help="temporary files go here (removed at the end)")
     parser.add_argument("--data", help="keep the generated series here and reuse it")
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f", service {m['service_cpu']:.3f} s" if "service" in m else "")
           + " (sender/service: this process, all threads)")
     print(f"ratio sender/storescu {m['ratio_sender']:.2f} (target <= 1.5)")
+    if "ratio_pynetdicom" in m:
+        print(f"ratio pynetdicom/storescu {m['ratio_pynetdicom']:.2f} (fast path off; cpu {m['pynetdicom_cpu']:.3f} s)")
     if "ratio_service" in m:
         print(f"ratio service/storescu {m['ratio_service']:.2f} (target <= 1.5)")
     print(f"load {os.getloadavg()[0]:.2f}")

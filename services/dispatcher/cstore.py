@@ -23,7 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
@@ -34,7 +34,7 @@ BLOCK_BYTES = 1 << 20  # file bytes read (and PDUs written) per call
 UNLIMITED_FRAGMENT = 1 << 20  # largest fragment per PDU (the peer's maximum may be 0 = none, or huge)
 PRIORITY_MEDIUM = 0x0000
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_META_READ = 64 * 1024  # enough for any file meta we write; longer ones go to split_dataset
+_META_READ = 8 * 1024  # enough for a usual file meta (~200-400 bytes); longer ones go to split_dataset
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,12 @@ class NotSent(Exception):
 
 def read_file_meta(path: Path) -> FileMeta:
     with open(path, "rb") as file:
-        head = file.read(_META_READ)
-    meta = _walk_file_meta(head)
+        return _file_meta(file, path)
+
+
+def _file_meta(file: BinaryIO, path: Path) -> FileMeta:
+    file.seek(0)
+    meta = _walk_file_meta(file.read(_META_READ))
     if meta is not None:
         return meta
     dataset, offset = split_dataset(path)  # no preamble, odd lengths, a very long meta: pydicom decides
@@ -145,27 +149,28 @@ def _write_command(assoc: Any, context_id: int, command: bytes, fragment: int) -
     assoc.caduceus_write(out)
 
 
-def _write_data_set(assoc: Any, context_id: int, path: Path, offset: int, fragment: int) -> None:
-    with open(path, "rb") as file:
-        remaining = os.fstat(file.fileno()).st_size - offset
-        file.seek(offset)
-        per_block = max(1, BLOCK_BYTES // fragment) * fragment
-        if remaining <= 0:
-            assoc.caduceus_write(_pdu_header(context_id, 0x02, b""))
-            return
-        while remaining > 0:
-            block = file.read(min(per_block, remaining))
-            if not block:
-                raise OSError(f"{path} ended {remaining} bytes early")
-            remaining -= len(block)
-            out = bytearray()
-            with memoryview(block) as view:
-                for start in range(0, len(block), fragment):
-                    piece = view[start:start + fragment]
-                    last = remaining == 0 and start + fragment >= len(block)
-                    out += _pdu_header(context_id, 0x02 if last else 0x00, piece)
-                    out += piece
-            assoc.caduceus_write(out)
+def _write_data_set(assoc: Any, context_id: int, file: BinaryIO, offset: int, fragment: int) -> None:
+    remaining = os.fstat(file.fileno()).st_size - offset
+    file.seek(offset)
+    per_block = max(1, BLOCK_BYTES // fragment) * fragment
+    if remaining <= 0:
+        assoc.caduceus_write(_pdu_header(context_id, 0x02, b""))
+        return
+    while remaining > 0:
+        block = file.read(min(per_block, remaining))
+        if not block:
+            raise OSError(f"{file.name} ended {remaining} bytes early")
+        remaining -= len(block)
+        parts: list[bytes | memoryview] = []
+        with memoryview(block) as view:
+            for start in range(0, len(block), fragment):
+                piece = view[start:start + fragment]
+                last = remaining == 0 and start + fragment >= len(block)
+                parts.append(_pdu_header(context_id, 0x02 if last else 0x00, piece))
+                parts.append(piece)
+            data = b"".join(parts)  # one allocation and copy for the whole block
+            parts.clear()
+        assoc.caduceus_write(data)
 
 
 def _next_message_id(assoc: Any) -> int:
@@ -182,20 +187,21 @@ def send_c_store(assoc: Any, path: Path) -> int | None:
     that cannot be read before anything went out; a failure after the first PDU aborts the
     association (the peer holds half a message) and re-raises.
     """
-    meta = read_file_meta(path)
-    context = assoc._get_valid_context(meta.sop_class_uid, meta.transfer_syntax_uid, "scu",
-                                       allow_conversion=False)
-    if not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6":
-        raise NotSent()
-    message_id = _next_message_id(assoc)
-    command = encode_c_store_rq(message_id, meta.sop_class_uid, meta.sop_instance_uid)
-    fragment = _fragment_size(assoc)
-    try:
-        _write_command(assoc, context.context_id, command, fragment)
-        _write_data_set(assoc, context.context_id, path, meta.offset, fragment)
-    except Exception:
-        assoc.abort()
-        raise
+    with open(path, "rb") as file:
+        meta = _file_meta(file, path)
+        context = assoc._get_valid_context(meta.sop_class_uid, meta.transfer_syntax_uid, "scu",
+                                           allow_conversion=False)
+        if not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6":
+            raise NotSent()
+        message_id = _next_message_id(assoc)
+        command = encode_c_store_rq(message_id, meta.sop_class_uid, meta.sop_instance_uid)
+        fragment = _fragment_size(assoc)
+        try:
+            _write_command(assoc, context.context_id, command, fragment)
+            _write_data_set(assoc, context.context_id, file, meta.offset, fragment)
+        except Exception:
+            assoc.abort()
+            raise
     _, response = assoc.dimse.get_msg(block=True)
     return _status(assoc, response, message_id)
 
