@@ -453,8 +453,18 @@ def assert_ledger(accepted: set[str], delivered: Counter[str], *, resent: set[st
 
 
 def storescp_deliveries(files: list[Path]) -> Counter[str]:
-    """SOP Instance UID -> number of files storescp (+uf: unique file names) wrote for it."""
-    return Counter(sop_uid_of(p) for p in files)
+    """SOP Instance UID -> number of files storescp (+uf: unique file names) wrote for it.
+
+    storescp writes under the final name, so a file still being written has no SOP Instance UID
+    yet: it is left out here and counted on the next look.
+    """
+    found: Counter[str] = Counter()
+    for path in files:
+        try:
+            found[sop_uid_of(path)] += 1
+        except (AttributeError, OSError, EOFError):
+            continue
+    return found
 
 
 Row = tuple[str, int, str]  # stream, stream sequence, event id

@@ -55,6 +55,12 @@ def _resend_until_accepted(cad: Caduceus, files: list[Path], not_accepted: set[s
     return accepted
 
 
+def _all_tasks_done(cad: Caduceus) -> bool:
+    requested = {e.task_id for e in cad.events("dispatch.requested")}
+    done = {e.task_id for e in cad.events("dispatch.completed")}
+    return bool(requested) and requested <= done
+
+
 # ---------------------------------------------------------------- NATS
 
 def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
@@ -68,12 +74,14 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
         running = storescu_background(cad.dicom_port, files, tmp_path / "storescu.log")
         wait_for(lambda: cad.stored_instance_count() >= 40, 60, "40 instances stored", cad.logs, interval=0.05)
         os.kill(nats_pid, signal.SIGKILL)
-        time.sleep(3)
+        # Longer than the receiver's publish timeout (5 s): some C-STOREs must get 0xA700.
+        time.sleep(8)
         # The same server again: same port, same JetStream store directory.
         replacement = EmbeddedNats(cad.data / "nats", port=cad.nats_port,
                                    log_file=cad.data / "logs" / "nats-restarted.log").start()
         first = running.finish()
         assert len(first.accepted) >= 35, first.output[-2000:]
+        assert first.failed, "the outage should have cost some C-STOREs a 0xA700"
 
         cad.wait_healthy(timeout=90)
         assert cad.process is not None and cad.process.poll() is None, "caduceus up died with NATS"
@@ -81,6 +89,7 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
 
         wait_for(lambda: set(storescp_deliveries(dest.files())) >= accepted, 120, "all 150 at storescp",
                  cad.logs)
+        wait_for(lambda: _all_tasks_done(cad), 60, "every dispatch task completed", cad.logs)
         assert_ledger(accepted, storescp_deliveries(dest.files()), resent=first.failed)
         # Every success answered to storescu has its image.received in the stream (the worst bug:
         # success without a durable event).
