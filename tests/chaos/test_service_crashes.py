@@ -71,6 +71,8 @@ def test_receiver_killed_during_association(tmp_path: Path, caduceus_factory: Ca
     assert accepted <= received
     crashed = cad.events("service.crashed")
     assert [e.payload["service"] for e in crashed] == ["receiver"]
+    print(f"RESULT receiver kill: storescu got success for {len(first.accepted)}/300 before the kill, "
+          f"resent {len(second.accepted)}; storescp files {sum(delivered.values())} for {len(delivered)} instances")
     # The file being written when the receiver died is either complete or absent: the blob
     # store writes to a temp file and renames.
     for path in files:
@@ -109,6 +111,7 @@ def test_router_killed_before_series_completion(tmp_path: Path, caduceus_factory
     assert sorted(e.payload["batch_id"] for e in decided) == sorted(batches), "one decision per batch"
     assert len(requested) == len({e.task_id for e in requested}) == len(batches)
     assert sum(e.payload["instance_count"] for e in completed) == 20
+    print(f"RESULT router kill: {len(batches)} batch(es), {len(requested)} dispatch task(s), 20/20 delivered once")
 
 
 def test_dispatcher_killed_mid_send(tmp_path: Path, caduceus_factory: Callable[..., Caduceus]) -> None:
@@ -136,5 +139,7 @@ def test_dispatcher_killed_mid_send(tmp_path: Path, caduceus_factory: Callable[.
         completed = cad.events("dispatch.completed")
         assert len(completed) == 1 and completed[0].payload["skipped_already_sent"] > 0, \
             [e.payload for e in completed]
+        print(f"RESULT dispatcher kill: {at_kill}/60 stored at the kill, {len(repeated)} instance(s) sent twice, "
+              f"completion: {completed[0].payload}")
     finally:
         dest.stop()
