@@ -206,7 +206,9 @@ async def test_retry_of_a_waiting_task_resets_its_attempts(tmp_path: Path, bus: 
     peer = storescp_factory(start=False)
     files = make_series(tmp_path / "series", 2)
     manifest, key = await stage_files(blob_store, files)
-    await apply_config(bus, {"settings": {"dispatch_retries": 2, "dispatch_retry_wait_seconds": 3},
+    # The wait must outlast starting the CLI and its stream scan on a loaded machine, or the second
+    # (last) attempt fails the task before the retry request arrives.
+    await apply_config(bus, {"settings": {"dispatch_retries": 2, "dispatch_retry_wait_seconds": 8},
                              "targets": {"pacs": dicom_target(peer.port, peer.aet)}})
     unknown = await asyncio.to_thread(run_cli, nats_url, "retry", "no-such-task")
     assert unknown.returncode == 1 and "no dispatch task no-such-task" in unknown.stderr
