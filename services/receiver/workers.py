@@ -1,4 +1,4 @@
-"""Several receiver processes behind one DICOM port (CADUCEUS_RECEIVER_WORKERS).
+"""Several receiver processes behind one DICOM port (CADUCEUS_RECEIVER_WORKERS=N or auto; default 1).
 
 Why: the per-image work is Python and holds the GIL, so one process uses about one core however
 many senders there are. With N workers, the receiver service process (the "supervisor") keeps
@@ -45,11 +45,16 @@ RESTART_DELAY = 1.0
 
 
 def worker_count() -> int:
-    """Processes serving associations, the supervisor included (default: cores, at most 4)."""
-    raw = os.environ.get(WORKERS_ENV, "").strip()
-    if raw:
-        return max(1, int(raw))
-    return max(1, min(4, os.cpu_count() or 1))
+    """Processes serving associations, the supervisor included.
+
+    Default 1: on the 2-core test machine (shared, load 6-80) 2 and 4 processes did not measurably
+    raise the 4-sender throughput (docs/performance.md): the receiver processes were 15-60 % busy,
+    the time went to CPU and disk contention, not to the GIL. `auto` = cores, at most 4.
+    """
+    raw = os.environ.get(WORKERS_ENV, "").strip().lower()
+    if raw == "auto":
+        return max(1, min(4, os.cpu_count() or 1))
+    return max(1, int(raw)) if raw else 1
 
 
 def channel_fd() -> int | None:
