@@ -24,12 +24,15 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import types
 from typing import Any
 
 import pynetdicom
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +77,63 @@ def install(assoc: Any) -> None:
     dul.send_pdu = send_pdu
     dul.kill_dul = kill_dul
     dul.stop_dul = stop_dul
+    assoc.dimse.send_msg = _fast_send_msg(assoc, assoc.dimse.send_msg)
     dul._target = lambda: _dul_reactor(dul, wake_r, wake_w)
     dul.socket.recv = types.MethodType(_recv, dul.socket)
     assoc._run_reactor = types.MethodType(_association_reactor, assoc)
+
+
+def _fast_send_msg(assoc: Any, original: Any) -> Any:
+    """DIMSEServiceProvider.send_msg with a direct encoder for plain C-STORE responses.
+
+    pynetdicom builds a pydicom Dataset for the response's command set and encodes it twice
+    (group length, then the message): ~0.5 ms of Python per image. The bytes are the same
+    (test_fastpath.py); anything else (requests, other messages, error comments, bound
+    EVT_DIMSE_SENT handlers, a tiny peer max PDU) goes through pynetdicom.
+    """
+    dimse = assoc.dimse
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        command = store_response_command(primitive)
+        max_pdu = dimse.maximum_pdu_size
+        if (command is None or assoc.get_handlers(evt.EVT_DIMSE_SENT)
+                or (max_pdu and len(command) + 6 > max_pdu)):
+            original(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # command, last fragment
+        dimse.dul.send_pdu(pdata)
+
+    return send_msg
+
+
+def _ui(element: int, value: Any) -> bytes:
+    raw = str(value).encode("ascii")
+    if len(raw) % 2:
+        raw += b"\x00"
+    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+
+def store_response_command(primitive: Any) -> bytes | None:
+    """The C-STORE-RSP command set (implicit VR LE) as pynetdicom encodes it, or None if not plain."""
+    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if getattr(primitive, "OffendingElement", None) is not None or getattr(primitive, "ErrorComment", None):
+        return None
+    sop_class, sop_instance = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
+    if primitive.Status is None or not sop_class or not sop_instance:
+        return None
+    try:
+        body = b"".join((_ui(0x0002, sop_class), _us(0x0100, 0x8001),
+                         _us(0x0120, int(primitive.MessageIDBeingRespondedTo)), _us(0x0800, 0x0101),
+                         _us(0x0900, int(primitive.Status)), _ui(0x1000, sop_instance)))
+    except (UnicodeError, struct.error):
+        return None
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
 def _recv(self: Any, nr_bytes: int) -> bytearray:
