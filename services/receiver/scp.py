@@ -37,6 +37,8 @@ from shared.events import (
 
 log = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = 512
+
 # Transfer syntaxes accepted as proposed (never transcoded). Unrestricted storage accepts any
 # storage-like abstract syntax with the syntax the sender proposes first; this list is what is
 # offered for the explicitly known storage classes.
@@ -168,6 +170,10 @@ class StorageSCP:
         self._tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
         server = ae.make_server((self.host, self.port), evt_handlers=handlers,  # type: ignore[arg-type]
                                 ssl_context=ssl_context_for(settings), server_class=server_class)
+        # socketserver listens with a backlog of 5: a burst of senders (a PACS pushing a worklist's
+        # studies at once) would see connect timeouts; re-listening on Linux raises it in place.
+        assert server.socket is not None
+        server.socket.listen(LISTEN_BACKLOG)
         if configure is not None:
             configure(server)
         # As AE.start_server(block=False) does, with our server class.
