@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.synthetic import write_series
-from shared.natsserver import EmbeddedNats, free_port, wait_port
+from shared.natsserver import EmbeddedNats, free_port, terminate, wait_port
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -71,13 +71,8 @@ class Peer:
     extra: dict[str, object] = field(default_factory=dict)
 
     def stop(self, timeout: float = 15) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process, timeout)
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:

@@ -28,7 +28,7 @@ from shared import subjects
 from shared.bus import Bus, replay
 from shared.events import Event
 from shared.health import EXPECTED_SERVICES, collect_health
-from shared.natsserver import free_port, wait_port
+from shared.natsserver import free_port, terminate, wait_port
 from shared.settings import UP_STATE_FILE
 
 DEST_AET = "STORESCP"
@@ -106,13 +106,7 @@ class Caduceus:
         time.sleep(1.0)  # the router folds CONFIG live; route.decided shows which rules it evaluated
 
     def stop(self, timeout: float = 60) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout)
 
 
 def start_caduceus(workdir: Path, config: dict[str, Any], *, env: dict[str, str] | None = None,
