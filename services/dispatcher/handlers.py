@@ -253,7 +253,8 @@ class Dispatcher:
                 items.append(SendItem(index, instance.sop_uid, instance.sop_class_uid,
                                       instance.transfer_syntax_uid, path))
             chunks = [items[i::parallel] for i in range(min(parallel, len(items)))]
-            flusher = asyncio.create_task(self._flush_loop(task_id, confirmed))
+            sent = asyncio.Event()
+            flusher = asyncio.create_task(self._flush_loop(task_id, confirmed, sent))
             try:
                 results = await asyncio.gather(*(
                     asyncio.to_thread(send_items, destination, chunk, on_delivered, abort) for chunk in chunks))
@@ -261,6 +262,10 @@ class Dispatcher:
                 abort.set()  # the threads stop after their current instance
                 raise
             finally:
+                # The event ends the loop even if the cancellation gets lost: Python 3.11's
+                # asyncio.wait_for (inside nats-py requests) swallows a cancel that arrives just as
+                # its reply does, and awaiting a loop that lost its cancel would hang the attempt.
+                sent.set()
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
@@ -271,9 +276,12 @@ class Dispatcher:
         self.count("instances_sent", len(total.delivered))
         return total
 
-    async def _flush_loop(self, task_id: str, confirmed: list[tuple[int, int]]) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
+    async def _flush_loop(self, task_id: str, confirmed: list[tuple[int, int]], sent: asyncio.Event) -> None:
+        while not sent.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sent.wait(), FLUSH_SECONDS)
+            if sent.is_set():
+                return  # the final flush (after the loop) records the rest
             with contextlib.suppress(Exception):  # the final flush retries what this one missed
                 await self._flush(task_id, confirmed)
 

@@ -1,0 +1,44 @@
+"""The progress flush loop of an attempt ends on its event alone.
+
+Python 3.11's asyncio.wait_for (used by nats-py requests such as the KV reads/writes of a flush)
+returns the reply and drops a cancellation that arrives together with it; the attempt then
+awaited a flush loop that never ended (seen under load: every instance sent, no
+dispatch.completed). The loop must stop when the send is over even without the cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.dispatcher import handlers
+from services.dispatcher.handlers import Dispatcher
+from services.dispatcher.progress import ProgressStore
+from shared.blobstore import LocalBlobStore
+from shared.bus import Bus
+from shared.config.model import CaduceusConfig
+from shared.events import DispatchRequested, make_event
+
+
+async def test_flush_loop_stops_on_its_event_without_a_cancel(bus: Bus, blob_store: LocalBlobStore,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    progress = await ProgressStore.open(bus.js)
+    request = make_event("dispatch.requested", "router", DispatchRequested(
+        task_id="flush-task", rule="r", target="t", manifest_key="m", instance_count=3), task_id="flush-task")
+    await progress.ensure(request)
+    dispatcher = Dispatcher(bus, progress, blob_store, CaduceusConfig, keep_alive_seconds=1, counters={})
+    monkeypatch.setattr(handlers, "FLUSH_SECONDS", 0.05)
+    confirmed: list[tuple[int, int]] = [(0, 0), (2, 0xB000)]
+    sent = asyncio.Event()
+    loop = asyncio.create_task(dispatcher._flush_loop("flush-task", confirmed, sent))
+    deadline = time.monotonic() + 10
+    while confirmed:  # the loop records what the sender confirmed, while it runs
+        assert time.monotonic() < deadline, "nothing flushed"
+        await asyncio.sleep(0.02)
+    sent.set()  # no cancel: the event alone must end the loop
+    await asyncio.wait_for(loop, 2)
+    record = await progress.get("flush-task")
+    assert record is not None
+    assert sorted(i for i in range(3) if i in record.delivered_set()) == [0, 2] and record.warnings == 1
