@@ -138,12 +138,12 @@ class ServiceRun:
     async def __aenter__(self) -> ServiceRun:
         self.nats = start_nats(self.workdir)
         self.bus = await Bus.connect(self.nats.url, "bench")
-        self.completed: dict[str, float] = {}
+        self.completed: dict[str, tuple[float, float]] = {}  # task id -> (wall clock, CPU clock)
         self.arrived = asyncio.Event()
 
         async def on_event(msg: Any) -> None:
             event = Event.model_validate_json(msg.data)
-            self.completed[event.payload.get("task_id", "")] = time.perf_counter()
+            self.completed[event.payload.get("task_id", "")] = (time.perf_counter(), time.process_time())
             self.arrived.set()
 
         await self.bus.nc.subscribe(event_subject("dispatch.completed") + ".>", cb=on_event)
@@ -172,15 +172,16 @@ class ServiceRun:
                 raise TimeoutError("dispatcher did not load the configuration")
             await asyncio.sleep(0.05)
 
-    async def dispatch(self, manifest: Manifest, key: str) -> tuple[float, float]:
-        """(seconds from request to dispatch.completed, the attempt's own duration_seconds)."""
+    async def dispatch(self, manifest: Manifest, key: str) -> tuple[float, float, float]:
+        """Seconds from request to dispatch.completed, the attempt's own duration_seconds, and
+        the CPU seconds of this process (service and benchmark) until the completion arrived."""
         task_id = uuid.uuid4().hex
         event = make_event("dispatch.requested", "router", DispatchRequested(
             task_id=task_id, rule="bench", target="storescp", manifest_key=key,
             instance_count=len(manifest.instances), priority="normal"),
             study_uid=manifest.study_uid, series_uid=manifest.series_uids[0], task_id=task_id,
             correlation_id=manifest.batch_id)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await self.bus.publish(event)
         deadline = time.monotonic() + 600
         while task_id not in self.completed:
@@ -191,8 +192,8 @@ class ServiceRun:
                 await asyncio.wait_for(self.arrived.wait(), 1.0)
             except TimeoutError:
                 pass
-        seconds = self.completed[task_id] - start
-        return seconds, await self._attempt_seconds(task_id)
+        done, done_cpu = self.completed[task_id]
+        return done - start, await self._attempt_seconds(task_id), done_cpu - cpu
 
     async def _attempt_seconds(self, task_id: str) -> float:
         from shared.bus import replay
@@ -253,9 +254,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     raise RuntimeError(f"storescp holds {count_files(out_dir)}/{len(items)} files")
                 if service:
                     clear(out_dir)
-                    cpu = time.process_time()
-                    row["service"], row["service_attempt"] = await service.dispatch(manifest, key)
-                    row["service_cpu"] = time.process_time() - cpu
+                    row["service"], row["service_attempt"], row["service_cpu"] = await service.dispatch(manifest, key)
                     # The event can arrive before storescp closed its last file.
                     await asyncio.sleep(0.2)
                     if count_files(out_dir) != len(items):
