@@ -1,9 +1,14 @@
 """The DICOM C-STORE SCU side: one association sending a list of files (synchronous; pynetdicom).
 
-Files go out as stored: `STORE_SEND_CHUNKED_DATASET` makes pynetdicom stream the dataset bytes
-after the file meta straight from disk (no decode, no re-encode), and each file is proposed in its
-own transfer syntax, so nothing is transcoded. A peer that refuses a file's SOP class/transfer
-syntax gets nothing for that file and the attempt fails for it.
+Files go out as stored: the data set bytes after the file meta, straight from disk (no decode, no
+re-encode), and each file is proposed in its own transfer syntax, so nothing is transcoded. A peer
+that refuses a file's SOP class/transfer syntax gets nothing for that file and the attempt fails
+for it.
+
+Associations come from `fastpath.FastAE`: with pynetdicom 3.0 (and CADUCEUS_DISPATCH_FASTPATH not
+0) they run event-driven loops and each C-STORE is written by `cstore.send_c_store`; otherwise
+pynetdicom's own loops and `send_c_store` (with `STORE_SEND_CHUNKED_DATASET`) are used, with the
+`_settle_reactor` workaround. docs/performance.md "Dispatch hop" has the measurements.
 """
 
 from __future__ import annotations
