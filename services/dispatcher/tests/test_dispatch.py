@@ -106,8 +106,9 @@ async def test_target_down_fails_after_attempts_then_cli_retry_delivers(
 async def test_kill_9_mid_send_second_dispatcher_resumes(tmp_path: Path, bus: Bus, nats_url: str,
                                                          data_dir: Path, blob_store: LocalBlobStore,
                                                          storescp: StoreScp) -> None:
-    count = 300
-    template = make_series(tmp_path / "template", 1)[0]
+    # Enough data that the fast sender is still busy when the first progress flush (0.5 s) lands.
+    count = 1500
+    template = make_series(tmp_path / "template", 1, size=128)[0]
     files = clone_instances(template, tmp_path / "series", count)
     manifest, key = await stage_files(blob_store, files)
     await apply_config(bus, {"settings": FAST_RETRIES,
