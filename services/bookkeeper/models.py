@@ -113,6 +113,9 @@ class SeriesRow(SQLModel, table=True):
         Index("ix_series_study_uid", "study_uid"),
         Index("ix_series_status", "status"),
         Index("ix_series_last_received", "last_received"),
+        # The series browser pages by most recent activity (queries.py); without this index every
+        # page sorted the whole table (bench/growth.py: non-linear at 10^6 events).
+        Index("ix_series_last_event_at", "last_event_at", "series_uid"),
     )
 
     series_uid: str = Field(sa_column=Column(Text, primary_key=True))
