@@ -11,10 +11,15 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import dcmread
+
 from bench.synthetic import write_series
+from shared.blobstore import LocalBlobStore, blob_key
+from shared.manifest import Manifest, ManifestInstance, write_manifest
 from shared.natsserver import EmbeddedNats, free_port, terminate, wait_port
 
 STORESCU = "/usr/bin/storescu"
@@ -136,3 +141,23 @@ def start_receiver(nats_url: str, data_dir: Path, *, port: int | None = None,
 
 def start_nats(workdir: Path) -> EmbeddedNats:
     return EmbeddedNats(workdir / "nats", log_file=workdir / "nats.log").start()
+
+
+async def stage_files(store: LocalBlobStore, files: list[Path], batch_id: str | None = None,
+                      calling_aet: str = "MODALITY") -> tuple[Manifest, str]:
+    """Put files into the blob store as the receiver would and write the manifest the router would."""
+    instances = []
+    for seq, path in enumerate(files, start=1):
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[
+            "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+        study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        key = blob_key("instances", study, series, f"{sop}.dcm")
+        info = await store.put(key, path.read_bytes())
+        instances.append(ManifestInstance(
+            sop_uid=sop, series_uid=series, study_uid=study, blob_key=key,
+            sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            sha256=info.sha256, size=info.size, stream_seq=seq))
+    manifest = Manifest(batch_id=batch_id or uuid.uuid4().hex, level="series",
+                        study_uid=instances[0].study_uid, series_uids=sorted({i.series_uid for i in instances}),
+                        instances=instances, calling_aet=calling_aet, peer_host="127.0.0.1")
+    return manifest, await write_manifest(store, manifest)

@@ -39,17 +39,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-
-from bench.common import make_series, start_nats, start_storescp, storescu
+from bench.common import make_series, stage_files, start_nats, start_storescp, storescu
 from services.dispatcher.sender import Destination, SendItem, send_items
 from services.dispatcher.service import DispatcherService, DispatcherSettings
-from shared.blobstore import LocalBlobStore, blob_key
+from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig
 from shared.config.state import fold, plan_changes, read_all
 from shared.events import DispatchRequested, Event, make_event
-from shared.manifest import Manifest, ManifestInstance, write_manifest
+from shared.manifest import Manifest
 from shared.subjects import event_subject
 
 STORESCP_AET = "STORESCP"
@@ -57,21 +55,7 @@ STORESCP_AET = "STORESCP"
 
 async def stage(store: LocalBlobStore, files: list[Path]) -> tuple[Manifest, str]:
     """Put the files into the blob store as the receiver would and write the router's manifest."""
-    instances = []
-    for seq, path in enumerate(files, start=1):
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=[
-            "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
-        study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-        key = blob_key("instances", study, series, f"{sop}.dcm")
-        info = await store.put(key, path.read_bytes())
-        instances.append(ManifestInstance(
-            sop_uid=sop, series_uid=series, study_uid=study, blob_key=key,
-            sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            sha256=info.sha256, size=info.size, stream_seq=seq))
-    manifest = Manifest(batch_id=uuid.uuid4().hex, level="series", study_uid=instances[0].study_uid,
-                        series_uids=sorted({i.series_uid for i in instances}), instances=instances,
-                        calling_aet="BENCH", peer_host="127.0.0.1")
-    return manifest, await write_manifest(store, manifest)
+    return await stage_files(store, files, calling_aet="BENCH")
 
 
 def send_items_of(store: LocalBlobStore, manifest: Manifest) -> list[SendItem]:

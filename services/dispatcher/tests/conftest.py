@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
 
 from services.dispatcher.service import DispatcherService, DispatcherSettings
-from shared.blobstore import LocalBlobStore, blob_key
+from shared.blobstore import LocalBlobStore
 from shared.bus import Bus, replay
 from shared.config.model import CaduceusConfig
 from shared.config.state import fold, plan_changes, read_all
 from shared.events import DispatchRequested, Event, make_event
-from shared.manifest import Manifest, ManifestInstance, write_manifest
+from shared.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[3]
 FAST_RETRIES = {"dispatch_retries": 3, "dispatch_retry_wait_seconds": 0.2,
@@ -36,24 +35,6 @@ def blob_store(data_dir: Path) -> LocalBlobStore:
     return LocalBlobStore(data_dir / "blobs", fsync=False)
 
 
-async def stage_files(store: LocalBlobStore, files: list[Path], batch_id: str | None = None,
-                      ) -> tuple[Manifest, str]:
-    """Put files into the blob store as the receiver would and write the manifest the router would."""
-    instances = []
-    for seq, path in enumerate(files, start=1):
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=[
-            "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
-        study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-        key = blob_key("instances", study, series, f"{sop}.dcm")
-        info = await store.put(key, path.read_bytes())
-        instances.append(ManifestInstance(
-            sop_uid=sop, series_uid=series, study_uid=study, blob_key=key,
-            sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            sha256=info.sha256, size=info.size, stream_seq=seq))
-    manifest = Manifest(batch_id=batch_id or uuid.uuid4().hex, level="series",
-                        study_uid=instances[0].study_uid, series_uids=sorted({i.series_uid for i in instances}),
-                        instances=instances, calling_aet="MODALITY", peer_host="127.0.0.1")
-    return manifest, await write_manifest(store, manifest)
 
 
 async def apply_config(bus: Bus, document: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
 
+from bench.common import stage_files
 from services.dispatcher.progress import ProgressStore
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
@@ -27,7 +28,6 @@ from .conftest import (
     request_dispatch,
     run_cli,
     running_dispatcher,
-    stage_files,
     start_dispatcher_process,
     wait_events,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+from bench.common import stage_files
 from services.dispatcher.schedule import attempt_delay, seconds_until_offpeak
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
@@ -17,7 +18,6 @@ from .conftest import (
     events_of,
     request_dispatch,
     running_dispatcher,
-    stage_files,
     wait_events,
 )
 

@@ -11,6 +11,7 @@ import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from bench.common import stage_files
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
 from shared.natsserver import free_port
@@ -23,7 +24,6 @@ from .conftest import (
     events_of,
     request_dispatch,
     running_dispatcher,
-    stage_files,
     wait_events,
 )
 
