@@ -150,10 +150,6 @@ PROCESSOR_WORK = Durable(EVENTS_STREAM, "processor",
                          (f"{EVENTS_PREFIX}.process.requested.>",),
                          ack_wait=300, description="processing module runs")
 
-CLEANER_EVENTS = Durable(EVENTS_STREAM, "cleaner",
-                         (f"{EVENTS_PREFIX}.series.discarded", f"{EVENTS_PREFIX}.dispatch.completed",
-                          f"{EVENTS_PREFIX}.route.decided"),
-                         description="retention bookkeeping")
 
 # ---- key/value and object store buckets
 
