@@ -21,7 +21,7 @@ import yaml
 from nats.js.errors import APIError
 
 from shared.bus import Bus
-from shared.config.model import CaduceusConfig, ConfigError
+from shared.config.model import CaduceusConfig, ConfigError, raw_document
 from shared.config.state import fold, plan_changes, read_all
 from shared.events import ConfigItemChanged, Event
 from shared.settings import nats_url_for_cli
@@ -193,13 +193,7 @@ def current_document(events: list[Event]) -> dict[str, Any]:
         return CaduceusConfig.from_items(items).to_document()
     except ValueError:
         # Items this version cannot read (newer schema): show them as stored rather than nothing.
-        raw: dict[str, Any] = {"settings": {}, "targets": {}, "rules": {}, "modules": {}}
-        for (kind, name), item in sorted(items.items()):
-            if kind == "settings":
-                raw["settings"] = item
-            else:
-                raw.setdefault(kind, {})[name] = item
-        return raw
+        return raw_document(items)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -196,19 +196,24 @@ class CaduceusConfig(BaseModel):
 
     @classmethod
     def from_items(cls, items: dict[tuple[str, str], dict[str, Any]]) -> CaduceusConfig:
-        raw: dict[str, Any] = {"targets": {}, "rules": {}, "modules": {}}
-        for (kind, name), item in items.items():
-            if kind == "settings":
-                raw["settings"] = item
-            else:
-                raw[kind][name] = item
-        return cls.model_validate(raw)
+        return cls.model_validate(raw_document(items))
 
     def to_document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"settings": self.settings.model_dump(mode="json", exclude_defaults=True)}
         for kind in ("targets", "rules", "modules"):
             doc[kind] = {n: _dump_item(i) for n, i in getattr(self, kind).items()}
         return doc
+
+
+def raw_document(items: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """(kind, name) -> item, back into the document shape, without validating anything."""
+    raw: dict[str, Any] = {"settings": {}, "targets": {}, "rules": {}, "modules": {}}
+    for (kind, name), item in sorted(items.items()):
+        if kind == "settings":
+            raw["settings"] = item
+        else:
+            raw.setdefault(kind, {})[name] = item
+    return raw
 
 
 def _dump_item(item: BaseModel) -> dict[str, Any]:
