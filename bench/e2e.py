@@ -65,6 +65,8 @@ class Measurement:
     seconds: float                      # direct: wall; caduceus: wall minus the quiet period
     send_seconds: float                 # until the last storescu exited
     hops: dict[str, float] = field(default_factory=dict)
+    cpu_ms_per_image: dict[str, float] = field(default_factory=dict)          # whole pass
+    receive_cpu_ms_per_image: dict[str, float] = field(default_factory=dict)  # until storescu exited
 
 
 def send_all(port: int, dirs: list[Path], called_aet: str) -> tuple[float, float]:
@@ -91,15 +93,72 @@ def measure_caduceus(cad: Caduceus, dest: Peer, dirs: list[Path], n: int, quiet:
     out: Path = dest.extra["dir"]  # type: ignore[assignment]
     clear_dir(out)
     since = last_seq(cad.nats_url)
+    cpu_before = cpu_by_process(cad)
     t0, sent = send_all(cad.dicom_port, dirs, "CADUCEUS")
+    cpu_sent = cpu_by_process(cad)
     try:
         done = wait_for_files(out, n * len(dirs), timeout)
     except TimeoutError as exc:
         raise RuntimeError(f"{exc}\nrouter log:\n{cad.service_log('router')[-2000:]}\n"
                            f"dispatcher log:\n{cad.service_log('dispatcher')[-2000:]}") from None
+    cpu_after = cpu_by_process(cad)
     m = Measurement(len(dirs), n * len(dirs), done - t0 - quiet, sent - t0)
+    m.cpu_ms_per_image = {name: 1000 * (cpu_after[name] - cpu_before.get(name, 0.0)) / m.images
+                          for name in cpu_after}
+    m.receive_cpu_ms_per_image = {name: 1000 * (cpu_sent[name] - cpu_before.get(name, 0.0)) / m.images
+                                  for name in cpu_sent}
     m.hops = hop_split(cad, since, t0, sent, done, quiet, expected_tasks=len(dirs))
     return m
+
+
+# ------------------------------------------------------------------ CPU per process
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, utime + stime in seconds) of a process, from /proc/PID/stat."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_by_process(cad: Caduceus) -> dict[str, float]:
+    """CPU seconds used so far by the launcher, nats-server and each service (with its children).
+
+    Counted while the processes run (a process that exited in between is missing from one side);
+    the figures cover a measurement window, the launcher's own start-up is in both snapshots.
+    """
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = st
+    root = cad.process.pid
+    names = {pid: name for name, pid in cad.service_pids().items()}
+    totals: dict[str, float] = {}
+    for pid, (_, cpu) in stats.items():
+        # Walk up to the launcher; the name is the first service (or nats-server) on the way.
+        name, cur = None, pid
+        while cur in stats and cur != root:
+            if name is None and cur in names:
+                name = names[cur]
+            elif name is None and _is_nats(cur):
+                name = "nats-server"
+            cur = stats[cur][0]
+        if cur == root:
+            key = "launcher" if pid == root else (name or "other")
+            totals[key] = totals.get(key, 0.0) + cpu
+    return totals
+
+
+def _is_nats(pid: int) -> bool:
+    try:
+        return b"nats-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def hop_split(cad: Caduceus, since: int, t0: float, sent: float, done: float, quiet: float,
@@ -154,6 +213,11 @@ def print_row(label: str, m: Measurement) -> None:
 def print_hops(m: Measurement) -> None:
     parts = "  ".join(f"{k}={v:.2f}s" for k, v in m.hops.items())
     print(f"          hop split ({m.senders} sender(s)): {parts}", flush=True)
+    for label, figures in (("until storescu exited", m.receive_cpu_ms_per_image),
+                           ("whole pass", m.cpu_ms_per_image)):
+        cpu = sorted(figures.items(), key=lambda kv: -kv[1])
+        parts = "  ".join(f"{k}={v:.2f}" for k, v in cpu)
+        print(f"          CPU ms/image, {label}: {parts}  total={sum(v for _, v in cpu):.2f}", flush=True)
 
 
 # ------------------------------------------------------------------ profiling
