@@ -1,7 +1,8 @@
 """Growth benchmark: how the cost of caduceus grows with series count, rule count and log size.
 
     python -m bench.growth [--series 1,10,100,1000] [--rules 0,10,100] [--events 10000,100000,1000000]
-                           [--postgres URL] [--skip series,rules,events] [--smoke]
+                           [--postgres URL] [--backends postgres,sqlite] [--search patient1,...]
+                           [--skip series,rules,events] [--smoke]
 
 1. Series: N series of 10 images (64x64) sent by one storescu (files in series order) through
    `caduceus up` (route-all rule to a storescp, series_complete_seconds = --quiet). Time = until every
@@ -9,10 +10,11 @@
 2. Rules: the route-all rule plus K never-matching series rules; --rule-series series of 10 images.
    Router decision time per series = series.completed -> route.decided (occurred_at).
 3. Event log: synthetic events (a series = 20 image.received, series.completed, route.decided,
-   dispatch.requested, dispatch.completed) bulk-loaded with COPY into a fresh Postgres database that
-   has the bookkeeper's schema (its own alembic migrations); at each size: wall time of
-   `caduceus bookkeeper rebuild --database-url ...` and the latency of the series browser query
-   (services.bookkeeper.queries.series, what the `series` RPC runs: first page, and a search).
+   dispatch.requested, dispatch.completed) bulk-loaded into a fresh database that has the
+   bookkeeper's schema (its own alembic migrations): COPY into Postgres, executemany into an SQLite
+   file (--backends); at each size: wall time of `caduceus bookkeeper rebuild --database-url ...` and
+   the latency of the series browser query (services.bookkeeper.queries.series, what the `series` RPC
+   runs: first page, and one search per --search term).
 
 Every step prints its growth factor against the previous one; a step whose cost grew more than
 1.5x faster than its size is flagged "WORSE THAN LINEAR" (per-item cost for series, time for the
@@ -54,6 +56,9 @@ from shared.health import EXPECTED_SERVICES
 FLAG_FACTOR = 1.5
 IMAGES_PER_SERIES = 10
 POSTGRES_ADMIN_URL = os.environ.get("CADUCEUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+# patient1: common (~1/5 of the series match); pat0000042: one patient, 8 series at every size;
+# 42: shorter than a trigram, served by a scan (services/bookkeeper/queries.py).
+SEARCH_TERMS = "patient1,pat0000042,42"
 
 
 def growth_line(label: str, sizes: list[float], costs: list[float], unit: str, per_item: bool) -> None:
@@ -203,6 +208,8 @@ def plain_url(url: str) -> str:
 class EventLog:
     """A fresh Postgres database with the bookkeeper schema, filled by COPY."""
 
+    backend = "postgres"
+
     def __init__(self, admin_url: str) -> None:
         import psycopg
 
@@ -238,12 +245,75 @@ class EventLog:
         self.series_written = target_series
         return time.perf_counter() - start
 
+    def after_rebuild(self) -> None:
+        """Statistics for the rebuilt projections, as autovacuum would have them on a live system."""
+        import psycopg
+
+        with psycopg.connect(plain_url(self.url), autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE) series")
+
     def drop(self) -> None:
         import psycopg
 
         self.engine.dispose()
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def _sqlite_time(at: datetime) -> str:
+    """The text SQLAlchemy's SQLite DateTime stores (UtcDateTime keeps naive UTC there)."""
+    return at.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+class SqliteEventLog:
+    """A fresh SQLite file with the bookkeeper schema, filled by executemany in one transaction."""
+
+    backend = "sqlite"
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / f"bookkeeper-{uuid.uuid4().hex[:10]}.sqlite"
+        self.url = f"sqlite:///{self.path}"
+        self.series_written = 0
+
+        from services.bookkeeper.db import open_database
+        self.engine = open_database(self.url)
+
+    @property
+    def events(self) -> int:
+        return self.series_written * EVENTS_PER_SERIES
+
+    def grow_to(self, events: int) -> float:
+        import sqlite3
+
+        target_series = -(-events // EVENTS_PER_SERIES)
+        start = time.perf_counter()
+        conn = sqlite3.connect(self.path)
+        try:
+            with conn:
+                conn.executemany(
+                    f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                    (row[:5] + (_sqlite_time(row[5]), _sqlite_time(row[6])) + row[7:]
+                     for index in range(self.series_written, target_series)
+                     for row in synthetic_series(index, 1 + index * EVENTS_PER_SERIES)))
+            conn.execute("ANALYZE")
+        finally:
+            conn.close()
+        self.series_written = target_series
+        return time.perf_counter() - start
+
+    def after_rebuild(self) -> None:
+        import sqlite3
+
+        conn = sqlite3.connect(self.path)
+        try:
+            conn.execute("ANALYZE")
+        finally:
+            conn.close()
+
+    def drop(self) -> None:
+        self.engine.dispose()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
 
 def time_rebuild(url: str) -> float:
@@ -256,7 +326,7 @@ def time_rebuild(url: str) -> float:
     return seconds
 
 
-def time_query(log: EventLog, **request: Any) -> tuple[float, int]:
+def time_query(log: EventLog | SqliteEventLog, **request: Any) -> tuple[float, int]:
     """Median of 5 runs of the series browser query (after one warm-up run)."""
     from services.bookkeeper.queries import run_query
     from shared.bookkeeper_client import SeriesRequest, SeriesResponse
@@ -272,30 +342,38 @@ def time_query(log: EventLog, **request: Any) -> tuple[float, int]:
     return statistics.median(times), result.total
 
 
-def bench_events(sizes: list[int], admin_url: str, measure_empty: bool = True) -> dict[int, dict[str, float]]:
-    log = EventLog(admin_url)
-    results: dict[int, dict[str, float]] = {}
+def bench_events(sizes: list[int], log: EventLog | SqliteEventLog, terms: list[str],
+                 measure_empty: bool = True) -> dict[int, dict[str, Any]]:
+    results: dict[int, dict[str, Any]] = {}
+    # Postgres keeps the unmarked labels of the first version of this benchmark (tests/test_bench_smoke.py).
+    name = "events" if log.backend == "postgres" else f"events [{log.backend}]"
+    loader = "COPY" if log.backend == "postgres" else "insert"
     try:
         if measure_empty:
             empty = time_rebuild(log.url)
-            print(f"events: `caduceus bookkeeper rebuild` on an empty log: {empty:.2f} s (process start, "
+            print(f"{name}: `caduceus bookkeeper rebuild` on an empty log: {empty:.2f} s (process start, "
                   f"migrations)", flush=True)
         for size in sizes:
             load = log.grow_to(size)
             rebuild = time_rebuild(log.url)
+            log.after_rebuild()
             page, total = time_query(log)
-            search, found = time_query(log, search="patient1")
+            searches = {term: time_query(log, search=term) for term in terms}
             results[size] = {"events": log.events, "load_s": load, "rebuild_s": rebuild, "query_s": page,
-                             "search_s": search, "series": total}
-            print(f"events {log.events:9d} ({total} series): COPY {load:7.1f} s, rebuild {rebuild:8.2f} s "
-                  f"({log.events / rebuild:8.0f} events/s), series page {1000 * page:8.2f} ms, "
-                  f"search 'patient1' {1000 * search:8.2f} ms ({found} hits)", flush=True)
+                             "series": total, "search_s": {t: s for t, (s, _) in searches.items()},
+                             "search_hits": {t: n for t, (_, n) in searches.items()}}
+            found = ", ".join(f"search {t!r} {1000 * s:8.2f} ms ({n} hits)" for t, (s, n) in searches.items())
+            print(f"{name} {log.events:9d} ({total} series): {loader} {load:7.1f} s, rebuild {rebuild:8.2f} s "
+                  f"({log.events / rebuild:8.0f} events/s), series page {1000 * page:8.2f} ms, {found}", flush=True)
     finally:
         log.drop()
     sizes_done = [float(results[s]["events"]) for s in sizes]
-    for key, label in (("rebuild_s", "rebuild time"), ("query_s", "series page latency"),
-                       ("search_s", "series search latency")):
-        growth_line(f"events ({label})", sizes_done, [results[s][key] for s in sizes], label, per_item=False)
+    for key, label in (("rebuild_s", "rebuild time"), ("query_s", "series page latency")):
+        growth_line(f"{name} ({label})", sizes_done, [results[s][key] for s in sizes], label, per_item=False)
+    for i, term in enumerate(terms):
+        label = "series search latency" if i == 0 else f"series search {term!r} latency"
+        growth_line(f"{name} ({label})", sizes_done, [results[s]["search_s"][term] for s in sizes],
+                    label, per_item=False)
     return results
 
 
@@ -310,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", type=float, default=1.0, help="settings.series_complete_seconds")
     parser.add_argument("--postgres", default=POSTGRES_ADMIN_URL,
                         help="admin URL of a Postgres server (a temporary database is created and dropped)")
+    parser.add_argument("--backends", default="postgres",
+                        help="bookkeeper databases for the event log part: postgres, sqlite or both")
+    parser.add_argument("--search", default=SEARCH_TERMS, help="comma separated series browser search terms")
     parser.add_argument("--skip", default="", help="comma separated parts to skip: series, rules, events")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the machinery")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -324,8 +405,19 @@ def main(argv: list[str] | None = None) -> int:
         if not {"series", "rules"} <= skip:
             results.update(bench_pipeline(work, args, skip))
     if "events" not in skip:
-        results["events"] = bench_events([int(c) for c in args.events.split(",")], args.postgres,
-                                         measure_empty=not args.smoke)
+        sizes = [int(c) for c in args.events.split(",")]
+        terms = [t for t in args.search.split(",") if t]
+        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            with tempfile.TemporaryDirectory(prefix="caduceus-growth-", dir=args.workdir) as tmp:
+                log: EventLog | SqliteEventLog
+                if backend == "postgres":
+                    log = EventLog(args.postgres)
+                elif backend == "sqlite":
+                    log = SqliteEventLog(Path(tmp))
+                else:
+                    parser.error(f"unknown backend {backend!r}")
+                key = "events" if backend == "postgres" else f"events_{backend}"
+                results[key] = bench_events(sizes, log, terms, measure_empty=not args.smoke)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
