@@ -1,5 +1,11 @@
 """The audit loop: pull a batch from a durable, store it in one transaction, then ack it.
 
+Live events trickle in one at a time (one image.received every few ms while a modality sends);
+written as they come, each would cost its own transaction (a dozen statements and, with SQLite's
+synchronous=FULL, an fsync that competes with the receiver's). So once a fetch returns less than a
+full batch, the loop waits up to `LINGER_SECONDS` for more before writing: the log lags by at most
+that, and the fixed cost of a transaction is shared by everything that arrived meanwhile.
+
 A message is acked only after the transaction that stored it has committed. If the database
 fails, the batch is nak'ed (JetStream hands the same messages back first) and the loop backs off
 before pulling again, so the log catches up without gaps; the unique constraints make any
@@ -28,6 +34,7 @@ from shared.events import Event
 log = logging.getLogger(__name__)
 
 BATCH = 200
+LINGER_SECONDS = 0.2
 MAX_BACKOFF = 30.0
 
 
@@ -65,7 +72,8 @@ class Ingestor:
     """Follows one durable into the database."""
 
     def __init__(self, bus: Bus, engine: Engine, durable: subjects.Durable, stats: IngestStats,
-                 stopping: asyncio.Event, floor: Callable[[], dict[str, float]], batch: int = BATCH) -> None:
+                 stopping: asyncio.Event, floor: Callable[[], dict[str, float]], batch: int = BATCH,
+                 linger: float = LINGER_SECONDS) -> None:
         self.bus = bus
         self.engine = engine
         self.durable = durable
@@ -73,6 +81,7 @@ class Ingestor:
         self.stopping = stopping
         self.floor = floor
         self.batch = batch
+        self.linger = linger
         self.backoff = 0.0
         self.sub: Any = None
 
@@ -93,6 +102,8 @@ class Ingestor:
                     log.warning("fetch from %s failed: %s", self.durable.name, exc)
                     await asyncio.sleep(1)
                     continue
+                if len(msgs) < self.batch and self.linger > 0:
+                    msgs += await self._more(sub, self.batch - len(msgs))
                 if writing is not None:
                     await writing
                 writing = asyncio.create_task(self.handle(msgs))
@@ -100,6 +111,22 @@ class Ingestor:
             if writing is not None:
                 # Let a running write finish and ack (or nak) instead of leaving it to ack_wait.
                 await asyncio.shield(writing)
+
+    async def _more(self, sub: Any, wanted: int) -> list[Msg]:
+        """What arrives within the linger time (at most `wanted` messages; none once stopping)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=self.linger)
+        if self.stopping.is_set():
+            return []
+        try:
+            # Whatever the server holds by now comes back at once (fetch's no-wait request first);
+            # the timeout only applies when nothing arrived at all.
+            return list(await sub.fetch(wanted, timeout=0.05))
+        except (TimeoutError, NatsTimeoutError):
+            return []
+        except Exception as exc:  # noqa: BLE001 - write what we have; the next fetch reports the trouble
+            log.warning("fetch from %s failed: %s", self.durable.name, exc)
+            return []
 
     async def close(self) -> None:
         # Unsubscribe rather than leave it to drain: messages of a fetch cut short by shutdown sit
