@@ -22,7 +22,7 @@ Study (only when at least one enabled rule has trigger=study; otherwise study ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Literal
 
@@ -74,8 +74,13 @@ def series_quiet_seconds(batch: Batch, config: CaduceusConfig) -> float:
     return min(overrides) if overrides else config.settings.series_complete_seconds
 
 
+def series_due_at(batch: Batch, config: CaduceusConfig) -> datetime:
+    """When the series completes if nothing more arrives."""
+    return batch.last_arrival + timedelta(seconds=series_quiet_seconds(batch, config))
+
+
 def series_due(batch: Batch, config: CaduceusConfig, now: datetime) -> bool:
-    return (now - batch.last_arrival).total_seconds() >= series_quiet_seconds(batch, config)
+    return now >= series_due_at(batch, config)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,13 @@
 One loop (spawned at setup) reads the EVENTS stream with an ordered consumer, filtered on the
 subjects the router folds (see state.py), starting at the checkpoint kept in the KV bucket
 `caduceus-router`. Until it has caught up with the stream it only rebuilds state; after that it
-also, at most once per second, completes quiet batches (manifest blob + series.completed /
-study.completed) and decides completed batches (decide.py). Completion and decision events come
-back through the same consumer, so the live path and the replay path fold the same events.
+also completes quiet batches (manifest blob + series.completed / study.completed) and decides
+completed batches (decide.py). Completion and decision events come back through the same consumer,
+so the live path and the replay path fold the same events.
+
+Completion is checked at least once per second (TICK_SECONDS), and also at the moment the earliest
+open series becomes due (its last arrival plus its quiet period), so a series is not left waiting
+for the next whole-second tick; a series opened between ticks brings that moment forward itself.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from services.router.completion import StudyDue, enabled_rules, series_due, study_due
+from services.router.completion import StudyDue, enabled_rules, series_due_at, study_due
 from services.router.decide import decide
 from services.router.state import Batch, RouterState
 from shared import subjects
@@ -37,6 +41,8 @@ FOLDED_TYPES = ("image.received", "series.completed", "study.completed", "study.
                 "route.decided")
 CHECKPOINT_KEY = "checkpoint"
 TICK_SECONDS = 1.0
+POLL_SECONDS = 0.25
+MIN_WAIT_SECONDS = 0.005
 
 
 class RouterService(Service):
@@ -51,6 +57,7 @@ class RouterService(Service):
         self.kv: KeyValue
         self._saved_checkpoint = 0
         self._sub: Any = None
+        self._next_tick = 0.0   # time.time() of the next completion check
 
     async def setup(self) -> None:
         self.blobs = open_blob_store(self.settings.blob_store, self.settings.data_dir, self.bus.js)
@@ -102,10 +109,10 @@ class RouterService(Service):
     # ------------------------------------------------------------ the loop
 
     async def _loop(self) -> None:
-        last_tick = 0.0
         while not self.stopping.is_set():
+            wait = min(POLL_SECONDS, max(MIN_WAIT_SECONDS, self._next_tick - time.time()))
             try:
-                msg = await self._sub.next_msg(timeout=0.25)
+                msg = await self._sub.next_msg(timeout=wait)
             except (NatsTimeoutError, TimeoutError):
                 msg = None
             try:
@@ -116,9 +123,9 @@ class RouterService(Service):
                     self._mark_caught_up(info.num_pending == 0)
                 if not self.caught_up:
                     continue
-                await self._decide_pending()
-                if time.monotonic() - last_tick >= TICK_SECONDS:
-                    last_tick = time.monotonic()
+                if self.state.pending:
+                    await self._decide_pending()
+                if time.time() >= self._next_tick:
                     await self._tick()
                     await self._save_checkpoint()
             except Exception:  # noqa: BLE001 - broker trouble: keep the state, retry on the next round
@@ -136,7 +143,13 @@ class RouterService(Service):
         except Exception as exc:  # noqa: BLE001 - one unreadable message must not stop routing
             log.error("unreadable event on %s: %s", msg.subject, exc)
             return
+        opens = (self.caught_up and event.type == "image.received" and event.series_uid is not None
+                 and event.series_uid not in self.state.series)
         self.state.apply(event)
+        if opens and event.series_uid in self.state.series:
+            # A new series may become due before the next scheduled check (quiet period < 1 s).
+            due = series_due_at(self.state.series[event.series_uid], self.config).timestamp()
+            self._next_tick = min(self._next_tick, due)
         if event.type == "route.decided":
             self.decided.discard(str(event.payload.get("batch_id", "")))
         self._mark_caught_up(msg.metadata.num_pending == 0)
@@ -168,9 +181,14 @@ class RouterService(Service):
 
     async def _tick(self) -> None:
         config, now = self.config, utcnow()
+        next_tick = time.time() + TICK_SECONDS
         for batch in list(self.state.series.values()):
-            if series_due(batch, config, now):
+            due_at = series_due_at(batch, config)
+            if due_at <= now:
                 await self._complete_series(batch)
+            else:
+                next_tick = min(next_tick, due_at.timestamp())
+        self._next_tick = next_tick
         study_rules = enabled_rules(config, "study")
         for uid, batch in list(self.state.studies.items()):
             if not study_rules:
