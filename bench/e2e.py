@@ -231,7 +231,7 @@ def start_profilers(cad: Caduceus, out: Path, rate: int = 100) -> list[subproces
     procs = []
     for name in PROFILED:
         if name in pids:
-            args = [shutil.which("py-spy") or "py-spy", "record", "--pid", str(pids[name]), "--format", "raw",
+            args = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pids[name]), "--format", "raw",
                     "--rate", str(rate), "--nonblocking", "--output", str(out / f"{name}.txt")]
             procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # py-spy attaches
