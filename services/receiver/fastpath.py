@@ -29,6 +29,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from services.receiver import direct
 from shared import dicomnet
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,6 @@ def _fast_send_msg(assoc: Any, original: Any) -> Any:
     return send_msg
 
 
-def _ui(element: int, value: Any) -> bytes:
-    raw = str(value).encode("ascii")
-    if len(raw) % 2:
-        raw += b"\x00"
-    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
-
-
-def _us(element: int, value: int) -> bytes:
-    return struct.pack("<HHIH", 0x0000, element, 2, value)
-
-
 def store_response_command(primitive: Any) -> bytes | None:
     """The C-STORE-RSP command set (implicit VR LE) as pynetdicom encodes it, or None if not plain."""
     if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
@@ -95,12 +85,10 @@ def store_response_command(primitive: Any) -> bytes | None:
     if primitive.Status is None or not sop_class or not sop_instance:
         return None
     try:
-        body = b"".join((_ui(0x0002, sop_class), _us(0x0100, 0x8001),
-                         _us(0x0120, int(primitive.MessageIDBeingRespondedTo)), _us(0x0800, 0x0101),
-                         _us(0x0900, int(primitive.Status)), _ui(0x1000, sop_instance)))
+        return direct.store_response(str(sop_class), str(sop_instance),
+                                     int(primitive.MessageIDBeingRespondedTo), int(primitive.Status))
     except (UnicodeError, struct.error):
         return None
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
 def _association_reactor(self: Any) -> None:

@@ -44,9 +44,9 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
 class Publisher(Protocol):
-    """Publishes an event from a non-asyncio thread and returns its stream sequence (or raises)."""
+    """Starts publishing an event from a non-asyncio thread; the future gives its stream sequence."""
 
-    def __call__(self, event: Event, timeout: float) -> int: ...
+    def __call__(self, event: Event, timeout: float) -> Future[int]: ...
 
 
 class BlobWriter(Protocol):
@@ -97,61 +97,54 @@ class LocalBlobWriter:
     def free_bytes(self) -> int | None:
         return self.store.free_bytes()
 
-    # Two-step write, so the data can go to disk while the tags are read (see Ingest.store).
-    def stage(self, data: bytes) -> Staged:
-        """Write `data` to a temp file in the store and fsync it; the key is not known yet."""
-        tmp = self.store._tmp / f"{uuid.uuid4().hex}.part"  # the store's own temp dir (same filesystem)
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                if self.store.fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return Staged(tmp, len(data), hashlib.sha256(data).hexdigest())
+    def put_visible(self, key: str, data: bytes, pool: ThreadPoolExecutor) -> PendingWrite:
+        """Write `data` under `key` now; its fsyncs run on `pool` (wait on the returned PendingWrite).
 
-    def commit(self, key: str, staged: Staged) -> BlobInfo:
-        """Rename a staged file to `key` and make the rename (and new directories) durable."""
+        Once this returns, the file is complete under its key for every reader on this machine, so
+        `image.received` can be published while the disk is still busy (Ingest._finish); only its
+        durability against a power cut is pending, and the sender hears success only after the
+        fsyncs. The write itself (into the page cache) stays on the calling thread: a worker thread
+        doing it would need the GIL back after each of its system calls, and wait for it while the
+        caller reads tags.
+        """
         path = self.store.path(key)
         created = _missing_parents(path.parent, self.store.root)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged.path, path)
-        if self.sync_dirs:
-            for directory in {path.parent, *(d.parent for d in created)}:
-                _fsync_dir(directory)
-        return BlobInfo(key, staged.size, staged.sha256)
+        tmp = self.store._tmp / f"{uuid.uuid4().hex}.part"  # the store's own temp dir (same filesystem)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        # The rename lives in the file's directory; a new directory lives in its parent.
+        directories = {path.parent, *(d.parent for d in created)} if self.sync_dirs else set()
+        return PendingWrite(pool.submit(self._make_durable, fd, directories))
+
+    def _make_durable(self, fd: int, directories: set[Path]) -> None:
+        try:
+            if self.store.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        for directory in directories:
+            _fsync_dir(directory)
 
 
 @dataclass(frozen=True)
-class Staged:
-    path: Path
-    size: int
-    sha256: str
+class PendingWrite:
+    """The fsyncs of a file already in place, running on a worker thread."""
 
+    future: Future[None]
 
-class StagedWrite:
-    """A stage() running on a worker thread; commit it under a key or discard it."""
-
-    def __init__(self, writer: LocalBlobWriter, data: bytes, pool: ThreadPoolExecutor) -> None:
-        self.writer = writer
-        self.future: Future[Staged] = pool.submit(writer.stage, data)
-        self.done = False
-
-    def commit(self, key: str) -> BlobInfo:
-        self.done = True
-        return self.writer.commit(key, self.future.result())
-
-    def discard(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        try:
-            staged = self.future.result()
-        except Exception:  # noqa: BLE001 - stage() already removed its temp file
-            return
-        staged.path.unlink(missing_ok=True)
+    def result(self, timeout: float) -> None:
+        """Returns once the file and its directory entries are durable; raises what the fsync raised."""
+        self.future.result(timeout)
 
 
 def _missing_parents(directory: Path, root: Path) -> list[Path]:
@@ -177,32 +170,22 @@ class Ingest:
         self.publish = publish
         self.settings = settings
         self.publish_timeout = publish_timeout
-        # Local store: the file is written and fsynced on a worker thread while the association
-        # thread reads the tags (write, fsync and sha256 release the GIL).
-        self.stage_pool = (ThreadPoolExecutor(max_workers=32, thread_name_prefix="blob-stage")
+        # Local store: the file is fsynced on a worker thread while the association thread hashes
+        # it and publishes the event (fsync and sha256 release the GIL).
+        self.write_pool = (ThreadPoolExecutor(max_workers=32, thread_name_prefix="blob-write")
                            if isinstance(writer, LocalBlobWriter) else None)
 
     # ------------------------------------------------------------ the C-STORE path
 
-    def store(self, assoc: AssociationInfo, data: bytes, context_ts: str, request_sop_uid: str) -> int:
-        timer, mark = assoc.timer, time.perf_counter_ns()
+    def store(self, assoc: AssociationInfo, data: bytes, context_ts: str, request_sop_uid: str,
+              mark: int = 0) -> int:
+        timer, mark = assoc.timer, mark or time.perf_counter_ns()
         settings = self.settings()
         if not self._enough_space(settings):
             return self._reject(assoc, "free space below min_free_space_mb "
                                 f"({settings.min_free_space_mb} MB)", request_sop_uid)
         if timer:
             mark = timer.mark("space", mark)
-        staged = (StagedWrite(self.writer, data, self.stage_pool)
-                  if self.stage_pool is not None and isinstance(self.writer, LocalBlobWriter) else None)
-        try:
-            return self._store(assoc, data, context_ts, request_sop_uid, staged, settings, mark)
-        finally:
-            if staged is not None:
-                staged.discard()  # nothing if it was committed
-
-    def _store(self, assoc: AssociationInfo, data: bytes, context_ts: str, request_sop_uid: str,
-               staged: StagedWrite | None, settings: SettingsItem, mark: int) -> int:
-        timer = assoc.timer
         try:
             tags = extract_tags(data, settings.extract_tags)
             self._check_identity(tags)
@@ -216,30 +199,45 @@ class Ingest:
                         "dataset's", request_sop_uid, extra=ctx)
         key = blob_key("instances", tags.study_uid, tags.series_uid, tags.sop_uid + ".dcm")
         try:
-            info, duplicate = self._write(key, data, staged)
+            duplicate, write = self._start_write(key, data)
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
-        if timer:
-            mark = timer.mark("write", mark)
         event = make_event("image.received", ACTOR, ImageReceived(
             sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
-            blob_key=info.key, size=info.size, sha256=info.sha256, calling_aet=assoc.calling_aet,
-            called_aet=assoc.called_aet, peer_host=assoc.peer_host, peer_port=assoc.peer_port,
-            association_id=assoc.association_id, duplicate=duplicate, tags=tags.tags),
-            study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
+            blob_key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            calling_aet=assoc.calling_aet, called_aet=assoc.called_aet, peer_host=assoc.peer_host,
+            peer_port=assoc.peer_port, association_id=assoc.association_id, duplicate=duplicate,
+            tags=tags.tags), study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
         if timer:
             mark = timer.mark("event", mark)
+        return self._finish(assoc, event, write, tags, ctx, mark)
+
+    def _finish(self, assoc: AssociationInfo, event: Event, write: PendingWrite | None,
+                tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:
+        """Publish (the file is in place), answer success once it is durable *and* acknowledged."""
+        timer, key = assoc.timer, str(event.payload.get("blob_key"))
+        published = self.publish(event, self.publish_timeout)
+        if write is not None:
+            try:
+                write.result(self.publish_timeout + 60)
+            except Exception as exc:  # noqa: BLE001 - not durable means not accepted
+                log.error("blob write failed for %s after image.received was published: %s", key, exc, extra=ctx)
+                # The event is out and the file is in place but not known to be on disk: the sender
+                # keeps its copy and its retry publishes again; image.rejected records why.
+                return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
+        if timer:
+            mark = timer.mark("write", mark)
         try:
-            self.publish(event, self.publish_timeout)
+            published.result(self.publish_timeout + 1)
         except Exception as exc:  # noqa: BLE001 - not acknowledged means not accepted
             log.error("image.received not acknowledged by JetStream: %s", exc, extra=ctx)
             return self._reject(assoc, f"event not acknowledged: {exc}", tags.sop_uid, tags)
         if timer:
             timer.mark("publish", mark)
         assoc.stored += 1
-        if duplicate != "new":
-            log.info("duplicate instance (%s)", duplicate, extra=ctx)
+        if event.payload.get("duplicate") != "new":
+            log.info("duplicate instance (%s)", event.payload.get("duplicate"), extra=ctx)
         return STATUS_SUCCESS
 
     def _check_identity(self, tags: ExtractedTags) -> None:
@@ -256,15 +254,20 @@ class Ingest:
             return False
         return free is None or free >= settings.min_free_space_mb * 1024 * 1024
 
-    def _write(self, key: str, data: bytes,
-               staged: StagedWrite | None) -> tuple[BlobInfo, Literal["new", "identical", "replaced"]]:
+    def _start_write(self, key: str, data: bytes) -> tuple[Literal["new", "identical", "replaced"],
+                                                            PendingWrite | None]:
+        """Deal with an existing copy, then write (fsyncs in the background on a local store).
+
+        Returns the duplicate kind and the pending fsyncs (None: nothing to wait for).
+        """
         existing = self.writer.read(key)
         if existing is not None and existing == data:
-            return BlobInfo(key, len(data), hashlib.sha256(data).hexdigest()), "identical"
+            return "identical", None
         duplicate: Literal["new", "replaced"] = "new" if existing is None else "replaced"
-        if staged is not None:
-            return staged.commit(key), duplicate
-        return self.writer.put(key, data), duplicate
+        if self.write_pool is not None and isinstance(self.writer, LocalBlobWriter):
+            return duplicate, self.writer.put_visible(key, data, self.write_pool)
+        self.writer.put(key, data)
+        return duplicate, None
 
     # ------------------------------------------------------------ failures
 
@@ -298,7 +301,8 @@ class Ingest:
 
     def _publish_quietly(self, event: Event) -> None:
         """Failure events are best effort: the status code already tells the sender."""
+        timeout = min(self.publish_timeout, 2.0)
         try:
-            self.publish(event, min(self.publish_timeout, 2.0))
+            self.publish(event, timeout).result(timeout + 1)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not publish %s: %s", event.type, exc)

@@ -23,7 +23,7 @@ from pynetdicom.events import Event as DicomEvent
 from pynetdicom.presentation import AllStoragePresentationContexts, VerificationPresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from services.receiver import fastpath, part10, timing
+from services.receiver import direct, fastpath, part10, timing
 from services.receiver.ingest import STATUS_OUT_OF_RESOURCES, AssociationInfo, Ingest
 from services.receiver.timing import PhaseTimer
 from shared.config.model import SettingsItem
@@ -102,6 +102,11 @@ def _host_allowed(host: str, allowed: list[str]) -> bool:
         except ValueError:
             log.warning("ignoring invalid allowed_hosts entry %r", entry)
     return False
+
+
+def direct_enabled() -> bool:
+    """`CADUCEUS_RECEIVER_DIRECT=0` keeps C-STORE on pynetdicom's own path (measurements, comparisons)."""
+    return os.environ.get("CADUCEUS_RECEIVER_DIRECT", "1") != "0"
 
 
 def ssl_context_for(settings: SettingsItem) -> ssl.SSLContext | None:
@@ -227,6 +232,8 @@ class StorageSCP:
         assoc.acceptor.maximum_length = self.settings().max_pdu
         if self.use_fastpath:
             fastpath.install(assoc)
+            if direct_enabled():
+                direct.install(assoc, self._direct_accept, self._direct_store)
 
     def _on_requested(self, event: DicomEvent) -> None:
         assoc: Any = event.assoc
@@ -272,6 +279,35 @@ class StorageSCP:
             if timer:
                 timer.end_image()
 
+    # The direct path (services/receiver/direct.py, on the DUL thread) for plain C-STORE requests.
+    def _direct_accept(self, assoc: Any, request: direct.StoreRequest) -> bool:
+        if getattr(assoc, "caduceus_info", None) is None:
+            return False  # EVT_ACCEPTED not handled yet: pynetdicom's path queues it until then
+        try:
+            part10.file_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid)
+        except (ValueError, UnicodeError):
+            return False  # pynetdicom's path builds the File Meta for odd UIDs
+        return True
+
+    def _direct_store(self, assoc: Any, request: direct.StoreRequest, fragments: list[memoryview]) -> int:
+        info: AssociationInfo = assoc.caduceus_info
+        timer = info.timer
+        mark = timer.start_image() if timer else 0
+        try:
+            data = b"".join((part10.PREAMBLE, part10.file_meta(
+                request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid), *fragments))
+            if timer:
+                mark = timer.mark("encode", mark)
+            return self.ingest.store(info, data, request.transfer_syntax_uid, request.sop_instance_uid,
+                                     mark=mark)
+        except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
+            log.exception("unexpected error while storing an instance")
+            info.failed += 1
+            return STATUS_OUT_OF_RESOURCES
+        finally:
+            if timer:
+                timer.end_image()
+
     def _store(self, event: DicomEvent, info: AssociationInfo, mark: int) -> int:
         request_sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
         try:
@@ -280,9 +316,9 @@ class StorageSCP:
             raw = _raw_dataset(event)
             return self.ingest._quarantine(info, raw, f"no file meta could be built: {exc}", request_sop_uid)
         if info.timer:
-            info.timer.mark("encode", mark)
+            mark = info.timer.mark("encode", mark)
         try:
-            return self.ingest.store(info, data, str(event.context.transfer_syntax), request_sop_uid)
+            return self.ingest.store(info, data, str(event.context.transfer_syntax), request_sop_uid, mark=mark)
         except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
             log.exception("unexpected error while storing an instance")
             info.failed += 1

@@ -77,9 +77,9 @@ def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Settings
         assert isinstance(store, NatsObjectBlobStore)
         writer = AsyncBlobWriter(store, bridge)
 
-    def publish(event: Event, timeout: float) -> int:
+    def publish(event: Event, timeout: float) -> Future[int]:
         # retries=0: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
-        return bridge.run(bus.publish(event, timeout=timeout, retries=0), timeout + 1)  # type: ignore[no-any-return]
+        return bridge.submit(bus.publish(event, timeout=timeout, retries=0))
 
     def publish_later(event: Event) -> None:
         future = bridge.submit(bus.publish(event, timeout=publish_timeout, retries=2))

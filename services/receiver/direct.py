@@ -1,0 +1,320 @@
+"""The direct C-STORE path: P-DATA PDUs become stored instances on the DUL thread.
+
+Why: with pynetdicom's own path every received image crosses three threads and is copied four
+times before the handler sees it: the DUL thread decodes the P-DATA-TF PDU into PDV objects (a copy
+per fragment), hands them to DIMSE, which joins them into a BytesIO (a copy), decodes the command
+set with pydicom, validates it into a C_STORE primitive and queues it for the association thread;
+that thread builds an Event, the handler copies the data set into Part 10 bytes, and the response
+goes back through a queue to the DUL thread. With one C-STORE in flight per association (no
+asynchronous operations are negotiated) all of that is on the sender's critical path.
+
+Here the DUL thread reads a P-DATA-TF PDU itself while the association is established (Sta6, where
+pynetdicom's own action, DT-2, only passes the PDU to DIMSE and stays in Sta6), splits it into PDVs
+without copying, decodes the command set of a C-STORE-RQ (implicit VR little endian, a handful of
+elements), collects the data set fragments, calls the store callback, and writes the C-STORE-RSP
+straight onto the socket, all on that one thread. The sender is waiting for the response, so
+nothing else can arrive on this association meanwhile.
+
+Anything that is not a plain C-STORE-RQ on an accepted presentation context (C-ECHO, another
+message, a command this decoder cannot read, fragments out of order, UIDs that are not plain) is
+handed to pynetdicom unchanged, PDV by PDV, from the start of that message, so pynetdicom's
+behaviour (including its protocol errors and aborts) is kept for everything else. Every PDU other
+than P-DATA-TF, and P-DATA-TF in any other state, takes pynetdicom's own route.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.pdu_primitives import P_DATA
+
+log = logging.getLogger(__name__)
+
+P_DATA_TF = 0x04
+C_STORE_RQ = 0x0001
+NO_DATA_SET = 0x0101
+# Handlers bound to these would expect to see every PDU/message pass through pynetdicom.
+OBSERVER_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_DIMSE_RECV, evt.EVT_PDU_SENT,
+                   evt.EVT_DATA_SENT, evt.EVT_DIMSE_SENT)
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """The C-STORE-RQ command elements the store callback needs."""
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    context_id: int
+    transfer_syntax_uid: str
+
+
+# The store callback: (association, request, data set fragments) -> DIMSE status.
+StoreCallback = Callable[[Any, StoreRequest, list[memoryview]], int]
+# Decides, once the command is known, whether the callback takes the message (else pynetdicom).
+AcceptCallback = Callable[[Any, StoreRequest], bool]
+
+
+class CommandError(ValueError):
+    pass
+
+
+def decode_command(data: bytes | bytearray | memoryview) -> dict[int, bytes]:
+    """Element number -> raw value of a group 0000 command set (implicit VR little endian)."""
+    view = memoryview(data)
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(view)
+    while offset < end:
+        if end - offset < 8:
+            raise CommandError("truncated command element header")
+        group, element, length = struct.unpack_from("<HHI", view, offset)
+        offset += 8
+        if group != 0x0000 or length > end - offset:
+            raise CommandError(f"unexpected element ({group:04X},{element:04X}) of length {length}")
+        elements[element] = bytes(view[offset:offset + length])
+        offset += length
+    return elements
+
+
+def _us(elements: dict[int, bytes], element: int) -> int | None:
+    raw = elements.get(element)
+    if raw is None or len(raw) != 2:
+        return None
+    return int(struct.unpack("<H", raw)[0])
+
+
+def _uid(elements: dict[int, bytes], element: int) -> str:
+    raw = elements.get(element, b"").rstrip(b"\x00 ")
+    text = raw.decode("ascii", "strict")
+    if not text or len(text) > 64 or not set(text) <= set("0123456789."):
+        raise CommandError(f"not a plain UID in (0000,{element:04X}): {text!r}")
+    return text
+
+
+def store_request(elements: dict[int, bytes], context_id: int, transfer_syntax_uid: str) -> StoreRequest | None:
+    """The C-STORE-RQ in a decoded command set, or None when it is anything else."""
+    if _us(elements, 0x0100) != C_STORE_RQ:
+        return None
+    message_id = _us(elements, 0x0110)
+    data_set_type = _us(elements, 0x0800)
+    if message_id is None or data_set_type is None or data_set_type == NO_DATA_SET:
+        return None
+    try:
+        return StoreRequest(message_id, _uid(elements, 0x0002), _uid(elements, 0x1000), context_id,
+                            transfer_syntax_uid)
+    except (CommandError, UnicodeError):
+        return None
+
+
+def _ui(element: int, value: str) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\x00"
+    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
+
+
+def _us_element(element: int, value: int) -> bytes:
+    return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+
+def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int, status: int) -> bytes:
+    """The C-STORE-RSP command set (implicit VR LE), byte for byte as pynetdicom encodes it."""
+    body = b"".join((_ui(0x0002, sop_class_uid), _us_element(0x0100, 0x8001),
+                     _us_element(0x0120, message_id), _us_element(0x0800, NO_DATA_SET),
+                     _us_element(0x0900, status), _ui(0x1000, sop_instance_uid)))
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def p_data_pdu(context_id: int, command: bytes) -> bytes:
+    """One P-DATA-TF PDU carrying `command` as a single, last command fragment."""
+    item_length = 2 + len(command)
+    return struct.pack(">BBIIBB", P_DATA_TF, 0, 4 + item_length, item_length, context_id, 0x03) + command
+
+
+@dataclass
+class _Message:
+    """The message being assembled: its PDVs (for a hand-over) and, once known, its request."""
+
+    pdvs: list[tuple[int, memoryview]] = field(default_factory=list)
+    command: list[memoryview] = field(default_factory=list)
+    command_done: bool = False
+    request: StoreRequest | None = None
+    data: list[memoryview] = field(default_factory=list)
+
+
+class DirectStore:
+    """Per-association state of the direct path; `install()` wires it into a DUL."""
+
+    def __init__(self, assoc: Any, accept: AcceptCallback, store: StoreCallback) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        self.accept = accept
+        self.store = store
+        self.original_read = self.dul._read_pdu_data
+        self.message: _Message | None = None
+        self.passthrough = False  # pynetdicom's DIMSE owns the current message
+
+    # ------------------------------------------------------------ PDU level
+
+    def read_pdu(self) -> None:
+        """DULServiceProvider._read_pdu_data, with P-DATA-TF in Sta6 handled here."""
+        dul = self.dul
+        try:
+            header = bytes(dul.socket.recv(6))
+        except (OSError, TimeoutError):
+            log.error("connection closed before the entire PDU was received")
+            dul.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            dul.event_queue.put("Evt17")
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type != P_DATA_TF or dul.state_machine.current_state != "Sta6":
+            self._pynetdicom_pdu(header, pdu_type, length)
+            return
+        try:
+            body = dul.socket.recv(length)
+        except (OSError, TimeoutError):
+            log.error("connection closed before the entire PDU was received")
+            dul.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            log.error("the received PDU is shorter than expected (%d of %d bytes)", len(body), length)
+            dul.event_queue.put("Evt17")
+            return
+        pdvs = _split_pdvs(memoryview(body))
+        if pdvs is None:
+            log.error("unable to decode the received P-DATA-TF PDU")
+            dul.event_queue.put("Evt19")  # as pynetdicom: invalid PDU, the state machine aborts
+            return
+        for context_id, pdv in pdvs:
+            self.on_pdv(context_id, pdv)
+
+    def _pynetdicom_pdu(self, header: bytes, pdu_type: int, length: int) -> None:
+        """The rest of pynetdicom's _read_pdu_data for a PDU whose header was already read."""
+        dul = self.dul
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("unknown PDU type received 0x%02X", pdu_type)
+            dul.event_queue.put("Evt19")
+            return
+        try:
+            body = dul.socket.recv(length)
+        except (OSError, TimeoutError):
+            dul.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            dul.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = dul._decode_pdu(bytearray(header) + body)
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: invalid PDU
+            log.error("unable to decode the received PDU data: %s", exc)
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(pdu)
+
+    # ------------------------------------------------------------ DIMSE level
+
+    def on_pdv(self, context_id: int, pdv: memoryview) -> None:
+        """One presentation data value (its first byte is the message control header)."""
+        if self.passthrough:
+            self._to_pynetdicom(context_id, pdv)
+            return
+        control = pdv[0]  # _split_pdvs guarantees at least the control header
+        is_command, is_last = bool(control & 0x01), bool(control & 0x02)
+        message = self.message or _Message()
+        self.message = message
+        message.pdvs.append((context_id, pdv))
+        if message.pdvs[0][0] != context_id:
+            self._hand_over()
+            return
+        if not message.command_done:
+            if not is_command:
+                self._hand_over()
+                return
+            message.command.append(pdv[1:])
+            if is_last:
+                message.command_done = True
+                self._command_complete(message, context_id)
+            return
+        if is_command:  # a command fragment after the command ended: let pynetdicom judge it
+            self._hand_over()
+            return
+        message.data.append(pdv[1:])
+        if is_last:
+            self.message = None
+            self._serve(message)
+
+    def _command_complete(self, message: _Message, context_id: int) -> None:
+        assoc = self.assoc
+        context = assoc._accepted_cx.get(context_id)
+        request = None
+        if context is not None and assoc.is_established and not assoc._sent_release:
+            try:
+                elements = decode_command(b"".join(message.command))
+            except CommandError:
+                elements = {}
+            request = store_request(elements, context_id, str(context.transfer_syntax[0]))
+        if request is None or not self.accept(assoc, request):
+            self._hand_over()
+            return
+        message.request = request
+
+    def _serve(self, message: _Message) -> None:
+        request = message.request
+        assert request is not None
+        status = self.store(self.assoc, request, message.data)
+        response = store_response(request.sop_class_uid, request.sop_instance_uid, request.message_id, status)
+        # Sent from the DUL thread, the only thread that writes this socket; the state stays Sta6,
+        # as after pynetdicom's own DT-1 (send P-DATA-TF).
+        self.dul.socket.send(p_data_pdu(request.context_id, response))
+
+    def _hand_over(self) -> None:
+        """Give the current message, from its first PDV, to pynetdicom's DIMSE."""
+        message, self.message = self.message, None
+        self.passthrough = True
+        for context_id, pdv in message.pdvs if message else []:
+            if not self.passthrough:
+                # pynetdicom finished that message with an earlier PDV: the rest starts a new one.
+                self.on_pdv(context_id, pdv)
+            else:
+                self._to_pynetdicom(context_id, pdv)
+
+    def _to_pynetdicom(self, context_id: int, pdv: memoryview) -> None:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append((context_id, bytes(pdv)))
+        dimse = self.assoc.dimse
+        dimse.receive_primitive(primitive)
+        if dimse.message is None:  # the message is complete (or was dropped): back to the direct path
+            self.passthrough = False
+
+
+def _split_pdvs(body: memoryview) -> list[tuple[int, memoryview]] | None:
+    """PDV items of a P-DATA-TF body as (context id, control header + value) views; None if malformed."""
+    pdvs = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            return None
+        (length,) = struct.unpack_from(">I", body, offset)
+        if length < 2 or length > end - offset - 4:
+            return None
+        context_id = body[offset + 4]
+        pdvs.append((context_id, body[offset + 5:offset + 4 + length]))
+        offset += 4 + length
+    return pdvs or None
+
+
+def install(assoc: Any, accept: AcceptCallback, store: StoreCallback) -> DirectStore | None:
+    """Wire the direct path into `assoc`'s DUL (before its thread starts); None if it cannot apply."""
+    if any(assoc.get_handlers(event) for event in OBSERVER_EVENTS):
+        return None
+    direct = DirectStore(assoc, accept, store)
+    assoc.dul._read_pdu_data = direct.read_pdu
+    return direct
