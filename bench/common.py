@@ -61,8 +61,9 @@ def echoscu(port: int, *, called_aet: str = "CADUCEUS", calling_aet: str = "BENC
     return SendResult(proc.returncode, time.perf_counter() - start, proc.stdout + proc.stderr)
 
 
-def make_series(out: Path, count: int, size: int = 512, studies: int = 1, series_per_study: int = 1) -> Path:
-    write_series(out, count, size=size, studies=studies, series_per_study=series_per_study)
+def make_series(out: Path, count: int, size: int = 512, studies: int = 1, series_per_study: int = 1,
+                modality: str = "CT") -> Path:
+    write_series(out, count, size=size, studies=studies, series_per_study=series_per_study, modality=modality)
     return out
 
 

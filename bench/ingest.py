@@ -1,27 +1,34 @@
 """Ingest benchmark: DCMTK storescp vs caduceus receiver (vs Orthanc) on the same files.
 
-    python -m bench.ingest [--count 500] [--size 512] [--parallel 4] [--repeat 3] [--orthanc] [--smoke]
-                           [--data DIR]
+    python -m bench.ingest [--count 500] [--size 512] [--modality CT] [--senders 1,2,4] [--repeat 3]
+                           [--orthanc] [--smoke] [--data DIR]
+    python -m bench.ingest --preset mr2000 ...     (2000 small MR images: --count 2000 --size 128 --modality MR)
 
-For each receiver: one storescu sends the whole series (time = storescu wall clock), then
-`--parallel` storescu processes each send their own copy of the series at the same time (new
-UIDs, so caduceus stores every instance). Prints seconds, images/s and the ratios the targets are
-about: caduceus / storescp (target <= 2) and caduceus parallel speed-up (target >= 1.5).
-`--repeat N` runs storescp and caduceus alternately N times (a fresh receiver, data directory and
-nats-server each time) and reports every run's ratios and their medians: on a shared machine only
-ratios from the same run mean something. `--data DIR` keeps the generated series there and reuses
-them next time. `--smoke` uses 10 small images: it checks the machinery, not the targets.
+For each number of senders N and each receiver: a fresh receiver (empty storage; caduceus with its
+own nats-server), then N DCMTK storescu processes at once, each sending its own copy of the series
+(new UIDs, so every instance is new to the receiver). Time = from starting the senders until the
+last one exits. Prints seconds and images/s per receiver and N, and the ratios the targets are
+about: caduceus / storescp time (target <= 2), caduceus / Orthanc time (target <= 0.1) and the
+caduceus throughput with N senders over one sender (target for 4: >= 1.5).
+
+`--repeat R` runs everything R times, the receivers alternating, and reports every run's ratios and
+their medians: on a shared machine only ratios from the same run mean something. `--data DIR`
+keeps the generated series there and reuses them next time. `--smoke` uses 10 small images and
+1-2 senders: it checks the machinery, not the targets.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,37 +50,39 @@ from shared.bus import Bus
 # storescp serves one association at a time: the other senders wait for their A-ASSOCIATE-AC
 # longer than storescu's default 30 s ACSE timeout when the machine is busy.
 SENDER_OPTIONS = ["-ta", "600"]
+# name: (images per series, rows = columns, modality)
+PRESETS: dict[str, tuple[int, int, str]] = {"ct500": (500, 512, "CT"), "mr2000": (2000, 128, "MR")}
 
 
 def send_parallel(port: int, dirs: list[Path], called_aet: str) -> tuple[float, list[SendResult]]:
-    import time
-
     start = time.perf_counter()
     with ThreadPoolExecutor(len(dirs)) as pool:
         results = list(pool.map(lambda d: storescu(port, d, called_aet=called_aet, extra=SENDER_OPTIONS), dirs))
     return time.perf_counter() - start, results
 
 
-def measure(name: str, start: Callable[[], Peer], called_aet: str, single: Path, many: list[Path],
-            count: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, start: Callable[[], Peer], called_aet: str, dirs: list[Path], count: int) -> dict[str, float]:
     peer = start()
     try:
-        one = storescu(peer.port, single, called_aet=called_aet, extra=SENDER_OPTIONS)
-        if one.returncode != 0:
-            raise RuntimeError(f"{name}: storescu failed: {one.output[-2000:]}\n{peer.log_text()[-2000:]}")
-        total, results = send_parallel(peer.port, many, called_aet)
+        pid = peer.process.pid if peer.process else None
+        cpu_before = cpu_seconds(pid) if pid else 0.0
+        seconds, results = send_parallel(peer.port, dirs, called_aet)
+        cpu = (cpu_seconds(pid) - cpu_before) if pid else 0.0
         failed = [r for r in results if r.returncode != 0]
         if failed:
-            raise RuntimeError(f"{name}: parallel storescu failed: {failed[0].output[-2000:]}")
+            raise RuntimeError(f"{name}: storescu failed: {failed[0].output[-2000:]}\n{peer.log_text()[-2000:]}")
     finally:
         peer.stop()
-    images = count * len(many)
-    row = {"single_s": one.seconds, "single_img_s": count / one.seconds,
-           "parallel_s": total, "parallel_img_s": images / total}
-    row["parallel_speedup"] = row["parallel_img_s"] / row["single_img_s"]
-    print(f"{name:10s} 1 sender: {one.seconds:7.2f} s ({row['single_img_s']:6.0f} img/s)   "
-          f"{len(many)} senders: {total:7.2f} s ({row['parallel_img_s']:6.0f} img/s, "
-          f"x{row['parallel_speedup']:.2f})", flush=True)
+    images = count * len(dirs)
+    row = {"seconds": seconds, "img_s": images / seconds, "cpu_ms_per_image": cpu * 1000 / images}
+    print(f"{name:9s} {len(dirs)} sender(s): {seconds:7.2f} s ({row['img_s']:6.0f} img/s, "
+          f"receiver CPU {row['cpu_ms_per_image']:.2f} ms/img)", flush=True)
     return row
 
 
@@ -86,63 +95,99 @@ async def count_received(nats_url: str) -> int:
         await bus.close()
 
 
-def series(root: Path, name: str, count: int, size: int) -> Path:
-    out = root / f"{name}-{count}x{size}"
+def series(root: Path, name: str, count: int, size: int, modality: str) -> Path:
+    out = root / f"{name}-{count}x{size}" if modality == "CT" else root / f"{name}-{modality}-{count}x{size}"
     marker = root / f"{out.name}.complete"  # not inside: storescu sends every file of the directory
     if not marker.exists():
         shutil.rmtree(out, ignore_errors=True)
-        make_series(out, count, size)
+        make_series(out, count, size, modality=modality)
         marker.write_text("")
     return out
 
 
-def run_once(args: argparse.Namespace, work: Path, single: Path, many: list[Path], env: dict[str, str],
-             run: int) -> dict[str, Any]:
-    """storescp (optionally Orthanc), then caduceus with its own nats-server, on the same files."""
-    results: dict[str, dict[str, float]] = {}
-    results["storescp"] = measure("storescp", lambda: start_storescp(work / f"storescp-{run}"), "STORESCP",
-                                  single, many, args.count)
-    shutil.rmtree(work / f"storescp-{run}", ignore_errors=True)
-    if args.orthanc:
-        results["orthanc"] = measure("orthanc", lambda: start_orthanc(work / f"orthanc-{run}"), "ORTHANC",
-                                     single, many, args.count)
-        shutil.rmtree(work / f"orthanc-{run}", ignore_errors=True)
-    nats = start_nats(work / f"natsrv-{run}")
+def run_caduceus(work: Path, dirs: list[Path], count: int, env: dict[str, str], tag: str) -> tuple[dict[str, float], int]:
+    nats = start_nats(work / f"natsrv-{tag}")
     try:
-        results["caduceus"] = measure(
-            "caduceus", lambda: start_receiver(nats.url, work / f"caduceus-{run}", env=env), "CADUCEUS",
-            single, many, args.count)
+        row = measure("caduceus", lambda: start_receiver(nats.url, work / f"caduceus-{tag}", env=env), "CADUCEUS",
+                      dirs, count)
         events = asyncio.run(count_received(nats.url))
     finally:
         nats.stop()
-    shutil.rmtree(work / f"caduceus-{run}", ignore_errors=True)
-    shutil.rmtree(work / f"natsrv-{run}", ignore_errors=True)
-    expected = args.count * (1 + args.parallel)
-    ratio = results["caduceus"]["single_s"] / results["storescp"]["single_s"]
-    speedup = results["caduceus"]["parallel_speedup"]
-    print(f"run {run}: image.received events: {events} (expected {expected}); "
-          f"ratio caduceus/storescp (1 sender): {ratio:.2f}; caduceus parallel speed-up: {speedup:.2f}", flush=True)
-    return {"results": results, "ratio": ratio, "speedup": speedup, "events": events, "expected_events": expected}
+    shutil.rmtree(work / f"caduceus-{tag}", ignore_errors=True)
+    shutil.rmtree(work / f"natsrv-{tag}", ignore_errors=True)
+    return row, events
+
+
+def run_once(args: argparse.Namespace, work: Path, copies: list[Path], env: dict[str, str],
+             run: int) -> dict[str, Any]:
+    """For each sender count: storescp, (Orthanc,) caduceus, on the same files."""
+    results: dict[str, dict[int, dict[str, float]]] = {"storescp": {}, "orthanc": {}, "caduceus": {}}
+    events = expected = 0
+    for senders in args.senders:
+        dirs = copies[:senders]
+        tag = f"{run}-{senders}"
+        storescp_dir, orthanc_dir = work / f"storescp-{tag}", work / f"orthanc-{tag}"
+        results["storescp"][senders] = measure(
+            "storescp", functools.partial(start_storescp, storescp_dir), "STORESCP", dirs, args.count)
+        shutil.rmtree(storescp_dir, ignore_errors=True)
+        if args.orthanc:
+            results["orthanc"][senders] = measure(
+                "orthanc", functools.partial(start_orthanc, orthanc_dir), "ORTHANC", dirs, args.count)
+            shutil.rmtree(orthanc_dir, ignore_errors=True)
+        results["caduceus"][senders], received = run_caduceus(work, dirs, args.count, env, tag)
+        events += received
+        expected += args.count * senders
+    ratios = summarize(results, args.senders)
+    print(f"run {run}: image.received events {events} (expected {expected}); "
+          + "; ".join(f"{key} {value:.2f}" for key, value in ratios.items()), flush=True)
+    return {"results": results, "ratios": ratios, "events": events, "expected_events": expected}
+
+
+def summarize(results: dict[str, dict[int, dict[str, float]]], senders: list[int]) -> dict[str, float]:
+    ratios: dict[str, float] = {}
+    caduceus = results["caduceus"]
+    for n in senders:
+        ratios[f"caduceus/storescp {n}"] = caduceus[n]["seconds"] / results["storescp"][n]["seconds"]
+        if n in results["orthanc"]:
+            ratios[f"caduceus/orthanc {n}"] = caduceus[n]["seconds"] / results["orthanc"][n]["seconds"]
+        if n != 1 and 1 in caduceus:
+            ratios[f"speed-up {n}/1"] = caduceus[n]["img_s"] / caduceus[1]["img_s"]
+    return ratios
+
+
+TARGETS = {"caduceus/storescp": "<= 2.0", "caduceus/orthanc": "<= 0.1", "speed-up 4/1": ">= 1.5"}
+
+
+def target_for(key: str) -> str:
+    for prefix, target in TARGETS.items():
+        if key.startswith(prefix):
+            return f"  (target {target})"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=500)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--parallel", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=1, help="alternate storescp/caduceus runs, report medians")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    parser.add_argument("--count", type=int, default=None, help="images per series (default 500)")
+    parser.add_argument("--size", type=int, default=None, help="rows = columns (default 512)")
+    parser.add_argument("--modality", default=None, help="CT (default) or MR")
+    parser.add_argument("--senders", default="1,4", help="comma-separated sender counts (default 1,4)")
+    parser.add_argument("--repeat", type=int, default=1, help="alternate the receivers R times, report medians")
     parser.add_argument("--orthanc", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="10 images of 64x64: a quick check of the machinery")
+    parser.add_argument("--smoke", action="store_true", help="10 images of 64x64, 1-2 senders: the machinery only")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=None, help="keep (and reuse) the generated series here")
-    parser.add_argument("--no-fastpath", action="store_true", help="receiver without the polling-loop replacements")
+    parser.add_argument("--no-fastpath", action="store_true", help="receiver without its fast paths")
     parser.add_argument("--no-fsync", action="store_true", help="(measurement only) receiver without fsync")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for the receiver (e.g. CADUCEUS_RECEIVER_WORKERS=1)")
+                        help="extra environment for the receiver (e.g. CADUCEUS_RECEIVER_WORKERS=2)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    count, size, modality = PRESETS[args.preset or "ct500"]
+    args.count, args.size, args.modality = args.count or count, args.size or size, args.modality or modality
+    args.senders = sorted({int(n) for n in args.senders.split(",")})
     if args.smoke:
-        args.count, args.size, args.parallel = 10, 64, 2
+        args.count, args.size, args.senders = 10, 64, [1, 2]
     env = dict(item.split("=", 1) for item in args.env)
     if args.no_fastpath:
         env["CADUCEUS_RECEIVER_FASTPATH"] = "0"
@@ -151,26 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="caduceus-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
         data = args.data or work
-        print(f"series: {args.count} x {args.size}x{args.size} CT images ({1 + args.parallel} copies) in {data}",
-              flush=True)
-        single = series(data, "series-single", args.count, args.size)
-        many = [series(data, f"series-{i}", args.count, args.size) for i in range(args.parallel)]
-        runs = [run_once(args, work, single, many, env, run) for run in range(1, args.repeat + 1)]
-    ratio = statistics.median(r["ratio"] for r in runs)
-    speedup = statistics.median(r["speedup"] for r in runs)
+        print(f"series: {args.count} x {args.size}x{args.size} {args.modality} images, "
+              f"{max(args.senders)} copies in {data}; senders {args.senders}", flush=True)
+        copies = [series(data, f"series-{i}", args.count, args.size, args.modality) for i in range(max(args.senders))]
+        runs = [run_once(args, work, copies, env, run) for run in range(1, args.repeat + 1)]
     events, expected = sum(r["events"] for r in runs), sum(r["expected_events"] for r in runs)
     print(f"image.received events: {events} (expected {expected})")
-    print(f"ratio caduceus/storescp (1 sender): {ratio:.2f}  (target <= 2.0)"
-          + (f"  median of {[round(r['ratio'], 2) for r in runs]}" if len(runs) > 1 else ""))
-    print(f"caduceus parallel speed-up ({args.parallel} senders / 1): {speedup:.2f}  (target >= 1.5)"
-          + (f"  median of {[round(r['speedup'], 2) for r in runs]}" if len(runs) > 1 else ""))
-    if args.orthanc:
-        orthanc = statistics.median(r["results"]["orthanc"]["single_s"] / r["results"]["storescp"]["single_s"]
-                                    for r in runs)
-        print(f"ratio orthanc/storescp (1 sender): {orthanc:.2f}")
+    medians = {key: statistics.median(r["ratios"][key] for r in runs) for key in runs[0]["ratios"]}
+    for key, value in medians.items():
+        every = f"  runs {[round(r['ratios'][key], 2) for r in runs]}" if len(runs) > 1 else ""
+        print(f"{key}: {value:.2f}{target_for(key)}{every}")
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "ratio": ratio, "speedup": speedup, "env": env,
-                                         "events": events, "expected_events": expected}, indent=2))
+        args.json.write_text(json.dumps({"runs": runs, "medians": medians, "env": env, "events": events,
+                                         "expected_events": expected, "args": {
+                                             "count": args.count, "size": args.size, "modality": args.modality,
+                                             "senders": args.senders, "repeat": args.repeat}}, indent=2))
     return 0 if events == expected else 1
 
 

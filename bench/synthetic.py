@@ -2,7 +2,7 @@
 
 `write_series(out, n, size=512, studies=1, series_per_study=1, modality="CT")` writes n slices per
 series of size x size 16-bit pixels (explicit VR little endian), based on pydicom's CT_small
-header, with fresh Study/Series/SOP Instance UIDs. Same arguments as the workplace's
+header (MR_small for modality MR), with fresh Study/Series/SOP Instance UIDs. Same arguments as the workplace's
 make_series.py tool, so benchmark figures stay comparable.
 
     python -m bench.synthetic OUTDIR N [--size 512] [--studies 1] [--series-per-study 1] [--modality CT]
@@ -23,7 +23,9 @@ def write_series(out: Path, n: int, size: int = 512, studies: int = 1, series_pe
                  modality: str = "CT") -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    template = dcmread(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+    # MR files get pydicom's MR header (its SOP class and MR attributes); everything else the CT one.
+    template_name = "MR_small.dcm" if modality == "MR" else "CT_small.dcm"
+    template = dcmread(get_testdata_file(template_name))  # type: ignore[arg-type]
     # Deterministic noise: compresses like real CT noise would not, and is the same in every run.
     pixels = bytes(b & 0x07 if i % 2 else b for i, b in enumerate(random.Random(0).randbytes(size * size * 2)))
     paths: list[Path] = []
