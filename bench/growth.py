@@ -246,11 +246,11 @@ class EventLog:
         return time.perf_counter() - start
 
     def after_rebuild(self) -> None:
-        """Statistics for the rebuilt projections, as autovacuum would have them on a live system."""
+        """Statistics for the rebuilt projections (and search index), as autovacuum would have them live."""
         import psycopg
 
         with psycopg.connect(plain_url(self.url), autocommit=True) as conn:
-            conn.execute("VACUUM (ANALYZE) series")
+            conn.execute("VACUUM (ANALYZE)")
 
     def drop(self) -> None:
         import psycopg

@@ -11,7 +11,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    Text,
+    UniqueConstraint,
+    column,
+)
+from sqlalchemy import table as table_clause
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -217,3 +229,21 @@ SERVICES = table(ServiceRow)
 # Derived from the log; `rebuild` empties and refills exactly these.
 PROJECTION_TABLES = (SERIES, TASKS, CONFIG_ITEMS, SERVICES)
 metadata = SQLModel.metadata
+
+# The series browser's trigram search index (migration 0003). Not in `metadata`: the objects differ
+# per backend, may be absent (no pg_trgm / no FTS5 trigram tokenizer), and are written only by
+# triggers on `series`, so nothing but queries.py names them, and only to read.
+# The columns the search looks in (the index holds exactly these; migration 0003 lists them too).
+SEARCH_COLUMNS = ("patient_name", "patient_id", "description", "series_uid", "study_uid")
+# Postgres: one row per series, `document` = lower(coalesce(column, '')) of the columns joined by
+# PG_SEARCH_SEPARATOR (chr(31) in migration 0003's trigger), GIN trigram index.
+PG_SERIES_SEARCH = table_clause("series_search", column("series_uid"), column("document"))
+PG_SEARCH_SEPARATOR = "\x1f"
+# SQLite: FTS5 (trigram tokenizer) rows keyed by series_search_docs.docid.
+SQLITE_SERIES_SEARCH = table_clause("series_search", column("rowid"), column("document"))
+SQLITE_SERIES_SEARCH_DOCS = table_clause("series_search_docs", column("docid"), column("series_uid"))
+
+
+def is_search_index_table(name: str) -> bool:
+    """A table of the search index: series_search, series_search_docs, FTS5's series_search_* shadows."""
+    return name == "series_search" or name.startswith("series_search_")

@@ -6,9 +6,22 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Connection, Engine, and_, func, or_, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select, text
 
-from services.bookkeeper.models import CONFIG_ITEMS, CURSORS, DUPLICATES, EVENTS, SERIES, SERVICES, TASKS
+from services.bookkeeper.models import (
+    CONFIG_ITEMS,
+    CURSORS,
+    DUPLICATES,
+    EVENTS,
+    PG_SEARCH_SEPARATOR,
+    PG_SERIES_SEARCH,
+    SEARCH_COLUMNS,
+    SERIES,
+    SERVICES,
+    SQLITE_SERIES_SEARCH,
+    SQLITE_SERIES_SEARCH_DOCS,
+    TASKS,
+)
 from shared.bookkeeper_client import (
     ConfigItemRecord,
     ConfigItemsRequest,
@@ -38,6 +51,54 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+# A trigram index can only answer a needle of at least 3 characters: pg_trgm extracts no trigram from a
+# shorter one (the GIN scan would read the whole index) and FTS5's trigram tokenizer matches no row.
+# A shorter search scans `series` with the same predicate instead (same results, no prefix-only
+# compromise): linear in the series count, as before the index. A common short needle (a digit of a
+# UID) fills the page after a few rows of ix_series_last_event_at; the total is always a full count.
+TRIGRAM = 3
+_FTS_PRESENT = "caduceus.series_search_fts"
+
+
+def series_search_condition(conn: Connection, search: str) -> Any:
+    """Case-insensitive substring of any SEARCH_COLUMNS; served by the trigram index where it can be.
+
+    The result is always the original predicate (`lower(column) LIKE '%needle%'` on one of the
+    columns); the index only narrows the rows it is evaluated on. Its candidates are a superset of
+    the matches: on Postgres `document` holds each lower(column) (and no more, see below), on SQLite
+    the FTS5 tokenizer folds case (Unicode, a superset of SQLite's ASCII-only lower()/LIKE, hence
+    the recheck). So results are identical with or without the index, on both backends.
+    """
+    needle = search.lower()
+    pattern = f"%{_like_escape(needle)}%"
+    exact = or_(*(func.lower(SERIES.c[c]).like(pattern, escape="\\") for c in SEARCH_COLUMNS))
+    if len(needle) < TRIGRAM:
+        return exact
+    if conn.dialect.name == "postgresql" and PG_SEARCH_SEPARATOR not in needle:
+        # `document` is lower(coalesce(column, '')) of the columns joined by the separator, so a
+        # needle without the separator is in `document` exactly when it is in one lower(column): the
+        # same predicate, without a recheck that would hide the GIN index's selectivity from the
+        # planner. Without pg_trgm (migration 0003) this scans the narrow side table: still correct.
+        return SERIES.c.series_uid.in_(select(PG_SERIES_SEARCH.c.series_uid).where(
+            PG_SERIES_SEARCH.c.document.like(pattern, escape="\\")))
+    if conn.dialect.name == "sqlite" and _sqlite_fts_present(conn):
+        phrase = '"' + needle.replace('"', '""') + '"'  # an FTS5 string: every character literal
+        matched = select(SQLITE_SERIES_SEARCH.c.rowid).where(SQLITE_SERIES_SEARCH.c.document.match(phrase))
+        candidates = select(SQLITE_SERIES_SEARCH_DOCS.c.series_uid).where(
+            SQLITE_SERIES_SEARCH_DOCS.c.docid.in_(matched))
+        return and_(SERIES.c.series_uid.in_(candidates), exact)
+    return exact
+
+
+def _sqlite_fts_present(conn: Connection) -> bool:
+    """Whether migration 0003 could create the FTS5 table (cached per database connection)."""
+    info = conn.connection.info
+    if _FTS_PRESENT not in info:
+        info[_FTS_PRESENT] = conn.execute(text(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'series_search'")).first() is not None
+    return bool(info[_FTS_PRESENT])
+
+
 def events(conn: Connection, req: EventsRequest) -> EventsResponse:
     query = select(EVENTS)
     for name in ("series_uid", "study_uid", "task_id", "correlation_id", "stream"):
@@ -64,9 +125,7 @@ def series(conn: Connection, req: SeriesRequest) -> SeriesResponse:
         if value is not None:
             conditions.append(SERIES.c[name] == value)
     if req.search:
-        pattern = f"%{_like_escape(req.search.lower())}%"
-        conditions.append(or_(*(func.lower(SERIES.c[c]).like(pattern, escape="\\") for c in (
-            "patient_name", "patient_id", "description", "series_uid", "study_uid"))))
+        conditions.append(series_search_condition(conn, req.search))
     where = and_(True, *conditions)
     total = conn.execute(select(func.count()).select_from(SERIES).where(where)).scalar_one()
     rows = conn.execute(select(SERIES).where(where)
