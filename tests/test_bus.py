@@ -7,6 +7,7 @@ from nats.js.api import DeliverPolicy
 from shared import subjects
 from shared.bus import Bus, event_from_msg
 from shared.events import Event, ServiceStarted, make_event
+from shared.natsserver import EmbeddedNats
 
 
 def _started() -> Event:
@@ -78,3 +79,43 @@ async def test_trace_context_travels_in_headers(bus: Bus) -> None:
     assert msg.headers is not None and trace_id in msg.headers["traceparent"]
     await sub.unsubscribe()
     assert trace.get_tracer_provider() is not None
+
+
+async def test_thread_publisher_from_threads_dedups_and_reports_sequences(bus: Bus) -> None:
+    import asyncio
+
+    from shared.bus import ThreadPublisher
+
+    publisher = ThreadPublisher(bus, asyncio.get_running_loop())
+    await publisher.start()
+    try:
+        events = [_started() for _ in range(50)]
+
+        def publish_all() -> list[int]:
+            futures = [publisher.publish(event, timeout=5) for event in events + events[:5]]
+            return [future.result(10) for future in futures]
+
+        sequences = await asyncio.to_thread(publish_all)
+        assert sorted(set(sequences)) == list(range(1, 51))
+        assert sequences[50:] == sequences[:5]  # same event id: JetStream's de-duplication answers the first seq
+        assert await bus.last_seq(subjects.EVENTS_STREAM) == 50
+    finally:
+        await publisher.stop()
+
+
+async def test_thread_publisher_fails_instead_of_hanging(bus: Bus, nats_server: EmbeddedNats) -> None:
+    import asyncio
+
+    import pytest
+
+    from shared.bus import PublishError, ThreadPublisher
+
+    publisher = ThreadPublisher(bus, asyncio.get_running_loop())
+    await publisher.start()
+    try:
+        nats_server.stop()
+        future = publisher.publish(_started(), timeout=0.5)
+        with pytest.raises(PublishError):
+            await asyncio.wrap_future(future)
+    finally:
+        await publisher.stop()

@@ -18,7 +18,7 @@ from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
 from services.receiver.scp import StorageSCP
 from services.receiver.workers import RoutingServer, WorkerPool, worker_count
 from shared.blobstore import BlobInfo, LocalBlobStore, NatsObjectBlobStore, open_blob_store
-from shared.bus import Bus
+from shared.bus import Bus, ThreadPublisher
 from shared.config.model import CaduceusConfig, SettingsItem
 from shared.events import Event
 from shared.runtime import Service
@@ -60,10 +60,12 @@ class AsyncBlobWriter:
         return None
 
 
-def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], SettingsItem],
-              loop: asyncio.AbstractEventLoop, on_conn_close: Callable[[], None] | None = None) -> StorageSCP:
+async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], SettingsItem],
+                    loop: asyncio.AbstractEventLoop, on_conn_close: Callable[[], None] | None = None) -> StorageSCP:
     """The storage SCP with its Ingest, publishing through `bus` on `loop` (supervisor and workers)."""
     bridge = ThreadBridge(loop)
+    publisher = ThreadPublisher(bus, loop)
+    await publisher.start()
     publish_timeout = float(os.environ.get("CADUCEUS_RECEIVER_PUBLISH_TIMEOUT", "5"))
     use_fastpath = os.environ.get("CADUCEUS_RECEIVER_FASTPATH", "1") != "0"
     store = open_blob_store(settings.blob_store, settings.data_dir, bus.js)
@@ -77,15 +79,12 @@ def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Settings
         assert isinstance(store, NatsObjectBlobStore)
         writer = AsyncBlobWriter(store, bridge)
 
-    def publish(event: Event, timeout: float) -> Future[int]:
-        # retries=0: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
-        return bridge.submit(bus.publish(event, timeout=timeout, retries=0))
-
     def publish_later(event: Event) -> None:
         future = bridge.submit(bus.publish(event, timeout=publish_timeout, retries=2))
         future.add_done_callback(_log_failure(event))
 
-    ingest = Ingest(writer, publish, settings_item, publish_timeout=publish_timeout)
+    # No retries: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
+    ingest = Ingest(writer, publisher.publish, settings_item, publish_timeout=publish_timeout)
     return StorageSCP(ingest, settings_item, publish_later, settings.dicom_host, settings.dicom_port,
                       use_fastpath=use_fastpath, on_conn_close=on_conn_close)
 
@@ -115,7 +114,7 @@ class ReceiverService(Service):
         if workers > 1:
             self.pool = WorkerPool(workers - 1, self.instance)
         pool = self.pool
-        self.scp = build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop(),
+        self.scp = await build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop(),
                              on_conn_close=pool.local_closed if pool else None)
         if pool is not None:
             port = await asyncio.to_thread(self.scp.start, RoutingServer,

@@ -302,7 +302,7 @@ async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.Abs
         server.channel = channel
         server.on_channel_closed = lambda: loop.call_soon_threadsafe(stop.set)
 
-    scp = build_scp(settings, bus, lambda: follower.config.settings, loop, on_conn_close=ended)
+    scp = await build_scp(settings, bus, lambda: follower.config.settings, loop, on_conn_close=ended)
     scp_holder.append(scp)
     await asyncio.to_thread(scp.start, HandedOverServer, configure)
     return scp, follower, bus
