@@ -41,6 +41,7 @@ FOLDED_TYPES = ("image.received", "series.completed", "study.completed", "study.
                 "route.decided")
 CHECKPOINT_KEY = "checkpoint"
 TICK_SECONDS = 1.0
+MIN_TICK_SECONDS = 0.05   # many series falling due one after another are checked together
 POLL_SECONDS = 0.25
 MIN_WAIT_SECONDS = 0.005
 
@@ -182,13 +183,14 @@ class RouterService(Service):
     async def _tick(self) -> None:
         config, now = self.config, utcnow()
         next_tick = time.time() + TICK_SECONDS
+        earliest = time.time() + MIN_TICK_SECONDS
         for batch in list(self.state.series.values()):
             due_at = series_due_at(batch, config)
             if due_at <= now:
                 await self._complete_series(batch)
             else:
                 next_tick = min(next_tick, due_at.timestamp())
-        self._next_tick = next_tick
+        self._next_tick = max(earliest, next_tick)
         study_rules = enabled_rules(config, "study")
         for uid, batch in list(self.state.studies.items()):
             if not study_rules:

@@ -55,6 +55,8 @@ class Batch:
     instances: dict[str, Instance] = field(default_factory=dict)
     force_requested: bool = False
     force_request_event_id: str = ""
+    # The completion check reads it for every open series, possibly several times a second.
+    _last_arrival: datetime | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_id(self) -> str:
@@ -63,6 +65,8 @@ class Batch:
     def add(self, instance: Instance) -> None:
         # Same SOP Instance UID again: the latest copy wins (it is what the blob store holds).
         self.instances[instance.sop_uid] = instance
+        if self._last_arrival is not None:
+            self._last_arrival = max(self._last_arrival, instance.arrived_at)
 
     def ordered(self) -> list[Instance]:
         return sorted(self.instances.values(), key=lambda i: i.stream_seq)
@@ -85,7 +89,9 @@ class Batch:
 
     @property
     def last_arrival(self) -> datetime:
-        return max(i.arrived_at for i in self.instances.values())
+        if self._last_arrival is None:
+            self._last_arrival = max(i.arrived_at for i in self.instances.values())
+        return self._last_arrival
 
     def series_uids(self) -> list[str]:
         seen: dict[str, None] = {}

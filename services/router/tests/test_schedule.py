@@ -9,7 +9,9 @@ from typing import cast
 
 import pytest
 
+from services.router import service
 from services.router.service import TICK_SECONDS, RouterService
+from services.router.state import RouterState
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig
 from shared.config.state import ConfigFollower
@@ -54,3 +56,29 @@ async def test_without_open_series_the_next_check_is_one_tick_away(data_dir: Pat
     before = time.time()
     await router._tick()
     assert before + TICK_SECONDS <= router._next_tick <= time.time() + TICK_SECONDS
+
+
+async def test_series_falling_due_together_are_checked_together(data_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A long minimum spacing, so the series is certainly not due yet when _tick runs.
+    monkeypatch.setattr(service, "MIN_TICK_SECONDS", 5.0)
+    router = router_with({"settings": {"series_complete_seconds": 2}}, data_dir)
+    router.state.apply(image(1, "1.1", datetime.now(UTC) - timedelta(seconds=1)))
+    before = time.time()
+    await router._tick()
+    # Due in about 1 s, but a crowd of series falling due one after another must not make the
+    # router spin: the next check waits for the minimum spacing.
+    assert router._next_tick >= before + 5.0
+
+
+def test_last_arrival_follows_added_instances() -> None:
+    state = RouterState()
+    start = datetime.now(UTC)
+    state.apply(image(1, "1.1", start))
+    batch = state.series["1.1"]
+    assert batch.last_arrival == start
+    state.apply(image(2, "1.1", start + timedelta(seconds=3)))
+    state.apply(image(3, "1.1", start + timedelta(seconds=2)))
+    assert batch.last_arrival == start + timedelta(seconds=3)
+    follower = batch.split_after(2)
+    assert follower is not None and follower.last_arrival == start + timedelta(seconds=2)
