@@ -138,8 +138,10 @@ def _stop_orphaned_nats(state: dict[str, Any], data_dir: Path) -> None:
         cmdline = process.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return
-    store = str((data_dir / "nats").resolve())
-    if not cmdline or "nats-server" not in Path(cmdline[0]).name or store not in cmdline:
+    store = (data_dir / "nats").resolve()
+    # The store dir is on its command line itself (-sd) or as the folder of its config file (-c).
+    mine = any(arg == str(store) or Path(arg).parent == store for arg in cmdline[1:])
+    if not cmdline or "nats-server" not in Path(cmdline[0]).name or not mine:
         return
     log.warning("stopping NATS (pid %d) left behind by a previous caduceus up", pid)
     process.terminate()
