@@ -26,6 +26,7 @@ import select
 import socket
 import ssl
 import types
+from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
@@ -43,8 +44,18 @@ def supported() -> bool:
     return pynetdicom.__version__.startswith(SUPPORTED_PYNETDICOM)
 
 
-def install_dul(dul: Any, sock: Any) -> None:
-    """Replace the DUL thread's loop (before it starts) and `sock`'s (an AssociationSocket) recv."""
+# State machine events that only move data; the others (association, release, abort, close,
+# invalid PDU) are what an association thread must react to.
+DATA_EVENTS = frozenset({"Evt9", "Evt10"})
+
+
+def install_dul(dul: Any, sock: Any, on_state_event: Callable[[], None] | None = None) -> None:
+    """Replace the DUL thread's loop (before it starts) and `sock`'s (an AssociationSocket) recv.
+
+    `on_state_event` is called on the DUL thread after every state machine event other than data
+    transfer, and when the DUL thread ends: an association thread that blocks instead of polling
+    (the receiver's) is woken by it.
+    """
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -72,7 +83,7 @@ def install_dul(dul: Any, sock: Any) -> None:
     dul.send_pdu = send_pdu
     dul.kill_dul = kill_dul
     dul.stop_dul = stop_dul
-    dul._target = lambda: _dul_reactor(dul, wake_r, wake_w)
+    dul._target = lambda: _dul_reactor(dul, wake_r, wake_w, on_state_event)
     sock.recv = types.MethodType(_recv, sock)
 
 
@@ -122,7 +133,8 @@ def _drain(wake_r: socket.socket) -> None:
             pass
 
 
-def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket) -> None:
+def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket,
+                 on_state_event: Callable[[], None] | None) -> None:
     dul._idle_timer.start()
     idle = False
     try:
@@ -159,6 +171,10 @@ def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket) -> None
                 continue
             dul.state_machine.do_action(event)
             idle = False
+            if on_state_event is not None and event not in DATA_EVENTS:
+                on_state_event()
     finally:
         wake_r.close()
         wake_w.close()
+        if on_state_event is not None:
+            on_state_event()

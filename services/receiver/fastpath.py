@@ -34,7 +34,9 @@ from shared import dicomnet
 
 log = logging.getLogger(__name__)
 
-MESSAGE_WAIT = 0.005   # association thread: how long to block on the DIMSE queue per round
+# Association thread: how long to block on the DIMSE queue per round. The DUL thread wakes it for
+# every state change (release, abort, close), so this only bounds how late timers and kill() are seen.
+MESSAGE_WAIT = 0.25
 
 
 def supported() -> bool:
@@ -46,7 +48,8 @@ def install(assoc: Any) -> None:
         return
     # The DUL loop and recv are the same for SCP and SCU (shared.dicomnet); the association loop
     # below is the SCP's own: it serves requests.
-    dicomnet.install_dul(assoc.dul, assoc.dul.socket)
+    messages = assoc.dimse.msg_queue
+    dicomnet.install_dul(assoc.dul, assoc.dul.socket, on_state_event=lambda: messages.put((None, None)))
     assoc.dimse.send_msg = _fast_send_msg(assoc, assoc.dimse.send_msg)
     assoc._run_reactor = types.MethodType(_association_reactor, assoc)
 

@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,15 +97,14 @@ class LocalBlobWriter:
     def free_bytes(self) -> int | None:
         return self.store.free_bytes()
 
-    def put_visible(self, key: str, data: bytes, pool: ThreadPoolExecutor) -> PendingWrite:
-        """Write `data` under `key` now; its fsyncs run on `pool` (wait on the returned PendingWrite).
+    def put_visible(self, key: str, data: bytes) -> UnsyncedWrite:
+        """Write `data` under `key` now; `make_durable()` on the result fsyncs it.
 
         Once this returns, the file is complete under its key for every reader on this machine, so
-        `image.received` can be published while the disk is still busy (Ingest._finish); only its
-        durability against a power cut is pending, and the sender hears success only after the
-        fsyncs. The write itself (into the page cache) stays on the calling thread: a worker thread
-        doing it would need the GIL back after each of its system calls, and wait for it while the
-        caller reads tags.
+        `image.received` can be published before the fsyncs (Ingest._finish): the JetStream round
+        trip then overlaps the disk flush. Only durability against a power cut is pending, and the
+        sender hears success only after both. (A worker thread for the fsyncs measured the same
+        wall time and cost three times the context switches.)
         """
         path = self.store.path(key)
         created = _missing_parents(path.parent, self.store.root)
@@ -124,27 +123,34 @@ class LocalBlobWriter:
             raise
         # The rename lives in the file's directory; a new directory lives in its parent.
         directories = {path.parent, *(d.parent for d in created)} if self.sync_dirs else set()
-        return PendingWrite(pool.submit(self._make_durable, fd, directories))
+        return UnsyncedWrite(fd, directories, self.store.fsync)
 
-    def _make_durable(self, fd: int, directories: set[Path]) -> None:
+
+class UnsyncedWrite:
+    """A file in place under its key whose data and directory entries are not fsynced yet."""
+
+    def __init__(self, fd: int, directories: set[Path], fsync: bool) -> None:
+        self.fd: int | None = fd
+        self.directories = directories
+        self.fsync = fsync
+
+    def make_durable(self) -> None:
+        """Flush file and directories to disk (once); raises what fsync raised."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
         try:
-            if self.store.fsync:
+            if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        for directory in directories:
+        for directory in self.directories:
             _fsync_dir(directory)
 
-
-@dataclass(frozen=True)
-class PendingWrite:
-    """The fsyncs of a file already in place, running on a worker thread."""
-
-    future: Future[None]
-
-    def result(self, timeout: float) -> None:
-        """Returns once the file and its directory entries are durable; raises what the fsync raised."""
-        self.future.result(timeout)
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def _missing_parents(directory: Path, root: Path) -> list[Path]:
@@ -170,10 +176,6 @@ class Ingest:
         self.publish = publish
         self.settings = settings
         self.publish_timeout = publish_timeout
-        # Local store: the file is fsynced on a worker thread while the association thread hashes
-        # it and publishes the event (fsync and sha256 release the GIL).
-        self.write_pool = (ThreadPoolExecutor(max_workers=32, thread_name_prefix="blob-write")
-                           if isinstance(writer, LocalBlobWriter) else None)
 
     # ------------------------------------------------------------ the C-STORE path
 
@@ -203,24 +205,28 @@ class Ingest:
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
-        event = make_event("image.received", ACTOR, ImageReceived(
-            sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
-            blob_key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-            calling_aet=assoc.calling_aet, called_aet=assoc.called_aet, peer_host=assoc.peer_host,
-            peer_port=assoc.peer_port, association_id=assoc.association_id, duplicate=duplicate,
-            tags=tags.tags), study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
-        if timer:
-            mark = timer.mark("event", mark)
-        return self._finish(assoc, event, write, tags, ctx, mark)
+        try:
+            event = make_event("image.received", ACTOR, ImageReceived(
+                sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
+                blob_key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                calling_aet=assoc.calling_aet, called_aet=assoc.called_aet, peer_host=assoc.peer_host,
+                peer_port=assoc.peer_port, association_id=assoc.association_id, duplicate=duplicate,
+                tags=tags.tags), study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
+            if timer:
+                mark = timer.mark("event", mark)
+            return self._finish(assoc, event, write, tags, ctx, mark)
+        finally:
+            if write is not None:
+                write.close()  # after an unexpected error; nothing left to do otherwise
 
-    def _finish(self, assoc: AssociationInfo, event: Event, write: PendingWrite | None,
+    def _finish(self, assoc: AssociationInfo, event: Event, write: UnsyncedWrite | None,
                 tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:
         """Publish (the file is in place), answer success once it is durable *and* acknowledged."""
         timer, key = assoc.timer, str(event.payload.get("blob_key"))
         published = self.publish(event, self.publish_timeout)
         if write is not None:
             try:
-                write.result(self.publish_timeout + 60)
+                write.make_durable()
             except Exception as exc:  # noqa: BLE001 - not durable means not accepted
                 log.error("blob write failed for %s after image.received was published: %s", key, exc, extra=ctx)
                 # The event is out and the file is in place but not known to be on disk: the sender
@@ -255,17 +261,17 @@ class Ingest:
         return free is None or free >= settings.min_free_space_mb * 1024 * 1024
 
     def _start_write(self, key: str, data: bytes) -> tuple[Literal["new", "identical", "replaced"],
-                                                            PendingWrite | None]:
-        """Deal with an existing copy, then write (fsyncs in the background on a local store).
+                                                            UnsyncedWrite | None]:
+        """Deal with an existing copy, then write (on a local store, without the fsyncs yet).
 
-        Returns the duplicate kind and the pending fsyncs (None: nothing to wait for).
+        Returns the duplicate kind and the write still to be made durable (None: nothing to do).
         """
         existing = self.writer.read(key)
         if existing is not None and existing == data:
             return "identical", None
         duplicate: Literal["new", "replaced"] = "new" if existing is None else "replaced"
-        if self.write_pool is not None and isinstance(self.writer, LocalBlobWriter):
-            return duplicate, self.writer.put_visible(key, data, self.write_pool)
+        if isinstance(self.writer, LocalBlobWriter):
+            return duplicate, self.writer.put_visible(key, data)
         self.writer.put(key, data)
         return duplicate, None
 
