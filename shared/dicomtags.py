@@ -385,6 +385,7 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
         raise _Unusual("command elements or a VR encoding other than the transfer syntax says")
     found: dict[BaseTag, DataElement | RawDataElement] = {}
     numbers = _wanted_numbers(tuple(wanted))
+    tags_by_number = {int(tag): tag for tag in wanted}
     # The element loop is written out (no helper call per element): a CT header has ~250 elements.
     unpack = _IMPLICIT.unpack_from if implicit else _EXPLICIT.unpack_from
     raw_vr = b""
@@ -420,8 +421,10 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
             raise _Unusual("value runs past the end")
         if tag in numbers:
             value = data[start:pos] if length else empty_value_for_VR(vr, raw=True)
-            found[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, start,  # type: ignore[arg-type]
-                                                 implicit, True)
+            # Keyed by the caller's own BaseTag object: dict lookups then match by identity instead
+            # of calling BaseTag.__eq__ (Python code) for each of the ~50 wanted tags.
+            key = tags_by_number[tag]
+            found[key] = RawDataElement(key, vr, length, value, start, implicit, True)  # type: ignore[arg-type]
     if not found:
         raise _Unusual("none of the wanted elements")
     if pos < total:
@@ -432,7 +435,8 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
             warnings.simplefilter("ignore")
             # As pydicom's reader: text values are decoded with the dataset's original character set.
             # (Read from a copy: ds keeps the raw charset element, which _cached_text uses as a key.)
-            charset = {tag: elem for tag, elem in found.items() if tag == 0x00080005}
+            charset_tag = tags_by_number.get(0x00080005)
+            charset = {charset_tag: found[charset_tag]} if charset_tag in found else {}
             ds.set_original_encoding(implicit, True, Dataset(charset)._character_set)
     except Exception as exc:  # noqa: BLE001 - pydicom decides what an unusable charset element means
         raise _Unusual("character set") from exc
@@ -451,13 +455,28 @@ def _cached_text(ds: Dataset, tag: BaseTag, charset: Any, notes: list[str]) -> s
         return _element_text(ds, tag, notes)
     vr = raw.VR if raw.VR and raw.VR != "UN" else dictionary_vr(tag)
     if vr not in TEXT_VRS:
-        return _element_text(ds, tag, notes)
+        # As _element_text for a raw element of the fast reader (always little endian, never cut short).
+        return None if vr in BINARY_VRS else _raw_text(raw, vr, True)
     if charset is not None and not isinstance(charset, RawDataElement):
         return _element_text(ds, tag, notes)  # already converted: not a key
-    text, new_notes = _convert_text(raw._replace(value_tell=0),
-                                    charset._replace(value_tell=0) if charset is not None else None)
+    key = (int(tag), vr, raw.value, raw.is_implicit_VR, charset.value if charset is not None else None)
+    hit = _TEXT_MEMO.get(key)
+    if hit is None:
+        hit = _convert_text(raw._replace(value_tell=0),
+                            charset._replace(value_tell=0) if charset is not None else None)
+        if len(_TEXT_MEMO) >= _TEXT_MEMO_SIZE:
+            _TEXT_MEMO.clear()  # bounded; refills with the current series' values
+        _TEXT_MEMO[key] = hit
+    text, new_notes = hit
     notes.extend(new_notes)
     return text
+
+
+# (tag, VR, raw value, implicit, raw character set) -> (text, notes): a plain dict in front of
+# _convert_text, because building the lru_cache key (namedtuple._replace, hashing whole elements)
+# cost as much as the lookup saved.
+_TEXT_MEMO: dict[tuple[int, str, bytes, bool, bytes | None], tuple[str | None, tuple[str, ...]]] = {}
+_TEXT_MEMO_SIZE = 4096
 
 
 @functools.lru_cache(maxsize=4096)
