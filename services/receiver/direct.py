@@ -33,6 +33,8 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import P_DATA
 
+from services.receiver import part10
+
 log = logging.getLogger(__name__)
 
 P_DATA_TF = 0x04
@@ -91,7 +93,7 @@ def _us(elements: dict[int, bytes], element: int) -> int | None:
 def _uid(elements: dict[int, bytes], element: int) -> str:
     raw = elements.get(element, b"").rstrip(b"\x00 ")
     text = raw.decode("ascii", "strict")
-    if not text or len(text) > 64 or not set(text) <= set("0123456789."):
+    if not part10.plain_uid(text):  # the UIDs the File Meta writer accepts
         raise CommandError(f"not a plain UID in (0000,{element:04X}): {text!r}")
     return text
 

@@ -89,16 +89,21 @@ class LocalBlobWriter:
         return info
 
     def read(self, key: str) -> bytes | None:
+        return self.read_path(self.store.path(key))
+
+    @staticmethod
+    def read_path(path: Path) -> bytes | None:
         try:
-            return self.store.path(key).read_bytes()
+            with open(path, "rb") as handle:
+                return handle.read()
         except FileNotFoundError:
             return None
 
     def free_bytes(self) -> int | None:
         return self.store.free_bytes()
 
-    def put_visible(self, key: str, data: bytes) -> UnsyncedWrite:
-        """Write `data` under `key` now; `make_durable()` on the result fsyncs it.
+    def put_visible(self, path: Path, data: bytes) -> UnsyncedWrite:
+        """Write `data` at `path` (`store.path(key)`) now; `make_durable()` on the result fsyncs it.
 
         Once this returns, the file is complete under its key for every reader on this machine, so
         `image.received` can be published before the fsyncs (Ingest._finish): the JetStream round
@@ -106,7 +111,6 @@ class LocalBlobWriter:
         sender hears success only after both. (A worker thread for the fsyncs measured the same
         wall time and cost three times the context switches.)
         """
-        path = self.store.path(key)
         created = _missing_parents(path.parent, self.store.root)
         tmp = self.store._tmp / f"{uuid.uuid4().hex}.part"  # the store's own temp dir (same filesystem)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -266,12 +270,16 @@ class Ingest:
 
         Returns the duplicate kind and the write still to be made durable (None: nothing to do).
         """
-        existing = self.writer.read(key)
+        if isinstance(self.writer, LocalBlobWriter):
+            path = self.writer.store.path(key)
+            existing = self.writer.read_path(path)
+        else:
+            existing = self.writer.read(key)
         if existing is not None and existing == data:
             return "identical", None
         duplicate: Literal["new", "replaced"] = "new" if existing is None else "replaced"
         if isinstance(self.writer, LocalBlobWriter):
-            return duplicate, self.writer.put_visible(key, data)
+            return duplicate, self.writer.put_visible(path, data)
         self.writer.put(key, data)
         return duplicate, None
 

@@ -23,8 +23,13 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
+def plain_uid(value: str) -> bool:
+    """Digits and dots, 1-64 characters: what file_meta() writes itself."""
+    return bool(value) and len(value) <= 64 and _UID_CHARS.issuperset(value)
+
+
 def _uid(value: str) -> bytes:
-    if not value or len(value) > 64 or not _UID_CHARS.issuperset(value):
+    if not plain_uid(value):
         raise ValueError(f"not a plain UID: {value!r}")
     raw = value.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw

@@ -283,11 +283,9 @@ class StorageSCP:
     def _direct_accept(self, assoc: Any, request: direct.StoreRequest) -> bool:
         if getattr(assoc, "caduceus_info", None) is None:
             return False  # EVT_ACCEPTED not handled yet: pynetdicom's path queues it until then
-        try:
-            part10.file_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid)
-        except (ValueError, UnicodeError):
-            return False  # pynetdicom's path builds the File Meta for odd UIDs
-        return True
+        # store_request() checked the SOP UIDs the way part10.file_meta() does; odd UIDs go to
+        # pynetdicom's path, which builds the File Meta through pydicom.
+        return part10.plain_uid(request.transfer_syntax_uid)
 
     def _direct_store(self, assoc: Any, request: direct.StoreRequest, fragments: list[memoryview]) -> int:
         info: AssociationInfo = assoc.caduceus_info
