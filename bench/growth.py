@@ -205,7 +205,26 @@ def plain_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-class EventLog:
+class _SyntheticLog:
+    """What both event logs share: a fresh database migrated by the bookkeeper, series written so far."""
+
+    def __init__(self, url: str) -> None:
+        from services.bookkeeper.db import open_database
+
+        self.url = url
+        self.series_written = 0
+        self.engine = open_database(url)  # runs the bookkeeper's own migrations
+
+    @property
+    def events(self) -> int:
+        return self.series_written * EVENTS_PER_SERIES
+
+    @staticmethod
+    def series_for(events: int) -> int:
+        return -(-events // EVENTS_PER_SERIES)
+
+
+class EventLog(_SyntheticLog):
     """A fresh Postgres database with the bookkeeper schema, filled by COPY."""
 
     backend = "postgres"
@@ -217,20 +236,12 @@ class EventLog:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         self.admin_url = admin_url
-        self.url = f"{admin_url.rsplit('/', 1)[0]}/{self.name}"
-        self.series_written = 0
-
-        from services.bookkeeper.db import open_database
-        self.engine = open_database(self.url)  # runs the bookkeeper's own migrations
-
-    @property
-    def events(self) -> int:
-        return self.series_written * EVENTS_PER_SERIES
+        super().__init__(f"{admin_url.rsplit('/', 1)[0]}/{self.name}")
 
     def grow_to(self, events: int) -> float:
         import psycopg
 
-        target_series = -(-events // EVENTS_PER_SERIES)
+        target_series = self.series_for(events)
         start = time.perf_counter()
         with psycopg.connect(plain_url(self.url)) as conn, conn.cursor() as cur:
             with cur.copy(f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN") as copy:
@@ -265,27 +276,19 @@ def _sqlite_time(at: datetime) -> str:
     return at.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-class SqliteEventLog:
+class SqliteEventLog(_SyntheticLog):
     """A fresh SQLite file with the bookkeeper schema, filled by executemany in one transaction."""
 
     backend = "sqlite"
 
     def __init__(self, workdir: Path) -> None:
         self.path = workdir / f"bookkeeper-{uuid.uuid4().hex[:10]}.sqlite"
-        self.url = f"sqlite:///{self.path}"
-        self.series_written = 0
-
-        from services.bookkeeper.db import open_database
-        self.engine = open_database(self.url)
-
-    @property
-    def events(self) -> int:
-        return self.series_written * EVENTS_PER_SERIES
+        super().__init__(f"sqlite:///{self.path}")
 
     def grow_to(self, events: int) -> float:
         import sqlite3
 
-        target_series = -(-events // EVENTS_PER_SERIES)
+        target_series = self.series_for(events)
         start = time.perf_counter()
         conn = sqlite3.connect(self.path)
         try:
