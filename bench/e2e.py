@@ -188,6 +188,11 @@ def hop_split(cad: Caduceus, since: int, t0: float, sent: float, done: float, qu
             "tail": done - max(finished.values(), default=float("nan"))}
     if expected_tasks > 1 and dispatch:
         hops["dispatch_each"] = statistics.mean(_service_times(requested, finished))
+    # The attempt itself (association to release, as the dispatcher measured it); the rest of the
+    # dispatch hop is pick-up latency and the events around the attempt.
+    attempts = [float(e.payload.get("duration_seconds") or 0.0) for e in completed]
+    if attempts:
+        hops["attempt"] = max(attempts)
     return hops
 
 

@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,11 @@ ACTOR = "receiver"
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
+HASH_IN_BACKGROUND_BYTES = 256 * 1024
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class Publisher(Protocol):
@@ -119,7 +124,8 @@ class LocalBlobWriter:
                 written = 0
                 while written < len(view):
                     written += os.write(fd, view[written:])
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if created:  # else the series directory exists: no mkdir (and no EEXIST) per image
+                path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
         except BaseException:
             os.close(fd)
@@ -180,6 +186,7 @@ class Ingest:
         self.publish = publish
         self.settings = settings
         self.publish_timeout = publish_timeout
+        self.hash_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
     # ------------------------------------------------------------ the C-STORE path
 
@@ -192,6 +199,7 @@ class Ingest:
                                 f"({settings.min_free_space_mb} MB)", request_sop_uid)
         if timer:
             mark = timer.mark("space", mark)
+        digest = self._start_digest(data)
         try:
             tags = extract_tags(data, settings.extract_tags)
             self._check_identity(tags)
@@ -212,7 +220,7 @@ class Ingest:
         try:
             event = make_event("image.received", ACTOR, ImageReceived(
                 sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
-                blob_key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                blob_key=key, size=len(data), sha256=digest.result(),
                 calling_aet=assoc.calling_aet, called_aet=assoc.called_aet, peer_host=assoc.peer_host,
                 peer_port=assoc.peer_port, association_id=assoc.association_id, duplicate=duplicate,
                 tags=tags.tags), study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
@@ -249,6 +257,18 @@ class Ingest:
         if event.payload.get("duplicate") != "new":
             log.info("duplicate instance (%s)", event.payload.get("duplicate"), extra=ctx)
         return STATUS_SUCCESS
+
+    def _start_digest(self, data: bytes) -> Future[str]:
+        """sha256 of a large instance on a worker while this thread reads the tags and writes the file.
+
+        hashlib releases the GIL for the whole digest (one hand-over, unlike a write and fsyncs), so
+        it runs on the other core. Small instances are hashed here: the hand-over would cost more.
+        """
+        if len(data) >= HASH_IN_BACKGROUND_BYTES:
+            return self.hash_pool.submit(_sha256_hex, data)
+        done: Future[str] = Future()
+        done.set_result(_sha256_hex(data))
+        return done
 
     def _check_identity(self, tags: ExtractedTags) -> None:
         missing = [name for name, value in (("StudyInstanceUID", tags.study_uid),
