@@ -49,7 +49,16 @@ def install(assoc: Any) -> None:
     # The DUL loop and recv are the same for SCP and SCU (shared.dicomnet); the association loop
     # below is the SCP's own: it serves requests.
     messages = assoc.dimse.msg_queue
-    dicomnet.install_dul(assoc.dul, assoc.dul.socket, on_state_event=lambda: messages.put((None, None)))
+
+    def on_state_event() -> None:
+        messages.put((None, None))  # the association reactor re-checks release/abort/DUL state
+        if not assoc.is_established and assoc.dul.state_machine.current_state == "Sta1":
+            # The connection ended before an A-ASSOCIATE-RQ (a probe, a hung or hostile peer):
+            # pynetdicom's association thread would wait the whole ACSE timeout for the request
+            # (and the DUL thread idle-loop meanwhile). None is what that wait returns on timeout.
+            assoc.dul.to_user_queue.put(None)
+
+    dicomnet.install_dul(assoc.dul, assoc.dul.socket, on_state_event=on_state_event)
     assoc.dimse.send_msg = _fast_send_msg(assoc, assoc.dimse.send_msg)
     assoc._run_reactor = types.MethodType(_association_reactor, assoc)
 

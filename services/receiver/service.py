@@ -145,6 +145,7 @@ class ReceiverService(Service):
         details: dict[str, Any] = dict(self.counters)
         if self.scp is not None:
             details["open_associations"] = self.scp.active_associations()
+            details["connections_refused"] = self.scp.refused_connections()
         if self.pool is not None:
             details.update(self.pool.details())
         return details

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom.transport import ThreadedAssociationServer
+from services.receiver.admission import BoundedServer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def channel_fd() -> int | None:
 # ---------------------------------------------------------------- servers
 
 
-class RoutingServer(ThreadedAssociationServer):
+class RoutingServer(BoundedServer):
     """The supervisor's acceptor: `router(sock, address)` may hand the raw socket to a worker."""
 
     router: Callable[[socket.socket, Any], bool] | None = None
@@ -83,7 +83,7 @@ class RoutingServer(ThreadedAssociationServer):
         return client, address
 
 
-class HandedOverServer(ThreadedAssociationServer):
+class HandedOverServer(BoundedServer):
     """A worker's acceptor: connections arrive over the channel instead of from accept()."""
 
     channel: socket.socket

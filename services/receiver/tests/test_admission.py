@@ -1,0 +1,76 @@
+"""Connection admission (services/receiver/admission.py): a flood of idle connections is bounded,
+the excess is closed at once, and the receiver serves again as soon as the flood ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import time
+
+import psutil
+
+from bench.common import Peer, echoscu
+from services.receiver.admission import HEADROOM
+
+MAXIMUM_ASSOCIATIONS = 200  # services/receiver/scp.py build_ae
+LIMIT = MAXIMUM_ASSOCIATIONS + HEADROOM
+
+
+def _open_idle(port: int, count: int, timeout: float = 30) -> list[socket.socket]:
+    """`count` TCP connections that never send an A-ASSOCIATE-RQ."""
+    pending = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        pending.append(sock)
+    connected: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        _, writable, _ = select.select([], pending, [], 0.5)
+        for sock in writable:
+            pending.remove(sock)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected.append(sock)
+    for sock in pending:
+        sock.close()
+    return connected
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    with contextlib.suppress(BlockingIOError):
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+    return False
+
+
+async def test_idle_flood_is_bounded_and_the_receiver_recovers_at_once(receiver: Peer) -> None:
+    process = psutil.Process(receiver.process.pid) if receiver.process else None
+    assert process is not None
+    flood = await asyncio.to_thread(_open_idle, receiver.port, LIMIT + 150)
+    try:
+        assert len(flood) >= LIMIT + 100
+        # The connections beyond the limit are closed by the receiver without an association.
+        deadline = time.monotonic() + 30
+        closed: list[socket.socket] = []
+        while time.monotonic() < deadline:
+            closed = [sock for sock in flood if _closed_by_peer(sock)]
+            if len(closed) >= len(flood) - LIMIT:
+                break
+            await asyncio.sleep(0.5)
+        assert len(flood) - LIMIT <= len(closed) < len(flood) - LIMIT + 10, (len(flood), len(closed))
+        # Two threads per association (association + DUL), plus the service's own.
+        assert process.num_threads() < 2 * LIMIT + 40
+        assert process.memory_info().rss < 500 * 2**20
+    finally:
+        for sock in flood:
+            sock.close()
+    # The dropped connections end their associations at once (not after the 30 s ACSE timeout).
+    started = time.monotonic()
+    while not (await asyncio.to_thread(echoscu, receiver.port)).returncode == 0:
+        assert time.monotonic() - started < 10, "echo still refused 10 s after the flood ended"
+        await asyncio.sleep(0.5)
