@@ -114,7 +114,7 @@ class LocalBlobWriter:
         `image.received` can be published before the fsyncs (Ingest._finish): the JetStream round
         trip then overlaps the disk flush. Only durability against a power cut is pending, and the
         sender hears success only after both. (A worker thread for the fsyncs measured the same
-        wall time and cost three times the context switches.)
+        wall time and cost about five times the context switches.)
         """
         created = _missing_parents(path.parent, self.store.root)
         tmp = self.store._tmp / f"{uuid.uuid4().hex}.part"  # the store's own temp dir (same filesystem)
