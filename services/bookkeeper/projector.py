@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, select, tuple_
@@ -75,8 +75,12 @@ def set_cursor(conn: Connection, stream: str, seq: int) -> None:
 
 # ------------------------------------------------------------------ applying
 
-def advance(conn: Connection, stream: str, floor: float = 0) -> int:
-    """Apply the contiguous stored events after the cursor; return how many were applied."""
+def advance(conn: Connection, stream: str, floor: float = 0,
+            on_progress: Callable[[int], None] | None = None) -> int:
+    """Apply the contiguous stored events after the cursor; return how many were applied.
+
+    `on_progress(applied so far)` is called after every chunk (rebuild refreshes statistics there).
+    """
     cursor = lock_cursor(conn, stream)
     applied = 0
     while True:
@@ -87,6 +91,8 @@ def advance(conn: Connection, stream: str, floor: float = 0) -> int:
         set_cursor(conn, stream, last_seq)
         applied += len(events)
         cursor = last_seq
+        if on_progress is not None:
+            on_progress(applied)
 
 
 def _next_run(conn: Connection, stream: str, cursor: int, floor: float) -> tuple[list[StoredEvent], int]:
@@ -208,7 +214,35 @@ def rebuild(conn: Connection) -> dict[str, int]:
     # Reset rather than delete: a live batch waiting on the cursor lock then reads 0 and moves on.
     conn.execute(CURSORS.update().values(last_seq=0))
     counts: dict[str, int] = {}
+    refresh = _StatisticsRefresh(conn)
     for stream in sorted(streams):
-        counts[stream] = advance(conn, stream, floor=math.inf)
+        counts[stream] = advance(conn, stream, floor=math.inf, on_progress=refresh)
         log.info("rebuilt projections from %d events of %s", counts[stream], stream)
     return counts
+
+
+class _StatisticsRefresh:
+    """ANALYZE the projection tables (Postgres) as a rebuild grows them: after 10k, 40k, 160k ...
+    events applied.
+
+    Why: the tables were emptied (or never filled) in this very transaction, so the planner's
+    statistics describe them as (nearly) empty and the projector's per-chunk lookups get plans for
+    empty tables. A rebuild of 10^6 events into a fresh database measured 130 s instead of ~30 s.
+    ANALYZE inside the transaction samples the rows it inserted; the geometric steps keep the total
+    cost to a few ANALYZE runs.
+    """
+
+    FIRST = 10_000
+    FACTOR = 4
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.enabled = conn.dialect.name == "postgresql"
+        self.next_at = self.FIRST
+
+    def __call__(self, applied: int) -> None:
+        if not self.enabled or applied < self.next_at:
+            return
+        self.next_at = applied * self.FACTOR
+        for table in PROJECTION_TABLES:
+            self.conn.exec_driver_sql(f"ANALYZE {table.name}")
