@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +78,36 @@ class TlsFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+
+def open_connections(port: int, count: int, timeout: float = 5.0,
+                     on_connect: Callable[[socket.socket, int], None] | None = None) -> list[socket.socket]:
+    """`count` TCP connections to 127.0.0.1:`port` started at once (non-blocking, through epoll:
+    select() stops at descriptor 1024); returns those connected within `timeout`, the rest closed.
+    `on_connect(sock, n)` runs as the n-th one connects (e.g. to send a partial PDU)."""
+    pending = []
+    waiting = selectors.DefaultSelector()
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        pending.append(sock)
+        waiting.register(sock, selectors.EVENT_WRITE)
+    connected: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for key, _ in waiting.select(0.5):
+            sock = key.fileobj  # type: ignore[assignment]
+            waiting.unregister(sock)
+            pending.remove(sock)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected.append(sock)
+                if on_connect is not None:
+                    on_connect(sock, len(connected))
+    waiting.close()
+    for sock in pending:
+        sock.close()
+    return connected
 
 
 def make_tls_files(out_dir: Path) -> TlsFiles:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import selectors
 import socket
 import struct
 import threading
@@ -31,7 +30,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.e2e.dicomfiles import dataset_bytes
 from tests.harness import Caduceus, echoscu, pid_alive, settings_doc, storescu, wait_for
-from tests.peers import make_series
+from tests.peers import make_series, open_connections
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -200,29 +199,14 @@ def _flood(port: int, count: int = 300, hold: float = 3.0) -> int:
     accepts within a few seconds, half send a valid A-ASSOCIATE-RQ, half a partial one; all are
     held for `hold` seconds, then closed. Returns how many got connected."""
     request = associate_rq()
-    pending: list[socket.socket] = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.setblocking(False)
-        sock.connect_ex(("127.0.0.1", port))
-        pending.append(sock)
-    connected: list[socket.socket] = []
-    deadline = time.monotonic() + 5
-    waiting = selectors.DefaultSelector()  # epoll: select() stops at descriptor 1024
-    for sock in pending:
-        waiting.register(sock, selectors.EVENT_WRITE)
-    while pending and time.monotonic() < deadline:
-        for key, _ in waiting.select(0.5):
-            sock = key.fileobj  # type: ignore[assignment]
-            waiting.unregister(sock)
-            pending.remove(sock)
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                connected.append(sock)
-                with contextlib.suppress(OSError):
-                    sock.send(request if len(connected) % 2 else request[:20])
-    waiting.close()
+
+    def send_request(sock: socket.socket, n: int) -> None:
+        with contextlib.suppress(OSError):
+            sock.send(request if n % 2 else request[:20])
+
+    connected = open_connections(port, count, timeout=5, on_connect=send_request)
     time.sleep(hold)
-    for sock in connected + pending:
+    for sock in connected:
         sock.close()
     return len(connected)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 import socket
 import time
 
@@ -13,30 +12,10 @@ import psutil
 
 from bench.common import Peer, echoscu
 from services.receiver.admission import HEADROOM
+from tests.peers import open_connections
 
 MAXIMUM_ASSOCIATIONS = 200  # services/receiver/scp.py build_ae
 LIMIT = MAXIMUM_ASSOCIATIONS + HEADROOM
-
-
-def _open_idle(port: int, count: int, timeout: float = 30) -> list[socket.socket]:
-    """`count` TCP connections that never send an A-ASSOCIATE-RQ."""
-    pending = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.setblocking(False)
-        sock.connect_ex(("127.0.0.1", port))
-        pending.append(sock)
-    connected: list[socket.socket] = []
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        _, writable, _ = select.select([], pending, [], 0.5)
-        for sock in writable:
-            pending.remove(sock)
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                connected.append(sock)
-    for sock in pending:
-        sock.close()
-    return connected
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -51,7 +30,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 async def test_idle_flood_is_bounded_and_the_receiver_recovers_at_once(receiver: Peer) -> None:
     process = psutil.Process(receiver.process.pid) if receiver.process else None
     assert process is not None
-    flood = await asyncio.to_thread(_open_idle, receiver.port, LIMIT + 150)
+    flood = await asyncio.to_thread(open_connections, receiver.port, LIMIT + 150, 30)
     try:
         assert len(flood) >= LIMIT + 100
         # The connections beyond the limit are closed by the receiver without an association.
