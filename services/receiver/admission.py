@@ -28,15 +28,19 @@ WARN_EVERY_SECONDS = 10.0
 
 
 class BoundedServer(ThreadedAssociationServer):
-    """ThreadedAssociationServer that refuses connections beyond maximum_associations + HEADROOM.
+    """ThreadedAssociationServer that refuses connections beyond maximum_associations + HEADROOM
+    (and, when set, beyond `per_host_limit` from one peer address).
 
     Open = associations alive (pynetdicom runs each in its own thread, from before negotiation
-    until it ends) + connections accepted whose association is still being created.
+    until it ends) + accepted connections whose association is not running yet, each counted once.
     """
+
+    # Open connections one peer address may hold (0: no such limit); set from the live settings.
+    per_host_limit = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lock = threading.Lock()
-        self._starting = 0
+        self._starting: dict[int, str] = {}  # id(socket) -> peer address, until its thread returned
         self.refused_connections = 0
         self._refused_since_warning = 0
         self._last_warning = 0.0
@@ -45,12 +49,27 @@ class BoundedServer(ThreadedAssociationServer):
     def connection_limit(self) -> int:
         return int(self.ae.maximum_associations) + HEADROOM
 
+    def _open_by_host(self) -> list[str]:
+        """The peer address of every open connection."""
+        with self._lock:
+            starting = dict(self._starting)
+        hosts = []
+        for assoc in self.ae.active_associations:
+            if not assoc.is_acceptor:
+                continue
+            sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+            starting.pop(id(sock), None)  # already running: count it once
+            hosts.append(str(assoc.requestor.address))
+        return hosts + list(starting.values())
+
     def open_connections(self) -> int:
-        return self._starting + len(self.ae.active_associations)
+        return len(self._open_by_host())
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        open_now = self.open_connections()  # the acceptor thread is the only one adding connections
-        if open_now < self.connection_limit():
+        host = str(client_address[0])
+        hosts = self._open_by_host()  # the acceptor thread is the only one adding connections
+        if len(hosts) < self.connection_limit() and not (
+                self.per_host_limit and hosts.count(host) >= self.per_host_limit):
             return True
         with self._lock:
             self.refused_connections += 1
@@ -59,17 +78,18 @@ class BoundedServer(ThreadedAssociationServer):
             if now - self._last_warning < WARN_EVERY_SECONDS:
                 return False
             refused, self._refused_since_warning, self._last_warning = self._refused_since_warning, 0, now
-        log.warning("connection limit reached: %d open, %d connection(s) closed without an association "
-                    "(latest from %s)", open_now, refused, client_address[0])
+        log.warning("connection limit reached: %d open (at most %d, %s per host), %d connection(s) closed "
+                    "without an association (latest from %s)", len(hosts), self.connection_limit(),
+                    self.per_host_limit or "no limit", refused, host)
         return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
-            self._starting += 1
+            self._starting[id(request)] = str(client_address[0])
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._started()
+            self._started(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -77,8 +97,8 @@ class BoundedServer(ThreadedAssociationServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._started()
+            self._started(request)
 
-    def _started(self) -> None:
+    def _started(self, request: Any) -> None:
         with self._lock:
-            self._starting -= 1
+            self._starting.pop(id(request), None)

@@ -183,6 +183,8 @@ class StorageSCP:
         # studies at once) would see connect timeouts; re-listening on Linux raises it in place.
         assert server.socket is not None
         server.socket.listen(LISTEN_BACKLOG)
+        if isinstance(server, BoundedServer):
+            server.per_host_limit = settings.max_connections_per_host
         if configure is not None:
             configure(server)
         # As AE.start_server(block=False) does, with our server class.
@@ -199,6 +201,8 @@ class StorageSCP:
             return
         server.ae_title = settings.ae_title
         server.ae.maximum_pdu_size = settings.max_pdu
+        if isinstance(server, BoundedServer):
+            server.per_host_limit = settings.max_connections_per_host
         tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
         if tls_key != self._tls_key:
             try:

@@ -45,6 +45,9 @@ class SettingsItem(Item):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=list, description="IP addresses or CIDR networks")
     max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    max_connections_per_host: int = Field(
+        default=0, ge=0, le=232,
+        description="open connections one peer address may hold at the receiver (0 = no per-host limit)")
     min_free_space_mb: int = Field(default=500, ge=0)
     extract_tags: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTRACT_TAGS))
     tls_certificate: str = ""

@@ -9,9 +9,12 @@ import socket
 import time
 
 import psutil
+from pynetdicom import AE
 
 from bench.common import Peer, echoscu
 from services.receiver.admission import HEADROOM
+from services.receiver.tests.helpers import apply_settings
+from shared.bus import Bus
 from tests.peers import open_connections
 
 MAXIMUM_ASSOCIATIONS = 200  # services/receiver/scp.py build_ae
@@ -53,3 +56,35 @@ async def test_idle_flood_is_bounded_and_the_receiver_recovers_at_once(receiver:
     while not (await asyncio.to_thread(echoscu, receiver.port)).returncode == 0:
         assert time.monotonic() - started < 10, "echo still refused 10 s after the flood ended"
         await asyncio.sleep(0.5)
+
+
+def _echo_from(port: int, source: str) -> int | None:
+    """C-ECHO status from a given loopback source address (None: no association)."""
+    ae = AE(ae_title="OTHERHOST")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CADUCEUS", bind_address=(source, 0))
+    if not assoc.is_established:
+        return None
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
+async def test_per_host_limit_keeps_other_hosts_served(receiver: Peer, bus: Bus) -> None:
+    await apply_settings(bus, max_connections_per_host=10)
+    flood = await asyncio.to_thread(open_connections, receiver.port, 40, 30)  # from 127.0.0.1
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            closed = sum(1 for sock in flood if _closed_by_peer(sock))
+            if closed >= 30:
+                break
+            await asyncio.sleep(0.5)
+        assert closed == 30, closed  # 10 kept, the rest closed at accept
+        # Another address is still served while 127.0.0.1 holds its 10 connections.
+        assert await asyncio.to_thread(_echo_from, receiver.port, "127.0.0.2") == 0
+        assert await asyncio.to_thread(_echo_from, receiver.port, "127.0.0.1") is None
+    finally:
+        for sock in flood:
+            sock.close()
