@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
+from pynetdicom import evt
 from pynetdicom.pdu import A_ABORT_RQ
 
 log = logging.getLogger(__name__)
@@ -178,3 +179,35 @@ def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket,
         wake_w.close()
         if on_state_event is not None:
             on_state_event()
+
+
+def association_finished(assoc: Any) -> bool:
+    """pynetdicom's association-reactor checks, without serving DIMSE messages: answer a peer's
+    release request, take an abort, notice a dead DUL or the network timeout. True when the
+    association ended (the caller's reactor returns). Shared by the receiver's SCP reactor and the
+    dispatcher's SCU reactor."""
+    if assoc.is_established and assoc.acse.is_release_requested():
+        assoc.acse.send_release(is_response=True)
+        assoc.is_released = True
+        assoc.is_established = False
+        evt.trigger(assoc, evt.EVT_RELEASED, {})
+        assoc.kill()
+        return True
+    if assoc.acse.is_aborted():
+        # State first, then take the primitive: the dispatcher's sending thread (fastpath.ended())
+        # sees one or the other.
+        assoc.is_aborted = True
+        assoc.is_established = False
+        assoc.dul.receive_pdu(wait=False)
+        evt.trigger(assoc, evt.EVT_ABORTED, {})
+        assoc.kill()
+        return True
+    if not assoc.dul.is_alive():
+        assoc.kill()
+        return True
+    if assoc.dul.idle_timer_expired():
+        log.error("network timeout reached")
+        assoc.abort()
+        assoc.kill()
+        return True
+    return False

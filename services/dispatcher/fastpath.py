@@ -23,18 +23,15 @@ own loops.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 import types
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE
 
 from shared import dicomnet
-
-log = logging.getLogger(__name__)
 
 CHECK_EVERY = 0.005  # seconds between the association thread's checks for release/abort/timeout
 
@@ -113,36 +110,8 @@ def _scu_reactor(self: Any) -> None:
             self._is_paused = True
             continue
         try:
-            finished = _checks(self)
+            finished = dicomnet.association_finished(self)
         finally:
             self._is_paused = True
         if finished:
             return
-
-
-def _checks(self: Any) -> bool:
-    """pynetdicom's reactor checks minus serving DIMSE requests; True when the association ended."""
-    if self.is_established and self.acse.is_release_requested():
-        self.acse.send_release(is_response=True)
-        self.is_released = True
-        self.is_established = False
-        evt.trigger(self, evt.EVT_RELEASED, {})
-        self.kill()
-        return True
-    if self.acse.is_aborted():
-        # State first, then take the primitive: `ended()` (sending thread) sees one or the other.
-        self.is_aborted = True
-        self.is_established = False
-        self.dul.receive_pdu(wait=False)
-        evt.trigger(self, evt.EVT_ABORTED, {})
-        self.kill()
-        return True
-    if not self.dul.is_alive():
-        self.kill()
-        return True
-    if self.dul.idle_timer_expired():
-        log.error("network timeout reached")
-        self.abort()
-        self.kill()
-        return True
-    return False

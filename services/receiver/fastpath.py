@@ -19,7 +19,6 @@ turns them off.
 
 from __future__ import annotations
 
-import logging
 import queue
 import struct
 import types
@@ -31,8 +30,6 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from services.receiver import direct
 from shared import dicomnet
-
-log = logging.getLogger(__name__)
 
 # Association thread: how long to block on the DIMSE queue per round. The DUL thread wakes it for
 # every state change (release, abort, close), so this only bounds how late timers and kill() are seen.
@@ -118,28 +115,5 @@ def _association_reactor(self: Any) -> None:
         if msg:
             self._serve_request(msg, context_id)
 
-        if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            self.is_released = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
-            return
-
-        if self.acse.is_aborted():
-            self.dul.receive_pdu(wait=False)
-            self.is_aborted = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
-            return
-
-        if not self.dul.is_alive():
-            self.kill()
-            return
-
-        if self.dul.idle_timer_expired():
-            log.error("network timeout reached")
-            self.abort()
-            self.kill()
+        if dicomnet.association_finished(self):
             return
