@@ -77,17 +77,21 @@ async def test_a_dead_worker_is_replaced(two_process_receiver: Peer, bus: Bus, t
     assert len(await wait_events(bus, "image.received", 6)) == 6
 
 
-def test_workers_exit_when_the_supervisor_is_killed(two_process_receiver: Peer) -> None:
-    peer = two_process_receiver
-    log = _wait_log(peer, "receiver worker ready")
+def _kill_supervisor_after(peer: Peer, line: str, what: str) -> None:
+    """Wait for `line` in the log, kill -9 the supervisor, and require its worker to be gone in 30 s."""
+    log = _wait_log(peer, line)
     worker_pid = int(WORKER_STARTED.findall(log)[0][1])
     assert peer.process is not None
     peer.process.kill()
     peer.process.wait()
     deadline = time.monotonic() + 30
     while _alive(worker_pid):
-        assert time.monotonic() < deadline, "worker outlived its supervisor"
+        assert time.monotonic() < deadline, f"{what} outlived its supervisor"
         time.sleep(0.1)
+
+
+def test_workers_exit_when_the_supervisor_is_killed(two_process_receiver: Peer) -> None:
+    _kill_supervisor_after(two_process_receiver, "receiver worker ready", "worker")
 
 
 def test_sigterm_stops_supervisor_and_workers(two_process_receiver: Peer) -> None:
@@ -101,13 +105,4 @@ def test_sigterm_stops_supervisor_and_workers(two_process_receiver: Peer) -> Non
 
 def test_a_starting_worker_exits_when_the_supervisor_is_killed(two_process_receiver: Peer) -> None:
     """Killed before its worker was ready (e.g. still connecting to NATS): no orphan stays behind."""
-    peer = two_process_receiver
-    log = _wait_log(peer, "receiver worker 1 started")
-    worker_pid = int(WORKER_STARTED.findall(log)[0][1])
-    assert peer.process is not None
-    peer.process.kill()
-    peer.process.wait()
-    deadline = time.monotonic() + 30
-    while _alive(worker_pid):
-        assert time.monotonic() < deadline, "starting worker outlived its supervisor"
-        time.sleep(0.1)
+    _kill_supervisor_after(two_process_receiver, "receiver worker 1 started", "starting worker")
