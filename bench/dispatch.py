@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import make_series, stage_files, start_nats, start_storescp, storescu
+from bench.common import make_series, set_aside, stage_files, start_nats, start_storescp, storescu
 from services.dispatcher.sender import Destination, SendItem, send_items
 from services.dispatcher.service import DispatcherService, DispatcherSettings
 from shared.blobstore import LocalBlobStore
@@ -61,12 +61,6 @@ async def stage(store: LocalBlobStore, files: list[Path]) -> tuple[Manifest, str
 def send_items_of(store: LocalBlobStore, manifest: Manifest) -> list[SendItem]:
     return [SendItem(index, i.sop_uid, i.sop_class_uid, i.transfer_syntax_uid, store.path(i.blob_key))
             for index, i in enumerate(manifest.instances)]
-
-
-def clear(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            path.unlink()
 
 
 def count_files(directory: Path) -> int:
@@ -221,13 +215,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         try:
             for repeat in range(args.repeat):
                 row: dict[str, float] = {}
-                clear(out_dir)
+                set_aside(out_dir)
                 row["storescu"], row["storescu_cpu"] = time_storescu(storescp.port, staged)
-                clear(out_dir)
+                set_aside(out_dir)
                 row["sender"], row["sender_cpu"] = await asyncio.to_thread(
                     time_sender, storescp.port, items, args.parallel)
                 if args.baseline:
-                    clear(out_dir)
+                    set_aside(out_dir)
                     os.environ["CADUCEUS_DISPATCH_FASTPATH"] = "0"  # read per association
                     try:
                         row["pynetdicom"], row["pynetdicom_cpu"] = await asyncio.to_thread(
@@ -237,7 +231,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if count_files(out_dir) != len(items):
                     raise RuntimeError(f"storescp holds {count_files(out_dir)}/{len(items)} files")
                 if service:
-                    clear(out_dir)
+                    set_aside(out_dir)
                     row["service"], row["service_attempt"], row["service_cpu"] = await service.dispatch(manifest, key)
                     # The event can arrive before storescp closed its last file.
                     await asyncio.sleep(0.2)

@@ -40,12 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Peer, make_series, start_storescp, storescu
+from bench.common import Peer, make_series, set_aside, start_storescp, storescu
 from bench.pipeline import (
     DATA_PATH,
     DEST_AET,
     Caduceus,
-    clear_dir,
     last_seq,
     read_events,
     route_all_config,
@@ -82,7 +81,7 @@ def send_all(port: int, dirs: list[Path], called_aet: str) -> tuple[float, float
 
 def measure_direct(dest: Peer, dirs: list[Path], n: int, timeout: float) -> Measurement:
     out: Path = dest.extra["dir"]  # type: ignore[assignment]
-    clear_dir(out)
+    set_aside(out)
     t0, sent = send_all(dest.port, dirs, DEST_AET)
     done = wait_for_files(out, n * len(dirs), timeout)
     return Measurement(len(dirs), n * len(dirs), done - t0, sent - t0)
@@ -91,7 +90,7 @@ def measure_direct(dest: Peer, dirs: list[Path], n: int, timeout: float) -> Meas
 def measure_caduceus(cad: Caduceus, dest: Peer, dirs: list[Path], n: int, quiet: float,
                      timeout: float) -> Measurement:
     out: Path = dest.extra["dir"]  # type: ignore[assignment]
-    clear_dir(out)
+    set_aside(out)
     since = last_seq(cad.nats_url)
     cpu_before = cpu_by_process(cad)
     t0, sent = send_all(cad.dicom_port, dirs, "CADUCEUS")

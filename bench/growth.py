@@ -39,11 +39,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Peer, make_series, start_storescp
+from bench.common import REPO, Peer, make_series, set_aside, start_storescp
 from bench.pipeline import (
     DATA_PATH,
     Caduceus,
-    clear_dir,
     last_seq,
     read_events,
     route_all_config,
@@ -85,7 +84,7 @@ def bench_series(cad: Caduceus, dest: Peer, work: Path, counts: list[int], quiet
     per_series: dict[int, float] = {}
     for count in counts:
         files = series_files(work / f"series-{count}", count)
-        clear_dir(out)
+        set_aside(out)
         t0 = time.time()
         cad.send(files)
         sent = time.time() - t0
@@ -111,7 +110,7 @@ def bench_rules(cad: Caduceus, dest: Peer, work: Path, rule_counts: list[int], n
             cad.apply_config(route_all_config(dest.port, quiet, extra))
             current = extra
         files = series_files(work / f"rules-{extra}", n_series)
-        clear_dir(out)
+        set_aside(out)
         since = last_seq(cad.nats_url)
         cad.send(files)
         wait_for_files(out, len(files), timeout=120 + 2 * len(files))

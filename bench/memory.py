@@ -26,8 +26,8 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import start_storescp
-from bench.pipeline import Caduceus, clear_dir, route_all_config, start_caduceus, wait_for_files
+from bench.common import set_aside, start_storescp
+from bench.pipeline import Caduceus, route_all_config, start_caduceus, wait_for_files
 from shared.bus import Bus
 from shared.health import collect_health
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         cad = start_caduceus(work / "caduceus", route_all_config(dest.port, args.quiet))
         sampler = Sampler(cad.process.pid)
         try:
-            clear_dir(dest.extra["dir"])  # type: ignore[arg-type]
+            set_aside(dest.extra["dir"])  # type: ignore[arg-type]
             sampler.start()
             start = time.perf_counter()
             with ThreadPoolExecutor(len(groups)) as pool:

@@ -201,10 +201,3 @@ def wait_for_files(directory: Path, expected: int, timeout: float, poll: float =
     with os.scandir(directory) as entries:
         have = sum(1 for e in entries if e.is_file())
     raise TimeoutError(f"{directory}: {have} of {expected} files after {timeout:.0f} s")
-
-
-def clear_dir(directory: Path) -> None:
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.is_file():
-                os.unlink(entry.path)
