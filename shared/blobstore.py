@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -144,6 +145,23 @@ class LocalBlobStore:
         if not path.is_file():
             raise BlobNotFound(key)
         yield path
+
+    def remove_stale_temp(self, older_than_seconds: float = 3600.0) -> int:
+        """Delete temp files left by writes that never finished (a process killed mid-write).
+
+        Such a file never became a blob and no sender got a success for it. Only files older than
+        `older_than_seconds` go: another process may be writing into the same temp directory now.
+        Returns how many were removed.
+        """
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     def free_bytes(self) -> int:
         stat = os.statvfs(self.root)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -50,6 +52,20 @@ async def test_delete_and_list(store: BlobStore) -> None:
     await store.delete(blob_key("series", "s1", "x2"))
     assert await store.list("series/s1") == ["series/s1/x1", "series/s1/x3"]
     await store.delete(blob_key("series", "s1", "x2"))  # deleting twice is harmless
+
+
+def test_local_store_removes_only_stale_temp_files(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    stale, fresh = store._tmp / "stale.part", store._tmp / "fresh.part"
+    stale.write_bytes(b"half an instance")
+    fresh.write_bytes(b"being written right now")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    key = blob_key("kept", "k.dcm")
+    store.put_sync(key, b"a blob")
+    assert store.remove_stale_temp(older_than_seconds=3600) == 1
+    assert not stale.exists() and fresh.exists()
+    assert store.get_sync(key) == b"a blob"
 
 
 async def test_local_file_gives_a_readable_path(store: BlobStore) -> None:

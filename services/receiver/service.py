@@ -74,6 +74,9 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
         # Measurement switch only (docs/performance.md): without fsync an acknowledged image
         # can be lost in a power cut.
         store.fsync = os.environ.get("CADUCEUS_RECEIVER_FSYNC", "1") != "0"
+        removed = store.remove_stale_temp()
+        if removed:
+            log.info("removed %d unfinished temp file(s) older than an hour from the blob store", removed)
         writer = LocalBlobWriter(store)
     else:
         assert isinstance(store, NatsObjectBlobStore)
