@@ -209,6 +209,7 @@ class Caduceus:
     dicom_port: int = field(default_factory=free_port)
     ui_port: int = field(default_factory=free_port)
     nats_port: int = field(default_factory=free_port)
+    services: str | None = None  # `--services` (comma-separated); None: all seven
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -229,6 +230,8 @@ class Caduceus:
                 "--nats-port", str(self.nats_port), "--ui-port", str(self.ui_port),
                 "--dicom-port", str(self.dicom_port), "--heartbeat-seconds", "1", "--backoff-max", "1",
                 "--stable-after", "5"]
+        if self.services is not None:
+            argv += ["--services", self.services]
         if self.config is not None:
             config_file = self.root / "initial-config.yaml"
             config_file.write_text(yaml.safe_dump(self.config))

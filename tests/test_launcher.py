@@ -6,6 +6,7 @@ Also the supervisor on its own with children that crash at once (backoff grows, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -13,115 +14,34 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from cli.supervisor import ChildSpec, Supervisor, backoff_delay, child_env
 from shared.bus import Bus
 from shared.events import Event
 from shared.health import EXPECTED_SERVICES
 from shared.natsserver import free_port
-from shared.settings import UP_STATE_FILE
 from shared.subjects import EVENTS_PREFIX, EVENTS_STREAM
+from tests.harness import REPO, Caduceus, cli_env, pid_alive, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy" / "example-config.yaml"
-HEALTHY_TIMEOUT = 90.0
-
-
-@dataclass
-class Up:
-    process: subprocess.Popen[bytes]
-    data_dir: Path
-    ui_port: int
-    env: dict[str, str]
-
-    @property
-    def state_file(self) -> Path:
-        return self.data_dir / UP_STATE_FILE
-
-    def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.state_file.read_text())
-        return data
-
-    def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "cli.main", *argv, "--data-dir", str(self.data_dir)],
-                              env=self.env, capture_output=True, text=True, timeout=60, cwd=REPO)
-
-    def status(self) -> dict[str, Any]:
-        result = self.cli("status", "--json")
-        assert result.returncode in (0, 1), result.stderr
-        report: dict[str, Any] = json.loads(result.stdout)
-        return report
-
-    def logs(self) -> str:
-        parts = []
-        for log in sorted((self.data_dir / "logs").glob("*.log")):
-            parts.append(f"----- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-        return "\n".join(parts)
-
-
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("CADUCEUS_NATS_URL", "CADUCEUS_DATABASE_URL", "CADUCEUS_DATA_DIR"):
-        env.pop(name, None)
-    env["PYTHONPATH"] = str(REPO)
-    return env
 
 
 @pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    data_dir = tmp_path / "data"
-    ui_port = free_port()
-    env = _cli_env()
-    argv = [sys.executable, "-m", "cli.main", "up", "--data-dir", str(data_dir),
-            "--nats-port", str(free_port()), "--ui-port", str(ui_port), "--dicom-port", str(free_port()),
-            "--heartbeat-seconds", "1", "--backoff-max", "2", "--config", str(EXAMPLE)]
-    process = subprocess.Popen(argv, env=env, cwd=REPO, stdout=open(tmp_path / "up.out", "wb"),  # noqa: SIM115
-                               stderr=subprocess.STDOUT)
-    launched = Up(process, data_dir, ui_port, env)
+def up(tmp_path: Path) -> Iterator[Caduceus]:
+    launched = Caduceus(tmp_path, config=yaml.safe_load(EXAMPLE.read_text()))
+    launched.start(wait=False)
     yield launched
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_for(predicate: Any, timeout: float, what: str, up: Up | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
-    detail = f"\n{up.logs()}" if up is not None else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}{detail}")
-
-
-def all_healthy(up: Up) -> dict[str, Any] | None:
-    if up.process.poll() is not None:
-        raise AssertionError(f"caduceus up exited with {up.process.returncode}\n{up.logs()}")
-    if not up.state_file.exists():
-        return None
-    report = up.status()
-    states = {s["service"]: s["state"] for s in report["services"]}
-    return report if report["healthy"] and all(states[name] == "healthy" for name in EXPECTED_SERVICES) else None
+    launched.stop()
+    launched.kill_all()  # after a failure part-way: nothing may outlive the test
 
 
 def pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not pid_alive(pid)
 
 
 async def last_event(nats_url: str, event_type: str) -> Event | None:
@@ -133,8 +53,8 @@ async def last_event(nats_url: str, event_type: str) -> Event | None:
 
 
 @pytest.mark.slow
-def test_up_runs_all_services_restarts_crashed_one_and_stops_cleanly(up: Up) -> None:
-    report = wait_for(lambda: all_healthy(up), HEALTHY_TIMEOUT, "all seven services healthy", up)
+def test_up_runs_all_services_restarts_crashed_one_and_stops_cleanly(up: Caduceus) -> None:
+    report = up.wait_healthy()
     assert {s["name"] for s in report["streams"]} == {"EVENTS", "CONFIG", "STATUS"}
     state = up.state()
     pids: dict[str, int] = state["services"]
@@ -159,27 +79,28 @@ def test_up_runs_all_services_restarts_crashed_one_and_stops_cleanly(up: Up) -> 
     victim = "processor"
     os.kill(pids[victim], signal.SIGKILL)
     new_pid = wait_for(lambda: (p := up.state()["services"][victim]) != pids[victim] and p, 30,
-                       "processor restarted", up)
+                       "processor restarted", up.logs)
     crashed = asyncio.run(last_event(nats_url, "service.crashed"))
     assert crashed is not None and crashed.actor == "supervisor"
     assert crashed.payload["service"] == victim and crashed.payload["pid"] == pids[victim]
     assert crashed.payload["exit_code"] == -signal.SIGKILL
     # service.restarted is published just after the state file got the new pid.
     restarted = wait_for(lambda: (e := asyncio.run(last_event(nats_url, "service.restarted"))) is not None
-                         and e.payload["pid"] == new_pid and e, 10, "service.restarted event", up)
+                         and e.payload["pid"] == new_pid and e, 10, "service.restarted event", up.logs)
     assert restarted.actor == "supervisor" and restarted.payload["restarts"] == 1
 
     def processor_healthy_again() -> bool:
         instances = {s["service"]: s for s in up.status()["services"]}[victim]["instances"]
         return any(i["pid"] == new_pid and i["state"] == "healthy" for i in instances)
 
-    wait_for(processor_healthy_again, 30, "restarted processor healthy", up)
+    wait_for(processor_healthy_again, 30, "restarted processor healthy", up.logs)
     for name, pid in pids.items():
         if name != victim:
             assert not pid_gone(pid), f"{name} should still be running"
 
     # SIGTERM to the launcher: every child and NATS exit, exit code 0, state file removed.
     started = time.monotonic()
+    assert up.process is not None
     up.process.send_signal(signal.SIGTERM)
     assert up.process.wait(60) == 0, up.logs()
     stop_seconds = time.monotonic() - started
@@ -187,7 +108,7 @@ def test_up_runs_all_services_restarts_crashed_one_and_stops_cleanly(up: Up) -> 
         assert pid_gone(pid), f"{name} (pid {pid}) still running after caduceus up stopped"
     assert not up.state_file.exists()
     # Every service got SIGTERM and stopped by itself (none needed SIGKILL).
-    out = (up.data_dir.parent / "up.out").read_text()
+    out = (up.root / "up.out").read_text()
     assert "did not stop within" not in out, out
     assert stop_seconds < 30, f"stopping took {stop_seconds:.1f}s"
 
@@ -197,14 +118,14 @@ def test_up_refuses_an_invalid_config_and_starts_nothing(tmp_path: Path) -> None
     bad.write_text("rules:\n  r:\n    filter: 'True'\n    targets: [ghost]\n")
     result = subprocess.run([sys.executable, "-m", "cli.main", "up", "--data-dir", str(tmp_path / "d"),
                              "--config", str(bad), "--nats-port", str(free_port())],
-                            env=_cli_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+                            env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown target 'ghost'" in result.stderr
     assert not (tmp_path / "d").exists()
 
 
 def test_status_exits_nonzero_when_services_are_missing(nats_url: str, tmp_path: Path) -> None:
-    env = {**_cli_env(), "CADUCEUS_NATS_URL": nats_url}
+    env = cli_env({"CADUCEUS_NATS_URL": nats_url})
     result = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
@@ -279,38 +200,31 @@ async def _read_events(bus: Bus, event_type: str) -> list[Event]:
     return events
 
 
-def _start_up(data_dir: Path, nats_port: int, services: str, log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "cli.main", "up", "--data-dir", str(data_dir), "--nats-port", str(nats_port),
-            "--services", services, "--heartbeat-seconds", "1"]
-    return subprocess.Popen(argv, env=_cli_env(), cwd=REPO, stdout=open(log, "ab"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT)
-
-
 def test_killed_launcher_leaves_no_orphans_and_up_starts_again(tmp_path: Path) -> None:
-    data_dir, nats_port, services = tmp_path / "data", free_port(), "processor,cleaner"
-    first = _start_up(data_dir, nats_port, services, tmp_path / "up.out")
+    first = Caduceus(tmp_path, services="processor,cleaner")
+    second = Caduceus(tmp_path, services="processor,cleaner", nats_port=first.nats_port)
     try:
-        launched = Up(first, data_dir, 0, _cli_env())
-        wait_for(lambda: launched.state_file.exists() and len(launched.state()["services"]) == 2, 60,
-                 "first launcher started", launched)
-        state = launched.state()
-        first.kill()  # SIGKILL: no chance to clean up
-        first.wait(10)
+        first.start(wait=False)
+        wait_for(lambda: first.state_file.exists() and len(first.state()["services"]) == 2, 60,
+                 "first launcher started", first.logs)
+        state = first.state()
+        assert first.process is not None
+        first.process.kill()  # SIGKILL to the launcher alone: no chance to clean up
+        first.process.wait(10)
         # The services die with their launcher (PR_SET_PDEATHSIG) ...
         for name, pid in state["services"].items():
-            wait_for(lambda pid=pid: pid_gone(pid), 30, f"{name} gone after its launcher was killed")
+            wait_for(functools.partial(pid_gone, pid), 30, f"{name} gone after its launcher was killed")
         # ... and a new `up` on the same data dir stops the NATS left behind and starts normally.
         assert not pid_gone(state["nats_pid"])
-        second = _start_up(data_dir, nats_port, services, tmp_path / "up.out")
-        relaunched = Up(second, data_dir, 0, _cli_env())
-        wait_for(lambda: relaunched.state_file.exists() and relaunched.state()["supervisor_pid"] == second.pid,
-                 60, "second launcher started", relaunched)
+        second.start(wait=False)
+        assert second.process is not None
+        launcher_pid = second.process.pid
+        wait_for(lambda: second.state_file.exists() and second.state()["supervisor_pid"] == launcher_pid,
+                 60, "second launcher started", second.logs)
         assert pid_gone(state["nats_pid"])
-        wait_for(lambda: relaunched.cli("status", "--services", services).returncode == 0, 30,
-                 "services healthy after relaunch", relaunched)
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(60) == 0
+        wait_for(lambda: second.cli("status", "--services", "processor,cleaner").returncode == 0, 30,
+                 "services healthy after relaunch", second.logs)
+        assert second.stop() == 0
     finally:
-        for process in (first, locals().get("second")):
-            if process is not None and process.poll() is None:
-                process.kill()
+        first.kill_all()
+        second.kill_all()
