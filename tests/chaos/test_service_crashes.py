@@ -9,6 +9,7 @@ dispatcher that died before recording its progress).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.harness import (
     storescp_deliveries,
     storescu,
     storescu_background,
+    wait_audit_complete,
     wait_for,
 )
 from tests.peers import StoreScp, make_series
@@ -143,3 +145,36 @@ def test_dispatcher_killed_mid_send(tmp_path: Path, caduceus_factory: Callable[.
               f"completion: {completed[0].payload}")
     finally:
         dest.stop()
+
+
+def test_bookkeeper_processor_cleaner_and_ui_killed_in_turn_mid_flow(
+        tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
+        storescp_factory: Callable[..., StoreScp]) -> None:
+    """The services not covered above, each killed while a batch of images is still being routed,
+    dispatched and recorded, and the next batch arrives while it restarts.
+
+    None of them is on the delivery path, so the ledger is exactly once; the bookkeeper's audit log
+    must still end with every stream event once (it resumes from its durable consumer)."""
+    dest = storescp_factory(extra_args=["+uf"])
+    cad = caduceus_factory(config=_route_all(dest.port, dest.aet))
+    files = make_series(tmp_path / "in", 40, size=64, series_per_study=4)
+    victims = ["bookkeeper", "processor", "cleaner", "ui"]
+    accepted: set[str] = set()
+    for number, victim in enumerate(victims):
+        sent = storescu(cad.dicom_port, files[number * 40:(number + 1) * 40])
+        assert sent.returncode == 0 and len(sent.accepted) == 40, sent.output
+        accepted |= sent.accepted
+        cad.kill9(victim)  # its series is still open (2 s quiet period), its events still arriving
+
+    wait_for(lambda: set(storescp_deliveries(dest.files())) >= accepted, 120, "all 160 at storescp",
+             cad.logs)
+    wait_for(lambda: _all_tasks_done(cad), 60, "every dispatch task completed", cad.logs)
+    time.sleep(2)  # anything sent twice would show up by now
+    assert_ledger(accepted, storescp_deliveries(dest.files()), exactly_once=True)
+    crashed = cad.events("service.crashed")
+    assert sorted(e.payload["service"] for e in crashed) == sorted(victims)
+    _, stored, _ = wait_audit_complete(cad)
+    stored_types = Counter(event_type for event_type, in cad.query("select type from events"))
+    assert stored_types["image.received"] == 160 and stored_types["service.crashed"] == len(victims)
+    print(f"RESULT bookkeeper, processor, cleaner, ui killed in turn: 160/160 delivered once, "
+          f"{len(stored)} events in the audit log once each")
