@@ -10,6 +10,15 @@ accept, without a thread: memory and threads stay bounded and the receiver keeps
 associations it has. A little room above `maximum_associations` is kept so that a peer over the
 association limit still gets pynetdicom's proper A-ASSOCIATE-RJ (local limit exceeded) while the
 server is not flooded.
+
+Held-open idle connections (slow-loris style: connect, never send an A-ASSOCIATE-RQ, never close)
+would otherwise lock real senders out until the ACSE timeout ends each of them. A real sender sends
+its A-ASSOCIATE-RQ within milliseconds of connecting, so once the open connections reach
+`maximum_associations`, each new connection makes room by ending the connection that has waited
+longest for its A-ASSOCIATE-RQ, if that is more than IDLE_GRACE_SECONDS: pynetdicom's own ARTIM
+expiry (Evt18, close the transport) ends it within one DUL loop, and the acceptor waits for that
+before admitting the new connection, so that its A-ASSOCIATE-RQ finds room under pynetdicom's own
+association limit.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 32          # connections above maximum_associations that still reach pynetdicom
 WARN_EVERY_SECONDS = 10.0
+IDLE_GRACE_SECONDS = 2.0  # a connection waiting longer for its A-ASSOCIATE-RQ may be ended for a new one
+EVICTION_WAIT_SECONDS = 0.5
 
 
 class BoundedServer(ThreadedAssociationServer):
@@ -42,6 +53,7 @@ class BoundedServer(ThreadedAssociationServer):
         self._lock = threading.Lock()
         self._starting: dict[int, str] = {}  # id(socket) -> peer address, until its thread returned
         self.refused_connections = 0
+        self.evicted_connections = 0
         self._refused_since_warning = 0
         self._last_warning = 0.0
         super().__init__(*args, **kwargs)
@@ -65,12 +77,54 @@ class BoundedServer(ThreadedAssociationServer):
     def open_connections(self) -> int:
         return len(self._open_by_host())
 
+    def _idle_connections(self) -> list[tuple[float, Any]]:
+        """(connected since, association) of accepted connections still waiting for their
+        A-ASSOCIATE-RQ, longest waiting first, not already being ended."""
+        idle = []
+        for assoc in self.ae.active_associations:
+            dul = assoc.dul
+            if not assoc.is_acceptor or getattr(dul, "caduceus_evicted", False):
+                continue
+            # Sta2: transport open, ARTIM running until the A-ASSOCIATE-RQ arrives (PS3.8 9.2).
+            since = dul.artim_timer._start_time
+            if dul.state_machine.current_state == "Sta2" and since is not None:
+                idle.append((since, assoc))
+        return sorted(idle, key=lambda item: item[0])
+
+    def _make_room(self, open_now: int) -> bool:
+        """End idle connections (waiting > IDLE_GRACE_SECONDS) until one more connection fits under
+        maximum_associations, and wait (briefly) until they are gone; True if any was ended."""
+        excess = open_now + 1 - int(self.ae.maximum_associations)
+        if excess <= 0:
+            return False
+        cutoff = time.time() - IDLE_GRACE_SECONDS
+        ending = []
+        for since, assoc in self._idle_connections()[:excess]:
+            if since > cutoff:
+                break
+            assoc.dul.caduceus_evicted = True
+            assoc.dul.artim_timer.timeout = 0  # expired: the DUL loop raises Evt18, closes the transport
+            ending.append(assoc)
+        if not ending:
+            return False
+        with self._lock:
+            self.evicted_connections += len(ending)
+        # Until their threads end they count against pynetdicom's association limit, which the new
+        # connection's A-ASSOCIATE-RQ is checked against. (This pauses the acceptor for one DUL loop,
+        # ~50 ms, which also slows a flood down.)
+        deadline = time.monotonic() + EVICTION_WAIT_SECONDS
+        while any(assoc.is_alive() for assoc in ending) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return True
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
         hosts = self._open_by_host()  # the acceptor thread is the only one adding connections
-        if len(hosts) < self.connection_limit() and not (
-                self.per_host_limit and hosts.count(host) >= self.per_host_limit):
-            return True
+        if not (self.per_host_limit and hosts.count(host) >= self.per_host_limit):
+            if self._make_room(len(hosts)):
+                hosts = self._open_by_host()
+            if len(hosts) < self.connection_limit():
+                return True
         with self._lock:
             self.refused_connections += 1
             self._refused_since_warning += 1

@@ -227,6 +227,11 @@ class StorageSCP:
         server = self.server
         return int(getattr(server, "refused_connections", 0)) if server is not None else 0
 
+    def evicted_connections(self) -> int:
+        """Idle connections (no A-ASSOCIATE-RQ after 2 s) ended to make room for new ones (admission.py)."""
+        server = self.server
+        return int(getattr(server, "evicted_connections", 0)) if server is not None else 0
+
     def active_associations(self) -> int:
         server = self.server
         if server is None:

@@ -149,6 +149,7 @@ class ReceiverService(Service):
         if self.scp is not None:
             details["open_associations"] = self.scp.active_associations()
             details["connections_refused"] = self.scp.refused_connections()
+            details["connections_evicted"] = self.scp.evicted_connections()
         if self.pool is not None:
             details.update(self.pool.details())
         return details
