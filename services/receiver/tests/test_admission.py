@@ -90,18 +90,6 @@ async def test_per_host_limit_keeps_other_hosts_served(receiver: Peer, bus: Bus)
             sock.close()
 
 
-def _echo_status(port: int) -> int | None:
-    ae = AE(ae_title="LATECOMER")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="CADUCEUS")
-    if not assoc.is_established:
-        return None
-    try:
-        return int(assoc.send_c_echo().Status)
-    finally:
-        assoc.release()
-
-
 async def test_held_idle_connections_make_room_for_a_real_sender(receiver: Peer) -> None:
     # Slow-loris: every slot taken by connections that never send an A-ASSOCIATE-RQ and stay open.
     flood = await asyncio.to_thread(open_connections, receiver.port, LIMIT + 20, 30)
@@ -110,7 +98,7 @@ async def test_held_idle_connections_make_room_for_a_real_sender(receiver: Peer)
         await asyncio.sleep(IDLE_GRACE_SECONDS + 1)
         # A real sender gets through at once: the longest-waiting idle connections are ended for it.
         started = time.monotonic()
-        status = await asyncio.to_thread(_echo_status, receiver.port)
+        status = await asyncio.to_thread(_echo_from, receiver.port, "127.0.0.1")
         assert status == 0, "C-ECHO refused while idle connections held every slot"
         assert time.monotonic() - started < 5
         closed = [sock for sock in flood if _closed_by_peer(sock)]
