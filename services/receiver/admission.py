@@ -86,7 +86,7 @@ class BoundedServer(ThreadedAssociationServer):
             if not assoc.is_acceptor or getattr(dul, "caduceus_evicted", False):
                 continue
             # Sta2: transport open, ARTIM running until the A-ASSOCIATE-RQ arrives (PS3.8 9.2).
-            since = dul.artim_timer._start_time
+            since = getattr(dul.artim_timer, "_start_time", None)  # pynetdicom 3.0's Timer
             if dul.state_machine.current_state == "Sta2" and since is not None:
                 idle.append((since, assoc))
         return sorted(idle, key=lambda item: item[0])
