@@ -177,3 +177,36 @@ def set_aside(directory: Path) -> None:
         number += 1
     directory.rename(directory.with_name(f"{directory.name}.old{number}"))
     directory.mkdir()
+
+
+CREATE_PROBE_FILES = 200
+SLOW_CREATE_MS = 0.1
+
+
+def create_cost_ms(directory: Path) -> float:
+    """Mean milliseconds to create (and rename) an empty file in `directory`; the files are kept
+    (deleting them would cause what this detects)."""
+    probe = directory / f"probe-{time.monotonic_ns()}"
+    probe.mkdir(parents=True)
+    start = time.perf_counter()
+    for number in range(CREATE_PROBE_FILES):
+        path = probe / f"{number}.part"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.replace(path, probe / f"{number}")
+    return (time.perf_counter() - start) * 1000 / CREATE_PROBE_FILES
+
+
+def wait_for_fast_creates(directory: Path, max_wait: float = 360.0) -> float:
+    """Before measuring: wait until creating files in `directory` is fast again (see set_aside:
+    on ext4 without a journal, file creation stays slow for 1-5 minutes after many deletions).
+    Returns the last probe's cost; after `max_wait` it goes on with a warning."""
+    deadline = time.monotonic() + max_wait
+    cost = create_cost_ms(directory)
+    while cost > SLOW_CREATE_MS and time.monotonic() < deadline:
+        print(f"file creation is slow here ({cost:.2f} ms per file, files were probably deleted "
+              "recently): waiting 15 s", flush=True)
+        time.sleep(15)
+        cost = create_cost_ms(directory)
+    if cost > SLOW_CREATE_MS:
+        print(f"warning: file creation still costs {cost:.2f} ms per file; figures will be off", flush=True)
+    return cost

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Peer, make_series, set_aside, start_storescp, storescu
+from bench.common import Peer, make_series, set_aside, start_storescp, storescu, wait_for_fast_creates
 from bench.pipeline import (
     DATA_PATH,
     DEST_AET,
@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         warmup = make_series(work / "warmup", 3, 64)
         batches: dict[int, list[Path]] = {
             k: [make_series(work / f"s{k}-{i}", args.n, args.size) for i in range(k)] for k in senders}
+        if not args.smoke:
+            wait_for_fast_creates(work)
         direct_dest = start_storescp(work / "dest-direct")
         cad_dest = start_storescp(work / "dest-caduceus")
         env = {"CADUCEUS_DATABASE_URL": args.database_url} if args.database_url else {}

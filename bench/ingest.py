@@ -43,6 +43,7 @@ from bench.common import (
     start_receiver,
     start_storescp,
     storescu,
+    wait_for_fast_creates,
 )
 from shared import subjects
 from shared.bus import Bus
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"series: {args.count} x {args.size}x{args.size} {args.modality} images, "
               f"{max(args.senders)} copies in {data}; senders {args.senders}", flush=True)
         copies = [series(data, f"series-{i}", args.count, args.size, args.modality) for i in range(max(args.senders))]
+        if not args.smoke:
+            wait_for_fast_creates(work)
         runs = [run_once(args, work, copies, env, run) for run in range(1, args.repeat + 1)]
     events, expected = sum(r["events"] for r in runs), sum(r["expected_events"] for r in runs)
     print(f"image.received events: {events} (expected {expected})")
