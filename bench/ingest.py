@@ -125,7 +125,12 @@ def run_once(args: argparse.Namespace, work: Path, copies: list[Path], env: dict
     """For each sender count: storescp, (Orthanc,) caduceus, on the same files."""
     results: dict[str, dict[int, dict[str, float]]] = {"storescp": {}, "orthanc": {}, "caduceus": {}}
     events = expected = 0
-    for senders in args.senders:
+    # Every run writes new files, and on the test VM each image costs more kernel time the more the
+    # page cache has grown (docs/performance.md), so what runs later in a run is slower. Odd runs go
+    # 1, 2, 4 senders and even runs 4, 2, 1: over an even number of runs that drift cancels out of
+    # the speed-up (the ratio to storescp compares neighbours and is not affected).
+    order = args.senders if run % 2 else list(reversed(args.senders))
+    for senders in order:
         dirs = copies[:senders]
         tag = f"{run}-{senders}"
         storescp_dir, orthanc_dir = work / f"storescp-{tag}", work / f"orthanc-{tag}"
