@@ -462,8 +462,7 @@ def _cached_text(ds: Dataset, tag: BaseTag, charset: Any, notes: list[str]) -> s
     key = (int(tag), vr, raw.value, raw.is_implicit_VR, charset.value if charset is not None else None)
     hit = _TEXT_MEMO.get(key)
     if hit is None:
-        hit = _convert_text(raw._replace(value_tell=0),
-                            charset._replace(value_tell=0) if charset is not None else None)
+        hit = _convert_text(raw, charset)
         if len(_TEXT_MEMO) >= _TEXT_MEMO_SIZE:
             _TEXT_MEMO.clear()  # bounded; refills with the current series' values
         _TEXT_MEMO[key] = hit
@@ -472,14 +471,13 @@ def _cached_text(ds: Dataset, tag: BaseTag, charset: Any, notes: list[str]) -> s
     return text
 
 
-# (tag, VR, raw value, implicit, raw character set) -> (text, notes): a plain dict in front of
-# _convert_text, because building the lru_cache key (namedtuple._replace, hashing whole elements)
-# cost as much as the lookup saved.
+# (tag, VR, raw value, implicit, raw character set) -> (text, notes): a plain dict keyed by
+# plain values, because an lru_cache on _convert_text (namedtuple._replace, hashing whole elements
+# for its key) cost as much as the lookup saved.
 _TEXT_MEMO: dict[tuple[int, str, bytes, bool, bytes | None], tuple[str | None, tuple[str, ...]]] = {}
 _TEXT_MEMO_SIZE = 4096
 
 
-@functools.lru_cache(maxsize=4096)
 def _convert_text(raw: RawDataElement, charset: RawDataElement | None) -> tuple[str | None, tuple[str, ...]]:
     elements: dict[BaseTag, DataElement | RawDataElement] = {raw.tag: raw}
     if charset is not None:
