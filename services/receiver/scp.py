@@ -222,15 +222,12 @@ class StorageSCP:
         for assoc in list(server.ae.active_associations):
             assoc.abort()
 
-    def refused_connections(self) -> int:
-        """Connections closed at accept because the connection limit was reached (admission.py)."""
+    def admission_counts(self) -> dict[str, int]:
+        """Connections closed at accept because the connection limit was reached, and idle ones
+        (no A-ASSOCIATE-RQ after 2 s) ended to make room for new ones (admission.py)."""
         server = self.server
-        return int(getattr(server, "refused_connections", 0)) if server is not None else 0
-
-    def evicted_connections(self) -> int:
-        """Idle connections (no A-ASSOCIATE-RQ after 2 s) ended to make room for new ones (admission.py)."""
-        server = self.server
-        return int(getattr(server, "evicted_connections", 0)) if server is not None else 0
+        return {"connections_refused": int(getattr(server, "refused_connections", 0)),
+                "connections_evicted": int(getattr(server, "evicted_connections", 0))}
 
     def active_associations(self) -> int:
         server = self.server

@@ -148,8 +148,7 @@ class ReceiverService(Service):
         details: dict[str, Any] = dict(self.counters)
         if self.scp is not None:
             details["open_associations"] = self.scp.active_associations()
-            details["connections_refused"] = self.scp.refused_connections()
-            details["connections_evicted"] = self.scp.evicted_connections()
+            details.update(self.scp.admission_counts())
         if self.pool is not None:
             details.update(self.pool.details())
         return details
