@@ -14,7 +14,6 @@ pynetdicom's own loops and `send_c_store` (with `STORE_SEND_CHUNKED_DATASET`) ar
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -192,8 +191,6 @@ def _send_on_association(dest: Destination, items: list[SendItem], result: SendR
     try:
         while left and not abort.is_set() and assoc.is_established:
             item = left.pop(0)
-            if left:
-                _read_ahead(left[0].path)
             if not _send_one(assoc, item, result, on_delivered):
                 left.insert(0, item)  # never went out: try it on the next association
         if not assoc.is_established:
@@ -202,24 +199,6 @@ def _send_on_association(dest: Destination, items: list[SendItem], result: SendR
         if assoc.is_established:
             assoc.release()
     return left
-
-
-def _read_ahead(path: Path) -> None:
-    """Have the kernel start reading the next file while this one is sent.
-
-    The receiver writes large instances past the page cache (services/receiver/filewrite.py), so
-    the dispatcher usually reads them from disk; this overlaps that read with the current send.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return  # the send itself reports what is wrong with the file
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass  # only a hint
-    finally:
-        os.close(fd)
 
 
 def _settle_reactor(assoc: Association, timeout: float = 0.2) -> None:
