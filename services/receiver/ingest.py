@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from services.receiver.filewrite import FileWriter
 from services.receiver.timing import PhaseTimer
 from shared.blobstore import BlobInfo, LocalBlobStore, blob_key
 from shared.config.model import SettingsItem
@@ -80,10 +79,9 @@ class LocalBlobWriter:
     """Durable writes into a LocalBlobStore: file fsync (store flag) + fsync of new directories and
     of the directory holding the renamed file, so an acknowledged instance survives a power cut."""
 
-    def __init__(self, store: LocalBlobStore, sync_dirs: bool = True, direct_io: bool = True) -> None:
+    def __init__(self, store: LocalBlobStore, sync_dirs: bool = True) -> None:
         self.store = store
         self.sync_dirs = sync_dirs and store.fsync
-        self.files = FileWriter(direct_io=direct_io)
 
     def put(self, key: str, data: bytes) -> BlobInfo:
         path = self.store.path(key)
@@ -120,8 +118,12 @@ class LocalBlobWriter:
         """
         created = _missing_parents(path.parent, self.store.root)
         tmp = self.store._tmp / f"{uuid.uuid4().hex}.part"  # the store's own temp dir (same filesystem)
-        fd = self.files.write_new(tmp, data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
             if created:  # else the series directory exists: no mkdir (and no EEXIST) per image
                 path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)

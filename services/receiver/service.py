@@ -77,8 +77,7 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
         removed = store.remove_stale_temp()
         if removed:
             log.info("removed %d unfinished temp file(s) older than an hour from the blob store", removed)
-        # Switch for measurements (docs/performance.md); large instances bypass the page cache.
-        writer = LocalBlobWriter(store, direct_io=os.environ.get("CADUCEUS_RECEIVER_DIRECT_IO", "1") != "0")
+        writer = LocalBlobWriter(store)
     else:
         assert isinstance(store, NatsObjectBlobStore)
         writer = AsyncBlobWriter(store, bridge)
