@@ -145,3 +145,23 @@ def test_real_world_encodings_pass_through_unchanged(tmp_path: Path, caduceus_fa
         assert dataset_bytes(out) == dataset_bytes(blob_path(cad.blob_root, path)), label
         assert dcmread(out).file_meta.TransferSyntaxUID == dcmread(path).file_meta.TransferSyntaxUID, label
         assert same_dataset(out, path), f"{label}: elements differ"
+
+
+def test_host_sender_sends_the_series_back_to_the_node_that_sent_it(
+        tmp_path: Path, caduceus_factory: Callable[..., Caduceus], storescp: StoreScp) -> None:
+    """`host: sender`: the destination address is the association's peer, recorded in the task."""
+    files = make_series(tmp_path / "ct", 3, size=32)
+    config = {
+        "settings": settings_doc(),
+        "targets": {"back": dicom_target(storescp.port, storescp.aet, host="sender")},
+        "rules": {"everything-back": {"filter": "True", "targets": ["back"]}},
+    }
+    cad = caduceus_factory(config=config)
+    sent = storescu(cad.dicom_port, files)
+    assert sent.returncode == 0, sent.output
+
+    wait_for(lambda: _sops(storescp.files()) == _sops(files), 60, "storescp has the series back", cad.logs)
+    requested = cad.wait_events("dispatch.requested", lambda found: len(found) >= 1, 30)
+    assert [e.payload["peer_host"] for e in requested] == ["127.0.0.1"]
+    completed = cad.wait_events("dispatch.completed", lambda found: len(found) >= 1, 30)
+    assert completed[0].payload["sent"] == len(files)
