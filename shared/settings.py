@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     dicom_host: str = "0.0.0.0"
     ui_port: int = 8080
     ui_host: str = "127.0.0.1"
+    # The receiver's write-ahead journal (services/receiver/journal.py): an instance of up to
+    # receiver_journal_max_kb is accepted once it is in the journal; a larger one once its own blob
+    # file is fsynced and its event stored. 0 turns the journal off.
+    receiver_journal_max_kb: int = Field(default=256, ge=0, le=8192)
+    receiver_journal_mb: int = Field(default=1024, ge=64, description="room for instances not yet applied")
+    receiver_journal_segment_mb: int = Field(default=32, ge=16, le=1024)
+    # One journal directory per receiver process (the supervisor: main, its workers: w1, w2, ...).
+    receiver_journal_slot: str = Field(default="main", pattern=r"^[A-Za-z0-9_-]{1,40}$")
     # Name of this process instance (several dispatchers may run): defaults to service name + pid.
     instance: str = ""
 

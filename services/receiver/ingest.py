@@ -1,10 +1,12 @@
 """What happens to one received instance: check, store, announce, answer.
 
 Runs on pynetdicom's association threads. The C-STORE status is decided here:
-- 0x0000 only after the file is in the blob store (fsynced) and JetStream acknowledged
-  `image.received`;
-- 0xA700 (out of resources) when free space is below the floor, the blob write fails or the event
-  cannot be published: the sender keeps its copy and retries later;
+- 0x0000 only once the instance cannot be lost: either it is in the receiver's write-ahead journal
+  together with its `image.received` (instances up to `receiver_journal_max_kb`; the journal
+  applier writes the blob file and publishes behind it, services/receiver/applier.py), or its blob
+  file is fsynced and JetStream acknowledged `image.received` (larger instances, or no journal);
+- 0xA700 (out of resources) when free space is below the floor, the journal is full or fails, the
+  blob write fails or the event cannot be published: the sender keeps its copy and retries later;
 - 0xC000 (cannot understand) when the data is not a readable dataset: the bytes are kept under
   quarantine/<date>/<uuid> and `image.quarantined` says why.
 
@@ -29,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from services.receiver.applier import JournalApplier
+from services.receiver.journal import JournalError
 from services.receiver.timing import PhaseTimer
 from shared.blobstore import BlobInfo, LocalBlobStore, blob_key
 from shared.config.model import SettingsItem
@@ -181,11 +185,14 @@ def _fsync_dir(directory: Path) -> None:
 
 class Ingest:
     def __init__(self, writer: BlobWriter, publish: Publisher, settings: Callable[[], SettingsItem],
-                 publish_timeout: float = 5.0) -> None:
+                 publish_timeout: float = 5.0, journal: JournalApplier | None = None,
+                 journal_max_bytes: int = 0) -> None:
         self.writer = writer
         self.publish = publish
         self.settings = settings
         self.publish_timeout = publish_timeout
+        self.journal = journal
+        self.journal_max_bytes = journal_max_bytes
         self.hash_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
 
     # ------------------------------------------------------------ the C-STORE path
@@ -212,6 +219,11 @@ class Ingest:
             log.warning("dataset SOP Instance UID differs from the C-STORE request's (%s); using the "
                         "dataset's", request_sop_uid, extra=ctx)
         key = blob_key("instances", tags.study_uid, tags.series_uid, tags.sop_uid + ".dcm")
+        if self.journal is not None and (len(data) <= self.journal_max_bytes
+                                         or self.journal.pending_sha256(key) is not None):
+            # (A larger copy of an instance still waiting in the journal goes the same way, so
+            # that the newest copy is the one written last.)
+            return self._store_journaled(assoc, data, digest.result(), tags, key, context_ts, ctx, mark)
         try:
             duplicate, write = self._start_write(key, data)
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
@@ -220,18 +232,55 @@ class Ingest:
         if timer:
             mark = timer.mark("file", mark)
         try:
-            event = make_event("image.received", ACTOR, ImageReceived(
-                sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
-                blob_key=key, size=len(data), sha256=digest.result(),
-                calling_aet=assoc.calling_aet, called_aet=assoc.called_aet, peer_host=assoc.peer_host,
-                peer_port=assoc.peer_port, association_id=assoc.association_id, duplicate=duplicate,
-                tags=tags.tags), study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
+            event = self._received_event(assoc, tags, key, data, digest.result(), context_ts, duplicate)
             if timer:
                 mark = timer.mark("event", mark)
             return self._finish(assoc, event, write, tags, ctx, mark)
         finally:
             if write is not None:
                 write.close()  # after an unexpected error; nothing left to do otherwise
+
+    def _received_event(self, assoc: AssociationInfo, tags: ExtractedTags, key: str, data: bytes,
+                        sha256: str, context_ts: str, duplicate: Literal["new", "identical", "replaced"]) -> Event:
+        return make_event("image.received", ACTOR, ImageReceived(
+            sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or context_ts,
+            blob_key=key, size=len(data), sha256=sha256,
+            calling_aet=assoc.calling_aet, called_aet=assoc.called_aet, peer_host=assoc.peer_host,
+            peer_port=assoc.peer_port, association_id=assoc.association_id, duplicate=duplicate,
+            tags=tags.tags), study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
+
+    def _store_journaled(self, assoc: AssociationInfo, data: bytes, sha256: str, tags: ExtractedTags,
+                         key: str, context_ts: str, ctx: dict[str, str], mark: int) -> int:
+        """Success once instance and event are in the journal (fsynced); the applier does the rest."""
+        assert self.journal is not None
+        timer = assoc.timer
+        duplicate = self._journaled_duplicate(key, data, sha256)
+        event = self._received_event(assoc, tags, key, data, sha256, context_ts, duplicate)
+        if timer:
+            mark = timer.mark("event", mark)
+        try:
+            self.journal.accept(event, key, sha256, None if duplicate == "identical" else data)
+        except (JournalError, OSError) as exc:
+            log.error("could not journal the instance: %s", exc, extra=ctx)
+            return self._reject(assoc, str(exc), tags.sop_uid, tags)
+        if timer:
+            timer.mark("write", mark)
+        assoc.stored += 1
+        if duplicate != "new":
+            log.info("duplicate instance (%s)", duplicate, extra=ctx)
+        return STATUS_SUCCESS
+
+    def _journaled_duplicate(self, key: str, data: bytes, sha256: str) -> Literal["new", "identical", "replaced"]:
+        pending = self.journal.pending_sha256(key) if self.journal is not None else None
+        if pending is not None:  # a copy is in the journal, its file not yet written
+            return "identical" if pending == sha256 else "replaced"
+        if isinstance(self.writer, LocalBlobWriter):
+            existing = self.writer.read_path(self.writer.store.path(key))
+        else:
+            existing = self.writer.read(key)
+        if existing is None:
+            return "new"
+        return "identical" if existing == data else "replaced"
 
     def _finish(self, assoc: AssociationInfo, event: Event, write: UnsyncedWrite | None,
                 tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:

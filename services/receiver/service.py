@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
+from services.receiver.applier import JournalApplier
+from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter, Publisher
+from services.receiver.journal import Journal, JournalError, slot_directory
 from services.receiver.scp import StorageSCP
 from services.receiver.workers import RoutingServer, WorkerPool, worker_count
 from shared.blobstore import BlobInfo, LocalBlobStore, NatsObjectBlobStore, open_blob_store
@@ -86,22 +89,87 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
         future = bridge.submit(bus.publish(event, timeout=publish_timeout, retries=2))
         future.add_done_callback(_log_failure(event))
 
+    applier = None
+    if settings.receiver_journal_max_kb > 0:
+        slot = settings.receiver_journal_slot
+        applier = open_journal(settings, slot, writer, publisher.publish, publish_timeout)
+        if slot == "main":  # the supervisor (workers have w1, w2, ...)
+            used = {slot, *(f"w{index}" for index in range(1, worker_count()))}
+            await asyncio.to_thread(adopt_orphan_journals, settings, used, writer, publisher.publish,
+                                    publish_timeout)
     # No retries: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
-    ingest = Ingest(writer, publisher.publish, settings_item, publish_timeout=publish_timeout)
+    ingest = Ingest(writer, publisher.publish, settings_item, publish_timeout=publish_timeout,
+                    journal=applier, journal_max_bytes=settings.receiver_journal_max_kb * 1024)
     return StorageSCP(ingest, settings_item, publish_later, settings.dicom_host, settings.dicom_port,
                       use_fastpath=use_fastpath, on_conn_close=on_conn_close)
 
 
-def drain_associations(scp: StorageSCP, grace: float = 15.0) -> None:
-    """SIGTERM: stop accepting; give open associations a moment to finish, then abort them."""
-    server = scp.server
-    if server is None:
+def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: Publisher,
+                 publish_timeout: float) -> JournalApplier:
+    """The write-ahead journal of this process and its applier thread, started; records a previous
+    process left unapplied are queued first (services/receiver/journal.py)."""
+    journal = Journal(slot_directory(settings.data_dir, slot),
+                      segment_bytes=settings.receiver_journal_segment_mb * 1024 * 1024,
+                      max_bytes=settings.receiver_journal_mb * 1024 * 1024)
+    journal.open()
+    store = writer.store if isinstance(writer, LocalBlobWriter) else None
+    applier = JournalApplier(journal, _file_putter(writer), publish, store, publish_timeout)
+    applier.start()
+    return applier
+
+
+def _file_putter(writer: BlobWriter) -> Callable[[str, bytes], None]:
+    """How the applier writes a journaled instance's blob: on a local store without the fsyncs
+    (its syncfs before each checkpoint covers them), and not again if it is already there (replay)."""
+    def put_local(key: str, data: bytes) -> None:
+        assert isinstance(writer, LocalBlobWriter)
+        path = writer.store.path(key)
+        if writer.read_path(path) != data:
+            writer.put_visible(path, data).close()
+
+    def put_other(key: str, data: bytes) -> None:
+        if writer.read(key) != data:
+            writer.put(key, data)
+
+    return put_local if isinstance(writer, LocalBlobWriter) else put_other
+
+
+def adopt_orphan_journals(settings: Settings, used_slots: set[str], writer: BlobWriter, publish: Publisher,
+                          publish_timeout: float, timeout: float = 60.0) -> None:
+    """Apply the journals of receiver processes that no longer exist (fewer workers than before)."""
+    root = slot_directory(settings.data_dir, "main").parent
+    if not root.is_dir():
         return
-    server.ae.maximum_associations = 0  # new requests are rejected (local limit exceeded)
-    deadline = time.monotonic() + grace
-    while scp.active_associations() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    scp.stop()
+    for directory in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in used_slots):
+        try:
+            applier = open_journal(settings, directory.name, writer, publish, publish_timeout)
+        except JournalError as exc:
+            log.warning("journal %s not adopted: %s", directory, exc)
+            continue
+        done = applier.wait_idle(timeout)
+        applier.stop()
+        applier.journal.close()
+        if done:
+            shutil.rmtree(directory, ignore_errors=True)
+            log.info("applied and removed the journal of a former receiver process: %s", directory)
+        else:
+            log.warning("the journal of a former receiver process is not fully applied yet: %s", directory)
+
+
+def drain_associations(scp: StorageSCP, grace: float = 15.0) -> None:
+    """SIGTERM: stop accepting; give open associations a moment to finish, then abort them; then
+    let the journal applier catch up (what it cannot publish stays in the journal)."""
+    server = scp.server
+    if server is not None:
+        server.ae.maximum_associations = 0  # new requests are rejected (local limit exceeded)
+        deadline = time.monotonic() + grace
+        while scp.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        scp.stop()
+    applier = scp.ingest.journal
+    if applier is not None:
+        applier.stop()
+        applier.journal.close()
 
 
 class ReceiverService(Service):

@@ -149,7 +149,9 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, CHANNEL_FD_ENV: str(theirs.fileno()), WORKERS_ENV: "1",
-               "CADUCEUS_INSTANCE": f"{self.instance}-w{index}"}
+               "CADUCEUS_INSTANCE": f"{self.instance}-w{index}",
+               # each process its own journal, the same one after a restart (services/receiver/journal.py)
+               "CADUCEUS_RECEIVER_JOURNAL_SLOT": f"w{index}"}
         try:
             process = subprocess.Popen([sys.executable, "-m", "services.receiver"], env=env,
                                        pass_fds=[theirs.fileno()])

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from bench.common import STORESCU, Peer, echoscu, make_series, nodelay_env, storescu
+from bench.common import STORESCU, Peer, echoscu, make_series, nodelay_env, start_receiver, storescu
 from services.receiver.tests.helpers import apply_settings, blob_files, read_events, wait_events
 from shared.bus import Bus
 from shared.natsserver import EmbeddedNats
@@ -152,13 +153,52 @@ async def test_garbage_and_truncated_are_quarantined(receiver: Peer, bus: Bus, s
     assert blob_files(data_dir) == []
 
 
-async def test_nats_down_is_not_success(receiver: Peer, bus: Bus, nats_server: EmbeddedNats,
-                                        series5: Path) -> None:
+async def test_nats_down_is_not_success_without_the_journal(nats_url: str, data_dir: Path, bus: Bus,
+                                                             nats_server: EmbeddedNats, series5: Path,
+                                                             tmp_path: Path) -> None:
+    # Instances above receiver_journal_max_kb (here: all) are accepted only once JetStream stored
+    # their event.
+    receiver = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log",
+                              env={"CADUCEUS_RECEIVER_PUBLISH_TIMEOUT": "1.5", "CADUCEUS_RECEIVER_JOURNAL_MAX_KB": "0"})
+    try:
+        nats_server.stop()
+        result = await asyncio.to_thread(storescu, receiver.port, sorted(series5.iterdir())[0], extra=["-v"])
+        assert result.returncode != 0 and OUT_OF_RESOURCES.search(result.output), result.output
+        assert "Received Store Response (Success)" not in result.output
+    finally:
+        receiver.kill()  # its graceful stop would wait for the missing broker
+
+
+async def test_nats_down_journaled_instances_are_published_when_it_returns(
+        receiver: Peer, bus: Bus, nats_server: EmbeddedNats, series5: Path, data_dir: Path) -> None:
     nats_server.stop()
-    result = await asyncio.to_thread(storescu, receiver.port, sorted(series5.iterdir())[0], extra=["-v"])
-    assert result.returncode != 0 and OUT_OF_RESOURCES.search(result.output), result.output
-    assert "Received Store Response (Success)" not in result.output
-    receiver.kill()  # its graceful stop would wait for the missing broker
+    result = await asyncio.to_thread(storescu, receiver.port, series5)
+    assert result.returncode == 0, result.output  # accepted: durable in the receiver's journal
+    nats_server.start()
+    received = await wait_events(bus, "image.received", 5, timeout=40)
+    assert sorted(e.sop_uid or "" for e in received) == sorted(_uids(p)[0] for p in series5.iterdir())
+    assert len(blob_files(data_dir)) == 5
+
+
+async def test_journaled_instances_survive_kill_9(nats_url: str, bus: Bus, nats_server: EmbeddedNats,
+                                                  series5: Path, data_dir: Path, tmp_path: Path) -> None:
+    receiver = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver-1.log")
+    nats_server.stop()  # nothing can be applied: the instances exist only in the journal
+    try:
+        result = await asyncio.to_thread(storescu, receiver.port, series5)
+        assert result.returncode == 0, result.output
+    finally:
+        receiver.kill()
+    nats_server.start()
+    restarted = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver-2.log")
+    try:
+        received = await wait_events(bus, "image.received", 5, timeout=40)
+        assert sorted(e.sop_uid or "" for e in received) == sorted(_uids(p)[0] for p in series5.iterdir())
+        stored = {uid: pixels for uid, pixels in map(_uids, blob_files(data_dir))}
+        assert stored == {uid: pixels for uid, pixels in map(_uids, series5.iterdir())}
+        assert "not yet applied" in restarted.log_path.read_text()
+    finally:
+        restarted.stop()
 
 
 def _send_datasets(port: int, datasets: list[Dataset]) -> list[int]:
@@ -220,19 +260,27 @@ async def test_parallel_associations(receiver: Peer, bus: Bus, tmp_path: Path) -
     assert len({e.payload["association_id"] for e in events}) == 4
 
 
+@pytest.mark.parametrize("journal_max_kb", ["256", "0"], ids=["journal", "no-journal"])
 async def test_kill_9_mid_association_keeps_every_acknowledged_instance(
-        receiver: Peer, bus: Bus, tmp_path: Path, data_dir: Path) -> None:
-    folder = make_series(tmp_path / "big", 60, size=256)
+        nats_url: str, bus: Bus, tmp_path: Path, data_dir: Path, journal_max_kb: str) -> None:
+    env = {"CADUCEUS_RECEIVER_JOURNAL_MAX_KB": journal_max_kb}
+    receiver = start_receiver(nats_url, data_dir, env=env, log_path=tmp_path / "receiver-1.log")
+    folder = make_series(tmp_path / "big", 60, size=256)  # 128 KB instances
     sender = subprocess.Popen([STORESCU, "-v", "-aet", "BENCH", "-aec", "CADUCEUS", "+sd", "127.0.0.1",
                                str(receiver.port), str(folder)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=nodelay_env())
     await _wait_for_progress(data_dir, 10)
-    assert receiver.process is not None
-    os.kill(receiver.process.pid, signal.SIGKILL)
+    receiver.kill()
     output, _ = await asyncio.to_thread(sender.communicate, timeout=60)
     acknowledged = _acknowledged_files(output)
     assert 0 < len(acknowledged) < 60, output[-2000:]
-    received = {e.sop_uid: e for e in await read_events(bus, "image.received")}
+    # The supervisor would start it again: a journaled instance's file and event may come only then.
+    restarted = start_receiver(nats_url, data_dir, env=env, log_path=tmp_path / "receiver-2.log")
+    try:
+        events = await wait_events(bus, "image.received", len(acknowledged), timeout=30)
+    finally:
+        restarted.stop()
+    received = {e.sop_uid: e for e in events}
     for path in acknowledged:
         sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert sop_uid in received, f"acknowledged {path.name} has no image.received event"

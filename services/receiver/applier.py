@@ -1,0 +1,211 @@
+"""Behind the journal: put each journaled instance's blob file in place and publish its event.
+
+The C-STORE path (Ingest) answers success once `JournalApplier.accept` has the instance durable in
+the journal (services/receiver/journal.py). This thread then, for each record in seq order:
+writes the blob file (visible to every reader before its event goes out), publishes the recorded
+`image.received` (the same event_id as recorded, so a replay is de-duplicated by JetStream), and
+retries the publish for as long as it takes: the instance was accepted, so giving up is not an
+option. About once a second (and whenever it runs out of work) it makes the blob files durable
+with one `syncfs` and checkpoints the journal, which lets segments be reused.
+
+A receiver that dies leaves its unapplied records in the journal; the next process's
+`Journal.open()` queues them ahead of new work, and this thread applies them as if just received.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from services.receiver.journal import Journal, JournalRecord
+from shared.blobstore import LocalBlobStore
+from shared.events import Event
+
+log = logging.getLogger(__name__)
+
+WRITE, NO_WRITE = b"W", b"-"
+CHECKPOINT_SECONDS = 1.0
+BATCH_RECORDS = 256
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
+
+
+class JournalApplier:
+    def __init__(self, journal: Journal, put_file: Callable[[str, bytes], None],
+                 publish: Callable[[Event, float], Future[int]], store: LocalBlobStore | None,
+                 publish_timeout: float = 5.0) -> None:
+        self.journal = journal
+        self.put_file = put_file  # writes the blob (durable or not: `store` decides what syncfs covers)
+        self.publish = publish
+        self.store = store  # a local store whose files need a syncfs before a checkpoint
+        self.publish_timeout = publish_timeout
+        self.applied_seq = journal.checkpointed
+        self.published = 0
+        self.publish_retries = 0
+        self._pending: dict[str, tuple[str, int]] = {}  # blob key -> (sha256 of latest, records to write)
+        self._pending_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._give_up_at = float("inf")
+        self._last_checkpoint = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="journal-applier", daemon=True)
+
+    # ------------------------------------------------------------ association threads
+
+    def accept(self, event: Event, key: str, sha256: str, data: bytes | None) -> None:
+        """Journal an instance (data None: its identical copy is already stored; only the event).
+
+        Returns once the record is durable; raises JournalError (the sender must be refused).
+        """
+        if data is not None:
+            with self._pending_lock:
+                _, count = self._pending.get(key, ("", 0))
+                self._pending[key] = (sha256, count + 1)
+        try:
+            self.journal.append((WRITE if data is not None else NO_WRITE) + event.to_json(), data or b"")
+        except BaseException:
+            if data is not None:
+                self._written(key)
+            raise
+
+    def pending_sha256(self, key: str) -> str | None:
+        """sha256 of the newest journaled copy of `key` whose file is not yet written, if any."""
+        entry = self._pending.get(key)
+        return entry[0] if entry else None
+
+    def _written(self, key: str) -> None:
+        with self._pending_lock:
+            sha256, count = self._pending.get(key, ("", 1))
+            if count <= 1:
+                self._pending.pop(key, None)
+            else:
+                self._pending[key] = (sha256, count - 1)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Apply what is queued (giving up after `grace` s if JetStream does not answer; the journal
+        keeps the rest for the next start), checkpoint, stop."""
+        self._give_up_at = time.monotonic() + grace
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(grace + self.publish_timeout + 5)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything journaled so far is applied and checkpointed (tests, replay)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.journal.stats()["journal_unapplied"] == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def details(self) -> dict[str, Any]:
+        return {**self.journal.stats(), "journal_published": self.published,
+                "journal_publish_retries": self.publish_retries}
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch:
+                if not self._apply(batch):
+                    break  # stopping and JetStream does not answer: the journal keeps the rest
+                self._checkpoint(idle=False)
+                continue
+            if self._stopping.is_set():
+                break
+            self._checkpoint(idle=True)
+            try:
+                self.journal.prepare_spare()
+            except OSError as exc:
+                log.warning("could not create a spare journal segment: %s", exc)
+        self._checkpoint(idle=True)
+
+    def _take(self) -> list[JournalRecord]:
+        try:
+            batch = [self.journal.queue.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        while len(batch) < BATCH_RECORDS:
+            try:
+                batch.append(self.journal.queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _apply(self, batch: list[JournalRecord]) -> bool:
+        """Write the files and publish the events of `batch`; False if it had to give up."""
+        sent: list[tuple[JournalRecord, Event, Future[int]]] = []
+        for record in batch:
+            record.settled.wait()
+            if not record.durable:  # the sender was refused; its retry is a new record
+                self.journal.release(record)
+                continue
+            event = Event.from_json(record.meta[1:])
+            if record.meta[:1] == WRITE:
+                key = str(event.payload["blob_key"])
+                self._write_file(key, self.journal.read_data(record), event)
+                self._written(key)
+            self.journal.release(record)
+            sent.append((record, event, self.publish(event, self.publish_timeout)))
+        done = self._await(sent)
+        if done and batch:
+            self.applied_seq = max(self.applied_seq, batch[-1].seq)
+        return done
+
+    def _write_file(self, key: str, data: bytes, event: Event) -> None:
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            try:
+                self.put_file(key, data)
+                return
+            except Exception as exc:  # noqa: BLE001 - accepted data: keep trying, it is in the journal
+                log.error("could not write the blob file of a journaled instance (retrying): %s", exc,
+                          extra={"series_uid": event.series_uid, "sop_uid": event.sop_uid})
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _await(self, sent: list[tuple[JournalRecord, Event, Future[int]]]) -> bool:
+        delay = RETRY_FIRST_SECONDS
+        while sent:
+            failed = []
+            for record, event, future in sent:
+                try:
+                    future.result(self.publish_timeout + 1)
+                    self.published += 1
+                except Exception as exc:  # noqa: BLE001 - PublishError, timeout
+                    failed.append((record, event, exc))
+            if not failed:
+                return True
+            if self._stopping.is_set() and time.monotonic() >= self._give_up_at:
+                log.warning("stopping with %d journaled event(s) not yet stored by JetStream; the next "
+                            "start publishes them", len(failed))
+                return False
+            log.warning("%d journaled event(s) not stored by JetStream (%s); retrying in %.1f s",
+                        len(failed), failed[0][2], delay)
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+            self.publish_retries += len(failed)
+            sent = [(record, event, self.publish(event, self.publish_timeout)) for record, event, _ in failed]
+        return True
+
+    def _checkpoint(self, idle: bool) -> None:
+        if self.applied_seq <= self.journal.checkpointed:
+            return
+        if not idle and time.monotonic() - self._last_checkpoint < CHECKPOINT_SECONDS:
+            return
+        try:
+            if self.store is not None:
+                self.store.sync_filesystem()
+            self.journal.checkpoint(self.applied_seq)
+        except OSError as exc:
+            log.error("journal checkpoint failed (the records stay in the journal): %s", exc)
+        self._last_checkpoint = time.monotonic()

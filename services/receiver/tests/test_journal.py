@@ -1,0 +1,188 @@
+"""The receiver's write-ahead journal and its applier, in process (the receiver-level tests, with
+NATS stopped and kill -9, are in test_receiver.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from services.receiver.applier import JournalApplier
+from services.receiver.journal import HEADER, Journal, JournalError, JournalFull
+from shared.blobstore import LocalBlobStore
+from shared.events import Event, make_event
+
+SEGMENT = 64 * 1024
+
+
+def _journal(directory: Path, segments: int = 8) -> Journal:
+    journal = Journal(directory, segment_bytes=SEGMENT, max_bytes=segments * SEGMENT)
+    journal.open()
+    return journal
+
+
+def _reopen(directory: Path, segments: int = 8) -> tuple[Journal, list[tuple[int, bytes, bytes]]]:
+    journal = Journal(directory, segment_bytes=SEGMENT, max_bytes=segments * SEGMENT)
+    records = journal.open()
+    return journal, [(r.seq, r.meta, journal.read_data(r)) for r in records]
+
+
+def test_records_not_checkpointed_come_back_in_order(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    for n in range(5):
+        record = journal.append(b"meta%d" % n, bytes([n]) * (1000 + n))
+        assert record.durable and record.settled.is_set()
+    journal.checkpoint(2)
+    journal.close()
+    reopened, records = _reopen(tmp_path)
+    assert records == [(3, b"meta2", bytes([2]) * 1002), (4, b"meta3", bytes([3]) * 1003),
+                       (5, b"meta4", bytes([4]) * 1004)]
+    assert reopened.queue.qsize() == 3  # queued for the applier ahead of new work
+    assert reopened.append(b"new", b"x").seq == 6  # seqs keep increasing
+    reopened.close()
+
+
+def test_a_torn_last_record_ends_the_scan(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    journal.append(b"a", b"1" * 500)
+    last = journal.append(b"b", b"2" * 500)
+    journal.close()
+    (segment,) = sorted(tmp_path.glob("seg-*.wal"))
+    with open(segment, "r+b") as handle:  # a write that reached the disk only in part
+        handle.seek(last.offset + 100)
+        handle.write(b"\xff")
+    reopened, records = _reopen(tmp_path)
+    assert [(seq, meta) for seq, meta, _ in records] == [(1, b"a")]
+    reopened.close()
+
+
+def test_segments_are_reused_once_checkpointed_and_stale_records_stay_dead(tmp_path: Path) -> None:
+    journal = _journal(tmp_path, segments=3)
+    record_size = 20 * 1024
+    seqs = []
+    for n in range(40):  # 40 x 20 KB through 3 segments of 64 KB: only possible with reuse
+        seqs.append(journal.append(b"m", bytes([n % 251]) * record_size).seq)
+        if n % 2:
+            journal.checkpoint(seqs[-1])
+    assert len(list(tmp_path.glob("seg-*.wal"))) <= 3
+    journal.append(b"last", b"z" * 10)
+    journal.close()
+    reopened, records = _reopen(tmp_path, segments=3)
+    assert [(seq, meta) for seq, meta, _ in records] == [(41, b"last")]
+    reopened.close()
+
+
+def test_full_journal_refuses_and_recovers_after_a_checkpoint(tmp_path: Path) -> None:
+    journal = _journal(tmp_path, segments=2)
+    appended = [journal.append(b"m", b"x" * 30_000) for _ in range(4)]  # 2 per segment
+    with pytest.raises(JournalFull, match="journal is full"):
+        journal.append(b"m", b"x" * 30_000)
+    journal.checkpoint(appended[-1].seq)
+    assert journal.append(b"m", b"x" * 30_000).durable
+    with pytest.raises(JournalError, match="larger than a journal segment"):
+        journal.append(b"m", b"x" * SEGMENT)
+    journal.close()
+
+
+def test_concurrent_appends_are_all_durable_and_recovered(tmp_path: Path) -> None:
+    journal = _journal(tmp_path, segments=64)
+    results: list[int] = []
+
+    def sender(n: int) -> None:
+        for i in range(50):
+            results.append(journal.append(b"%d-%d" % (n, i), os.urandom(3000)).seq)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    journal.close()
+    reopened, records = _reopen(tmp_path, segments=64)
+    assert sorted(results) == [seq for seq, _, _ in records] == list(range(1, 201))
+    reopened.close()
+
+
+def test_one_process_per_journal(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    with pytest.raises(JournalError, match="in use by another process"):
+        Journal(tmp_path, segment_bytes=SEGMENT).open()
+    journal.close()
+    _journal(tmp_path).close()  # free again once closed
+
+
+def _event(n: int) -> Event:
+    return make_event("image.received", "receiver", {
+        "sop_class_uid": "1.2.3", "transfer_syntax_uid": "1.2.840.10008.1.2.1", "blob_key": f"instances/s/{n}.dcm",
+        "size": 4, "sha256": "0" * 64, "calling_aet": "A", "called_aet": "B", "peer_host": "127.0.0.1",
+        "peer_port": 1, "association_id": "x", "duplicate": "new", "tags": {}}, sop_uid=f"1.{n}")
+
+
+class FlakyPublisher:
+    """JetStream stand-in: refuses the first `failures` publishes, then stores events."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.stored: list[str] = []
+
+    def __call__(self, event: Event, timeout: float) -> Future[int]:
+        future: Future[int] = Future()
+        if self.failures > 0:
+            self.failures -= 1
+            future.set_exception(RuntimeError("no responders"))
+        else:
+            self.stored.append(event.event_id)
+            future.set_result(len(self.stored))
+        return future
+
+
+def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.receiver.applier.RETRY_FIRST_SECONDS", 0.01)
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    publisher = FlakyPublisher(failures=3)
+    applier = JournalApplier(journal, lambda key, data: store.put_sync(key, data) and None, publisher, store, 1.0)
+    events = [_event(n) for n in range(6)]
+    for n, event in enumerate(events):
+        applier.accept(event, f"instances/s/{n}.dcm", "sha", b"DATA" if n != 5 else None)  # 5: identical duplicate
+    assert applier.pending_sha256("instances/s/0.dcm") == "sha"
+    applier.start()
+    assert applier.wait_idle(10)
+    applier.stop()
+    assert sorted(publisher.stored) == sorted(e.event_id for e in events)  # each once, after retries
+    assert applier.publish_retries >= 3 and applier.pending_sha256("instances/s/0.dcm") is None
+    assert sorted(p.name for p in (tmp_path / "blobs" / "instances" / "s").iterdir()) == [f"{n}.dcm" for n in range(5)]
+    journal.close()
+    reopened, records = _reopen(tmp_path / "journal")
+    assert records == []  # all checkpointed
+    reopened.close()
+
+
+def test_applier_replays_what_a_dead_process_left(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    dead = JournalApplier(journal, lambda key, data: None, FlakyPublisher(0), store)  # never started
+    events = [_event(n) for n in range(3)]
+    for n, event in enumerate(events):
+        dead.accept(event, f"instances/s/{n}.dcm", "sha", b"D%d" % n)
+    journal.close()  # the process is gone; nothing was applied
+
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
+    assert len(journal.open()) == 3
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, lambda key, data: store.put_sync(key, data) and None, publisher, store)
+    applier.start()
+    assert applier.wait_idle(10)
+    applier.stop()
+    assert publisher.stored == [e.event_id for e in events]  # the recorded events, same ids, in order
+    assert store.get_sync("instances/s/2.dcm") == b"D2"
+    journal.close()
+
+
+def test_header_layout_is_stable() -> None:
+    # Records written by one version must be readable by the next: changing the header is a
+    # format change (new magic), not an edit.
+    assert HEADER.size == 24
