@@ -34,6 +34,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class JournalRecord:
     meta: bytes
     data_len: int
     data: bytes | None  # None: read it back from the segment (kept out of memory)
+    attachment: Any = None  # what the appending process knows about the record (not written)
     settled: threading.Event = field(default_factory=threading.Event)
     durable: bool = False  # set before `settled`; False: the sender was refused
 
@@ -193,7 +195,7 @@ class Journal:
 
     # ------------------------------------------------------------ appending
 
-    def append(self, meta: bytes, data: bytes) -> JournalRecord:
+    def append(self, meta: bytes, data: bytes, attachment: Any = None) -> JournalRecord:
         """Write a record and return once it is on disk; raises JournalError (JournalFull)."""
         size = HEADER.size + len(meta) + len(data)
         if size > self.segment_bytes:
@@ -223,7 +225,7 @@ class Journal:
             if keep:
                 self._held_bytes += len(data)
             record = JournalRecord(seq, segment, offset + HEADER.size + len(meta), meta, len(data),
-                                   data if keep else None)
+                                   data if keep else None, attachment)
             self.queue.put(record)
         try:
             self._sync(segment, record.offset + record.data_len)

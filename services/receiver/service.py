@@ -15,8 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from services.receiver.applier import JournalApplier
-from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter, Publisher
+from services.receiver.applier import JournalApplier, PublishBatch, PutFile
+from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
 from services.receiver.journal import Journal, JournalError, slot_directory
 from services.receiver.scp import StorageSCP
 from services.receiver.workers import RoutingServer, WorkerPool, worker_count
@@ -92,10 +92,10 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
     applier = None
     if settings.receiver_journal_max_kb > 0:
         slot = settings.receiver_journal_slot
-        applier = open_journal(settings, slot, writer, publisher.publish, publish_timeout)
+        applier = open_journal(settings, slot, writer, publisher.publish_batch, publish_timeout)
         if slot == "main":  # the supervisor (workers have w1, w2, ...)
             used = {slot, *(f"w{index}" for index in range(1, worker_count()))}
-            await asyncio.to_thread(adopt_orphan_journals, settings, used, writer, publisher.publish,
+            await asyncio.to_thread(adopt_orphan_journals, settings, used, writer, publisher.publish_batch,
                                     publish_timeout)
     # No retries: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
     ingest = Ingest(writer, publisher.publish, settings_item, publish_timeout=publish_timeout,
@@ -104,7 +104,7 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
                       use_fastpath=use_fastpath, on_conn_close=on_conn_close)
 
 
-def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: Publisher,
+def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: PublishBatch,
                  publish_timeout: float) -> JournalApplier:
     """The write-ahead journal of this process and its applier thread, started; records a previous
     process left unapplied are queued first (services/receiver/journal.py)."""
@@ -118,23 +118,23 @@ def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: Pub
     return applier
 
 
-def _file_putter(writer: BlobWriter) -> Callable[[str, bytes], None]:
+def _file_putter(writer: BlobWriter) -> PutFile:
     """How the applier writes a journaled instance's blob: on a local store without the fsyncs
     (its syncfs before each checkpoint covers them), and not again if it is already there (replay)."""
-    def put_local(key: str, data: bytes) -> None:
+    def put_local(key: str, data: bytes, replayed: bool) -> None:
         assert isinstance(writer, LocalBlobWriter)
         path = writer.store.path(key)
-        if writer.read_path(path) != data:
+        if not replayed or writer.read_path(path) != data:
             writer.put_visible(path, data).close()
 
-    def put_other(key: str, data: bytes) -> None:
-        if writer.read(key) != data:
+    def put_other(key: str, data: bytes, replayed: bool) -> None:
+        if not replayed or writer.read(key) != data:
             writer.put(key, data)
 
     return put_local if isinstance(writer, LocalBlobWriter) else put_other
 
 
-def adopt_orphan_journals(settings: Settings, used_slots: set[str], writer: BlobWriter, publish: Publisher,
+def adopt_orphan_journals(settings: Settings, used_slots: set[str], writer: BlobWriter, publish: PublishBatch,
                           publish_timeout: float, timeout: float = 60.0) -> None:
     """Apply the journals of receiver processes that no longer exist (fewer workers than before)."""
     root = slot_directory(settings.data_dir, "main").parent

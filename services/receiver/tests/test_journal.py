@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.receiver.applier import JournalApplier
+from services.receiver.applier import JournalApplier, PutFile
 from services.receiver.journal import HEADER, Journal, JournalError, JournalFull
 from shared.blobstore import LocalBlobStore
 from shared.events import Event, make_event
@@ -128,15 +128,24 @@ class FlakyPublisher:
         self.failures = failures
         self.stored: list[str] = []
 
-    def __call__(self, event: Event, timeout: float) -> Future[int]:
-        future: Future[int] = Future()
-        if self.failures > 0:
-            self.failures -= 1
-            future.set_exception(RuntimeError("no responders"))
-        else:
-            self.stored.append(event.event_id)
-            future.set_result(len(self.stored))
-        return future
+    def __call__(self, events: list[tuple[Event, bytes | None]], timeout: float) -> list[Future[int]]:
+        futures = []
+        for event, _ in events:
+            future: Future[int] = Future()
+            if self.failures > 0:
+                self.failures -= 1
+                future.set_exception(RuntimeError("no responders"))
+            else:
+                self.stored.append(event.event_id)
+                future.set_result(len(self.stored))
+            futures.append(future)
+        return futures
+
+
+def _put_into(store: LocalBlobStore) -> PutFile:
+    def put(key: str, data: bytes, replayed: bool) -> None:
+        store.put_sync(key, data)
+    return put
 
 
 def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,7 +153,7 @@ def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, 
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
     publisher = FlakyPublisher(failures=3)
-    applier = JournalApplier(journal, lambda key, data: store.put_sync(key, data) and None, publisher, store, 1.0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, 1.0)
     events = [_event(n) for n in range(6)]
     for n, event in enumerate(events):
         applier.accept(event, f"instances/s/{n}.dcm", "sha", b"DATA" if n != 5 else None)  # 5: identical duplicate
@@ -164,7 +173,7 @@ def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, 
 def test_applier_replays_what_a_dead_process_left(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data: None, FlakyPublisher(0), store)  # never started
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store)  # never started
     events = [_event(n) for n in range(3)]
     for n, event in enumerate(events):
         dead.accept(event, f"instances/s/{n}.dcm", "sha", b"D%d" % n)
@@ -173,7 +182,7 @@ def test_applier_replays_what_a_dead_process_left(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
     assert len(journal.open()) == 3
     publisher = FlakyPublisher(0)
-    applier = JournalApplier(journal, lambda key, data: store.put_sync(key, data) and None, publisher, store)
+    applier = JournalApplier(journal, _put_into(store), publisher, store)
     applier.start()
     assert applier.wait_idle(10)
     applier.stop()

@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -196,7 +195,7 @@ async def test_journaled_instances_survive_kill_9(nats_url: str, bus: Bus, nats_
         assert sorted(e.sop_uid or "" for e in received) == sorted(_uids(p)[0] for p in series5.iterdir())
         stored = {uid: pixels for uid, pixels in map(_uids, blob_files(data_dir))}
         assert stored == {uid: pixels for uid, pixels in map(_uids, series5.iterdir())}
-        assert "not yet applied" in restarted.log_path.read_text()
+        assert "not yet applied" in restarted.log_text()
     finally:
         restarted.stop()
 
