@@ -53,6 +53,9 @@ class JournalApplier:
         self.applied_seq = journal.checkpointed
         self.published = 0
         self.publish_retries = 0
+        # Set while blob writes fail (disk full, store unreachable): the receiver then refuses new
+        # instances, as it would without the journal, instead of filling the journal behind it.
+        self.blob_error: str | None = None
         self._pending: dict[str, tuple[str, int]] = {}  # blob key -> (sha256 of latest, records to write)
         self._pending_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -177,8 +180,10 @@ class JournalApplier:
         while True:
             try:
                 self.put_file(key, data, replayed)
+                self.blob_error = None
                 return
             except Exception as exc:  # noqa: BLE001 - accepted data: keep trying, it is in the journal
+                self.blob_error = str(exc)
                 log.error("could not write the blob file of a journaled instance (retrying): %s", exc,
                           extra={"series_uid": event.series_uid, "sop_uid": event.sop_uid})
                 time.sleep(delay)

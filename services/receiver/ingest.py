@@ -254,6 +254,8 @@ class Ingest:
         """Success once instance and event are in the journal (fsynced); the applier does the rest."""
         assert self.journal is not None
         timer = assoc.timer
+        if self.journal.blob_error is not None:
+            return self._reject(assoc, f"blob store write failed: {self.journal.blob_error}", tags.sop_uid, tags)
         duplicate = self._journaled_duplicate(key, data, sha256)
         event = self._received_event(assoc, tags, key, data, sha256, context_ts, duplicate)
         if timer:

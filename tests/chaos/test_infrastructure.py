@@ -74,14 +74,14 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
         running = storescu_background(cad.dicom_port, files, tmp_path / "storescu.log")
         wait_for(lambda: cad.stored_instance_count() >= 40, 60, "40 instances stored", cad.logs, interval=0.05)
         os.kill(nats_pid, signal.SIGKILL)
-        # Longer than the receiver's publish timeout (5 s): some C-STOREs must get 0xA700.
+        # Longer than the receiver's publish timeout (5 s). The instances are small, so the
+        # receiver's journal accepts them through the outage; their events follow once NATS is back.
         time.sleep(8)
         # The same server again: same port, same JetStream store directory.
         replacement = EmbeddedNats(cad.data / "nats", port=cad.nats_port,
                                    log_file=cad.data / "logs" / "nats-restarted.log").start()
         first = running.finish()
-        assert len(first.accepted) >= 35, first.output[-2000:]
-        assert first.failed, "the outage should have cost some C-STOREs a 0xA700"
+        assert len(first.accepted) == 150 and not first.failed, first.output[-2000:]
 
         cad.wait_healthy(timeout=90)
         assert cad.process is not None and cad.process.poll() is None, "caduceus up died with NATS"
@@ -98,7 +98,7 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
         wait_audit_complete(cad, timeout=90)
         crashed = [e.payload["service"] for e in cad.events("service.crashed")]
         delivered = storescp_deliveries(dest.files())
-        print(f"RESULT nats restart: storescu accepted {len(first.accepted)}/150 in the broken association, "
+        print(f"RESULT nats restart: storescu accepted {len(first.accepted)}/150 in the association, "
               f"resent {len(first.failed)}; deliveries {sum(delivered.values())} for {len(delivered)} instances; "
               f"services crashed: {crashed}")
     finally:
@@ -206,12 +206,18 @@ def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: P
         rejected = cad.wait_events("image.rejected", lambda found: len(found) >= 5, 30)
         assert all("free space" in e.payload["reason"] and e.payload["status"] == 0xA700 for e in rejected)
 
-        # No floor, and the disk really full: the write fails, still 0xA700, never success.
+        # No floor, and the disk really full: the blob write fails, so 0xA700. (The first instance
+        # is accepted all the same: its journal record was durable before its file write failed in
+        # the journal applier, and it stays in the journal until the file can be written.)
         cad.apply_config(_route_all(storescp.port, storescp.aet, min_free_space_mb=0))
         time.sleep(1.5)
         _fill(blobs / "filler-2", leave_bytes=0)
-        full = storescu(cad.dicom_port, files[10:], extra=["-nh"])
-        assert not full.accepted, full.output
+        first_full = storescu(cad.dicom_port, files[10:11])
+        receiver_log = cad.data / "logs" / "receiver.log"
+        wait_for(lambda: "No space left" in receiver_log.read_text(errors="replace"), 30, "the failed blob write",
+                 cad.logs)
+        full = storescu(cad.dicom_port, files[11:], extra=["-nh"])
+        assert not full.accepted and len(full.failed) == 4, full.output
         cad.wait_events("image.rejected", lambda found: any("write failed" in e.payload["reason"] for e in found),
                         30)
         assert pid_alive(cad.pid("receiver"))
@@ -219,7 +225,8 @@ def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: P
         # Space returns: the sender's retries are accepted and everything is delivered.
         (blobs / "filler-1").unlink()
         (blobs / "filler-2").unlink()
-        accepted = ok.accepted | _resend_until_accepted(cad, files, floor.failed | full.failed)
+        accepted = ok.accepted | first_full.accepted | _resend_until_accepted(
+            cad, files, floor.failed | first_full.failed | full.failed)
         storescp.wait_for(15, timeout=90)
         assert storescp.sop_uids() == accepted
         assert not cad.events("image.quarantined")
