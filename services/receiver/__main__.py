@@ -8,11 +8,12 @@ from services.receiver.workers import channel_fd, run_worker
 from shared.runtime import run_service
 
 if __name__ == "__main__":
-    # Measurement knob: how long a thread waiting for the GIL (the blob staging thread, the DUL
-    # thread) waits at most while another runs Python (Python's default: 5 ms). 0.5 ms showed no
-    # gain beyond the noise on the shared test machine (docs/performance.md), so it is not set.
-    if os.environ.get("CADUCEUS_RECEIVER_SWITCH_INTERVAL"):
-        sys.setswitchinterval(float(os.environ["CADUCEUS_RECEIVER_SWITCH_INTERVAL"]))
+    # How long a thread waiting for the GIL waits at most while another runs Python (Python's
+    # default: 5 ms). The association thread comes back from its journal fdatasync, or has the next
+    # request to read, while the journal applier or the NATS loop holds the GIL: with 5 ms it waits
+    # in a convoy. 0.5 ms: MR ingest 2.3-2.7 s instead of 3.3-3.9 s for 2000 images, CT not slower
+    # (docs/performance.md, session 5).
+    sys.setswitchinterval(float(os.environ.get("CADUCEUS_RECEIVER_SWITCH_INTERVAL", "0.0005")))
     fd = channel_fd()
     if fd is not None:
         run_worker(fd)  # one of the supervisor's worker processes (services/receiver/workers.py)
