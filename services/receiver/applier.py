@@ -101,13 +101,19 @@ class JournalApplier:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Apply what is queued (giving up after `grace` s if JetStream does not answer; the journal
-        keeps the rest for the next start), checkpoint, stop."""
+    def stop(self, grace: float = 10.0) -> bool:
+        """Apply what is queued (giving up after `grace` s if JetStream does not answer or blob
+        writes fail; the journal keeps the rest for the next start), checkpoint, stop.
+
+        Returns False if the thread is still running (then the journal must stay open)."""
         self._give_up_at = time.monotonic() + grace
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(grace + self.publish_timeout + 5)
+        return not self._thread.is_alive()
+
+    def _giving_up(self) -> bool:
+        return self._stopping.is_set() and time.monotonic() >= self._give_up_at
 
     def wait_idle(self, timeout: float) -> bool:
         """True once everything journaled so far is applied and checkpointed (tests, replay)."""
@@ -166,7 +172,8 @@ class JournalApplier:
             event, event_json = (Event.from_json(record.meta[1:]), None) if replayed else record.attachment
             if record.meta[:1] == WRITE:
                 key = str(event.payload["blob_key"])
-                self._write_file(key, self.journal.read_data(record), replayed, event)
+                if not self._write_file(key, self.journal.read_data(record), replayed, event):
+                    return False
                 self._written(key)
             self.journal.release(record)
             applied.append((event, event_json))
@@ -175,17 +182,20 @@ class JournalApplier:
             self.applied_seq = max(self.applied_seq, batch[-1].seq)
         return done
 
-    def _write_file(self, key: str, data: bytes, replayed: bool, event: Event) -> None:
+    def _write_file(self, key: str, data: bytes, replayed: bool, event: Event) -> bool:
+        """Until the file is written (True), or stopping past the grace period (False)."""
         delay = RETRY_FIRST_SECONDS
         while True:
             try:
                 self.put_file(key, data, replayed)
                 self.blob_error = None
-                return
+                return True
             except Exception as exc:  # noqa: BLE001 - accepted data: keep trying, it is in the journal
                 self.blob_error = str(exc)
                 log.error("could not write the blob file of a journaled instance (retrying): %s", exc,
                           extra={"series_uid": event.series_uid, "sop_uid": event.sop_uid})
+                if self._giving_up():
+                    return False
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
 
@@ -203,7 +213,7 @@ class JournalApplier:
                     failed.append((item, exc))
             if not failed:
                 return True
-            if self._stopping.is_set() and time.monotonic() >= self._give_up_at:
+            if self._giving_up():
                 log.warning("stopping with %d journaled event(s) not yet stored by JetStream; the next "
                             "start publishes them", len(failed))
                 return False

@@ -117,7 +117,8 @@ class Journal:
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = -1
-            raise JournalError(f"journal {self.directory} is in use by another process") from None
+            raise JournalError(f"journal {self.directory} is in use by another process (receivers sharing a "
+                               "data dir need their own CADUCEUS_RECEIVER_JOURNAL_SLOT)") from None
         self._checkpointed = self._open_checkpoint()
         for leftover in self.directory.glob("seg-*.new"):  # a creation cut short
             leftover.unlink()

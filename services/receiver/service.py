@@ -147,9 +147,10 @@ def adopt_orphan_journals(settings: Settings, used_slots: set[str], writer: Blob
             log.warning("journal %s not adopted: %s", directory, exc)
             continue
         done = applier.wait_idle(timeout)
-        applier.stop()
-        applier.journal.close()
-        if done:
+        stopped = applier.stop()
+        if stopped:
+            applier.journal.close()
+        if done and stopped:
             shutil.rmtree(directory, ignore_errors=True)
             log.info("applied and removed the journal of a former receiver process: %s", directory)
         else:
@@ -167,9 +168,8 @@ def drain_associations(scp: StorageSCP, grace: float = 15.0) -> None:
             time.sleep(0.1)
         scp.stop()
     applier = scp.ingest.journal
-    if applier is not None:
-        applier.stop()
-        applier.journal.close()
+    if applier is not None and applier.stop():
+        applier.journal.close()  # (a thread still running keeps it open; the process exits anyway)
 
 
 class ReceiverService(Service):
@@ -219,6 +219,8 @@ class ReceiverService(Service):
             details.update(self.scp.admission_counts())
         if self.pool is not None:
             details.update(self.pool.details())
+        if self.scp is not None and self.scp.ingest.journal is not None:
+            details.update(self.scp.ingest.journal.details())
         return details
 
 

@@ -18,8 +18,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from bench.common import STORESCU, Peer, echoscu, make_series, nodelay_env, start_receiver, storescu
+from services.receiver.applier import JournalApplier
+from services.receiver.journal import Journal, slot_directory
 from services.receiver.tests.helpers import apply_settings, blob_files, read_events, wait_events
 from shared.bus import Bus
+from shared.events import make_event
 from shared.natsserver import EmbeddedNats
 
 OUT_OF_RESOURCES = re.compile(r"(?i)out ?of ?resources|a700")
@@ -305,3 +308,32 @@ def _acknowledged_files(output: str) -> list[Path]:
             acknowledged.append(current)
             current = None
     return acknowledged
+
+
+async def test_journal_of_a_former_worker_is_applied_and_removed(nats_url: str, bus: Bus, data_dir: Path,
+                                                                 tmp_path: Path, series5: Path) -> None:
+    # A worker slot (w3) left by a receiver that ran with more worker processes than now.
+    path = sorted(series5.iterdir())[0]
+    sop_uid, _ = _uids(path)
+    journal = Journal(slot_directory(data_dir, "w3"), segment_bytes=16 * 1024 * 1024,
+                      max_bytes=64 * 1024 * 1024)
+    journal.open()
+    key = f"instances/orphan/{sop_uid}.dcm"
+    event = make_event("image.received", "receiver", {
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "blob_key": key, "size": path.stat().st_size, "sha256": "0" * 64, "calling_aet": "GONE",
+        "called_aet": "CADUCEUS", "peer_host": "127.0.0.1", "peer_port": 1, "association_id": "orphan",
+        "duplicate": "new", "tags": {}}, sop_uid=sop_uid)
+    never_started = JournalApplier(journal, lambda key, data, replayed: None, lambda events, timeout: [], None)
+    never_started.accept(event, key, "0" * 64, path.read_bytes())
+    journal.close()
+
+    receiver = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log")
+    try:
+        (received,) = await wait_events(bus, "image.received", 1, timeout=30)
+        assert received.event_id == event.event_id and received.payload["calling_aet"] == "GONE"
+        assert (data_dir / "blobs" / key).read_bytes() == path.read_bytes()
+        assert not slot_directory(data_dir, "w3").exists()
+        assert slot_directory(data_dir, "main").is_dir()
+    finally:
+        receiver.stop()
