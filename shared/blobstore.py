@@ -41,6 +41,15 @@ class BlobNotFound(BlobError):
     pass
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make the entries of `directory` (a new file, a rename) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def safe_segment(value: str) -> str:
     if _SAFE_SEGMENT.match(value) and value not in (".", ".."):
         return value
@@ -117,11 +126,7 @@ class LocalBlobStore:
 
     def sync_dir(self, key: str) -> None:
         """fsync the directory holding `key`, making its rename durable."""
-        fd = os.open(self.path(key).parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.path(key).parent)
 
     async def put(self, key: str, data: bytes) -> BlobInfo:
         return self.put_sync(key, data)

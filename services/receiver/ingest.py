@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import JournalError
 from services.receiver.timing import PhaseTimer
-from shared.blobstore import BlobInfo, LocalBlobStore, blob_key
+from shared.blobstore import BlobInfo, LocalBlobStore, blob_key, fsync_directory
 from shared.config.model import SettingsItem
 from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
 from shared.events import Event, ImageQuarantined, ImageReceived, ImageRejected, make_event
@@ -94,7 +94,7 @@ class LocalBlobWriter:
         if self.sync_dirs:
             # The rename lives in the file's directory; a new directory lives in its parent.
             for directory in {path.parent, *(d.parent for d in created)}:
-                _fsync_dir(directory)
+                fsync_directory(directory)
         return info
 
     def read(self, key: str) -> bytes | None:
@@ -159,7 +159,7 @@ class UnsyncedWrite:
         finally:
             os.close(fd)
         for directory in self.directories:
-            _fsync_dir(directory)
+            fsync_directory(directory)
 
     def close(self) -> None:
         fd, self.fd = self.fd, None
@@ -175,12 +175,6 @@ def _missing_parents(directory: Path, root: Path) -> list[Path]:
     return missing
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ingest:

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.blobstore import fsync_directory
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"CDJ1"
@@ -156,7 +158,7 @@ class Journal:
         if created:
             os.pwrite(self._checkpoint_fd, bytes(2 * CHECKPOINT_SLOT), 0)
             os.fsync(self._checkpoint_fd)
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         raw = os.pread(self._checkpoint_fd, 2 * CHECKPOINT_SLOT, 0)
         best = 0
         for slot in range(2):
@@ -304,7 +306,7 @@ class Journal:
                 os.pwrite(fd, zeros[:min(ZERO_CHUNK, self.segment_bytes - offset)], offset)
             os.fsync(fd)
             os.replace(tmp, path)
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -366,11 +368,3 @@ def slot_directory(data_dir: Path, slot: str) -> Path:
 
 def _segment_number(path: Path) -> int:
     return int(path.stem.split("-", 1)[1])
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
