@@ -175,8 +175,6 @@ def _missing_parents(directory: Path, root: Path) -> list[Path]:
     return missing
 
 
-
-
 class Ingest:
     def __init__(self, writer: BlobWriter, publish: Publisher, settings: Callable[[], SettingsItem],
                  publish_timeout: float = 5.0, journal: JournalApplier | None = None,
