@@ -137,6 +137,8 @@ class Journal:
                 segment.last_seq = records[-1].seq
                 self._in_use.append(segment)
                 pending.extend(unapplied)
+            elif segment.size != self.segment_bytes:  # the configured size changed: not reused
+                self._drop_segment(segment)
             else:
                 self._free.append(segment)
         pending.sort(key=lambda r: r.seq)
@@ -176,6 +178,12 @@ class Journal:
         self._segment_count += 1
         self._last_number = max(self._last_number, segment.number)
         return segment
+
+    def _drop_segment(self, segment: Segment) -> None:
+        os.close(segment.fd)
+        segment.path.unlink()
+        self._segments.remove(segment)
+        self._segment_count -= 1
 
     def _scan(self, segment: Segment) -> list[JournalRecord]:
         """The valid chain of records from offset 0 (see the module docstring)."""

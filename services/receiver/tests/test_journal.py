@@ -106,6 +106,20 @@ def test_concurrent_appends_are_all_durable_and_recovered(tmp_path: Path) -> Non
     reopened.close()
 
 
+def test_segments_of_another_size_are_dropped_once_applied(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    journal.append(b"kept", b"x" * 100)
+    journal.close()
+    bigger = Journal(tmp_path, segment_bytes=2 * SEGMENT, max_bytes=8 * SEGMENT)
+    (record,) = bigger.open()  # the old segment still holds an unapplied record: kept
+    bigger.checkpoint(record.seq)
+    bigger.close()
+    again = Journal(tmp_path, segment_bytes=2 * SEGMENT, max_bytes=8 * SEGMENT)
+    assert again.open() == []
+    assert {p.stat().st_size for p in tmp_path.glob("seg-*.wal")} == {2 * SEGMENT}
+    again.close()
+
+
 def test_one_process_per_journal(tmp_path: Path) -> None:
     journal = _journal(tmp_path)
     with pytest.raises(JournalError, match="in use by another process"):
