@@ -203,7 +203,7 @@ class JournalApplier:
         """Until JetStream stored every one (True), or stopping past the grace period (False)."""
         delay = RETRY_FIRST_SECONDS
         while events:
-            futures = self.publish_batch(events, self.publish_timeout) if events else []
+            futures = self.publish_batch(events, self.publish_timeout)
             failed = []
             for item, future in zip(events, futures, strict=True):
                 try:

@@ -268,10 +268,7 @@ class Ingest:
         pending = self.journal.pending_sha256(key) if self.journal is not None else None
         if pending is not None:  # a copy is in the journal, its file not yet written
             return "identical" if pending == sha256 else "replaced"
-        if isinstance(self.writer, LocalBlobWriter):
-            existing = self.writer.read_path(self.writer.store.path(key))
-        else:
-            existing = self.writer.read(key)
+        existing = self.writer.read(key)
         if existing is None:
             return "new"
         return "identical" if existing == data else "replaced"

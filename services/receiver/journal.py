@@ -80,6 +80,16 @@ class JournalRecord:
     durable: bool = False  # set before `settled`; False: the sender was refused
 
 
+@dataclass(eq=False)
+class Chain:
+    """What a segment's scan found: its first and last seq (0: none) and the records not yet
+    checkpointed."""
+
+    first: int = 0
+    last: int = 0
+    unapplied: list[JournalRecord] = field(default_factory=list)
+
+
 class Journal:
     def __init__(self, directory: Path, segment_bytes: int = 32 * 1024 * 1024,
                  max_bytes: int = 1024 * 1024 * 1024, memory_bytes: int = 64 * 1024 * 1024) -> None:
@@ -124,19 +134,17 @@ class Journal:
         self._checkpointed = self._open_checkpoint()
         for leftover in self.directory.glob("seg-*.new"):  # a creation cut short
             leftover.unlink()
-        found: list[tuple[Segment, list[JournalRecord]]] = []
+        chains: list[tuple[Segment, Chain]] = []
         for path in sorted(self.directory.glob("seg-*.wal"), key=_segment_number):
             segment = self._open_segment(path)
-            found.append((segment, self._scan(segment)))
-        highest = max([self._checkpointed] + [r[-1].seq for _, r in found if r])
-        self._next_seq = highest + 1
+            chains.append((segment, self._scan(segment)))
+        self._next_seq = max([self._checkpointed] + [chain.last for _, chain in chains]) + 1
         pending: list[JournalRecord] = []
-        for segment, records in sorted(found, key=lambda item: item[1][0].seq if item[1] else 0):
-            unapplied = [r for r in records if r.seq > self._checkpointed]
-            if unapplied:
-                segment.last_seq = records[-1].seq
+        for segment, chain in sorted(chains, key=lambda item: item[1].first):
+            if chain.unapplied:
+                segment.last_seq = chain.last
                 self._in_use.append(segment)
-                pending.extend(unapplied)
+                pending.extend(chain.unapplied)
             elif segment.size != self.segment_bytes:  # the configured size changed: not reused
                 self._drop_segment(segment)
             else:
@@ -185,24 +193,26 @@ class Journal:
         self._segments.remove(segment)
         self._segment_count -= 1
 
-    def _scan(self, segment: Segment) -> list[JournalRecord]:
-        """The valid chain of records from offset 0 (see the module docstring)."""
-        records: list[JournalRecord] = []
+    def _scan(self, segment: Segment) -> Chain:
+        """The valid chain of records from offset 0 (see the module docstring). Records up to the
+        checkpoint are only counted: neither read nor kept."""
+        chain = Chain()
         offset = 0
         while offset + HEADER.size <= segment.size:
             magic, crc, seq, meta_len, data_len = HEADER.unpack(os.pread(segment.fd, HEADER.size, offset))
             end = offset + HEADER.size + meta_len + data_len
-            if magic != MAGIC or end > segment.size or (records and seq != records[-1].seq + 1):
+            if magic != MAGIC or end > segment.size or (chain.last and seq != chain.last + 1):
                 break
-            meta = b""
-            if seq > self._checkpointed:  # applied records are only counted, not read
+            if seq > self._checkpointed:
                 body = os.pread(segment.fd, meta_len + data_len, offset + HEADER.size)
                 if zlib.crc32(FIELDS.pack(seq, meta_len, data_len), zlib.crc32(body)) != crc:
                     break
-                meta = body[:meta_len]
-            records.append(JournalRecord(seq, segment, offset + HEADER.size + meta_len, meta, data_len, None))
+                chain.unapplied.append(JournalRecord(seq, segment, offset + HEADER.size + meta_len,
+                                                     body[:meta_len], data_len, None))
+            chain.first = chain.first or seq
+            chain.last = seq
             offset = end
-        return records
+        return chain
 
     # ------------------------------------------------------------ appending
 
