@@ -53,11 +53,13 @@ async def test_parallel_senders_are_spread_over_the_processes(two_process_receiv
                                                               tmp_path: Path) -> None:
     peer = two_process_receiver
     _wait_log(peer, "receiver worker ready")
-    folders = [make_series(tmp_path / f"s{i}", 5, size=64) for i in range(4)]
+    # Enough images that the four associations are open at the same time: journaled small images
+    # are answered so fast that associations of 5 could end before the next sender connects.
+    folders = [make_series(tmp_path / f"s{i}", 60, size=64) for i in range(4)]
     results = await asyncio.gather(*(asyncio.to_thread(storescu, peer.port, f) for f in folders))
     assert all(r.returncode == 0 for r in results), [r.output[-1000:] for r in results]
-    events = await wait_events(bus, "image.received", 20)
-    assert len({e.sop_uid for e in events}) == 20
+    events = await wait_events(bus, "image.received", 240)
+    assert len({e.sop_uid for e in events}) == 240
     log = _wait_log(peer, "association timing", 4)
     pids = re.findall(r'"association timing \(ms per image\)".*?"pid": (\d+)', log)
     assert len(set(pids)) == 2, log[-3000:]  # both processes served associations
