@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
-from services.receiver.applier import JournalApplier, PutFile
+from services.receiver.applier import GATHER_MAX_SECONDS, JournalApplier, PutFile
 from services.receiver.journal import HEADER, Journal, JournalError, JournalFull
 from shared.blobstore import LocalBlobStore
 from shared.events import Event, make_event
@@ -209,3 +210,31 @@ def test_header_layout_is_stable() -> None:
     # Records written by one version must be readable by the next: changing the header is a
     # format change (new magic), not an edit.
     assert HEADER.size == 24
+
+
+def test_applier_batches_a_stream_and_applies_as_soon_as_it_pauses(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal", segments=64)
+    batches: list[int] = []
+
+    def publish(events: list[tuple[Event, bytes | None]], timeout: float) -> list[Future[int]]:
+        batches.append(len(events))
+        return FlakyPublisher(0)(events, timeout)
+
+    applier = JournalApplier(journal, _put_into(store), publish, store)
+    applier.start()
+    # A continuous stream (an instance every 2 ms for ~0.4 s): applied in a few large batches.
+    for n in range(200):
+        applier.accept(_event(n), f"instances/s/{n}.dcm", "sha", b"D")
+        time.sleep(0.002)
+    assert applier.wait_idle(10)
+    assert sum(batches) == 200 and len(batches) <= 20, batches  # a fixed 10 ms gather: ~40
+    # A lone instance after the stream: out within a few idle periods, not after the longest gather.
+    batches.clear()
+    start = time.monotonic()
+    applier.accept(_event(999), "instances/s/999.dcm", "sha", b"D")
+    while not batches and time.monotonic() - start < 5:
+        time.sleep(0.001)
+    assert batches == [1] and time.monotonic() - start < GATHER_MAX_SECONDS / 2
+    applier.stop()
+    journal.close()
