@@ -167,6 +167,11 @@ class BackgroundStore:
         accepted, failed, statuses = parse_storescu(output, self.files)
         return StoreResult(self.process.returncode, output, accepted, failed, statuses)
 
+    def successes_so_far(self) -> int:
+        """Success responses storescu has logged so far (it logs each as it arrives). The sender's
+        view is the one to wait on: a journaled instance's blob file and event come later."""
+        return self.log.read_text(errors="replace").count("Received Store Response (Success)")
+
 
 def storescu_background(port: int, files: list[Path], log: Path, *, aet: str = "CADUCEUS",
                         calling: str = "MODALITY") -> BackgroundStore:
@@ -393,11 +398,6 @@ class Caduceus:
     @property
     def blob_root(self) -> Path:
         return self.data / "blobs"
-
-    def stored_instance_count(self) -> int:
-        """Image files in the blob store (cheaper than reading events while data flows)."""
-        root = self.blob_root / "instances"
-        return sum(1 for _ in root.rglob("*.dcm")) if root.exists() else 0
 
     def database_url(self) -> str:
         return self.env_extra.get("CADUCEUS_DATABASE_URL") or f"sqlite:///{self.data / 'bookkeeper.sqlite'}"

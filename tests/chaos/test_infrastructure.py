@@ -68,11 +68,11 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
     dest = storescp_factory(extra_args=["+uf"])
     cad = caduceus_factory(config=_route_all(dest.port, dest.aet))
     nats_pid = int(cad.state()["nats_pid"])
-    files = make_series(tmp_path / "in", 150, size=64)
+    files = make_series(tmp_path / "in", 400, size=64)
     replacement: EmbeddedNats | None = None
     try:
         running = storescu_background(cad.dicom_port, files, tmp_path / "storescu.log")
-        wait_for(lambda: cad.stored_instance_count() >= 40, 60, "40 instances stored", cad.logs, interval=0.05)
+        wait_for(lambda: running.successes_so_far() >= 40, 60, "40 instances acknowledged", cad.logs, interval=0.02)
         os.kill(nats_pid, signal.SIGKILL)
         # Longer than the receiver's publish timeout (5 s). The instances are small, so the
         # receiver's journal accepts them through the outage; their events follow once NATS is back.
@@ -81,13 +81,13 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
         replacement = EmbeddedNats(cad.data / "nats", port=cad.nats_port,
                                    log_file=cad.data / "logs" / "nats-restarted.log").start()
         first = running.finish()
-        assert len(first.accepted) == 150 and not first.failed, first.output[-2000:]
+        assert len(first.accepted) == 400 and not first.failed, first.output[-2000:]
 
         cad.wait_healthy(timeout=90)
         assert cad.process is not None and cad.process.poll() is None, "caduceus up died with NATS"
         accepted = first.accepted | _resend_until_accepted(cad, files, first.failed)
 
-        wait_for(lambda: set(storescp_deliveries(dest.files())) >= accepted, 120, "all 150 at storescp",
+        wait_for(lambda: set(storescp_deliveries(dest.files())) >= accepted, 120, "all 400 at storescp",
                  cad.logs)
         wait_for(lambda: _all_tasks_done(cad), 60, "every dispatch task completed", cad.logs)
         assert_ledger(accepted, storescp_deliveries(dest.files()), resent=first.failed)
@@ -98,7 +98,7 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
         wait_audit_complete(cad, timeout=90)
         crashed = [e.payload["service"] for e in cad.events("service.crashed")]
         delivered = storescp_deliveries(dest.files())
-        print(f"RESULT nats restart: storescu accepted {len(first.accepted)}/150 in the association, "
+        print(f"RESULT nats restart: storescu accepted {len(first.accepted)}/400 in the association, "
               f"resent {len(first.failed)}; deliveries {sum(delivered.values())} for {len(delivered)} instances; "
               f"services crashed: {crashed}")
     finally:

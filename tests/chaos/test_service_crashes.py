@@ -52,7 +52,7 @@ def test_receiver_killed_during_association(tmp_path: Path, caduceus_factory: Ca
     files = make_series(tmp_path / "in", 300, size=128)
 
     running = storescu_background(cad.dicom_port, files, tmp_path / "storescu-1.log")
-    wait_for(lambda: cad.stored_instance_count() >= 60, 60, "60 instances stored", cad.logs, interval=0.05)
+    wait_for(lambda: running.successes_so_far() >= 60, 60, "60 instances acknowledged", cad.logs, interval=0.02)
     new_pid = cad.kill9("receiver")
     first = running.finish()
     assert first.returncode != 0, "storescu should have seen the association break"
