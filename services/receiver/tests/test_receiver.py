@@ -6,9 +6,6 @@ import asyncio
 import os
 import re
 import shutil
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pydicom
@@ -18,13 +15,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from bench.common import STORESCU, Peer, echoscu, make_series, nodelay_env, start_receiver, storescu
+from bench.common import Peer, echoscu, make_series, start_receiver, storescu
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import Journal, slot_directory
 from services.receiver.tests.helpers import apply_settings, blob_files, read_events, wait_events
 from shared.bus import Bus
 from shared.events import make_event
 from shared.natsserver import EmbeddedNats
+from tests.harness import storescu_background, wait_for
 
 OUT_OF_RESOURCES = re.compile(r"(?i)out ?of ?resources|a700")
 
@@ -268,60 +266,25 @@ async def test_kill_9_mid_association_keeps_every_acknowledged_instance(
         nats_url: str, bus: Bus, tmp_path: Path, data_dir: Path, journal_max_kb: str) -> None:
     env = {"CADUCEUS_RECEIVER_JOURNAL_MAX_KB": journal_max_kb}
     receiver = start_receiver(nats_url, data_dir, env=env, log_path=tmp_path / "receiver-1.log")
-    folder = make_series(tmp_path / "big", 300, size=256)  # 128 KB instances
-    sender = subprocess.Popen([STORESCU, "-v", "-aet", "BENCH", "-aec", "CADUCEUS", "+sd", "127.0.0.1",
-                               str(receiver.port), str(folder)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=nodelay_env())
-    lines: list[str] = []
-    reader = threading.Thread(target=_collect_lines, args=(sender, lines), daemon=True)
-    reader.start()
+    files = sorted(make_series(tmp_path / "big", 300, size=256).glob("*.dcm"))  # 128 KB instances
+    running = storescu_background(receiver.port, files, tmp_path / "storescu.log")
     # The sender's own log says when it got its first successes (blob files of journaled instances
     # appear only once the journal applier gets to them).
-    await _wait_for_acknowledged(lines, 10)
+    await asyncio.to_thread(wait_for, lambda: running.successes_so_far() >= 10, 30, "10 successes", None, 0.005)
     receiver.kill()
-    await asyncio.to_thread(sender.wait, 60)
-    await asyncio.to_thread(reader.join, 10)
-    output = "".join(lines)
-    acknowledged = _acknowledged_files(output)
-    assert 0 < len(acknowledged) < 300, output[-2000:]
+    sent = await asyncio.to_thread(running.finish, 60)
+    assert 0 < len(sent.accepted) < 300, sent.output[-2000:]
     # The supervisor would start it again: a journaled instance's file and event may come only then.
     restarted = start_receiver(nats_url, data_dir, env=env, log_path=tmp_path / "receiver-2.log")
     try:
-        events = await wait_events(bus, "image.received", len(acknowledged), timeout=30)
+        events = await wait_events(bus, "image.received", len(sent.accepted), timeout=30)
     finally:
         restarted.stop()
     received = {e.sop_uid: e for e in events}
-    for path in acknowledged:
-        sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        assert sop_uid in received, f"acknowledged {path.name} has no image.received event"
+    for sop_uid in sent.accepted:
+        assert sop_uid in received, f"acknowledged {sop_uid} has no image.received event"
         blob = data_dir / "blobs" / received[sop_uid].payload["blob_key"]
         assert blob.is_file() and blob.stat().st_size == received[sop_uid].payload["size"]
-
-
-def _collect_lines(process: subprocess.Popen[str], lines: list[str]) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        lines.append(line)
-
-
-async def _wait_for_acknowledged(lines: list[str], count: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while sum("Received Store Response (Success)" in line for line in list(lines)) < count:
-        assert time.monotonic() < deadline, "no successful C-STORE from the sender:\n" + "".join(lines)[-2000:]
-        await asyncio.sleep(0.005)
-
-
-def _acknowledged_files(output: str) -> list[Path]:
-    """Files for which storescu logged a successful C-STORE response."""
-    acknowledged, current = [], None
-    for line in output.splitlines():
-        sending = re.search(r"Sending file: (.+)$", line)
-        if sending:
-            current = Path(sending.group(1).strip())
-        elif "Received Store Response (Success)" in line and current is not None:
-            acknowledged.append(current)
-            current = None
-    return acknowledged
 
 
 async def test_journal_of_a_former_worker_is_applied_and_removed(nats_url: str, bus: Bus, data_dir: Path,
