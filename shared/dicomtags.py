@@ -282,6 +282,9 @@ _IMPLICIT = struct.Struct("<HHI")
 _U32 = struct.Struct("<I")
 _VALID_VRS = frozenset(vr.encode() for vr in STANDARD_VR)
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+# Raw explicit VR -> its name, for the VRs with a 2-byte length and those with a 4-byte one.
+_SHORT_HEADER_VRS = {vr: vr.decode() for vr in _VALID_VRS - _LONG_VRS}
+_LONG_HEADER_VR_NAMES = {vr: vr.decode() for vr in _VALID_VRS & _LONG_VRS}
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where pydicom's stop_before_pixels stops
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -387,8 +390,10 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
     numbers = _wanted_numbers(tuple(wanted))
     tags_by_number = {int(tag): tag for tag in wanted}
     # The element loop is written out (no helper call per element): a CT header has ~250 elements.
+    # VR names come from dicts of interned strings (no bytes.decode per element).
     unpack = _IMPLICIT.unpack_from if implicit else _EXPLICIT.unpack_from
-    raw_vr = b""
+    u32 = _U32.unpack_from
+    vr: str | None = None
     while pos < total:
         if pos + 8 > total:
             raise _Unusual("trailing bytes")
@@ -397,16 +402,17 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
             start = pos + 8
         else:
             group, element, raw_vr, length = unpack(data, pos)
-            if raw_vr in _LONG_VRS:
-                if pos + 12 > total:
-                    raise _Unusual("short header")
-                length, start = _U32.unpack_from(data, pos + 8)[0], pos + 12
-            elif raw_vr in _VALID_VRS:
+            vr = _SHORT_HEADER_VRS.get(raw_vr)
+            if vr is not None:
                 start = pos + 8
             else:
-                raise _Unusual("unknown VR")
+                vr = _LONG_HEADER_VR_NAMES.get(raw_vr)
+                if vr is None:
+                    raise _Unusual("unknown VR")
+                if pos + 12 > total:
+                    raise _Unusual("short header")
+                length, start = u32(data, pos + 8)[0], pos + 12
         tag = group << 16 | element
-        vr = raw_vr.decode() if raw_vr else None
         if tag in _PIXEL_TAGS:
             break
         if group == 0xFFFE:
