@@ -93,9 +93,12 @@ def _wanted_cached(keywords: tuple[str, ...]) -> tuple[tuple[BaseTag, str], ...]
 
 
 @functools.lru_cache(maxsize=64)
-def _wanted_numbers(wanted: tuple[int, ...]) -> frozenset[int]:
-    # Plain ints: BaseTag.__eq__ is Python code, a set of ints is looked up in C.
-    return frozenset(wanted)
+def _wanted_index(wanted: tuple[BaseTag, ...]) -> tuple[frozenset[int], dict[int, BaseTag]]:
+    """(the wanted tags as plain ints, plain int -> the caller's BaseTag object).
+
+    Plain ints: a set of BaseTags would call BaseTag.__eq__ (Python code) for every element found.
+    """
+    return frozenset(int(tag) for tag in wanted), {int(tag): tag for tag in wanted}
 
 
 def _fallback_text(raw: bytes) -> str:
@@ -387,16 +390,16 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
     if data[pos:pos + 2] == b"\x00\x00" or _looks_implicit(data, pos) != implicit:
         raise _Unusual("command elements or a VR encoding other than the transfer syntax says")
     found: dict[BaseTag, DataElement | RawDataElement] = {}
-    numbers = _wanted_numbers(tuple(wanted))
-    tags_by_number = {int(tag): tag for tag in wanted}
+    numbers, tags_by_number = _wanted_index(tuple(wanted))
     # The element loop is written out (no helper call per element): a CT header has ~250 elements.
     # VR names come from dicts of interned strings (no bytes.decode per element).
     unpack = _IMPLICIT.unpack_from if implicit else _EXPLICIT.unpack_from
     u32 = _U32.unpack_from
     vr: str | None = None
+    # Checks are ordered for the common element: fewer than 8 bytes left raises struct.error in
+    # `unpack` (the caller then leaves the data to pydicom, as for _Unusual), and a value running
+    # past the end also ends the loop, so that is checked once, after it.
     while pos < total:
-        if pos + 8 > total:
-            raise _Unusual("trailing bytes")
         if implicit:
             group, element, length = unpack(data, pos)
             start = pos + 8
@@ -413,40 +416,61 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
                     raise _Unusual("short header")
                 length, start = u32(data, pos + 8)[0], pos + 12
         tag = group << 16 | element
-        if tag in _PIXEL_TAGS:
-            break
-        if group == 0xFFFE:
-            raise _Unusual("delimiter at the top level")
+        if group >= 0x7FE0:  # pixel data and the delimiters are the only tags from here on we act on
+            if tag in _PIXEL_TAGS:
+                break
+            if group == 0xFFFE:
+                raise _Unusual("delimiter at the top level")
         if length == _UNDEFINED:
             if not _is_sequence(data, start, tag, vr):
                 raise _Unusual("undefined-length value that is not a sequence")
             pos = _skip_sequence(data, start, total, implicit)
             continue  # a sequence is never a rule value
         pos = start + length
-        if pos > total:
-            raise _Unusual("value runs past the end")
         if tag in numbers:
             value = data[start:pos] if length else empty_value_for_VR(vr, raw=True)
             # Keyed by the caller's own BaseTag object: dict lookups then match by identity instead
             # of calling BaseTag.__eq__ (Python code) for each of the ~50 wanted tags.
             key = tags_by_number[tag]
             found[key] = RawDataElement(key, vr, length, value, start, implicit, True)  # type: ignore[arg-type]
+    if pos > total:
+        raise _Unusual("value runs past the end")
     if not found:
         raise _Unusual("none of the wanted elements")
     if pos < total:
         _check_tail(io.BytesIO(data), pos, total, implicit, True)
     ds = Dataset(found)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # As pydicom's reader: text values are decoded with the dataset's original character set.
-            # (Read from a copy: ds keeps the raw charset element, which _cached_text uses as a key.)
-            charset_tag = tags_by_number.get(0x00080005)
-            charset = {charset_tag: found[charset_tag]} if charset_tag in found else {}
-            ds.set_original_encoding(implicit, True, Dataset(charset)._character_set)
-    except Exception as exc:  # noqa: BLE001 - pydicom decides what an unusable charset element means
-        raise _Unusual("character set") from exc
+    # As pydicom's reader: text values are decoded with the dataset's original character set.
+    charset = found.get(tags_by_number[0x00080005]) if 0x00080005 in tags_by_number else None
+    assert charset is None or isinstance(charset, RawDataElement)  # the loop keeps raw elements only
+    ds.set_original_encoding(implicit, True, _character_set(charset))
     return ds, transfer_syntax
+
+
+def _character_set(raw: RawDataElement | None) -> list[str]:
+    """pydicom's reading of a raw Specific Character Set element, memoised by its value.
+
+    (Read from a copy: the caller's dataset keeps the raw element, which _cached_text uses as a key.)
+    Every image of a series has the same value; building a pydicom Dataset to read it was a tenth of
+    the fast reader's time.
+    """
+    key = (raw.VR, raw.value, raw.is_implicit_VR) if raw is not None else None
+    hit = _CHARSET_MEMO.get(key)
+    if hit is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hit = tuple(Dataset({raw.tag: raw} if raw is not None else {})._character_set)
+        except Exception as exc:  # noqa: BLE001 - pydicom decides what an unusable charset element means
+            raise _Unusual("character set") from exc
+        if len(_CHARSET_MEMO) >= _TEXT_MEMO_SIZE:
+            _CHARSET_MEMO.clear()  # bounded, like _TEXT_MEMO
+        _CHARSET_MEMO[key] = hit
+    return list(hit)
+
+
+# (VR, raw value, implicit) of a raw Specific Character Set element, or None -> its encodings.
+_CHARSET_MEMO: dict[tuple[str | None, bytes | None, bool] | None, tuple[str, ...]] = {}
 
 
 def _cached_text(ds: Dataset, tag: BaseTag, charset: Any, notes: list[str]) -> str | None:
@@ -457,6 +481,8 @@ def _cached_text(ds: Dataset, tag: BaseTag, charset: Any, notes: list[str]) -> s
     element and the character set element, which form the key (without their file offsets).
     """
     raw = ds._dict.get(tag)
+    if raw is None:
+        return None  # as _element_text: absent (a third of the configured tags, typically)
     if not isinstance(raw, RawDataElement) or raw.value is None or len(raw.value) > 256:
         return _element_text(ds, tag, notes)
     vr = raw.VR if raw.VR and raw.VR != "UN" else dictionary_vr(tag)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import pydicom
@@ -208,7 +209,7 @@ def test_fast_reader_matches_pydicom_on_every_test_file() -> None:
             try:
                 _fast_read(variant, _wanted_tags(_DIFF_KEYWORDS))
                 handled += 1
-            except (_Unusual, ValueError, IndexError):
+            except (_Unusual, ValueError, IndexError, struct.error):  # what extract_tags catches
                 pass
     assert mismatches == []
     assert handled > 100  # the comparison is about the fast reader, not only its fallback
