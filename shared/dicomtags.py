@@ -77,28 +77,30 @@ def parse_tag_name(name: str) -> tuple[BaseTag, str] | None:
     return Tag(number), name
 
 
-def _wanted_tags(keywords: Iterable[str]) -> dict[BaseTag, str]:
-    return dict(_wanted_cached(tuple(keywords)))
+@dataclass(frozen=True)
+class _Wanted:
+    """The elements to read, parsed once per configured list (the receiver asks for the same list
+    for every image). Shared between calls: never modified."""
+
+    names: dict[BaseTag, str]  # tag -> its key in the results, the identity elements first
+    # The same tags as plain ints: a set of BaseTags would call BaseTag.__eq__ (Python code) for
+    # every element found; and int -> the BaseTag object, so that found elements are keyed by it.
+    numbers: frozenset[int]
+    by_number: dict[int, BaseTag]
+
+
+def _wanted_tags(keywords: Iterable[str]) -> _Wanted:
+    return _wanted_cached(tuple(keywords))
 
 
 @functools.lru_cache(maxsize=64)
-def _wanted_cached(keywords: tuple[str, ...]) -> tuple[tuple[BaseTag, str], ...]:
-    # The receiver asks for the same configured list for every image: parse it once.
-    wanted: dict[BaseTag, str] = {}
+def _wanted_cached(keywords: tuple[str, ...]) -> _Wanted:
+    names: dict[BaseTag, str] = {}
     for name in (*IDENTITY_KEYWORDS, *keywords):
         parsed = parse_tag_name(name)
         if parsed is not None:
-            wanted.setdefault(parsed[0], parsed[1])
-    return tuple(wanted.items())
-
-
-@functools.lru_cache(maxsize=64)
-def _wanted_index(wanted: tuple[BaseTag, ...]) -> tuple[frozenset[int], dict[int, BaseTag]]:
-    """(the wanted tags as plain ints, plain int -> the caller's BaseTag object).
-
-    Plain ints: a set of BaseTags would call BaseTag.__eq__ (Python code) for every element found.
-    """
-    return frozenset(int(tag) for tag in wanted), {int(tag): tag for tag in wanted}
+            names.setdefault(parsed[0], parsed[1])
+    return _Wanted(names, frozenset(int(tag) for tag in names), {int(tag): tag for tag in names})
 
 
 def _fallback_text(raw: bytes) -> str:
@@ -290,6 +292,7 @@ _SHORT_HEADER_VRS = {vr: vr.decode() for vr in _VALID_VRS - _LONG_VRS}
 _LONG_HEADER_VR_NAMES = {vr: vr.decode() for vr in _VALID_VRS & _LONG_VRS}
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})  # where pydicom's stop_before_pixels stops
 _UNDEFINED = 0xFFFFFFFF
+_new_tuple = tuple.__new__
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _NOT_FAST_SYNTAXES = {ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 
@@ -380,7 +383,7 @@ def _read_file_meta(data: bytes, total: int) -> tuple[str, int]:
     return transfer_syntax, pos
 
 
-def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
+def _fast_read(data: bytes, wanted: _Wanted) -> tuple[Dataset, str]:
     """The wanted elements of a little endian Part 10 file, as pydicom's reader would give them."""
     total = len(data)
     transfer_syntax, pos = _read_file_meta(data, total)
@@ -390,7 +393,7 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
     if data[pos:pos + 2] == b"\x00\x00" or _looks_implicit(data, pos) != implicit:
         raise _Unusual("command elements or a VR encoding other than the transfer syntax says")
     found: dict[BaseTag, DataElement | RawDataElement] = {}
-    numbers, tags_by_number = _wanted_index(tuple(wanted))
+    numbers, tags_by_number = wanted.numbers, wanted.by_number
     # The element loop is written out (no helper call per element): a CT header has ~250 elements.
     # VR names come from dicts of interned strings (no bytes.decode per element).
     unpack = _IMPLICIT.unpack_from if implicit else _EXPLICIT.unpack_from
@@ -432,7 +435,8 @@ def _fast_read(data: bytes, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
             # Keyed by the caller's own BaseTag object: dict lookups then match by identity instead
             # of calling BaseTag.__eq__ (Python code) for each of the ~50 wanted tags.
             key = tags_by_number[tag]
-            found[key] = RawDataElement(key, vr, length, value, start, implicit, True)  # type: ignore[arg-type]
+            # (tuple.__new__: what the named tuple's own constructor, a Python lambda, calls.)
+            found[key] = _new_tuple(RawDataElement, (key, vr, length, value, start, implicit, True, True, False))
     if pos > total:
         raise _Unusual("value runs past the end")
     if not found:
@@ -523,8 +527,8 @@ def _convert_text(raw: RawDataElement, charset: RawDataElement | None) -> tuple[
     return text, tuple(notes)
 
 
-def _read_with_pydicom(fileobj: BinaryIO, total: int, wanted: dict[BaseTag, str]) -> tuple[Dataset, str]:
-    ds = _read_checked(fileobj, total, list(wanted))
+def _read_with_pydicom(fileobj: BinaryIO, total: int, wanted: _Wanted) -> tuple[Dataset, str]:
+    ds = _read_checked(fileobj, total, list(wanted.names))
     meta = getattr(ds, "file_meta", None)
     return ds, str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
 
@@ -552,7 +556,7 @@ def extract_tags(source: bytes | bytearray | memoryview | str | Path,
     notes: list[str] = []
     tags: dict[str, str] = {}
     charset = ds._dict.get(BaseTag(0x00080005)) if fast_read else None
-    for tag, name in wanted.items():
+    for tag, name in wanted.names.items():
         try:
             text = _cached_text(ds, tag, charset, notes) if fast_read else _element_text(ds, tag, notes)
         except TagExtractionError:

@@ -1,4 +1,4 @@
-"""The --smoke modes of the pipeline benchmarks (bench/e2e.py, bench/growth.py, bench/memory.py).
+"""The --smoke modes of the benchmarks (bench/e2e.py, bench/growth.py, bench/memory.py, bench/store_path.py).
 
 Each runs end to end on tiny inputs through a real `caduceus up`, real DCMTK storescu/storescp and
 (growth) a real Postgres, and must print its ratio / growth lines. The numbers are not checked
@@ -54,3 +54,12 @@ def test_memory_smoke_prints_table(tmp_path: Path) -> None:
         assert row, f"{service} missing from the table:\n{out}"
         assert float(row.group(2)) > 10  # a real Python process was sampled
     assert re.search(r"^ratio worst service peak / goal: \d+\.\d+", out, re.M), out
+
+
+def test_store_path_smoke_prints_per_image_costs(tmp_path: Path) -> None:
+    out = run_bench("bench.store_path", tmp_path)
+    for name in ("pydicom dcmread", "header (extract_tags)", "store (journaled)"):
+        row = re.search(rf"^{re.escape(name)} +([\d.]+) us wall +([\d.]+) us user CPU", out, re.M)
+        assert row, out
+        assert float(row.group(1)) > 0
+    assert re.search(r"^ratio header / pydicom dcmread \(CPU\): \d+\.\d+", out, re.M), out
