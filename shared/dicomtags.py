@@ -467,9 +467,11 @@ def _character_set(raw: RawDataElement | None) -> list[str]:
                 hit = tuple(Dataset({raw.tag: raw} if raw is not None else {})._character_set)
         except Exception as exc:  # noqa: BLE001 - pydicom decides what an unusable charset element means
             raise _Unusual("character set") from exc
-        if len(_CHARSET_MEMO) >= _TEXT_MEMO_SIZE:
-            _CHARSET_MEMO.clear()  # bounded, like _TEXT_MEMO
-        _CHARSET_MEMO[key] = hit
+        # Bounded like _TEXT_MEMO, in entries and in the size of a key (a sender controls the value).
+        if raw is None or raw.value is None or len(raw.value) <= 256:
+            if len(_CHARSET_MEMO) >= _TEXT_MEMO_SIZE:
+                _CHARSET_MEMO.clear()
+            _CHARSET_MEMO[key] = hit
     return list(hit)
 
 

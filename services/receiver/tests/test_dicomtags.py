@@ -39,6 +39,29 @@ def test_charsets_decoded_to_unicode(name: str, expected: str) -> None:
     assert result.warnings == []
 
 
+def test_fast_reader_charsets_memoised_by_value() -> None:
+    """The fast reader remembers what each Specific Character Set value means: files with different
+    charsets, read in turn and then again, decode as pydicom decodes them every time."""
+    from shared.dicomtags import _CHARSET_MEMO
+
+    names = ["chrH31.dcm", "chrX2.dcm", "chrFren.dcm", "chrI2.dcm", "chrRuss.dcm", "chrH31.dcm", "chrFren.dcm"]
+    for name in names * 2:
+        data = Path(get_charset_files(name)[0]).read_bytes()
+        assert extract_tags(data, ["PatientName"]) == extract_tags(data, ["PatientName"], fast=False), name
+    assert any(key is not None and b"ISO 2022 IR 87" in (key[1] or b"") for key in _CHARSET_MEMO)
+
+
+def test_fast_reader_does_not_memoise_a_huge_charset_value() -> None:
+    ds = pydicom.dcmread(get_charset_files("chrFren.dcm")[0])
+    ds.SpecificCharacterSet = ["ISO_IR 100"] * 40  # 439 bytes: a sender controls this value
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    from shared.dicomtags import _CHARSET_MEMO
+
+    assert extract_tags(buffer.getvalue(), ["PatientName"]).tags["PatientName"] == "Buc^Jérôme"
+    assert all(key is None or len(key[1] or b"") <= 256 for key in _CHARSET_MEMO)
+
+
 def test_charset_in_sequence_file_does_not_raise() -> None:
     result = extract_tags(get_charset_files("chrSQEncoding.dcm")[0], DEFAULT_EXTRACT_TAGS)
     assert result.tags["SpecificCharacterSet"] == "ISO_IR 192"
