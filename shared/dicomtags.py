@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import dcmread
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -182,9 +182,11 @@ def _read(fileobj: BinaryIO, wanted: list[BaseTag]) -> Dataset:
             warnings.simplefilter("ignore")
             return dcmread(fileobj, stop_before_pixels=True, specific_tags=wanted, force=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, IndexError,
-            NotImplementedError, OverflowError, UnicodeError, struct.error, OSError, zlib.error) as exc:
+            NotImplementedError, OverflowError, UnicodeError, struct.error, OSError, zlib.error,
+            BytesLengthException) as exc:
         # OSError: pydicom's "No tag to read at file position ..." for data cut inside a sequence;
-        # zlib.error: a cut deflated dataset.
+        # zlib.error: a cut deflated dataset; BytesLengthException (a RuntimeError): a File Meta
+        # element whose length does not fit its VR.
         raise TagExtractionError(f"not a readable DICOM dataset: {exc}") from exc
 
 
