@@ -36,6 +36,18 @@ def test_valid_config_parses_and_normalises_single_target() -> None:
     ({"rules": {"r": {"filter": "True", "action": "process", "modules": ["ghost"]}}}, "unknown module 'ghost'"),
     ({"bogus": {}}, "unknown top-level key"),
     ({"rules": {"../evil": {"filter": "True", "action": "discard"}}}, "rules.../evil"),
+    # Values the services could not schedule with or encode (inf, 1e308 and 10**20 used to pass):
+    ({"settings": {"series_complete_seconds": float("inf")}}, "settings.series_complete_seconds"),
+    ({"settings": {"study_force_complete_seconds": 1e308}}, "settings.study_force_complete_seconds"),
+    ({"settings": {"dispatch_retry_wait_seconds": float("inf")}}, "settings.dispatch_retry_wait_seconds"),
+    ({"settings": {"dispatch_retry_max_wait_seconds": 1e308}}, "settings.dispatch_retry_max_wait_seconds"),
+    ({"settings": {"dispatch_retries": 10**20}}, "settings.dispatch_retries"),
+    ({"settings": {"retention_days": float("inf")}}, "settings.retention_days"),
+    ({"settings": {"retention_days": float("nan")}}, "settings.retention_days"),
+    ({"settings": {"max_pdu": 2**32}}, "settings.max_pdu"),
+    ({"rules": {"r": {"filter": "True", "action": "discard", "series_complete_seconds": float("inf")}}},
+     "rules.r.series_complete_seconds"),
+    ({"modules": {"anon": {"image": "x", "timeout_seconds": float("inf")}}}, "modules.anon.timeout_seconds"),
 ])
 def test_invalid_configs_are_rejected_with_a_pointed_message(change: dict, message: str) -> None:
     raw = {**VALID, **change}

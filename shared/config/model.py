@@ -28,6 +28,12 @@ DEFAULT_EXTRACT_TAGS = [
 ]
 
 
+DAY_SECONDS = 86400
+WEEK_SECONDS = 7 * DAY_SECONDS
+MONTH_SECONDS = 31 * DAY_SECONDS
+MAX_PDU = 2**32 - 1
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be applied; the message says which item and why."""
 
@@ -44,28 +50,33 @@ class SettingsItem(Item):
     require_called_aet: bool = False
     allowed_calling_aets: list[str] = Field(default_factory=list)
     allowed_hosts: list[str] = Field(default_factory=list, description="IP addresses or CIDR networks")
-    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited")
+    # The PDU length field is 4 bytes: a larger value could not be encoded in the A-ASSOCIATE-AC,
+    # and every association would fail.
+    max_pdu: int = Field(default=0, ge=0, le=MAX_PDU, description="0 = unlimited")
     max_connections_per_host: int = Field(
         default=0, ge=0, le=232,
         description="open connections one peer address may hold at the receiver (0 = no per-host limit)")
-    min_free_space_mb: int = Field(default=500, ge=0)
+    min_free_space_mb: int = Field(default=500, ge=0, le=10**9)
     extract_tags: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTRACT_TAGS))
     tls_certificate: str = ""
     tls_key: str = ""
     tls_ca: str = ""
     # router
-    series_complete_seconds: float = Field(default=60, gt=0)
-    study_complete_seconds: float = Field(default=900, gt=0)
-    study_force_complete_seconds: float = Field(default=5400, gt=0)
+    # Upper bounds on times: `inf` or 1e308 passed the old checks and then broke the services that
+    # schedule with them (a NAK delay or a date that cannot be represented); a week or a month is
+    # already far beyond any sensible setting.
+    series_complete_seconds: float = Field(default=60, gt=0, le=WEEK_SECONDS)
+    study_complete_seconds: float = Field(default=900, gt=0, le=WEEK_SECONDS)
+    study_force_complete_seconds: float = Field(default=5400, gt=0, le=MONTH_SECONDS)
     # dispatcher
-    dispatch_retries: int = Field(default=5, ge=0)
-    dispatch_retry_wait_seconds: float = Field(default=60, ge=0)
-    dispatch_retry_max_wait_seconds: float = Field(default=3600, ge=0)
+    dispatch_retries: int = Field(default=5, ge=0, le=1000)
+    dispatch_retry_wait_seconds: float = Field(default=60, ge=0, le=DAY_SECONDS)
+    dispatch_retry_max_wait_seconds: float = Field(default=3600, ge=0, le=WEEK_SECONDS)
     dispatch_parallel_associations: int = Field(default=1, ge=1, le=16)
     # scheduling and retention
     offpeak_start: str = Field(default="22:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     offpeak_end: str = Field(default="06:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    retention_days: float = Field(default=3, ge=0)
+    retention_days: float = Field(default=3, ge=0, le=36500)
 
 
 class TlsConfig(BaseModel):
@@ -97,7 +108,7 @@ class Rule(Item):
     priority: Literal["normal", "urgent", "offpeak"] = "normal"
     disabled: bool = False
     fallback: bool = False
-    series_complete_seconds: float | None = Field(default=None, gt=0)
+    series_complete_seconds: float | None = Field(default=None, gt=0, le=WEEK_SECONDS)
     study_required_series: str = ""
     study_force_action: Literal["proceed", "discard", "ignore"] = "proceed"
     notification_message: str = ""
@@ -120,7 +131,7 @@ class Module(Item):
     image: str = Field(min_length=1, description="container image (tag) to run")
     settings: dict[str, Any] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
-    timeout_seconds: float = Field(default=3600, gt=0)
+    timeout_seconds: float = Field(default=3600, gt=0, le=WEEK_SECONDS)
 
 
 KINDS = ("settings", "targets", "rules", "modules")
