@@ -22,7 +22,7 @@ from nats.js.errors import APIError
 
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError, raw_document
-from shared.config.state import fold, plan_changes, read_all
+from shared.config.state import fold, plan_changes, read_all, read_all_at
 from shared.events import ConfigItemChanged, Event
 from shared.settings import nats_url_for_cli
 
@@ -91,8 +91,7 @@ class ConcurrentChange(RuntimeError):
 
 async def plan_apply(bus: Bus, desired: CaduceusConfig, actor: str, comment: str = "") -> tuple[list[Event], int]:
     """The events that turn the current fold into `desired`, and the CONFIG sequence they are based on."""
-    events = await read_all(bus)
-    based_on = (events[-1].stream_seq or 0) if events else 0
+    events, based_on = await read_all_at(bus)
     return plan_changes(fold(events), desired, actor, comment), based_on
 
 

@@ -294,7 +294,12 @@ async def replay(bus: Bus, filter_subject: str, *, idle_timeout: float = 5.0) ->
                 msg = await sub.next_msg(timeout=idle_timeout)
             except NatsTimeoutError:
                 return  # nothing matches the filter (or the stream went quiet)
-            yield event_from_msg(msg)
+            try:
+                event = event_from_msg(msg)
+            except ValueError as exc:  # not an event (pydantic's ValidationError is a ValueError)
+                log.warning("skipping an unreadable message on %s: %s", msg.subject, exc)
+            else:
+                yield event
             if msg.metadata.num_pending == 0:
                 return
     finally:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -20,6 +21,8 @@ from pydantic import BaseModel, Field
 from shared import subjects
 from shared.bus import Bus, event_from_msg
 from shared.events import Event, ServiceHeartbeat
+
+log = logging.getLogger(__name__)
 
 EXPECTED_SERVICES = ("receiver", "router", "processor", "dispatcher", "cleaner", "bookkeeper", "ui")
 STALE_FACTOR = 3.0
@@ -116,7 +119,10 @@ async def read_heartbeats(bus: Bus) -> list[Event]:
                 msg = await sub.next_msg(timeout=2)
             except TimeoutError:
                 break
-            heartbeats.append(event_from_msg(msg))
+            try:
+                heartbeats.append(event_from_msg(msg))
+            except ValueError as exc:  # not a heartbeat: it says nothing about any service
+                log.warning("skipping an unreadable message on %s: %s", msg.subject, exc)
             pending = msg.metadata.num_pending
             if pending == 0 or (msg.metadata.sequence.stream >= last):
                 break

@@ -253,6 +253,15 @@ class Service:
         ctx = {"event_type": event.type, "event_id": event.event_id, "series_uid": event.series_uid,
                "study_uid": event.study_uid, "task_id": event.task_id}
         try:
+            event.typed_payload()
+        except Exception as exc:  # noqa: BLE001 - it will never fit: set it aside instead of retrying forever
+            log.error("event %s on %s does not fit its type, set aside (terminated; the audit log keeps it): %s",
+                      event.event_id, msg.subject, exc, extra=ctx)
+            with contextlib.suppress(Exception):
+                await delivery.term()
+            limiter.release()
+            return
+        try:
             with tracer.start_as_current_span(f"handle {event.type}", context=trace_context(msg),
                                               kind=trace.SpanKind.CONSUMER):
                 await handler(delivery)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -53,6 +54,12 @@ class RouterService(Service):
         super().__init__(*args, **kwargs)
         self.state = RouterState()
         self.caught_up = False
+        # Where the fold is in the stream. While messages are still pending, quiet-time completion
+        # may only use the stream time reached so far: with wall-clock time, a router that fell
+        # behind (a restart, a slow round) would see every series it has only partly folded as
+        # quiet, and complete it one instance at a time.
+        self.behind = False
+        self.folded_until: datetime | None = None
         self.decided: set[str] = set()   # decided here, route.decided not folded yet
         self.blobs: BlobStore
         self.kv: KeyValue
@@ -116,6 +123,7 @@ class RouterService(Service):
                 msg = await self._sub.next_msg(timeout=wait)
             except (NatsTimeoutError, TimeoutError):
                 msg = None
+                self.behind = False  # nothing arrived for a while: the fold is at the stream's head
             try:
                 if msg is not None:
                     self._fold(msg)
@@ -139,14 +147,24 @@ class RouterService(Service):
             await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
 
     def _fold(self, msg: Any) -> None:
+        self._note_position(msg)
         try:
             event = event_from_msg(msg)
         except Exception as exc:  # noqa: BLE001 - one unreadable message must not stop routing
             log.error("unreadable event on %s: %s", msg.subject, exc)
+            self._mark_caught_up(msg.metadata.num_pending == 0)
             return
         opens = (self.caught_up and event.type == "image.received" and event.series_uid is not None
                  and event.series_uid not in self.state.series)
-        self.state.apply(event)
+        try:
+            self.state.apply(event)
+        except Exception as exc:  # noqa: BLE001 - a payload that does not fit its type: set aside
+            # (apply validates before it changes anything, so the state is as before)
+            log.error("event %s (%s, stream seq %s) does not fit its type, skipped: %s", event.event_id,
+                      event.type, event.stream_seq, exc, extra={"series_uid": event.series_uid})
+            self.counters["skipped_events"] = self.counters.get("skipped_events", 0) + 1
+            self._mark_caught_up(msg.metadata.num_pending == 0)
+            return
         if opens and event.series_uid in self.state.series:
             # A new series may become due before the next scheduled check (quiet period < 1 s).
             due = series_due_at(self.state.series[event.series_uid], self.config).timestamp()
@@ -154,6 +172,23 @@ class RouterService(Service):
         if event.type == "route.decided":
             self.decided.discard(str(event.payload.get("batch_id", "")))
         self._mark_caught_up(msg.metadata.num_pending == 0)
+
+    def _note_position(self, msg: Any) -> None:
+        try:
+            meta = msg.metadata
+        except Exception:  # noqa: BLE001 - not a JetStream message: no position to note
+            return
+        # Not yet sent by the server, or sent and waiting in the client's queue.
+        queued = getattr(self._sub, "pending_msgs", 0) if self._sub is not None else 0
+        self.behind = meta.num_pending > 0 or queued > 0
+        self.folded_until = meta.timestamp
+
+    def _completion_now(self) -> datetime:
+        """The time quiet periods are measured against (see `behind`)."""
+        now = utcnow()
+        if self.behind and self.folded_until is not None:
+            return min(now, self.folded_until)
+        return now
 
     def _mark_caught_up(self, nothing_pending: bool) -> None:
         if nothing_pending and not self.caught_up:
@@ -181,7 +216,7 @@ class RouterService(Service):
     # ------------------------------------------------------------ completing
 
     async def _tick(self) -> None:
-        config, now = self.config, utcnow()
+        config, now = self.config, self._completion_now()
         next_tick = time.time() + TICK_SECONDS
         earliest = time.time() + MIN_TICK_SECONDS
         for batch in list(self.state.series.values()):

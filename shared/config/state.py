@@ -63,22 +63,32 @@ def plan_changes(current: dict[ItemKey, dict[str, Any]], desired: CaduceusConfig
 
 async def read_all(bus: Bus) -> list[Event]:
     """Every event on the CONFIG stream, in order (for history, apply and one-shot reads)."""
+    events, _ = await read_all_at(bus)
+    return events
+
+
+async def read_all_at(bus: Bus) -> tuple[list[Event], int]:
+    """`read_all`, and the CONFIG sequence read up to: the last message, readable or not (what a
+    change based on this read must expect to be the stream's last sequence)."""
     last = await bus.last_seq(subjects.CONFIG_STREAM)
     if last == 0:
-        return []
+        return [], 0
     events: list[Event] = []
     sub = await bus.js.subscribe(f"{subjects.CONFIG_PREFIX}.>", ordered_consumer=True,
                                  deliver_policy=DeliverPolicy.ALL)
     try:
         while True:
             msg = await sub.next_msg(timeout=10)
-            event = event_from_msg(msg)
-            events.append(event)
-            if (event.stream_seq or 0) >= last:
+            try:
+                events.append(event_from_msg(msg))
+            except ValueError as exc:  # not a configuration event: it changes nothing
+                log.warning("skipping an unreadable message on %s: %s", msg.subject, exc)
+            seq = int(msg.metadata.sequence.stream)
+            if seq >= last:
                 break
     finally:
         await sub.unsubscribe()
-    return events
+    return events, seq
 
 
 class ConfigFollower:
@@ -102,16 +112,17 @@ class ConfigFollower:
         self._initial_last = initial_last
 
     async def _handle(self, msg: Any) -> None:
-        event = event_from_msg(msg)
         try:
+            event = event_from_msg(msg)
             apply_event(self.items, event)
             self.config = CaduceusConfig.from_items(self.items)
         except Exception:
-            # An item this version cannot read must not take the service down; it keeps the last
-            # good configuration and says so.
-            log.exception("configuration event %s could not be applied; keeping previous configuration",
-                          event.event_id)
-        self.last_seq = event.stream_seq or self.last_seq
+            # An item this version cannot read (or a message that is no event at all) must not take
+            # the service down, nor keep it from becoming ready; it keeps the last good
+            # configuration and says so.
+            log.exception("configuration message %s on %s could not be applied; keeping previous "
+                          "configuration", msg.metadata.sequence.stream, msg.subject)
+        self.last_seq = msg.metadata.sequence.stream or self.last_seq
         if self.last_seq >= self._initial_last:
             if not self.ready.is_set():
                 self.ready.set()

@@ -31,6 +31,14 @@ async def apply_config(bus: Bus, document: dict[str, Any]) -> None:
 async def send_image(bus: Bus, store: LocalBlobStore, study: str, series: str, sop: str,
                      tags: dict[str, str] | None = None, content: bytes = b"") -> Event:
     """What the receiver does for one instance: blob first, then image.received."""
+    event = await stored_image(store, study, series, sop, tags, content)
+    event.stream_seq = await bus.publish(event)
+    return event
+
+
+async def stored_image(store: LocalBlobStore, study: str, series: str, sop: str,
+                       tags: dict[str, str] | None = None, content: bytes = b"") -> Event:
+    """The blob of one instance, written, and its image.received, not yet published."""
     key = blob_key("instances", study, series, f"{sop}.dcm")
     data = content or f"DICM {study} {series} {sop}".encode()
     await store.put(key, data)
@@ -41,7 +49,6 @@ async def send_image(bus: Bus, store: LocalBlobStore, study: str, series: str, s
         size=len(data), sha256=hashlib.sha256(data).hexdigest(), calling_aet="MODALITY", called_aet="CADUCEUS",
         peer_host="127.0.0.1", peer_port=40000, association_id="assoc-1", tags=all_tags),
         study_uid=study, series_uid=series, sop_uid=sop)
-    event.stream_seq = await bus.publish(event)
     return event
 
 

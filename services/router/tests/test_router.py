@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,13 @@ from services.router.tests.helpers import (
     running_router,
     send_image,
     send_series,
+    stored_image,
     wait_for,
 )
 from shared import subjects
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
-from shared.events import RouteDecided, SeriesCompleted, StudyCompleted, make_event
+from shared.events import Event, RouteDecided, SeriesCompleted, StudyCompleted, make_event
 from shared.manifest import read_manifest
 
 
@@ -165,6 +167,29 @@ async def test_restart_mid_series_completes_once(bus: Bus, nats_url: str, data_d
     assert len(of_type(events, "dispatch.requested")) == 1
     entry = await (await bus.js.key_value(subjects.ROUTER_STATE_BUCKET)).get("checkpoint")
     assert int((entry.value or b"0").decode()) > (completed.stream_seq or 0)
+
+
+async def test_router_behind_the_stream_does_not_split_a_series(bus: Bus, nats_url: str, data_dir: Path,
+                                                                store: LocalBlobStore) -> None:
+    """A router that folds slower than the images arrived (here 0.15 s per event, 20 images stored at
+    once, 1 s quiet period) must not take its own lag for quiet: measured with the wall clock, the
+    series looked complete after each of its first instances and went out in pieces."""
+    await apply_config(bus, {"settings": FAST, "targets": TARGETS,
+                             "rules": {"all": {"filter": "True", "targets": ["pacs"]}}})
+    images = [await stored_image(store, "8.1", "8.1.1", f"8.1.1.{i}") for i in range(1, 21)]
+    async with running_router(nats_url, data_dir) as router:
+        apply = router.state.apply
+
+        def slow_apply(event: Event) -> None:
+            time.sleep(0.15)  # blocks the router's loop, as a slow round or a busy machine would
+            apply(event)
+
+        router.state.apply = slow_apply  # type: ignore[method-assign]
+        await bus.publish_many(images)
+        await wait_for(bus, lambda ev: len(of_type(ev, "route.decided")) >= 1, timeout=30)
+        await asyncio.sleep(1.5)  # time for a wrongly split remainder to show up
+    completed = of_type(await published(bus), "series.completed")
+    assert [e.payload["instance_count"] for e in completed] == [20]
 
 
 async def test_crash_between_completion_and_decision(bus: Bus, nats_url: str, data_dir: Path,
