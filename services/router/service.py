@@ -152,7 +152,7 @@ class RouterService(Service):
             event = event_from_msg(msg)
         except Exception as exc:  # noqa: BLE001 - one unreadable message must not stop routing
             log.error("unreadable event on %s: %s", msg.subject, exc)
-            self._mark_caught_up(msg.metadata.num_pending == 0)
+            self._mark_caught_up(not self.behind)
             return
         opens = (self.caught_up and event.type == "image.received" and event.series_uid is not None
                  and event.series_uid not in self.state.series)
@@ -163,7 +163,7 @@ class RouterService(Service):
             log.error("event %s (%s, stream seq %s) does not fit its type, skipped: %s", event.event_id,
                       event.type, event.stream_seq, exc, extra={"series_uid": event.series_uid})
             self.counters["skipped_events"] = self.counters.get("skipped_events", 0) + 1
-            self._mark_caught_up(msg.metadata.num_pending == 0)
+            self._mark_caught_up(not self.behind)
             return
         if opens and event.series_uid in self.state.series:
             # A new series may become due before the next scheduled check (quiet period < 1 s).
@@ -171,7 +171,7 @@ class RouterService(Service):
             self._next_tick = min(self._next_tick, due)
         if event.type == "route.decided":
             self.decided.discard(str(event.payload.get("batch_id", "")))
-        self._mark_caught_up(msg.metadata.num_pending == 0)
+        self._mark_caught_up(not self.behind)
 
     def _note_position(self, msg: Any) -> None:
         try:
