@@ -294,11 +294,8 @@ async def replay(bus: Bus, filter_subject: str, *, idle_timeout: float = 5.0) ->
                 msg = await sub.next_msg(timeout=idle_timeout)
             except NatsTimeoutError:
                 return  # nothing matches the filter (or the stream went quiet)
-            try:
-                event = event_from_msg(msg)
-            except ValueError as exc:  # not an event (pydantic's ValidationError is a ValueError)
-                log.warning("skipping an unreadable message on %s: %s", msg.subject, exc)
-            else:
+            event = readable_event(msg)
+            if event is not None:
                 yield event
             if msg.metadata.num_pending == 0:
                 return
@@ -316,6 +313,16 @@ def event_from_msg(msg: Msg) -> Event:
     except Exception:  # noqa: BLE001 - core NATS message without JetStream metadata
         pass
     return event
+
+
+def readable_event(msg: Msg) -> Event | None:
+    """`event_from_msg`, or None (logged) for a message that is not an event: what one-shot readers
+    (replay, reading the configuration or the heartbeats) pass over instead of failing on it."""
+    try:
+        return event_from_msg(msg)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        log.warning("skipping an unreadable message on %s: %s", msg.subject, exc)
+        return None
 
 
 def trace_context(msg: Msg) -> Any:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -19,10 +18,8 @@ from nats.js.errors import NotFoundError
 from pydantic import BaseModel, Field
 
 from shared import subjects
-from shared.bus import Bus, event_from_msg
+from shared.bus import Bus, readable_event
 from shared.events import Event, ServiceHeartbeat
-
-log = logging.getLogger(__name__)
 
 EXPECTED_SERVICES = ("receiver", "router", "processor", "dispatcher", "cleaner", "bookkeeper", "ui")
 STALE_FACTOR = 3.0
@@ -119,10 +116,9 @@ async def read_heartbeats(bus: Bus) -> list[Event]:
                 msg = await sub.next_msg(timeout=2)
             except TimeoutError:
                 break
-            try:
-                heartbeats.append(event_from_msg(msg))
-            except ValueError as exc:  # not a heartbeat: it says nothing about any service
-                log.warning("skipping an unreadable message on %s: %s", msg.subject, exc)
+            heartbeat = readable_event(msg)
+            if heartbeat is not None:
+                heartbeats.append(heartbeat)
             pending = msg.metadata.num_pending
             if pending == 0 or (msg.metadata.sequence.stream >= last):
                 break

@@ -147,12 +147,18 @@ class RouterService(Service):
             await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
 
     def _fold(self, msg: Any) -> None:
-        self._note_position(msg)
+        meta = msg.metadata
+        # Not yet sent by the server, or sent and waiting in the client's queue.
+        self.behind = meta.num_pending > 0 or self._sub.pending_msgs > 0
+        self.folded_until = meta.timestamp
+        self._apply(msg)
+        self._mark_caught_up(not self.behind)
+
+    def _apply(self, msg: Any) -> None:
         try:
             event = event_from_msg(msg)
         except Exception as exc:  # noqa: BLE001 - one unreadable message must not stop routing
             log.error("unreadable event on %s: %s", msg.subject, exc)
-            self._mark_caught_up(not self.behind)
             return
         opens = (self.caught_up and event.type == "image.received" and event.series_uid is not None
                  and event.series_uid not in self.state.series)
@@ -163,7 +169,6 @@ class RouterService(Service):
             log.error("event %s (%s, stream seq %s) does not fit its type, skipped: %s", event.event_id,
                       event.type, event.stream_seq, exc, extra={"series_uid": event.series_uid})
             self.counters["skipped_events"] = self.counters.get("skipped_events", 0) + 1
-            self._mark_caught_up(not self.behind)
             return
         if opens and event.series_uid in self.state.series:
             # A new series may become due before the next scheduled check (quiet period < 1 s).
@@ -171,17 +176,6 @@ class RouterService(Service):
             self._next_tick = min(self._next_tick, due)
         if event.type == "route.decided":
             self.decided.discard(str(event.payload.get("batch_id", "")))
-        self._mark_caught_up(not self.behind)
-
-    def _note_position(self, msg: Any) -> None:
-        try:
-            meta = msg.metadata
-        except Exception:  # noqa: BLE001 - not a JetStream message: no position to note
-            return
-        # Not yet sent by the server, or sent and waiting in the client's queue.
-        queued = getattr(self._sub, "pending_msgs", 0) if self._sub is not None else 0
-        self.behind = meta.num_pending > 0 or queued > 0
-        self.folded_until = meta.timestamp
 
     def _completion_now(self) -> datetime:
         """The time quiet periods are measured against (see `behind`)."""

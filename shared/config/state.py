@@ -14,7 +14,7 @@ from typing import Any
 from nats.js.api import DeliverPolicy
 
 from shared import subjects
-from shared.bus import Bus, event_from_msg
+from shared.bus import Bus, event_from_msg, readable_event
 from shared.config.model import CaduceusConfig
 from shared.events import ConfigItemChanged, Event, make_event
 
@@ -79,10 +79,9 @@ async def read_all_at(bus: Bus) -> tuple[list[Event], int]:
     try:
         while True:
             msg = await sub.next_msg(timeout=10)
-            try:
-                events.append(event_from_msg(msg))
-            except ValueError as exc:  # not a configuration event: it changes nothing
-                log.warning("skipping an unreadable message on %s: %s", msg.subject, exc)
+            event = readable_event(msg)
+            if event is not None:
+                events.append(event)
             seq = int(msg.metadata.sequence.stream)
             if seq >= last:
                 break
