@@ -7,6 +7,7 @@ by absolute path (pynetdicom's pip scripts shadow the bare names).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -210,3 +211,52 @@ def wait_for_fast_creates(directory: Path, max_wait: float = 360.0) -> float:
     if cost > SLOW_CREATE_MS:
         print(f"warning: file creation still costs {cost:.2f} ms per file; figures will be off", flush=True)
     return cost
+
+
+WARM_CHUNK = 1 << 20
+WARM_MARGIN_BYTES = 1 << 30
+
+
+def free_memory_bytes() -> int:
+    """MemFree from /proc/meminfo (not MemAvailable: warming must not evict the cached series)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemFree:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def warm_guest_memory(gigabytes: float) -> tuple[float, float]:
+    """Write to `gigabytes` of fresh memory once and free it; returns (GB touched, seconds).
+
+    Why: in a virtual machine, the first write to a guest page the guest has never used costs a
+    fault in the hypervisor. The page cache grows into such pages while a benchmark writes images,
+    so whichever receiver runs on fresh memory pays it: writing a 530 KB file took 1.5-1.6 ms of
+    system CPU on fresh memory here and 0.54 ms after 4 GB had been touched once
+    (docs/performance.md, "Measuring on this machine"). A server that has run for a while has
+    touched its memory long ago. Freed pages go back to the guest's free lists and are reused first
+    by the page cache, so the measurements that follow see memory as on such a server. Touching
+    memory that is already backed is fast, so only the first benchmark after a boot pays. At most
+    MemFree less 1 GB is touched, so the cached test series stay cached.
+    """
+    size = min(int(gigabytes * (1 << 30)), max(0, free_memory_bytes() - WARM_MARGIN_BYTES))
+    size -= size % WARM_CHUNK
+    if size <= 0:
+        return 0.0, 0.0
+    start = time.perf_counter()
+    chunk = b"\x01" * WARM_CHUNK
+    with mmap.mmap(-1, size) as memory:
+        for offset in range(0, size, WARM_CHUNK):
+            memory[offset:offset + WARM_CHUNK] = chunk
+    return size / (1 << 30), time.perf_counter() - start
+
+
+DEFAULT_WARM_GB = 16.0
+
+
+def prepare_to_measure(work: Path, warm_gb: float) -> None:
+    """What every pipeline benchmark does before its first measurement: warm the guest's memory
+    (`warm_guest_memory`), then wait until file creation is fast (`wait_for_fast_creates`)."""
+    if warm_gb > 0:
+        touched, seconds = warm_guest_memory(warm_gb)
+        print(f"memory warmed: {touched:.1f} GB touched once in {seconds:.1f} s", flush=True)
+    wait_for_fast_creates(work)

@@ -40,7 +40,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import Peer, make_series, set_aside, start_storescp, storescu, wait_for_fast_creates
+from bench.common import (
+    DEFAULT_WARM_GB,
+    Peer,
+    make_series,
+    prepare_to_measure,
+    set_aside,
+    start_storescp,
+    storescu,
+)
 from bench.pipeline import (
     DATA_PATH,
     DEST_AET,
@@ -319,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CADUCEUS_DATABASE_URL for the bookkeeper (default: SQLite in the data dir)")
     parser.add_argument("--smoke", action="store_true", help="5 images of 64x64, senders 1,2")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--warm-gb", type=float, default=DEFAULT_WARM_GB,
+                        help="touch this much free memory once before measuring (bench/common.py "
+                        "warm_guest_memory; 0 = off)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -336,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         batches: dict[int, list[Path]] = {
             k: [make_series(work / f"s{k}-{i}", args.n, args.size) for i in range(k)] for k in senders}
         if not args.smoke:
-            wait_for_fast_creates(work)
+            prepare_to_measure(work, args.warm_gb)
         direct_dest = start_storescp(work / "dest-direct")
         cad_dest = start_storescp(work / "dest-caduceus")
         env = {"CADUCEUS_DATABASE_URL": args.database_url} if args.database_url else {}

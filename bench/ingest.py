@@ -35,15 +35,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    DEFAULT_WARM_GB,
     Peer,
     SendResult,
     make_series,
+    prepare_to_measure,
     start_nats,
     start_orthanc,
     start_receiver,
     start_storescp,
     storescu,
-    wait_for_fast_creates,
 )
 from shared import subjects
 from shared.bus import Bus
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fsync", action="store_true", help="(measurement only) receiver without fsync")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the receiver (e.g. CADUCEUS_RECEIVER_WORKERS=2)")
+    parser.add_argument("--warm-gb", type=float, default=DEFAULT_WARM_GB,
+                        help="touch this much free memory once before measuring (bench/common.py "
+                        "warm_guest_memory; 0 = off)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     count, size, modality = PRESETS[args.preset or "ct500"]
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(args.senders)} copies in {data}; senders {args.senders}", flush=True)
         copies = [series(data, f"series-{i}", args.count, args.size, args.modality) for i in range(max(args.senders))]
         if not args.smoke:
-            wait_for_fast_creates(work)
+            prepare_to_measure(work, args.warm_gb)
         runs = [run_once(args, work, copies, env, run) for run in range(1, args.repeat + 1)]
     events, expected = sum(r["events"] for r in runs), sum(r["expected_events"] for r in runs)
     print(f"image.received events: {events} (expected {expected})")

@@ -110,22 +110,28 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     return buffer
 
 
-def _wait(dul: Any, wake_r: socket.socket) -> None:
+def _wait(dul: Any, wake_r: socket.socket) -> bool:
+    """Block until the peer sent something, a primitive or event is queued, or IDLE_WAIT passed.
+
+    True when the peer's socket is known to be readable, so the caller can read the PDU without
+    pynetdicom's own readiness check (a second select per PDU, and a second GIL hand-over).
+    """
     if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
-        return
+        return False
     sock = dul.socket.socket if dul.socket is not None else None
     if sock is None or dul.socket._is_connected is False:
         select.select([wake_r], [], [], 0.001)
         _drain(wake_r)
-        return
+        return False
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return
+        return True
     try:
         ready, _, _ = select.select([sock, wake_r], [], [], IDLE_WAIT)
     except (OSError, ValueError):
-        return  # the socket went away: the transport check reports it
+        return False  # the socket went away: the transport check reports it
     if wake_r in ready:
         _drain(wake_r)
+    return sock in ready
 
 
 def _drain(wake_r: socket.socket) -> None:
@@ -142,8 +148,7 @@ def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket,
         while True:
             if not dul.assoc._dul_ready.is_set():
                 dul.assoc._dul_ready.set()
-            if idle:
-                _wait(dul, wake_r)
+            readable = _wait(dul, wake_r) if idle else False
             if dul._kill_thread:
                 break
             if dul.artim_timer.expired:
@@ -151,6 +156,9 @@ def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket,
             try:
                 if dul._process_recv_primitive():
                     pass
+                elif readable and dul.state_machine.current_state != "Sta13":
+                    dul._read_pdu_data()  # what _is_transport_event does once its select agrees
+                    dul._idle_timer.restart()
                 elif dul._is_transport_event():
                     dul._idle_timer.restart()
             except Exception as exc:  # noqa: BLE001 - same recovery as pynetdicom: abort the association

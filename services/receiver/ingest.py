@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import JournalError
 from services.receiver.timing import PhaseTimer
-from shared.blobstore import BlobInfo, LocalBlobStore, blob_key, fsync_directory
+from shared.blobstore import BlobInfo, LocalBlobStore, blob_key, fsync_directory, start_writeback
 from shared.config.model import SettingsItem
 from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
 from shared.events import Event, ImageQuarantined, ImageReceived, ImageRejected, make_event
@@ -120,7 +120,15 @@ class LocalBlobWriter:
         sender hears success only after both. (A worker thread for the fsyncs measured the same
         wall time and cost about five times the context switches.)
         """
-        created = _missing_parents(path.parent, self.store.root)
+        return self.stage(data, writeback=False).place(path)
+
+    def stage(self, data: bytes, writeback: bool = True) -> StagedFile:
+        """Write `data` to a new temp file of the store; `place()` on the result puts it under its key.
+
+        With `writeback`, the kernel starts writing the pages to disk at once (`start_writeback`),
+        so the device works while the caller reads the tags and builds the event, and the fsync
+        in `make_durable` then waits for less.
+        """
         tmp = self.store._tmp / f"{uuid.uuid4().hex}.part"  # the store's own temp dir (same filesystem)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -128,16 +136,47 @@ class LocalBlobWriter:
                 written = 0
                 while written < len(view):
                     written += os.write(fd, view[written:])
-            if created:  # else the series directory exists: no mkdir (and no EEXIST) per image
-                path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
+            if writeback and self.store.fsync:
+                start_writeback(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
+        return StagedFile(self, fd, tmp)
+
+
+class StagedFile:
+    """Instance data in a temp file of the blob store, not yet under its key."""
+
+    def __init__(self, writer: LocalBlobWriter, fd: int, tmp: Path) -> None:
+        self.writer = writer
+        self.fd: int | None = fd
+        self.tmp = tmp
+
+    def place(self, path: Path) -> UnsyncedWrite:
+        """Rename the temp file to `path` (creating its directories); the fsyncs are still to do."""
+        fd, self.fd = self.fd, None
+        assert fd is not None, "a staged file is placed or discarded once"
+        store = self.writer.store
+        try:
+            created = _missing_parents(path.parent, store.root)
+            if created:  # else the series directory exists: no mkdir (and no EEXIST) per image
+                path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp, path)
+        except BaseException:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
         # The rename lives in the file's directory; a new directory lives in its parent.
-        directories = {path.parent, *(d.parent for d in created)} if self.sync_dirs else set()
-        return UnsyncedWrite(fd, directories, self.store.fsync)
+        directories = {path.parent, *(d.parent for d in created)} if self.writer.sync_dirs else set()
+        return UnsyncedWrite(fd, directories, store.fsync)
+
+    def discard(self) -> None:
+        """Remove the temp file unless it was placed (a duplicate, a quarantined or journaled instance)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
 
 
 class UnsyncedWrite:
@@ -199,6 +238,31 @@ class Ingest:
         if timer:
             mark = timer.mark("space", mark)
         digest = self._start_digest(data)
+        staged = self._stage(data)
+        try:
+            if timer and staged:
+                mark = timer.mark("file", mark)
+            return self._store_staged(assoc, settings, data, digest, staged, context_ts, request_sop_uid, mark)
+        finally:
+            if staged is not None:
+                staged.discard()  # not placed under its key: an error, a duplicate, quarantine, journal
+
+    def _stage(self, data: bytes) -> StagedFile | None:
+        """A large instance on a local store goes to a temp file before anything else, so that the
+        disk writes it while the tags are read (LocalBlobWriter.stage)."""
+        if not isinstance(self.writer, LocalBlobWriter):
+            return None
+        if self.journal is not None and len(data) <= self.journal_max_bytes:
+            return None
+        try:
+            return self.writer.stage(data)
+        except OSError as exc:  # disk full, say: _start_write tries again and reports it
+            log.debug("could not stage the instance ahead of its tags: %s", exc)
+            return None
+
+    def _store_staged(self, assoc: AssociationInfo, settings: SettingsItem, data: bytes, digest: Future[str],
+                      staged: StagedFile | None, context_ts: str, request_sop_uid: str, mark: int) -> int:
+        timer = assoc.timer
         try:
             tags = extract_tags(data, settings.extract_tags)
             self._check_identity(tags)
@@ -217,12 +281,12 @@ class Ingest:
             # that the newest copy is the one written last.)
             return self._store_journaled(assoc, data, digest.result(), tags, key, context_ts, ctx, mark)
         try:
-            duplicate, write = self._start_write(key, data)
+            duplicate, write = self._start_write(key, data, staged)
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
         if timer:
-            mark = timer.mark("file", mark)
+            mark = timer.mark("place" if staged else "file", mark)
         try:
             event = self._received_event(assoc, tags, key, data, digest.result(), context_ts, duplicate)
             if timer:
@@ -326,9 +390,10 @@ class Ingest:
             return False
         return free is None or free >= settings.min_free_space_mb * 1024 * 1024
 
-    def _start_write(self, key: str, data: bytes) -> tuple[Literal["new", "identical", "replaced"],
-                                                            UnsyncedWrite | None]:
-        """Deal with an existing copy, then write (on a local store, without the fsyncs yet).
+    def _start_write(self, key: str, data: bytes, staged: StagedFile | None = None) -> tuple[
+            Literal["new", "identical", "replaced"], UnsyncedWrite | None]:
+        """Deal with an existing copy, then write (on a local store, without the fsyncs yet; from
+        `staged` if the data is already in a temp file).
 
         Returns the duplicate kind and the write still to be made durable (None: nothing to do).
         """
@@ -341,7 +406,7 @@ class Ingest:
             return "identical", None
         duplicate: Literal["new", "replaced"] = "new" if existing is None else "replaced"
         if isinstance(self.writer, LocalBlobWriter):
-            return duplicate, self.writer.put_visible(path, data)
+            return duplicate, staged.place(path) if staged else self.writer.put_visible(path, data)
         self.writer.put(key, data)
         return duplicate, None
 

@@ -154,6 +154,33 @@ async def test_garbage_and_truncated_are_quarantined(receiver: Peer, bus: Bus, s
     assert blob_files(data_dir) == []
 
 
+async def test_direct_path_stores_from_a_staged_temp_file_and_leaves_none(
+        nats_url: str, bus: Bus, data_dir: Path, series5: Path, tmp_path: Path) -> None:
+    # Without the journal (as for instances above receiver_journal_max_kb) the data goes to a temp
+    # file before its tags are read; placed under its key, or removed for a duplicate or quarantine.
+    receiver = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log",
+                              env={"CADUCEUS_RECEIVER_JOURNAL_MAX_KB": "0"})
+    try:
+        first = sorted(series5.iterdir())[0]
+        changed = pydicom.dcmread(first)
+        changed.SeriesDescription = "changed"
+        changed.save_as(tmp_path / "changed.dcm")
+        raw = first.read_bytes()
+        meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+        truncated = _with_body(first, raw[meta_end:len(raw) - 1000], tmp_path / "truncated.dcm")
+        paths = [*sorted(series5.iterdir()), first, tmp_path / "changed.dcm", truncated]
+        statuses = await asyncio.to_thread(_send_raw_files, receiver.port, paths)
+        assert statuses == [0] * 7 + [0xC000]
+        events = await wait_events(bus, "image.received", 7)
+        assert [e.payload["duplicate"] for e in events] == ["new"] * 5 + ["identical", "replaced"]
+        stored = {uid: pixels for uid, pixels in map(_uids, blob_files(data_dir))}
+        assert stored == dict(map(_uids, series5.iterdir()))
+        assert len(blob_files(data_dir, "quarantine")) == 1
+        assert list((data_dir / "blobs" / ".tmp").iterdir()) == []
+    finally:
+        receiver.stop()
+
+
 async def test_nats_down_is_not_success_without_the_journal(nats_url: str, data_dir: Path, bus: Bus,
                                                              nats_server: EmbeddedNats, series5: Path,
                                                              tmp_path: Path) -> None:
