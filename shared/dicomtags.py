@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
@@ -433,7 +434,7 @@ def _fast_read(data: bytes, wanted: _Wanted) -> tuple[Dataset, str]:
             continue  # a sequence is never a rule value
         pos = start + length
         if tag in numbers:
-            value = data[start:pos] if length else empty_value_for_VR(vr, raw=True)
+            value = data[start:pos] if length else _empty_raw(vr)
             # Keyed by the caller's own BaseTag object: dict lookups then match by identity instead
             # of calling BaseTag.__eq__ (Python code) for each of the ~50 wanted tags.
             key = tags_by_number[tag]
@@ -451,6 +452,19 @@ def _fast_read(data: bytes, wanted: _Wanted) -> tuple[Dataset, str]:
     assert charset is None or isinstance(charset, RawDataElement)  # the loop keeps raw elements only
     ds.set_original_encoding(implicit, True, _character_set(charset))
     return ds, transfer_syntax
+
+
+_EMPTY_RAW: dict[tuple[str | None, bool], Any] = {}
+
+
+def _empty_raw(vr: str | None) -> Any:
+    """pydicom's raw value for an empty element of `vr`, memoised: `empty_value_for_VR` builds a set
+    difference on every call, and a header has several empty elements."""
+    key = (vr, bool(pydicom_config.use_none_as_empty_text_VR_value))
+    value = _EMPTY_RAW.get(key, _EMPTY_RAW)
+    if value is _EMPTY_RAW:
+        value = _EMPTY_RAW[key] = empty_value_for_VR(vr, raw=True)
+    return value
 
 
 def _character_set(raw: RawDataElement | None) -> list[str]:
