@@ -135,10 +135,29 @@ def start_receiver(nats_url: str, data_dir: Path, *, port: int | None = None,
     proc = _spawn([sys.executable, "-m", "services.receiver"], log_path, full_env, cwd=REPO)
     try:
         wait_port("127.0.0.1", port, timeout=30)
+        _wait_for_workers(log_path, _worker_processes(full_env.get("CADUCEUS_RECEIVER_WORKERS", "")))
     except TimeoutError:
         proc.kill()
         raise RuntimeError(f"receiver did not start:\n{log_path.read_text(errors='replace')}") from None
     return Peer(port, proc, log_path)
+
+
+def _worker_processes(setting: str) -> int:
+    """Receiver processes for a CADUCEUS_RECEIVER_WORKERS value (services/receiver/workers.py)."""
+    raw = setting.strip().lower()
+    if raw == "auto":
+        return max(1, min(4, os.cpu_count() or 1))
+    return max(1, int(raw)) if raw else 1
+
+
+def _wait_for_workers(log_path: Path, processes: int, timeout: float = 30.0) -> None:
+    """Until the worker processes say they are ready: the supervisor hands connections only to
+    ready workers, so senders started before that would all be served by the supervisor."""
+    deadline = time.monotonic() + timeout
+    while log_path.read_text(errors="replace").count("receiver worker ready") < processes - 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError("receiver workers not ready")
+        time.sleep(0.1)
 
 
 def start_nats(workdir: Path) -> EmbeddedNats:
