@@ -19,6 +19,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from bench.synthetic import write_series
+from services.receiver.workers import WORKERS_ENV, worker_count
 from shared.blobstore import LocalBlobStore, blob_key
 from shared.manifest import Manifest, ManifestInstance, write_manifest
 from shared.natsserver import EmbeddedNats, free_port, terminate, wait_port
@@ -135,19 +136,11 @@ def start_receiver(nats_url: str, data_dir: Path, *, port: int | None = None,
     proc = _spawn([sys.executable, "-m", "services.receiver"], log_path, full_env, cwd=REPO)
     try:
         wait_port("127.0.0.1", port, timeout=30)
-        _wait_for_workers(log_path, _worker_processes(full_env.get("CADUCEUS_RECEIVER_WORKERS", "")))
+        _wait_for_workers(log_path, worker_count(full_env.get(WORKERS_ENV, "")))
     except TimeoutError:
         proc.kill()
         raise RuntimeError(f"receiver did not start:\n{log_path.read_text(errors='replace')}") from None
     return Peer(port, proc, log_path)
-
-
-def _worker_processes(setting: str) -> int:
-    """Receiver processes for a CADUCEUS_RECEIVER_WORKERS value (services/receiver/workers.py)."""
-    raw = setting.strip().lower()
-    if raw == "auto":
-        return max(1, min(4, os.cpu_count() or 1))
-    return max(1, int(raw)) if raw else 1
 
 
 def _wait_for_workers(log_path: Path, processes: int, timeout: float = 30.0) -> None:

@@ -44,14 +44,15 @@ READY, ENDED = b"R", b"E"
 RESTART_DELAY = 1.0
 
 
-def worker_count() -> int:
-    """Processes serving associations, the supervisor included.
+def worker_count(setting: str | None = None) -> int:
+    """Processes serving associations, the supervisor included, for a CADUCEUS_RECEIVER_WORKERS
+    value (`setting`; None: this process's environment).
 
-    Default 1: on the 2-core test machine (shared, load 6-80) 2 and 4 processes did not measurably
-    raise the 4-sender throughput (docs/performance.md): the receiver processes were 15-60 % busy,
-    the time went to CPU and disk contention, not to the GIL. `auto` = cores, at most 4.
+    `auto` = cores, at most 4. Default 1: two processes are faster with several senders (session 8,
+    docs/performance.md), but the connection limits (admission.py) are kept by each process, so
+    N processes admit N times as many connections (docs/reliability.md).
     """
-    raw = os.environ.get(WORKERS_ENV, "").strip().lower()
+    raw = (os.environ.get(WORKERS_ENV, "") if setting is None else setting).strip().lower()
     if raw == "auto":
         return max(1, min(4, os.cpu_count() or 1))
     return max(1, int(raw)) if raw else 1
