@@ -20,6 +20,7 @@ Helpers fail loudly when a binary is missing: tests must not skip silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -78,6 +79,16 @@ class TlsFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer closed this (non-blocking) connection."""
+    with contextlib.suppress(BlockingIOError):
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+    return False
 
 
 def open_connections(port: int, count: int, timeout: float = 5.0,

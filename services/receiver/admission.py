@@ -19,6 +19,11 @@ longest for its A-ASSOCIATE-RQ, if that is more than IDLE_GRACE_SECONDS: pynetdi
 expiry (Evt18, close the transport) ends it within one DUL loop, and the acceptor waits for that
 before admitting the new connection, so that its A-ASSOCIATE-RQ finds room under pynetdicom's own
 association limit.
+
+With several receiver processes (services/receiver/workers.py) the supervisor accepts every
+connection and decides here, before handing it over, counting the connections the workers hold
+(`OtherConnections`): the bounds and the per-host limit hold for the whole receiver, and idle
+connections held by a worker are ended by that worker when the supervisor asks.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -36,6 +41,39 @@ HEADROOM = 32          # connections above maximum_associations that still reach
 WARN_EVERY_SECONDS = 10.0
 IDLE_GRACE_SECONDS = 2.0  # a connection waiting longer for its A-ASSOCIATE-RQ may be ended for a new one
 EVICTION_WAIT_SECONDS = 0.5
+
+
+def waiting_since(assoc: Any) -> float | None:
+    """When an accepted connection started waiting for its A-ASSOCIATE-RQ (time.time()); None when
+    it is past that (or already being ended)."""
+    dul = assoc.dul
+    if not assoc.is_acceptor or getattr(dul, "caduceus_evicted", False):
+        return None
+    # Sta2: transport open, ARTIM running until the A-ASSOCIATE-RQ arrives (PS3.8 9.2).
+    since = getattr(dul.artim_timer, "_start_time", None)  # pynetdicom 3.0's Timer
+    return since if dul.state_machine.current_state == "Sta2" else None
+
+
+def end_idle(assoc: Any) -> None:
+    """End a connection that is still waiting for its A-ASSOCIATE-RQ."""
+    assoc.dul.caduceus_evicted = True
+    assoc.dul.artim_timer.timeout = 0  # expired: the DUL loop raises Evt18, closes the transport
+
+
+class OtherConnections(Protocol):
+    """Connections of this receiver that other processes serve (services/receiver/workers.py)."""
+
+    def hosts(self) -> list[str]:
+        """The peer address of each."""
+
+    def idle(self) -> list[tuple[float, int]]:
+        """(connected since, key) of those still waiting for their A-ASSOCIATE-RQ, not being ended."""
+
+    def end(self, keys: list[int]) -> None:
+        """Ask their processes to end these idle connections."""
+
+    def any_open(self, keys: list[int]) -> bool:
+        """Whether any of these is still open."""
 
 
 class BoundedServer(ThreadedAssociationServer):
@@ -48,6 +86,8 @@ class BoundedServer(ThreadedAssociationServer):
 
     # Open connections one peer address may hold (0: no such limit); set from the live settings.
     per_host_limit = 0
+    # Connections that worker processes hold, counted with ours (the supervisor of workers.py).
+    others: OtherConnections | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lock = threading.Lock()
@@ -61,8 +101,8 @@ class BoundedServer(ThreadedAssociationServer):
     def connection_limit(self) -> int:
         return int(self.ae.maximum_associations) + HEADROOM
 
-    def _open_by_host(self) -> list[str]:
-        """The peer address of every open connection."""
+    def _local_hosts(self) -> list[str]:
+        """The peer address of every connection this process holds."""
         with self._lock:
             starting = dict(self._starting)
         hosts = []
@@ -74,46 +114,46 @@ class BoundedServer(ThreadedAssociationServer):
             hosts.append(str(assoc.requestor.address))
         return hosts + list(starting.values())
 
+    def _open_by_host(self) -> list[str]:
+        """The peer address of every open connection of the receiver."""
+        others = self.others.hosts() if self.others is not None else []
+        return self._local_hosts() + others
+
     def open_connections(self) -> int:
         return len(self._open_by_host())
 
-    def _idle_connections(self) -> list[tuple[float, Any]]:
-        """(connected since, association) of accepted connections still waiting for their
-        A-ASSOCIATE-RQ, longest waiting first, not already being ended."""
-        idle = []
-        for assoc in self.ae.active_associations:
-            dul = assoc.dul
-            if not assoc.is_acceptor or getattr(dul, "caduceus_evicted", False):
-                continue
-            # Sta2: transport open, ARTIM running until the A-ASSOCIATE-RQ arrives (PS3.8 9.2).
-            since = getattr(dul.artim_timer, "_start_time", None)  # pynetdicom 3.0's Timer
-            if dul.state_machine.current_state == "Sta2" and since is not None:
-                idle.append((since, assoc))
-        return sorted(idle, key=lambda item: item[0])
-
     def _make_room(self, open_now: int) -> bool:
-        """End idle connections (waiting > IDLE_GRACE_SECONDS) until one more connection fits under
-        maximum_associations, and wait (briefly) until they are gone; True if any was ended."""
+        """End idle connections (waiting > IDLE_GRACE_SECONDS, longest waiting first, ours or the
+        workers') until one more connection fits under maximum_associations, and wait (briefly)
+        until they are gone; True if any was ended."""
         excess = open_now + 1 - int(self.ae.maximum_associations)
         if excess <= 0:
             return False
+        idle: list[tuple[float, Any, int]] = []
+        for assoc in self.ae.active_associations:
+            since = waiting_since(assoc)
+            if since is not None:
+                idle.append((since, assoc, 0))
+        if self.others is not None:
+            idle.extend((since, None, key) for since, key in self.others.idle())
         cutoff = time.time() - IDLE_GRACE_SECONDS
-        ending = []
-        for since, assoc in self._idle_connections()[:excess]:
-            if since > cutoff:
-                break
-            assoc.dul.caduceus_evicted = True
-            assoc.dul.artim_timer.timeout = 0  # expired: the DUL loop raises Evt18, closes the transport
-            ending.append(assoc)
-        if not ending:
+        chosen = [item for item in sorted(idle, key=lambda item: item[0])[:excess] if item[0] <= cutoff]
+        if not chosen:
             return False
+        ours = [assoc for _since, assoc, _key in chosen if assoc is not None]
+        theirs = [key for _since, assoc, key in chosen if assoc is None]
+        for assoc in ours:
+            end_idle(assoc)
+        if theirs and self.others is not None:
+            self.others.end(theirs)
         with self._lock:
-            self.evicted_connections += len(ending)
+            self.evicted_connections += len(chosen)
         # Until their threads end they count against pynetdicom's association limit, which the new
         # connection's A-ASSOCIATE-RQ is checked against. (This pauses the acceptor for one DUL loop,
         # ~50 ms, which also slows a flood down.)
         deadline = time.monotonic() + EVICTION_WAIT_SECONDS
-        while any(assoc.is_alive() for assoc in ending) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+                any(assoc.is_alive() for assoc in ours) or (self.others is not None and self.others.any_open(theirs))):
             time.sleep(0.005)
         return True
 
@@ -152,6 +192,13 @@ class BoundedServer(ThreadedAssociationServer):
             super().process_request_thread(request, client_address)
         finally:
             self._started(request)
+
+    # Called by the StorageSCP's handlers (association threads); a worker's server reports them.
+    def association_requested(self, assoc: Any) -> None:
+        """The connection's A-ASSOCIATE-RQ arrived: it is no longer idle."""
+
+    def connection_closed(self, assoc: Any) -> None:
+        """The connection ended."""
 
     def _started(self, request: Any) -> None:
         with self._lock:

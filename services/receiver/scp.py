@@ -126,9 +126,8 @@ def ssl_context_for(settings: SettingsItem) -> ssl.SSLContext | None:
 class StorageSCP:
     def __init__(self, ingest: Ingest, settings: Callable[[], SettingsItem],
                  publish_later: Callable[[Event], None], host: str, port: int,
-                 use_fastpath: bool = True, on_conn_close: Callable[[], None] | None = None) -> None:
+                 use_fastpath: bool = True) -> None:
         self.ingest = ingest
-        self.on_conn_close = on_conn_close  # workers: tell the supervisor a connection ended
         self.settings = settings
         self.publish_later = publish_later
         self.host = host
@@ -252,6 +251,9 @@ class StorageSCP:
 
     def _on_requested(self, event: DicomEvent) -> None:
         assoc: Any = event.assoc
+        server = self.server
+        if isinstance(server, BoundedServer):
+            server.association_requested(assoc)  # a worker tells the supervisor (workers.py)
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
@@ -344,8 +346,9 @@ class StorageSCP:
         self._ended(event.assoc, "aborted")
 
     def _on_conn_close(self, event: DicomEvent) -> None:
-        if self.on_conn_close is not None:
-            self.on_conn_close()
+        server = self.server
+        if isinstance(server, BoundedServer):
+            server.connection_closed(event.assoc)  # a worker tells the supervisor (workers.py)
         # The close can come (from the DUL thread) just before EVT_RELEASED/EVT_ABORTED; give those
         # a moment to report the better reason, whoever pops the info first publishes.
         timer = threading.Timer(1.0, self._ended, (event.assoc, "closed"))

@@ -64,7 +64,7 @@ class AsyncBlobWriter:
 
 
 async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], SettingsItem],
-                    loop: asyncio.AbstractEventLoop, on_conn_close: Callable[[], None] | None = None) -> StorageSCP:
+                    loop: asyncio.AbstractEventLoop) -> StorageSCP:
     """The storage SCP with its Ingest, publishing through `bus` on `loop` (supervisor and workers)."""
     bridge = ThreadBridge(loop)
     publisher = ThreadPublisher(bus, loop)
@@ -101,7 +101,7 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
     ingest = Ingest(writer, publisher.publish, settings_item, publish_timeout=publish_timeout,
                     journal=applier, journal_max_bytes=settings.receiver_journal_max_kb * 1024)
     return StorageSCP(ingest, settings_item, publish_later, settings.dicom_host, settings.dicom_port,
-                      use_fastpath=use_fastpath, on_conn_close=on_conn_close)
+                      use_fastpath=use_fastpath)
 
 
 def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: PublishBatch,
@@ -185,11 +185,9 @@ class ReceiverService(Service):
         if workers > 1:
             self.pool = WorkerPool(workers - 1, self.instance)
         pool = self.pool
-        self.scp = await build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop(),
-                             on_conn_close=pool.local_closed if pool else None)
+        self.scp = await build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop())
         if pool is not None:
-            port = await asyncio.to_thread(self.scp.start, RoutingServer,
-                                           lambda server: setattr(server, "router", pool.route))
+            port = await asyncio.to_thread(self.scp.start, RoutingServer, lambda server: server.attach(pool))
             pool.start()
         else:
             port = await asyncio.to_thread(self.scp.start)

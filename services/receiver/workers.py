@@ -4,6 +4,8 @@ Why: the per-image work is Python and holds the GIL, so one process uses about o
 many senders there are. With N workers, the receiver service process (the "supervisor") keeps
 listening on the DICOM port and serving associations itself, and starts N-1 worker processes
 (`python -m services.receiver` with CADUCEUS_RECEIVER_CHANNEL_FD set). Each accepted connection
+is first admitted by the supervisor for the whole receiver (admission.py: the connection bound,
+the per-host limit and the ending of idle connections count every process's connections), then
 goes to whoever has the fewest open connections: the supervisor keeps it, or hands the socket to
 a worker over an AF_UNIX SOCK_SEQPACKET socketpair (SCM_RIGHTS), before any TLS handshake.
 (SO_REUSEPORT would spread connections by a hash of the ports: 4 senders land 3+1 or 4+0 on two
@@ -12,9 +14,11 @@ processes half of the time.)
 A worker is a small runtime of its own: its own NATS connection and configuration follower, the
 same Ingest path (file stored and fsynced, image.received acknowledged, then 0x0000), no lifecycle
 events or heartbeats (the supervisor is the service; its heartbeat reports the workers). Messages
-on the channel: supervisor -> worker: a connection (fd + peer address as JSON); worker ->
-supervisor: b"R" (ready), b"E" (a connection ended). When the supervisor dies the channel reaches
-EOF and the worker drains and exits; when a worker dies the supervisor starts another one.
+on the channel: supervisor -> worker: a connection (fd + JSON {key, host, port}) or a request to
+end idle connections (JSON {end: [key...]}, no fd); worker -> supervisor: b"R" (ready), b"A<key>"
+(its A-ASSOCIATE-RQ arrived), b"E<key>" (it ended). When the supervisor dies the channel reaches
+EOF and the worker drains and exits; when a worker dies the supervisor starts another one and
+forgets the dead one's connections.
 """
 
 from __future__ import annotations
@@ -34,14 +38,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.receiver.admission import BoundedServer
+from services.receiver.admission import BoundedServer, end_idle, waiting_since
 
 log = logging.getLogger(__name__)
 
 WORKERS_ENV = "CADUCEUS_RECEIVER_WORKERS"
 CHANNEL_FD_ENV = "CADUCEUS_RECEIVER_CHANNEL_FD"
-READY, ENDED = b"R", b"E"
+READY, REQUESTED, ENDED = b"R", b"A", b"E"
 RESTART_DELAY = 1.0
+RECONCILE_AFTER_SECONDS = 5.0
 
 
 def worker_count(setting: str | None = None) -> int:
@@ -67,28 +72,41 @@ def channel_fd() -> int | None:
 
 
 class RoutingServer(BoundedServer):
-    """The supervisor's acceptor: `router(sock, address)` may hand the raw socket to a worker."""
+    """The supervisor's acceptor: admits each connection for the whole receiver (admission.py,
+    counting the workers' connections), then serves it or hands the raw socket to a worker."""
 
-    router: Callable[[socket.socket, Any], bool] | None = None
+    pool: WorkerPool | None = None
+
+    def attach(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.others = pool
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
-        client, address = self.socket.accept()
-        if self.router is not None and self.router(client, address):
+        return self.socket.accept()  # TLS comes after the hand-over (process_request)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.pool is not None and self.pool.route(request, client_address, len(self._local_hosts())):
             # The worker has its own copy of the descriptor: close ours without shutdown(),
             # which would end the connection for the worker too.
-            client.close()
-            raise OSError("connection handed to a worker")  # socketserver skips this request
+            request.close()
+            return
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
-        return client, address
+            request = self.ssl_context.wrap_socket(request, server_side=True)
+        super().process_request(request, client_address)
 
 
 class HandedOverServer(BoundedServer):
-    """A worker's acceptor: connections arrive over the channel instead of from accept()."""
+    """A worker's acceptor: connections arrive over the channel instead of from accept(), already
+    admitted by the supervisor; the worker reports when each is requested and when it ends."""
 
     channel: socket.socket
     on_channel_closed: Callable[[], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._peers: dict[tuple[str, int], tuple[int, float]] = {}  # peer -> (key, handed over at)
+        self._peers_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
         pass  # never listens: the supervisor owns the port
@@ -99,23 +117,70 @@ class HandedOverServer(BoundedServer):
     def fileno(self) -> int:
         return self.channel.fileno()
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return True  # the supervisor admitted it
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         try:
             message, fds, _flags, _address = socket.recv_fds(self.channel, 1024, 1)
         except OSError:
             message, fds = b"", []
-        if not fds:
+        if not message:
             callback, self.on_channel_closed = self.on_channel_closed, None
             if callback is not None:
                 callback()
             time.sleep(0.05)  # until the shutdown lands, the channel stays readable (EOF)
             raise OSError("supervisor channel closed")
+        order = json.loads(message)
+        if not fds:
+            self._end_idle(set(order["end"]))
+            raise OSError("not a connection")  # socketserver skips this request
         client = socket.socket(fileno=fds[0])
-        peer = json.loads(message)
-        address = (str(peer["host"]), int(peer["port"]))
+        address = (str(order["host"]), int(order["port"]))
+        with self._peers_lock:
+            self._peers[address] = (int(order["key"]), time.monotonic())
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except OSError:
+                client.close()
+                self._report(ENDED, address)
+                raise
         return client, address
+
+    def association_requested(self, assoc: Any) -> None:
+        self._report(REQUESTED, _peer(assoc))
+
+    def connection_closed(self, assoc: Any) -> None:
+        self._report(ENDED, _peer(assoc))
+
+    def _report(self, kind: bytes, peer: tuple[str, int]) -> None:
+        with self._peers_lock:
+            entry = self._peers.pop(peer, None) if kind == ENDED else self._peers.get(peer)
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                self.channel.send(kind + str(entry[0]).encode())
+
+    def _end_idle(self, keys: set[int]) -> None:
+        with self._peers_lock:
+            peers = {peer for peer, (key, _at) in self._peers.items() if key in keys}
+        for assoc in self.ae.active_associations:
+            if _peer(assoc) in peers and waiting_since(assoc) is not None:
+                end_idle(assoc)
+
+    def reconcile(self, older_than: float = RECONCILE_AFTER_SECONDS) -> None:
+        """Report as ended the connections whose association is gone without a close event (so
+        that the supervisor's counts cannot drift), once they are past starting up."""
+        alive = {_peer(assoc) for assoc in self.ae.active_associations}
+        cutoff = time.monotonic() - older_than
+        with self._peers_lock:
+            gone = [peer for peer, (_key, at) in self._peers.items() if at < cutoff and peer not in alive]
+        for peer in gone:
+            self._report(ENDED, peer)
+
+
+def _peer(assoc: Any) -> tuple[str, int]:
+    return str(assoc.requestor.address), int(assoc.requestor.port)
 
 
 # ---------------------------------------------------------------- supervisor side
@@ -127,18 +192,30 @@ class Worker:
     channel: socket.socket
     process: subprocess.Popen[bytes]
     ready: bool = False
-    open: int = 0
     reader: threading.Thread | None = field(default=None, repr=False)
 
 
+@dataclass
+class HandedOver:
+    """A connection a worker serves, as the supervisor counts it."""
+
+    worker: int
+    host: str
+    since: float  # time.time(), as pynetdicom's ARTIM timer (admission.waiting_since)
+    requested: bool = False
+    ending: bool = False
+
+
 class WorkerPool:
-    """Starts, feeds and restarts the worker processes of one supervisor."""
+    """Starts, feeds and restarts the worker processes of one supervisor, and keeps the list of the
+    connections they serve (admission.OtherConnections) from their reports."""
 
     def __init__(self, extra: int, instance: str) -> None:
         self.extra = extra
         self.instance = instance
         self.workers: dict[int, Worker] = {}
-        self.local_open = 0
+        self.connections: dict[int, HandedOver] = {}
+        self._next_key = 0
         self.lock = threading.Lock()
         self.stopping = False
         self.restarts = 0
@@ -169,17 +246,19 @@ class WorkerPool:
     def _read(self, worker: Worker) -> None:
         while True:
             try:
-                message = worker.channel.recv(16)
+                message = worker.channel.recv(64)
             except OSError:
                 message = b""
+            if not message:
+                break
             if message == READY:
                 worker.ready = True
-            elif message == ENDED:
-                with self.lock:
-                    worker.open = max(0, worker.open - 1)
-            elif not message:
-                break
+            else:
+                self._reported(message)
         worker.ready = False
+        with self.lock:  # its connections died with it
+            for key in [key for key, conn in self.connections.items() if conn.worker == worker.index]:
+                del self.connections[key]
         worker.channel.close()
         code = worker.process.wait()
         if self.stopping:
@@ -190,27 +269,61 @@ class WorkerPool:
         if not self.stopping:
             self._spawn(worker.index)
 
-    def route(self, client: socket.socket, address: Any) -> bool:
-        """True when the connection went to a worker; False: the supervisor serves it."""
+    def _reported(self, message: bytes) -> None:
+        kind, key = message[:1], int(message[1:])
         with self.lock:
-            ready = [w for w in self.workers.values() if w.ready]
-            best = min(ready, key=lambda w: w.open, default=None)
-            if best is None or best.open >= self.local_open:
-                self.local_open += 1
+            if kind == ENDED:
+                self.connections.pop(key, None)
+            elif kind == REQUESTED and key in self.connections:
+                self.connections[key].requested = True
+
+    def route(self, client: socket.socket, address: Any, local_open: int) -> bool:
+        """True when the connection went to a worker; False: the supervisor serves it (it has no
+        more open connections than any ready worker)."""
+        with self.lock:
+            counts = {index: 0 for index, worker in self.workers.items() if worker.ready}
+            for conn in self.connections.values():
+                if conn.worker in counts:
+                    counts[conn.worker] += 1
+            best = min(counts, key=counts.__getitem__, default=None)
+            if best is None or counts[best] >= local_open:
                 return False
-            payload = json.dumps({"host": address[0], "port": address[1]}).encode()
+            key = self._next_key = self._next_key + 1
+            order = json.dumps({"key": key, "host": address[0], "port": address[1]}).encode()
             try:
-                socket.send_fds(best.channel, [payload], [client.fileno()])
+                socket.send_fds(self.workers[best].channel, [order], [client.fileno()])
             except OSError as exc:
-                log.warning("could not hand a connection to worker %d: %s", best.index, exc)
-                self.local_open += 1
+                log.warning("could not hand a connection to worker %d: %s", best, exc)
                 return False
-            best.open += 1
+            self.connections[key] = HandedOver(best, str(address[0]), time.time())
             return True
 
-    def local_closed(self) -> None:
+    # admission.OtherConnections, for the acceptor thread
+    def hosts(self) -> list[str]:
         with self.lock:
-            self.local_open = max(0, self.local_open - 1)
+            return [conn.host for conn in self.connections.values()]
+
+    def idle(self) -> list[tuple[float, int]]:
+        with self.lock:
+            return [(conn.since, key) for key, conn in self.connections.items()
+                    if not conn.requested and not conn.ending]
+
+    def end(self, keys: list[int]) -> None:
+        by_worker: dict[int, list[int]] = {}
+        with self.lock:
+            for key in keys:
+                conn = self.connections.get(key)
+                if conn is not None:
+                    conn.ending = True
+                    by_worker.setdefault(conn.worker, []).append(key)
+            channels = {index: self.workers[index].channel for index in by_worker if index in self.workers}
+        for index, channel in channels.items():
+            with contextlib.suppress(OSError):
+                channel.send(json.dumps({"end": by_worker[index]}).encode())
+
+    def any_open(self, keys: list[int]) -> bool:
+        with self.lock:
+            return any(key in self.connections for key in keys)
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM every worker (each drains its associations), then wait; kill what is left."""
@@ -231,9 +344,12 @@ class WorkerPool:
     def details(self) -> dict[str, Any]:
         with self.lock:
             workers = list(self.workers.values())
+            open_by_worker = {worker.index: 0 for worker in workers}
+            for conn in self.connections.values():
+                open_by_worker[conn.worker] = open_by_worker.get(conn.worker, 0) + 1
         return {"workers": 1 + len(workers), "workers_ready": 1 + sum(1 for w in workers if w.ready),
                 "worker_restarts": self.restarts,
-                "worker_open_connections": [w.open for w in workers], "local_open_connections": self.local_open}
+                "worker_open_connections": [open_by_worker[w.index] for w in workers]}
 
 
 # ---------------------------------------------------------------- worker side
@@ -274,10 +390,21 @@ async def _worker_main(settings: Any, channel: socket.socket) -> None:
     scp, follower, bus = startup.result()
     channel.send(READY)
     log.info("receiver worker ready", extra={"data": {"pid": os.getpid()}})
+    reconciling = asyncio.ensure_future(_reconcile_until(scp, stop))
     await stop.wait()
+    await reconciling
     await asyncio.to_thread(drain_associations, scp)
     await follower.stop()
     await bus.close()
+
+
+async def _reconcile_until(scp: Any, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), RECONCILE_AFTER_SECONDS)
+        server = scp.server
+        if isinstance(server, HandedOverServer):
+            server.reconcile()
 
 
 async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.AbstractEventLoop,
@@ -297,15 +424,11 @@ async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.Abs
     await follower.start()
     await follower.wait_ready()
 
-    def ended() -> None:
-        with contextlib.suppress(OSError):
-            channel.send(ENDED)
-
     def configure(server: Any) -> None:
         server.channel = channel
         server.on_channel_closed = lambda: loop.call_soon_threadsafe(stop.set)
 
-    scp = await build_scp(settings, bus, lambda: follower.config.settings, loop, on_conn_close=ended)
+    scp = await build_scp(settings, bus, lambda: follower.config.settings, loop)
     scp_holder.append(scp)
     await asyncio.to_thread(scp.start, HandedOverServer, configure)
     return scp, follower, bus

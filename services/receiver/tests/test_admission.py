@@ -1,33 +1,49 @@
 """Connection admission (services/receiver/admission.py): a flood of idle connections is bounded,
-the excess is closed at once, and the receiver serves again as soon as the flood ends."""
+the excess is closed at once, and the receiver serves again as soon as the flood ends. Each test
+runs against one receiver process and against two (services/receiver/workers.py), where the
+limits must hold for the whole receiver, not per process."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
+import pytest
 from pynetdicom import AE
 
-from bench.common import Peer, echoscu
+from bench.common import Peer, echoscu, start_receiver
 from services.receiver.admission import HEADROOM, IDLE_GRACE_SECONDS
 from services.receiver.tests.helpers import apply_settings
+from services.receiver.workers import WORKERS_ENV
 from shared.bus import Bus
-from tests.peers import open_connections
+from tests.peers import closed_by_peer, open_connections
 
 MAXIMUM_ASSOCIATIONS = 200  # services/receiver/scp.py build_ae
 LIMIT = MAXIMUM_ASSOCIATIONS + HEADROOM
 
 
-def _closed_by_peer(sock: socket.socket) -> bool:
-    with contextlib.suppress(BlockingIOError):
-        try:
-            return sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-    return False
+@pytest.fixture(params=["1", "2"], ids=["one-process", "two-processes"])
+def receiver(request: pytest.FixtureRequest, nats_url: str, data_dir: Path, tmp_path: Path) -> Iterator[Peer]:
+    peer = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log",
+                          env={"CADUCEUS_RECEIVER_PUBLISH_TIMEOUT": "1.5", WORKERS_ENV: request.param})
+    yield peer
+    peer.stop()
+
+
+def _held_by_process(receiver: Peer) -> list[int]:
+    """Connections to the DICOM port that each receiver process holds (supervisor first)."""
+    assert receiver.process is not None
+    supervisor = psutil.Process(receiver.process.pid)
+    counts = []
+    for process in [supervisor, *supervisor.children()]:
+        connections = process.net_connections(kind="tcp")
+        counts.append(sum(1 for conn in connections
+                          if conn.laddr and conn.laddr.port == receiver.port and conn.raddr))
+    return counts
 
 
 async def test_idle_flood_is_bounded_and_the_receiver_recovers_at_once(receiver: Peer) -> None:
@@ -40,11 +56,14 @@ async def test_idle_flood_is_bounded_and_the_receiver_recovers_at_once(receiver:
         deadline = time.monotonic() + 30
         closed: list[socket.socket] = []
         while time.monotonic() < deadline:
-            closed = [sock for sock in flood if _closed_by_peer(sock)]
+            closed = [sock for sock in flood if closed_by_peer(sock)]
             if len(closed) >= len(flood) - LIMIT:
                 break
             await asyncio.sleep(0.5)
         assert len(flood) - LIMIT <= len(closed) < len(flood) - LIMIT + 10, (len(flood), len(closed))
+        held = _held_by_process(receiver)
+        assert sum(held) <= LIMIT, held
+        assert all(count > 0 for count in held), held  # with two processes, both serve
         # Two threads per association (association + DUL), plus the service's own.
         assert process.num_threads() < 2 * LIMIT + 40
         assert process.memory_info().rss < 500 * 2**20
@@ -77,11 +96,12 @@ async def test_per_host_limit_keeps_other_hosts_served(receiver: Peer, bus: Bus)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            closed = sum(1 for sock in flood if _closed_by_peer(sock))
+            closed = sum(1 for sock in flood if closed_by_peer(sock))
             if closed >= 30:
                 break
             await asyncio.sleep(0.5)
         assert closed == 30, closed  # 10 kept, the rest closed at accept
+        assert sum(_held_by_process(receiver)) == 10
         # Another address is still served while 127.0.0.1 holds its 10 connections.
         assert await asyncio.to_thread(_echo_from, receiver.port, "127.0.0.2") == 0
         assert await asyncio.to_thread(_echo_from, receiver.port, "127.0.0.1") is None
@@ -101,7 +121,7 @@ async def test_held_idle_connections_make_room_for_a_real_sender(receiver: Peer)
         status = await asyncio.to_thread(_echo_from, receiver.port, "127.0.0.1")
         assert status == 0, "C-ECHO refused while idle connections held every slot"
         assert time.monotonic() - started < 5
-        closed = [sock for sock in flood if _closed_by_peer(sock)]
+        closed = [sock for sock in flood if closed_by_peer(sock)]
         # the 20 over the limit at accept, plus the ones ended to make room (not the others)
         assert len(flood) - LIMIT < len(closed) < len(flood) - LIMIT + HEADROOM + 5, len(closed)
     finally:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from bench.common import Peer, make_series, start_receiver, storescu
-from services.receiver.tests.helpers import wait_events
+from services.receiver.tests.helpers import apply_settings, wait_events
 from shared.bus import Bus
+from tests.peers import closed_by_peer, open_connections
 
 WORKER_STARTED = re.compile(r"receiver worker (\d+) started \(pid (\d+)\)")
 
@@ -79,6 +82,30 @@ async def test_a_dead_worker_is_replaced(two_process_receiver: Peer, bus: Bus, t
     assert len(await wait_events(bus, "image.received", 6)) == 6
 
 
+async def test_a_dead_workers_connections_stop_counting(two_process_receiver: Peer, bus: Bus) -> None:
+    """The per-host limit holds for the whole receiver; a worker's connections die with it and
+    make room at once (the supervisor forgets them)."""
+    peer = two_process_receiver
+    log = _wait_log(peer, "receiver worker ready")
+    worker_pid = int(WORKER_STARTED.findall(log)[0][1])
+    await apply_settings(bus, max_connections_per_host=10)
+    first = await asyncio.to_thread(open_connections, peer.port, 10, 30)
+    second: list = []
+    try:
+        await asyncio.sleep(1)
+        assert len(first) == 10 and not any(closed_by_peer(sock) for sock in first)
+        os.kill(worker_pid, signal.SIGKILL)
+        await asyncio.sleep(1)
+        survivors = [sock for sock in first if not closed_by_peer(sock)]
+        assert len(survivors) == 5, len(survivors)  # one connection each in turn: 5 were the worker's
+        second = await asyncio.to_thread(open_connections, peer.port, 10, 30)
+        await asyncio.sleep(1)
+        assert sum(1 for sock in second if not closed_by_peer(sock)) == 5  # room for 10 - 5
+    finally:
+        for sock in first + second:
+            sock.close()
+
+
 def _kill_supervisor_after(peer: Peer, line: str, what: str) -> None:
     """Wait for `line` in the log, kill -9 the supervisor, and require its worker to be gone in 30 s."""
     log = _wait_log(peer, line)
@@ -108,3 +135,35 @@ def test_sigterm_stops_supervisor_and_workers(two_process_receiver: Peer) -> Non
 def test_a_starting_worker_exits_when_the_supervisor_is_killed(two_process_receiver: Peer) -> None:
     """Killed before its worker was ready (e.g. still connecting to NATS): no orphan stays behind."""
     _kill_supervisor_after(two_process_receiver, "receiver worker 1 started", "starting worker")
+
+
+def test_a_worker_reports_connections_that_ended_without_a_close_event() -> None:
+    """HandedOverServer.reconcile: the supervisor's count must not drift if pynetdicom ends an
+    association without EVT_CONN_CLOSE."""
+    from pynetdicom import AE
+
+    from services.receiver.workers import HandedOverServer
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client, server_end = socket.socketpair()
+    server = HandedOverServer(AE(), ("127.0.0.1", 0), b"CADUCEUS", [])
+    server.channel = theirs
+    try:
+        order = json.dumps({"key": 7, "host": "127.0.0.1", "port": 40000}).encode()
+        socket.send_fds(ours, [order], [server_end.fileno()])
+        handed, address = server.get_request()
+        assert address == ("127.0.0.1", 40000)
+        server.reconcile()  # still starting up: not reported
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ours.recv(64)
+        server.reconcile(older_than=0)  # no association for it: ended
+        assert ours.recv(64) == b"E7"
+        server.reconcile(older_than=0)  # reported once
+        with pytest.raises(BlockingIOError):
+            ours.recv(64)
+        handed.close()
+    finally:
+        for sock in (ours, theirs, client, server_end):
+            sock.close()
+        server.server_close()
