@@ -7,7 +7,8 @@ Generates series of MR-like images (pydicom's MR_small header, Modality MR, MR I
 storescp, and samples the RSS of every child process of `caduceus up` with psutil every 0.1 s
 while --senders storescu processes send the series, until every image is at the destination and
 the bookkeeper has stored every event. Prints a table: RSS when idle before the run, peak, and at
-the end, per process, against the 200 MB goal per service.
+the end, per service (the sum of its processes at each sample: receiver workers count with the
+receiver), against the 200 MB goal per service.
 --smoke: 5 series of 10 images of 64x64.
 """
 
@@ -117,10 +118,11 @@ class Sampler:
                 rss = proc.memory_info().rss / MB
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            usage = self.usage.setdefault(name, Usage(name))
-            usage.pids.add(proc.pid)
-            usage.peak = max(usage.peak, rss)
+            self.usage.setdefault(name, Usage(name)).pids.add(proc.pid)
             found[name] = found.get(name, 0.0) + rss
+        # A service with several processes (receiver workers) counts as their sum at each sample.
+        for name, rss in found.items():
+            self.usage[name].peak = max(self.usage[name].peak, rss)
         self.samples += 1
         return found
 
@@ -160,11 +162,11 @@ def wait_bookkeeper(cad: Caduceus, timeout: float) -> None:
 
 
 def print_table(usage: dict[str, Usage], samples: int) -> None:
-    print(f"{'process':26s} {'idle MB':>8s} {'peak MB':>8s} {'end MB':>8s}  goal < {GOAL_MB:.0f} MB")
+    print(f"{'service':26s} {'pids':>4s} {'idle MB':>8s} {'peak MB':>8s} {'end MB':>8s}  goal < {GOAL_MB:.0f} MB")
     for name in sorted(usage, key=lambda n: -usage[n].peak):
         u = usage[name]
         verdict = "ok" if u.peak < GOAL_MB else "OVER"
-        print(f"{name:26s} {u.idle:8.1f} {u.peak:8.1f} {u.end:8.1f}  {verdict}")
+        print(f"{name:26s} {len(u.pids):4d} {u.idle:8.1f} {u.peak:8.1f} {u.end:8.1f}  {verdict}")
     services = [u for n, u in usage.items() if n not in ("caduceus up (supervisor)", "nats-server")]
     worst = max(services, key=lambda u: u.peak, default=None)
     if worst is not None:

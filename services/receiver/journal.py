@@ -46,6 +46,9 @@ FIELDS = struct.Struct("<QII")  # the header part the crc covers (seq, meta leng
 CHECKPOINT = struct.Struct("<QI")  # seq, crc32 of seq
 CHECKPOINT_SLOT = 16
 ZERO_CHUNK = 1024 * 1024
+# Data of journaled instances kept in memory until applied (beyond it, read back from the journal);
+# for the whole receiver: its processes share it (services/receiver/service.py open_journal).
+MEMORY_BYTES = 64 * 1024 * 1024
 
 
 class JournalError(RuntimeError):
@@ -92,7 +95,7 @@ class Chain:
 
 class Journal:
     def __init__(self, directory: Path, segment_bytes: int = 32 * 1024 * 1024,
-                 max_bytes: int = 1024 * 1024 * 1024, memory_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_bytes: int = 1024 * 1024 * 1024, memory_bytes: int = MEMORY_BYTES) -> None:
         if segment_bytes < 64 * 1024 or max_bytes < 2 * segment_bytes:
             raise ValueError("journal: segments of at least 64 KiB and room for at least two of them")
         self.directory = Path(directory)

@@ -17,9 +17,9 @@ from typing import Any
 
 from services.receiver.applier import JournalApplier, PublishBatch, PutFile
 from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
-from services.receiver.journal import Journal, JournalError, slot_directory
+from services.receiver.journal import MEMORY_BYTES, Journal, JournalError, slot_directory
 from services.receiver.scp import StorageSCP
-from services.receiver.workers import RoutingServer, WorkerPool, worker_count
+from services.receiver.workers import RoutingServer, WorkerPool, process_count, worker_count
 from shared.blobstore import BlobInfo, LocalBlobStore, NatsObjectBlobStore, open_blob_store
 from shared.bus import Bus, ThreadPublisher
 from shared.config.model import CaduceusConfig, SettingsItem
@@ -110,7 +110,8 @@ def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: Pub
     process left unapplied are queued first (services/receiver/journal.py)."""
     journal = Journal(slot_directory(settings.data_dir, slot),
                       segment_bytes=settings.receiver_journal_segment_mb * 1024 * 1024,
-                      max_bytes=settings.receiver_journal_mb * 1024 * 1024)
+                      max_bytes=settings.receiver_journal_mb * 1024 * 1024,
+                      memory_bytes=MEMORY_BYTES // process_count())
     journal.open()
     store = writer.store if isinstance(writer, LocalBlobWriter) else None
     applier = JournalApplier(journal, _file_putter(writer), publish, store, publish_timeout)

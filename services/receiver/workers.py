@@ -1,4 +1,4 @@
-"""Several receiver processes behind one DICOM port (CADUCEUS_RECEIVER_WORKERS=N or auto; default 1).
+"""Several receiver processes behind one DICOM port (CADUCEUS_RECEIVER_WORKERS=N; default 2 on 2+ cores).
 
 Why: the per-image work is Python and holds the GIL, so one process uses about one core however
 many senders there are. With N workers, the receiver service process (the "supervisor") keeps
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 WORKERS_ENV = "CADUCEUS_RECEIVER_WORKERS"
 CHANNEL_FD_ENV = "CADUCEUS_RECEIVER_CHANNEL_FD"
+PROCESSES_ENV = "CADUCEUS_RECEIVER_PROCESSES"
 READY, REQUESTED, ENDED = b"R", b"A", b"E"
 RESTART_DELAY = 1.0
 RECONCILE_AFTER_SECONDS = 5.0
@@ -53,14 +54,21 @@ def worker_count(setting: str | None = None) -> int:
     """Processes serving associations, the supervisor included, for a CADUCEUS_RECEIVER_WORKERS
     value (`setting`; None: this process's environment).
 
-    `auto` = cores, at most 4. Default 1: two processes are faster with several senders (session 8,
-    docs/performance.md), but the connection limits (admission.py) are kept by each process, so
-    N processes admit N times as many connections (docs/reliability.md).
+    Default (unset or `auto`): 2 on a machine with 2 or more cores, else 1. Two processes took
+    4 senders' images 15-40 % faster on 2 cores (docs/performance.md, sessions 8 and 9) and the
+    receiver then stays under the 200 MB memory goal (~175 MB peak); more processes would not.
     """
     raw = (os.environ.get(WORKERS_ENV, "") if setting is None else setting).strip().lower()
-    if raw == "auto":
-        return max(1, min(4, os.cpu_count() or 1))
-    return max(1, int(raw)) if raw else 1
+    if raw in ("", "auto"):
+        return min(2, os.cpu_count() or 1)
+    return max(1, int(raw))
+
+
+def process_count() -> int:
+    """How many processes this receiver has, asked in the supervisor or in a worker (whose own
+    CADUCEUS_RECEIVER_WORKERS is 1): they share the receiver's memory budgets."""
+    raw = os.environ.get(PROCESSES_ENV, "").strip()
+    return int(raw) if raw else worker_count()
 
 
 def channel_fd() -> int | None:
@@ -131,14 +139,20 @@ class HandedOverServer(BoundedServer):
                 callback()
             time.sleep(0.05)  # until the shutdown lands, the channel stays readable (EOF)
             raise OSError("supervisor channel closed")
-        order = json.loads(message)
-        if not fds:
-            self._end_idle(set(order["end"]))
-            raise OSError("not a connection")  # socketserver skips this request
-        client = socket.socket(fileno=fds[0])
-        address = (str(order["host"]), int(order["port"]))
+        client = socket.socket(fileno=fds[0]) if fds else None
+        try:
+            order = json.loads(message)
+            if client is None:
+                self._end_idle({int(key) for key in order["end"]})
+                raise OSError("not a connection")  # socketserver skips this request
+            address, key = (str(order["host"]), int(order["port"])), int(order["key"])
+        except (ValueError, KeyError, TypeError) as exc:  # an exception other than OSError would end the acceptor
+            log.error("unreadable message from the supervisor: %r (%s)", message[:200], exc)
+            if client is not None:
+                client.close()
+            raise OSError("unreadable message from the supervisor") from exc
         with self._peers_lock:
-            self._peers[address] = (int(order["key"]), time.monotonic())
+            self._peers[address] = (key, time.monotonic())
         if self.ssl_context:
             try:
                 client = self.ssl_context.wrap_socket(client, server_side=True)
@@ -227,6 +241,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, CHANNEL_FD_ENV: str(theirs.fileno()), WORKERS_ENV: "1",
+               PROCESSES_ENV: str(self.extra + 1),
                "CADUCEUS_INSTANCE": f"{self.instance}-w{index}",
                # each process its own journal, the same one after a restart (services/receiver/journal.py)
                "CADUCEUS_RECEIVER_JOURNAL_SLOT": f"w{index}"}

@@ -163,6 +163,11 @@ def test_a_worker_reports_connections_that_ended_without_a_close_event() -> None
         with pytest.raises(BlockingIOError):
             ours.recv(64)
         handed.close()
+        # Orders that are not connections, or unreadable, are skipped without ending the acceptor.
+        for message in (b'{"end": [7, 8]}', b"not json", b'{"host": "x"}'):
+            ours.send(message)
+            with pytest.raises(OSError):
+                server.get_request()
     finally:
         for sock in (ours, theirs, client, server_end):
             sock.close()
