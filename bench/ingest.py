@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -33,6 +34,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.common import (
     DEFAULT_WARM_GB,
@@ -64,9 +67,14 @@ def send_parallel(port: int, dirs: list[Path], called_aet: str) -> tuple[float, 
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime so far of a process and its children (the receiver's worker processes)."""
+    total = 0.0
+    process = psutil.Process(pid)
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def measure(name: str, start: Callable[[], Peer], called_aet: str, dirs: list[Path], count: int) -> dict[str, float]:
