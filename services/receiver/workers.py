@@ -56,7 +56,7 @@ def worker_count(setting: str | None = None) -> int:
 
     Default (unset or `auto`): 2 on a machine with 2 or more cores, else 1. Two processes took
     4 senders' images 15-40 % faster on 2 cores (docs/performance.md, sessions 8 and 9) and the
-    receiver then stays under the 200 MB memory goal (~175 MB peak); more processes would not.
+    receiver then stays under the 200 MB memory goal (~170 MB peak); more processes would not.
     """
     raw = (os.environ.get(WORKERS_ENV, "") if setting is None else setting).strip().lower()
     if raw in ("", "auto"):
@@ -285,7 +285,11 @@ class WorkerPool:
             self._spawn(worker.index)
 
     def _reported(self, message: bytes) -> None:
-        kind, key = message[:1], int(message[1:])
+        try:
+            kind, key = message[:1], int(message[1:])
+        except ValueError:  # (the reader thread must survive it: it restarts the worker)
+            log.error("unreadable message from a receiver worker: %r", message[:64])
+            return
         with self.lock:
             if kind == ENDED:
                 self.connections.pop(key, None)
