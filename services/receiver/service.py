@@ -216,10 +216,14 @@ class ReceiverService(Service):
         if self.scp is not None:
             details["open_associations"] = self.scp.active_associations()
             details.update(self.scp.admission_counts())
-        if self.pool is not None:
-            details.update(self.pool.details())
         if self.scp is not None and self.scp.ingest.journal is not None:
             details.update(self.scp.ingest.journal.details())
+        if self.pool is not None:
+            details.update(self.pool.details())
+            # The whole receiver: the workers' associations and journals count with ours.
+            for name, value in self.pool.worker_counts().items():
+                if isinstance(details.get(name, 0), int):
+                    details[name] = details.get(name, 0) + value
         return details
 
 

@@ -16,7 +16,8 @@ same Ingest path (file stored and fsynced, image.received acknowledged, then 0x0
 events or heartbeats (the supervisor is the service; its heartbeat reports the workers). Messages
 on the channel: supervisor -> worker: a connection (fd + JSON {key, host, port}) or a request to
 end idle connections (JSON {end: [key...]}, no fd); worker -> supervisor: b"R" (ready), b"A<key>"
-(its A-ASSOCIATE-RQ arrived), b"E<key>" (it ended). When the supervisor dies the channel reaches
+(its A-ASSOCIATE-RQ arrived), b"E<key>" (it ended), b"S" + JSON every 2 s (its open associations
+and journal counters, which the supervisor's heartbeat adds to its own). When the supervisor dies the channel reaches
 EOF and the worker drains and exits; when a worker dies the supervisor starts another one and
 forgets the dead one's connections.
 """
@@ -45,9 +46,10 @@ log = logging.getLogger(__name__)
 WORKERS_ENV = "CADUCEUS_RECEIVER_WORKERS"
 CHANNEL_FD_ENV = "CADUCEUS_RECEIVER_CHANNEL_FD"
 PROCESSES_ENV = "CADUCEUS_RECEIVER_PROCESSES"
-READY, REQUESTED, ENDED = b"R", b"A", b"E"
+READY, REQUESTED, ENDED, STATUS = b"R", b"A", b"E", b"S"
 RESTART_DELAY = 1.0
 RECONCILE_AFTER_SECONDS = 5.0
+STATUS_SECONDS = 2.0
 
 
 def worker_count(setting: str | None = None) -> int:
@@ -206,6 +208,7 @@ class Worker:
     channel: socket.socket
     process: subprocess.Popen[bytes]
     ready: bool = False
+    status: dict[str, int] = field(default_factory=dict)  # its latest b"S" report
     reader: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -261,13 +264,15 @@ class WorkerPool:
     def _read(self, worker: Worker) -> None:
         while True:
             try:
-                message = worker.channel.recv(64)
+                message = worker.channel.recv(4096)
             except OSError:
                 message = b""
             if not message:
                 break
             if message == READY:
                 worker.ready = True
+            elif message[:1] == STATUS:
+                worker.status = _status_counts(message[1:])
             else:
                 self._reported(message)
         worker.ready = False
@@ -370,6 +375,27 @@ class WorkerPool:
                 "worker_restarts": self.restarts,
                 "worker_open_connections": [open_by_worker[w.index] for w in workers]}
 
+    def worker_counts(self) -> dict[str, int]:
+        """The workers' latest status reports (open associations, journal counters), added up."""
+        with self.lock:
+            reports = [worker.status for worker in self.workers.values()]
+        total: dict[str, int] = {}
+        for report in reports:
+            for name, value in report.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+
+def _status_counts(raw: bytes) -> dict[str, int]:
+    try:
+        report = json.loads(raw)
+    except ValueError:
+        log.error("unreadable status from a receiver worker: %r", raw[:64])
+        return {}
+    if not isinstance(report, dict):
+        return {}
+    return {str(name): value for name, value in report.items() if isinstance(value, int) and not isinstance(value, bool)}
+
 
 # ---------------------------------------------------------------- worker side
 
@@ -409,21 +435,28 @@ async def _worker_main(settings: Any, channel: socket.socket) -> None:
     scp, follower, bus = startup.result()
     channel.send(READY)
     log.info("receiver worker ready", extra={"data": {"pid": os.getpid()}})
-    reconciling = asyncio.ensure_future(_reconcile_until(scp, stop))
+    reporting = asyncio.ensure_future(_report_until(scp, channel, stop))
     await stop.wait()
-    await reconciling
+    await reporting
     await asyncio.to_thread(drain_associations, scp)
     await follower.stop()
     await bus.close()
 
 
-async def _reconcile_until(scp: Any, stop: asyncio.Event) -> None:
+async def _report_until(scp: Any, channel: socket.socket, stop: asyncio.Event) -> None:
+    """Every STATUS_SECONDS: report connections gone without a close event, and this worker's
+    counts for the supervisor's heartbeat."""
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), RECONCILE_AFTER_SECONDS)
+            await asyncio.wait_for(stop.wait(), STATUS_SECONDS)
         server = scp.server
         if isinstance(server, HandedOverServer):
             server.reconcile()
+        counts = {"open_associations": scp.active_associations()}
+        if scp.ingest.journal is not None:
+            counts.update(scp.ingest.journal.details())
+        with contextlib.suppress(OSError):
+            channel.send(STATUS + json.dumps(counts).encode())
 
 
 async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.AbstractEventLoop,

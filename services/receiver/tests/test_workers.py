@@ -106,6 +106,37 @@ async def test_a_dead_workers_connections_stop_counting(two_process_receiver: Pe
             sock.close()
 
 
+async def test_the_heartbeat_counts_the_workers(nats_url: str, data_dir: Path, tmp_path: Path, bus: Bus) -> None:
+    """Associations and journal counters of the whole receiver, the worker's included."""
+    from shared.health import read_heartbeats
+
+    peer = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log",
+                          env={"CADUCEUS_RECEIVER_WORKERS": "2", "CADUCEUS_HEARTBEAT_SECONDS": "1",
+                               "CADUCEUS_RECEIVER_TIMING": "1"})
+    try:
+        _wait_log(peer, "receiver worker ready")
+        folders = [make_series(tmp_path / f"s{i}", 40, size=64) for i in range(2)]
+        results = await asyncio.gather(*(asyncio.to_thread(storescu, peer.port, f) for f in folders))
+        assert all(r.returncode == 0 for r in results), [r.output[-1000:] for r in results]
+        log = _wait_log(peer, "association timing", 2)
+        pids = re.findall(r'"association timing \(ms per image\)".*?"pid": (\d+)', log)
+        assert len(set(pids)) == 2  # one association each
+        deadline = time.monotonic() + 20
+        details: dict = {}
+        while time.monotonic() < deadline:
+            beats = [b for b in await read_heartbeats(bus) if b.type == "service.heartbeat"
+                     and b.payload["service"] == "receiver"]
+            details = beats[-1].payload["details"] if beats else {}
+            if details.get("journal_published") == 80:
+                break
+            await asyncio.sleep(0.5)
+        assert details.get("journal_published") == 80, details  # 40 by each process
+        assert details["workers"] == 2 and details["open_associations"] == 0
+        assert details["journal_unapplied"] == 0
+    finally:
+        peer.stop()
+
+
 def _kill_supervisor_after(peer: Peer, line: str, what: str) -> None:
     """Wait for `line` in the log, kill -9 the supervisor, and require its worker to be gone in 30 s."""
     log = _wait_log(peer, line)
