@@ -29,6 +29,7 @@ connections held by a worker are ended by that worker when the supervisor asks.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ HEADROOM = 32          # connections above maximum_associations that still reach
 WARN_EVERY_SECONDS = 10.0
 IDLE_GRACE_SECONDS = 2.0  # a connection waiting longer for its A-ASSOCIATE-RQ may be ended for a new one
 EVICTION_WAIT_SECONDS = 0.5
+TLS_HANDSHAKE_SECONDS = 10.0  # a real peer needs milliseconds; the connection counts as open meanwhile
 
 
 def waiting_since(assoc: Any) -> float | None:
@@ -186,12 +188,40 @@ class BoundedServer(ThreadedAssociationServer):
             self._started(request)
             raise
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept only. (pynetdicom's get_request also does the TLS handshake, on the acceptor
+        thread and without a timeout: one peer that connects and sends nothing stopped the
+        receiver from accepting anyone else. It happens on the connection's thread instead.)"""
+        assert self.socket is not None
+        return self.socket.accept()
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         # pynetdicom's handler creates the Association and starts its thread, then returns.
         try:
-            super().process_request_thread(request, client_address)
+            connection = self._secured(request, client_address)
+            if connection is not None:
+                super().process_request_thread(connection, client_address)
         finally:
             self._started(request)
+
+    def _secured(self, request: socket.socket, client_address: Any) -> socket.socket | None:
+        """The connection, after the TLS handshake if TLS is on; None if the handshake failed."""
+        context = self.ssl_context
+        if not context:
+            return request
+        try:
+            request.settimeout(TLS_HANDSHAKE_SECONDS)
+            secured = context.wrap_socket(request, server_side=True)
+            secured.settimeout(None)  # as accept() returned it: pynetdicom waits with select()
+            return secured
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+            self.shutdown_request(request)
+            self.handshake_failed(client_address)
+            return None
+
+    def handshake_failed(self, client_address: Any) -> None:
+        """A connection ended in its TLS handshake, before it became an association."""
 
     # Called by the StorageSCP's handlers (association threads); a worker's server reports them.
     def association_requested(self, assoc: Any) -> None:

@@ -91,18 +91,13 @@ class RoutingServer(BoundedServer):
         self.pool = pool
         self.others = pool
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        return self.socket.accept()  # TLS comes after the hand-over (process_request)
-
     def process_request(self, request: Any, client_address: Any) -> None:
+        # (Before any TLS handshake: that happens on the connection's thread, in whichever process.)
         if self.pool is not None and self.pool.route(request, client_address, len(self._local_hosts())):
             # The worker has its own copy of the descriptor: close ours without shutdown(),
             # which would end the connection for the worker too.
             request.close()
             return
-        if self.ssl_context:
-            request = self.ssl_context.wrap_socket(request, server_side=True)
         super().process_request(request, client_address)
 
 
@@ -155,14 +150,10 @@ class HandedOverServer(BoundedServer):
             raise OSError("unreadable message from the supervisor") from exc
         with self._peers_lock:
             self._peers[address] = (key, time.monotonic())
-        if self.ssl_context:
-            try:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-            except OSError:
-                client.close()
-                self._report(ENDED, address)
-                raise
-        return client, address
+        return client, address  # (TLS: the handshake happens on the connection's thread)
+
+    def handshake_failed(self, client_address: Any) -> None:
+        self._report(ENDED, (str(client_address[0]), int(client_address[1])))
 
     def association_requested(self, assoc: Any) -> None:
         self._report(REQUESTED, _peer(assoc))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from bench.common import Peer, storescu
 from services.receiver.tests.helpers import apply_settings, wait_events
 from shared.bus import Bus
-from tests.peers import make_tls_files
+from tests.peers import make_tls_files, open_connections
 
 
 async def test_tls_with_client_certificates(receiver: Peer, bus: Bus, series5: Path, tmp_path: Path) -> None:
@@ -28,3 +29,27 @@ async def test_tls_with_client_certificates(receiver: Peer, bus: Bus, series5: P
 
     anonymous = await asyncio.to_thread(storescu, receiver.port, series5, extra=["+tla", "+cf", str(tls.ca)])
     assert anonymous.returncode != 0, "a client without a certificate must be refused when a CA is configured"
+
+
+async def test_an_idle_connection_does_not_hold_up_tls_senders(receiver: Peer, bus: Bus, series5: Path,
+                                                               tmp_path: Path) -> None:
+    """The TLS handshake runs on the connection's own thread: a peer that connects and sends
+    nothing (no ClientHello) must not stop the acceptor, nor be served forever."""
+    tls = make_tls_files(tmp_path / "tls")
+    await apply_settings(bus, tls_certificate=str(tls.server_cert), tls_key=str(tls.server_key),
+                         tls_ca=str(tls.ca))
+    await asyncio.sleep(1.0)
+    idle = await asyncio.to_thread(open_connections, receiver.port, 3, 10)
+    try:
+        assert len(idle) == 3
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        secure = await asyncio.to_thread(storescu, receiver.port, series5, extra=[
+            "+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca)], timeout=60)
+        assert secure.returncode == 0, secure.output
+        assert time.monotonic() - started < 10
+    finally:
+        for sock in idle:
+            sock.close()
+    received = await wait_events(bus, "image.received", 5)
+    assert len({e.sop_uid for e in received}) == 5
