@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
 from bench.common import Peer, storescu
 from services.receiver.tests.helpers import apply_settings, wait_events
 from shared.bus import Bus
-from tests.peers import make_tls_files, open_connections
+from tests.peers import closed_by_peer, make_tls_files, open_connections
 
 
 async def test_tls_with_client_certificates(receiver: Peer, bus: Bus, series5: Path, tmp_path: Path) -> None:
@@ -53,3 +54,37 @@ async def test_an_idle_connection_does_not_hold_up_tls_senders(receiver: Peer, b
             sock.close()
     received = await wait_events(bus, "image.received", 5)
     assert len({e.sop_uid for e in received}) == 5
+
+
+async def test_failed_handshakes_end_at_once_and_free_their_slots(receiver: Peer, bus: Bus, series5: Path,
+                                                                  tmp_path: Path) -> None:
+    """Plain DICOM bytes sent to the TLS port: the handshake fails, the connection is closed and
+    stops counting against the per-host limit at once, in whichever process served it."""
+    tls = make_tls_files(tmp_path / "tls")
+    await apply_settings(bus, tls_certificate=str(tls.server_cert), tls_key=str(tls.server_key),
+                         tls_ca=str(tls.ca), max_connections_per_host=3)
+    await asyncio.sleep(1.0)
+    def send_plain_pdu(sock: socket.socket, _n: int) -> None:
+        sock.send(b"\x01\x00\x00\x00\x00\x44" + bytes(68))  # the start of an A-ASSOCIATE-RQ
+
+    plain = await asyncio.to_thread(open_connections, receiver.port, 3, 10, send_plain_pdu)
+    try:
+        assert len(plain) == 3
+        deadline = time.monotonic() + 5
+        while not all(closed_by_peer(sock) for sock in plain):
+            assert time.monotonic() < deadline, "connections that failed the TLS handshake stay open"
+            await asyncio.sleep(0.1)
+    finally:
+        for sock in plain:
+            sock.close()
+    # Well before a worker's periodic reconcile (5 s), all 3 slots are free again.
+    others = await asyncio.to_thread(open_connections, receiver.port, 3, 10)
+    try:
+        await asyncio.sleep(0.5)
+        assert len(others) == 3 and not any(closed_by_peer(sock) for sock in others)
+    finally:
+        for sock in others:
+            sock.close()
+    secure = await asyncio.to_thread(storescu, receiver.port, series5, extra=[
+        "+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca)], timeout=60)
+    assert secure.returncode == 0, secure.output
