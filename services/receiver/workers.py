@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.receiver.admission import BoundedServer, end_idle, waiting_since
+from services.receiver.admission import TLS_HANDSHAKE_SECONDS, BoundedServer, end_idle, waiting_since
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ CHANNEL_FD_ENV = "CADUCEUS_RECEIVER_CHANNEL_FD"
 PROCESSES_ENV = "CADUCEUS_RECEIVER_PROCESSES"
 READY, REQUESTED, ENDED, STATUS = b"R", b"A", b"E", b"S"
 RESTART_DELAY = 1.0
-RECONCILE_AFTER_SECONDS = 5.0
+# A connection still in its TLS handshake (up to TLS_HANDSHAKE_SECONDS, on its own thread) has no
+# association yet: reconcile must not take it for ended, or the supervisor would under-count it.
+RECONCILE_AFTER_SECONDS = TLS_HANDSHAKE_SECONDS + 5.0
 STATUS_SECONDS = 2.0
 
 
