@@ -10,9 +10,11 @@ pieces of the C-STORE path that are the receiver's own CPU, on the same files, i
 - `header`: `shared.dicomtags.extract_tags` with the default tag list (what the receiver does for
   every instance), against the reference `pydicom.dcmread(stop_before_pixels=True)` of the same
   bytes: the ratio says how the fast reader compares with pydicom's own reader on this machine now.
-- `store`: `Ingest.store` down the journaled path (tags, duplicate check, `image.received` built,
-  journal record appended and fdatasynced), with the journal applier not running: wall and CPU
-  (`getrusage`, user and system: neither counts the wait for the disk) per image.
+- `store`: `Ingest.store` down the journaled path (the bytes appended to the journal and
+  fdatasynced while a helper thread reads the tags, duplicate check, the decision recorded), with
+  the journal applier not running (since session 10 it builds `image.received`, so that is not
+  counted here): wall and CPU (`getrusage`, user and system: neither counts the wait for the
+  disk) per image.
 
 Each figure is the best of `--repeat` passes. `--callgrind` runs the passes again under
 `valgrind --tool=callgrind` (once with no image, once with all) and prints instructions per image:
@@ -81,7 +83,7 @@ def new_ingest(work: Path, datas: list[bytes]) -> Ingest:
     segment = max(1 << 20, sum(len(data) + 4096 for data in datas))
     journal = Journal(work / "journal", segment_bytes=segment, max_bytes=2 * segment)
     journal.open()
-    applier = JournalApplier(journal, _never, _never, store)
+    applier = JournalApplier(journal, _never, _never, store, _never)
     settings = SettingsItem()
     return Ingest(LocalBlobWriter(store), _no_publish, lambda: settings, journal=applier,
                   journal_max_bytes=1 << 20)
@@ -121,7 +123,7 @@ def store_setup(datas: list[bytes], root: Path) -> Callable[[], None]:
         finally:
             assert ingest.journal is not None
             ingest.journal.journal.close()
-            ingest.hash_pool.shutdown()
+            ingest.helpers.shutdown()
     return run
 
 

@@ -1,34 +1,58 @@
 """Behind the journal: put each journaled instance's blob file in place and publish its event.
 
-The C-STORE path (Ingest) answers success once `JournalApplier.accept` has the instance durable in
-the journal (services/receiver/journal.py). This thread then, for each record in seq order:
+The C-STORE path (Ingest) answers success once the instance is durable in the journal
+(services/receiver/journal.py) and its `image.received` is decided. This thread then, for each
+record in seq order:
 writes the blob file (visible to every reader before its event goes out), publishes the recorded
 `image.received` (the same event_id as recorded, so a replay is de-duplicated by JetStream), and
 retries the publish for as long as it takes: the instance was accepted, so giving up is not an
 option. About once a second (and whenever it runs out of work) it makes the blob files durable
 with one `syncfs` and checkpoints the journal, which lets segments be reused.
 
+Records (the first byte of a record's meta says which):
+- `R` (received): receipt (services/receiver/receipt.py) + the instance's bytes, written before its
+  header is read, so that the journal's fdatasync and the header read overlap (`receive`, then
+  `decide` or `refuse`). What it becomes is told by a later record that is not synced on its own:
+  - `D` (decided): the R record's seq and its duplicate verdict (`n`ew, `i`dentical, `r`eplaced);
+  - `X` (refused): the R record's seq; its sender was refused (or the data quarantined).
+  Both are in the page cache before the sender hears anything, so a killed process leaves them
+  for its successor. Only a power cut can lose them (they become durable with the next record's
+  fdatasync). This thread builds the event of an R record (`image.received` from the receipt, the
+  header and the verdict): a replayed one's from its bytes, with the verdict of its D record or,
+  if that was lost, the verdict the blob store gives now (`decide_again`).
+- `W` / `-` (whole): the event and the bytes (`W`) or the event alone (`-`: an identical copy is
+  stored already), decided before writing (`accept`): a larger copy of an instance waiting in the
+  journal, and records of earlier versions.
+
 A receiver that dies leaves its unapplied records in the journal; the next process's
-`Journal.open()` queues them ahead of new work, and this thread applies them as if just received.
+`Journal.open()` queues them ahead of new work (`adopt` pairs them with their decisions), and this
+thread applies them as if just received.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
-from services.receiver.journal import Journal, JournalRecord
+from services.receiver.journal import Journal, JournalError, JournalRecord
+from services.receiver.receipt import Duplicate, Receipt, received_event
 from shared.blobstore import LocalBlobStore
+from shared.dicomtags import ExtractedTags
 from shared.events import Event
 
 log = logging.getLogger(__name__)
 
 WRITE, NO_WRITE = b"W", b"-"
+RECEIVED, DECIDED, REFUSED = b"R", b"D", b"X"
+SEQ = struct.Struct("<Q")
 CHECKPOINT_SECONDS = 1.0
 # While instances keep arriving, the applier waits and applies them in large batches; as soon as
 # the stream pauses (nothing new for GATHER_IDLE_SECONDS) it applies what it has. Why: the
@@ -43,13 +67,31 @@ GATHER_MAX_SECONDS = 0.5
 
 PublishBatch = Callable[[list[tuple[Event, bytes | None]], float], list[Future[int]]]
 PutFile = Callable[[str, bytes, bool], None]
+# decide_again(receipt, data, sha256, verdict or None) -> (event, write the file?) or None
+# (unreadable: skip it); services/receiver/receipt.py.
+DecideAgain = Callable[[Receipt, bytes, str, "Duplicate | None"], "tuple[Event, bool] | None"]
+VERDICTS: dict[bytes, Duplicate] = {b"n": "new", b"i": "identical", b"r": "replaced"}
+VERDICT_BYTES = {verdict: code for code, verdict in VERDICTS.items()}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the C-STORE path found out about an R record; this thread builds the event."""
+
+    receipt: Receipt
+    tags: ExtractedTags
+    key: str
+    size: int
+    sha256: str
+    duplicate: Duplicate
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
 
 
 class JournalApplier:
     def __init__(self, journal: Journal, put_file: PutFile, publish_batch: PublishBatch,
-                 store: LocalBlobStore | None, publish_timeout: float = 5.0) -> None:
+                 store: LocalBlobStore | None, decide_again: DecideAgain, publish_timeout: float = 5.0) -> None:
         self.journal = journal
+        self.decide_again = decide_again
         # put_file(key, data, replayed): writes the blob (durable or not: `store` decides what
         # syncfs covers); a replayed record's file may already be there.
         self.put_file = put_file
@@ -64,6 +106,9 @@ class JournalApplier:
         self.blob_error: str | None = None
         self._pending: dict[str, tuple[str, int]] = {}  # blob key -> (sha256 of latest, records to write)
         self._pending_lock = threading.Lock()
+        # From `adopt`: the verdicts and refusals of replayed R records.
+        self._verdicts: dict[int, Duplicate] = {}
+        self._refusals: set[int] = set()
         self._stopping = threading.Event()
         self._give_up_at = float("inf")
         self._last_checkpoint = time.monotonic()
@@ -72,7 +117,8 @@ class JournalApplier:
     # ------------------------------------------------------------ association threads
 
     def accept(self, event: Event, key: str, sha256: str, data: bytes | None) -> None:
-        """Journal an instance (data None: its identical copy is already stored; only the event).
+        """Journal an instance whose event is decided already (a `W` / `-` record; data None: its
+        identical copy is already stored, only the event).
 
         Returns once the record is durable; raises JournalError (the sender must be refused).
         """
@@ -88,6 +134,49 @@ class JournalApplier:
             if data is not None:
                 self._written(key)
             raise
+
+    def receive(self, receipt: Receipt, data: bytes) -> JournalRecord:
+        """Write an instance's bytes (not yet synced: `Journal.sync`); `decide` or `refuse` must
+        follow. Raises JournalError."""
+        return self.journal.write(RECEIVED + receipt.to_json(), data)
+
+    def sync(self, record: JournalRecord) -> None:
+        """Return once the R record is on disk; raises JournalError."""
+        self.journal.sync(record)
+
+    def decide(self, record: JournalRecord, decision: Decision) -> None:
+        """The synced R record is accepted as `decision` says."""
+        if decision.duplicate != "identical":
+            with self._pending_lock:
+                _, count = self._pending.get(decision.key, ("", 0))
+                self._pending[decision.key] = (decision.sha256, count + 1)
+        record.attachment = decision
+        self._mark(DECIDED + SEQ.pack(record.seq) + VERDICT_BYTES[decision.duplicate])
+        self.journal.settle(record, durable=True)
+
+    def refuse(self, record: JournalRecord) -> None:
+        """The R record's sender was refused: it is never applied."""
+        if record.settled.is_set():
+            return
+        self._mark(REFUSED + SEQ.pack(record.seq))
+        self.journal.settle(record, durable=False)
+
+    def _mark(self, meta: bytes) -> None:
+        """A D or X record: no fdatasync of its own (see the module docstring)."""
+        try:
+            self.journal.settle(self.journal.write(meta, b""), durable=True)
+        except JournalError as exc:  # the R record is what counts; a replay decides it again
+            log.error("could not journal the decision of an instance: %s", exc)
+
+    def adopt(self, replayed: list[JournalRecord]) -> None:
+        """Before `start`: pair the R records a previous process left with their D / X records."""
+        for record in replayed:
+            kind = record.meta[:1]
+            if kind == DECIDED:
+                (seq,) = SEQ.unpack_from(record.meta, 1)
+                self._verdicts[seq] = VERDICTS[record.meta[1 + SEQ.size:]]
+            elif kind == REFUSED:
+                self._refusals.add(SEQ.unpack_from(record.meta, 1)[0])
 
     def pending_sha256(self, key: str) -> str | None:
         """sha256 of the newest journaled copy of `key` whose file is not yet written, if any."""
@@ -179,22 +268,53 @@ class JournalApplier:
         applied: list[tuple[Event, bytes | None]] = []
         for record in batch:
             record.settled.wait()
-            if not record.durable:  # the sender was refused; its retry is a new record
-                self.journal.release(record)
-                continue
-            replayed = record.attachment is None
-            event, event_json = (Event.from_json(record.meta[1:]), None) if replayed else record.attachment
-            if record.meta[:1] == WRITE:
-                key = str(event.payload["blob_key"])
-                if not self._write_file(key, self.journal.read_data(record), replayed, event):
-                    return False
-                self._written(key)
+            outcome = self._outcome(record) if record.durable else None
+            if outcome is not None:  # else refused, unreadable, or only a D / X record
+                event, event_json, write = outcome
+                if write:
+                    key = str(event.payload["blob_key"])
+                    if not self._write_file(key, self.journal.read_data(record), record.attachment is None, event):
+                        return False
+                    self._written(key)
+                applied.append((event, event_json))
             self.journal.release(record)
-            applied.append((event, event_json))
         done = self._publish(applied)
         if done and batch:
             self.applied_seq = max(self.applied_seq, batch[-1].seq)
         return done
+
+    def _outcome(self, record: JournalRecord) -> tuple[Event, bytes | None, bool] | None:
+        """What a durable record comes to: its event (and its JSON if known), and whether its blob
+        file is to be written; None if there is nothing to apply."""
+        kind = record.meta[:1]
+        if record.attachment is not None:  # live
+            if kind == RECEIVED:
+                decision: Decision = record.attachment
+                event = received_event(decision.receipt, decision.tags, decision.key, decision.size,
+                                       decision.sha256, decision.duplicate)
+                return event, None, decision.duplicate != "identical"
+            if kind in (WRITE, NO_WRITE):
+                event, event_json = record.attachment
+                return event, event_json, kind == WRITE
+            return None
+        if kind in (WRITE, NO_WRITE):
+            return Event.from_json(record.meta[1:]), None, kind == WRITE
+        if kind != RECEIVED or record.seq in self._refusals:
+            return None
+        return self._replayed(record, self._verdicts.pop(record.seq, None))
+
+    def _replayed(self, record: JournalRecord, verdict: Duplicate | None) -> tuple[Event, bytes | None, bool] | None:
+        receipt = Receipt.from_json(record.meta[1:])
+        data = self.journal.read_data(record)
+        again = self.decide_again(receipt, data, hashlib.sha256(data).hexdigest(), verdict)
+        if again is None:
+            log.warning("journal record %d: not applied: its data is not a readable instance, so its "
+                        "sender was not told success", record.seq)
+            return None
+        if verdict is None:
+            log.warning("journal record %d: its decision was lost (power cut?); decided again from its data",
+                        record.seq, extra={"series_uid": again[0].series_uid, "sop_uid": again[0].sop_uid})
+        return again[0], None, again[1]
 
     def _write_file(self, key: str, data: bytes, replayed: bool, event: Event) -> bool:
         """Until the file is written (True), or stopping past the grace period (False)."""

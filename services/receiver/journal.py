@@ -221,6 +221,21 @@ class Journal:
 
     def append(self, meta: bytes, data: bytes, attachment: Any = None) -> JournalRecord:
         """Write a record and return once it is on disk; raises JournalError (JournalFull)."""
+        record = self.write(meta, data, attachment)
+        durable = False
+        try:
+            self.sync(record)
+            durable = True
+        finally:
+            self.settle(record, durable)
+        return record
+
+    def write(self, meta: bytes, data: bytes, attachment: Any = None) -> JournalRecord:
+        """Write a record (not yet synced) and queue it for the applier; raises JournalError.
+
+        The applier waits until the record is settled (`settle`), so the writer can still decide
+        what the record means (its attachment) after this returns.
+        """
         size = HEADER.size + len(meta) + len(data)
         if size > self.segment_bytes:
             raise JournalError(f"record of {size} bytes is larger than a journal segment")
@@ -251,12 +266,18 @@ class Journal:
             record = JournalRecord(seq, segment, offset + HEADER.size + len(meta), meta, len(data),
                                    data if keep else None, attachment)
             self.queue.put(record)
-        try:
-            self._sync(segment, record.offset + record.data_len)
-            record.durable = True
-        finally:
-            record.settled.set()  # the applier waits for this, then looks at `durable`
         return record
+
+    def sync(self, record: JournalRecord) -> None:
+        """Return once `record` is on disk (one fdatasync may cover several writers); raises
+        JournalError."""
+        self._sync(record.segment, record.offset + record.data_len)
+
+    @staticmethod
+    def settle(record: JournalRecord, durable: bool) -> None:
+        """Hand the record to the applier: durable (apply it) or not (the sender was refused)."""
+        record.durable = durable
+        record.settled.set()
 
     def _sync(self, segment: Segment, end: int) -> None:
         with self._sync_lock:

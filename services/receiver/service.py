@@ -15,9 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from services.receiver.applier import JournalApplier, PublishBatch, PutFile
+from services.receiver.applier import DecideAgain, JournalApplier, PublishBatch, PutFile
 from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
 from services.receiver.journal import MEMORY_BYTES, Journal, JournalError, slot_directory
+from services.receiver.receipt import Duplicate, Receipt, decide_again
 from services.receiver.scp import StorageSCP
 from services.receiver.workers import RoutingServer, WorkerPool, process_count, worker_count
 from shared.blobstore import BlobInfo, LocalBlobStore, NatsObjectBlobStore, open_blob_store
@@ -92,11 +93,12 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
     applier = None
     if settings.receiver_journal_max_kb > 0:
         slot = settings.receiver_journal_slot
-        applier = open_journal(settings, slot, writer, publisher.publish_batch, publish_timeout)
+        decide = replay_decider(settings_item, writer)
+        applier = open_journal(settings, slot, writer, publisher.publish_batch, publish_timeout, decide)
         if slot == "main":  # the supervisor (workers have w1, w2, ...)
             used = {slot, *(f"w{index}" for index in range(1, worker_count()))}
             await asyncio.to_thread(adopt_orphan_journals, settings, used, writer, publisher.publish_batch,
-                                    publish_timeout)
+                                    publish_timeout, decide)
     # No retries: the sender's own retry after 0xA700 is the retry; the C-STORE must not hang.
     ingest = Ingest(writer, publisher.publish, settings_item, publish_timeout=publish_timeout,
                     journal=applier, journal_max_bytes=settings.receiver_journal_max_kb * 1024)
@@ -105,18 +107,27 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
 
 
 def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: PublishBatch,
-                 publish_timeout: float) -> JournalApplier:
+                 publish_timeout: float, decider: DecideAgain) -> JournalApplier:
     """The write-ahead journal of this process and its applier thread, started; records a previous
     process left unapplied are queued first (services/receiver/journal.py)."""
     journal = Journal(slot_directory(settings.data_dir, slot),
                       segment_bytes=settings.receiver_journal_segment_mb * 1024 * 1024,
                       max_bytes=settings.receiver_journal_mb * 1024 * 1024,
                       memory_bytes=MEMORY_BYTES // process_count())
-    journal.open()
+    replayed = journal.open()
     store = writer.store if isinstance(writer, LocalBlobWriter) else None
-    applier = JournalApplier(journal, _file_putter(writer), publish, store, publish_timeout)
+    applier = JournalApplier(journal, _file_putter(writer), publish, store, decider, publish_timeout)
+    applier.adopt(replayed)
     applier.start()
     return applier
+
+
+def replay_decider(settings_item: Callable[[], SettingsItem], writer: BlobWriter) -> DecideAgain:
+    """How the applier decides a replayed instance whose decision record was lost."""
+    def decide(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate | None) -> tuple[Event, bool] | None:
+        return decide_again(receipt, data, sha256, verdict, settings_item().extract_tags, writer.read)
+
+    return decide
 
 
 def _file_putter(writer: BlobWriter) -> PutFile:
@@ -136,14 +147,14 @@ def _file_putter(writer: BlobWriter) -> PutFile:
 
 
 def adopt_orphan_journals(settings: Settings, used_slots: set[str], writer: BlobWriter, publish: PublishBatch,
-                          publish_timeout: float, timeout: float = 60.0) -> None:
+                          publish_timeout: float, decider: DecideAgain, timeout: float = 60.0) -> None:
     """Apply the journals of receiver processes that no longer exist (fewer workers than before)."""
     root = slot_directory(settings.data_dir, "main").parent
     if not root.is_dir():
         return
     for directory in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in used_slots):
         try:
-            applier = open_journal(settings, directory.name, writer, publish, publish_timeout)
+            applier = open_journal(settings, directory.name, writer, publish, publish_timeout, decider)
         except JournalError as exc:
             log.warning("journal %s not adopted: %s", directory, exc)
             continue

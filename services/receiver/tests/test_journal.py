@@ -3,6 +3,7 @@ NATS stopped and kill -9, are in test_receiver.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -10,10 +11,17 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from services.receiver.applier import GATHER_MAX_SECONDS, JournalApplier, PutFile
-from services.receiver.journal import HEADER, Journal, JournalError, JournalFull
+from services.receiver.applier import GATHER_MAX_SECONDS, DecideAgain, Decision, JournalApplier, PutFile
+from services.receiver.ingest import LocalBlobWriter
+from services.receiver.journal import HEADER, Journal, JournalError, JournalFull, JournalRecord
+from services.receiver.receipt import Duplicate, Receipt, decide_again, instance_key
 from shared.blobstore import LocalBlobStore
+from shared.config.model import SettingsItem
+from shared.dicomtags import extract_tags
 from shared.events import Event, make_event
 
 SEGMENT = 64 * 1024
@@ -157,6 +165,13 @@ class FlakyPublisher:
         return futures
 
 
+def _decider(store: LocalBlobStore) -> DecideAgain:
+    """As the receiver's (services/receiver/service.py replay_decider), with the default tag list."""
+    def decide(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate | None) -> tuple[Event, bool] | None:
+        return decide_again(receipt, data, sha256, verdict, SettingsItem().extract_tags, LocalBlobWriter(store).read)
+    return decide
+
+
 def _put_into(store: LocalBlobStore) -> PutFile:
     def put(key: str, data: bytes, replayed: bool) -> None:
         store.put_sync(key, data)
@@ -168,7 +183,7 @@ def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, 
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
     publisher = FlakyPublisher(failures=3)
-    applier = JournalApplier(journal, _put_into(store), publisher, store, 1.0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store), 1.0)
     events = [_event(n) for n in range(6)]
     for n, event in enumerate(events):
         applier.accept(event, f"instances/s/{n}.dcm", "sha", b"DATA" if n != 5 else None)  # 5: identical duplicate
@@ -188,7 +203,8 @@ def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, 
 def test_applier_replays_what_a_dead_process_left(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store)  # never started
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store,  # never started
+                          _decider(store))
     events = [_event(n) for n in range(3)]
     for n, event in enumerate(events):
         dead.accept(event, f"instances/s/{n}.dcm", "sha", b"D%d" % n)
@@ -197,7 +213,7 @@ def test_applier_replays_what_a_dead_process_left(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
     assert len(journal.open()) == 3
     publisher = FlakyPublisher(0)
-    applier = JournalApplier(journal, _put_into(store), publisher, store)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
     applier.start()
     assert applier.wait_idle(10)
     applier.stop()
@@ -221,7 +237,7 @@ def test_applier_batches_a_stream_and_applies_as_soon_as_it_pauses(tmp_path: Pat
         batches.append(len(events))
         return FlakyPublisher(0)(events, timeout)
 
-    applier = JournalApplier(journal, _put_into(store), publish, store)
+    applier = JournalApplier(journal, _put_into(store), publish, store, _decider(store))
     applier.start()
     # A continuous stream (an instance every 2 ms for ~0.4 s): applied in a few large batches.
     for n in range(200):
@@ -237,4 +253,134 @@ def test_applier_batches_a_stream_and_applies_as_soon_as_it_pauses(tmp_path: Pat
         time.sleep(0.001)
     assert batches == [1] and time.monotonic() - start < GATHER_MAX_SECONDS / 2
     applier.stop()
+    journal.close()
+
+
+def _instance(n: int) -> bytes:
+    """A small readable DICOM instance (Part 10 bytes)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = UID(f"1.2.3.4.{n}")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = "1.2.3", "1.2.3.4", "OT", "P1"
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class _Assoc:
+    association_id, calling_aet, called_aet, peer_host, peer_port = "a1", "SENDER", "CADUCEUS", "127.0.0.1", 104
+
+
+def _receive(applier: JournalApplier, data: bytes) -> tuple[Receipt, JournalRecord]:
+    receipt = Receipt.now(_Assoc(), "1.2.840.10008.1.2.1")
+    record = applier.receive(receipt, data)
+    applier.sync(record)
+    return receipt, record
+
+
+def _decision(receipt: Receipt, data: bytes, duplicate: Duplicate) -> Decision:
+    tags = extract_tags(data, SettingsItem().extract_tags)
+    return Decision(receipt, tags, instance_key(tags), len(data), hashlib.sha256(data).hexdigest(), duplicate)
+
+
+def test_received_records_are_applied_live_as_decided(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
+    applier.start()
+    first, second = _instance(1), _instance(2)
+    receipt, record = _receive(applier, first)
+    assert not record.settled.is_set()  # the applier waits for the decision
+    applier.decide(record, _decision(receipt, first, "new"))
+    refused_receipt, refused = _receive(applier, second)
+    applier.refuse(refused)  # e.g. its header was unreadable: quarantined, 0xC000
+    assert applier.wait_idle(10)
+    applier.stop()
+    assert publisher.stored == [receipt.event_id]  # the event carries the receipt's id
+    assert store.get_sync(instance_key(extract_tags(first, []))) == first
+    assert LocalBlobWriter(store).read(instance_key(extract_tags(second, []))) is None
+    journal.close()
+
+
+def test_received_records_replay_with_their_recorded_verdicts(tmp_path: Path) -> None:
+    """A killed receiver leaves R records with their D / X records (in the page cache, so
+    they survive kill -9); the next process applies them as they were decided."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    datas = [_instance(n) for n in range(4)]
+    store.put_sync(instance_key(extract_tags(datas[1], [])), datas[1])  # 1 is an identical copy
+    receipts = []
+    for n, data in enumerate(datas):
+        receipt, record = _receive(dead, data)
+        receipts.append(receipt)
+        if n == 0:
+            dead.decide(record, _decision(receipt, data, "new"))
+            store.put_sync(instance_key(extract_tags(data, [])), data)  # its file, written before the kill
+        elif n == 1:
+            dead.decide(record, _decision(receipt, data, "identical"))
+        elif n == 2:
+            dead.refuse(record)
+        # 3: the process died before deciding (its sender heard nothing)
+    journal.close()
+
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
+    replayed = journal.open()
+    assert [r.meta[:1] for r in replayed] == [b"R", b"D", b"R", b"D", b"R", b"X", b"R"]
+    events: list[Event] = []
+    written: list[str] = []
+
+    def publish(items: list[tuple[Event, bytes | None]], timeout: float) -> list[Future[int]]:
+        events.extend(event for event, _ in items)
+        return FlakyPublisher(0)(items, timeout)
+
+    def put(key: str, data: bytes, replayed: bool) -> None:
+        written.append(key)
+        store.put_sync(key, data)
+
+    applier = JournalApplier(journal, put, publish, store, _decider(store))
+    applier.adopt(replayed)
+    applier.start()
+    assert applier.wait_idle(10)
+    applier.stop()
+    assert [e.event_id for e in events] == [receipts[n].event_id for n in (0, 1, 3)]
+    # The recorded verdicts, not what the blob store says now (0's file is there: "identical").
+    assert [e.payload["duplicate"] for e in events] == ["new", "identical", "new"]
+    assert written == [instance_key(extract_tags(datas[n], [])) for n in (0, 3)]  # not the identical copy
+    assert LocalBlobWriter(store).read(instance_key(extract_tags(datas[2], []))) is None  # refused: never applied
+    journal.close()
+
+
+def test_a_received_record_whose_decision_was_lost_is_decided_again(tmp_path: Path) -> None:
+    """A power cut can lose the D record (it has no fdatasync of its own) after the sender heard
+    success: the instance is decided again from its bytes; an unreadable one is skipped."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    data = _instance(7)
+    receipt, _ = _receive(dead, data)
+    _receive(dead, b"not DICOM at all" * 20)
+    journal.close()
+
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
+    replayed = journal.open()
+    events: list[Event] = []
+
+    def publish(items: list[tuple[Event, bytes | None]], timeout: float) -> list[Future[int]]:
+        events.extend(event for event, _ in items)
+        return FlakyPublisher(0)(items, timeout)
+
+    applier = JournalApplier(journal, _put_into(store), publish, store, _decider(store))
+    applier.adopt(replayed)
+    applier.start()
+    assert applier.wait_idle(10)
+    applier.stop()
+    (event,) = events
+    assert event.event_id == receipt.event_id and event.occurred_at == receipt.occurred_at
+    assert event.payload["duplicate"] == "new" and event.payload["calling_aet"] == "SENDER"
+    assert event.payload["sha256"] == hashlib.sha256(data).hexdigest() and event.sop_uid == "1.2.3.4.7"
+    assert store.get_sync(event.payload["blob_key"]) == data
     journal.close()
