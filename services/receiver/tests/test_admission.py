@@ -60,7 +60,10 @@ async def test_idle_flood_is_bounded_and_the_receiver_recovers_at_once(receiver:
             if len(closed) >= len(flood) - LIMIT:
                 break
             await asyncio.sleep(0.5)
-        assert len(flood) - LIMIT <= len(closed) < len(flood) - LIMIT + 10, (len(flood), len(closed))
+        # Between maximum_associations and LIMIT stay open: once 200 are open, a new connection
+        # ends one that has waited over IDLE_GRACE_SECONDS for its A-ASSOCIATE-RQ instead of being
+        # refused, which happens here when opening the flood takes longer than that (a slow machine).
+        assert len(flood) - LIMIT <= len(closed) <= len(flood) - MAXIMUM_ASSOCIATIONS, (len(flood), len(closed))
         held = _held_by_process(receiver)
         assert sum(held) <= LIMIT, held
         assert all(count > 0 for count in held), held  # with two processes, both serve
