@@ -11,10 +11,10 @@ pieces of the C-STORE path that are the receiver's own CPU, on the same files, i
   every instance), against the reference `pydicom.dcmread(stop_before_pixels=True)` of the same
   bytes: the ratio says how the fast reader compares with pydicom's own reader on this machine now.
 - `store`: `Ingest.store` down the journaled path (the bytes appended to the journal and
-  fdatasynced while a helper thread reads the tags, duplicate check, the decision recorded), with
-  the journal applier not running (since session 10 it builds `image.received`, so that is not
-  counted here): wall and CPU (`getrusage`, user and system: neither counts the wait for the
-  disk) per image.
+  fdatasynced while a helper thread reads the tags, duplicate check, `image.received` built, the
+  decision recorded), with the journal applier not running (since session 10 it serializes the
+  event, so that is not counted here): wall and CPU (`getrusage`, user and system: neither counts
+  the wait for the disk) per image.
 
 Each figure is the best of `--repeat` passes. `--callgrind` runs the passes again under
 `valgrind --tool=callgrind` (once with no image, once with all) and prints instructions per image:

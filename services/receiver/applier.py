@@ -17,9 +17,9 @@ Records (the first byte of a record's meta says which):
   - `X` (refused): the R record's seq; its sender was refused (or the data quarantined).
   Both are in the page cache before the sender hears anything, so a killed process leaves them
   for its successor. Only a power cut can lose them (they become durable with the next record's
-  fdatasync). This thread builds the event of an R record (`image.received` from the receipt, the
-  header and the verdict): a replayed one's from its bytes, with the verdict of its D record or,
-  if that was lost, the verdict the blob store gives now (`decide_again`).
+  fdatasync). A replayed R record's event is built again from its receipt and bytes, with the
+  verdict of its D record or, if that was lost, the verdict the blob store gives now
+  (`decide_again`).
 - `W` / `-` (whole): the event and the bytes (`W`) or the event alone (`-`: an identical copy is
   stored already), decided before writing (`accept`): a larger copy of an instance waiting in the
   journal, and records of earlier versions.
@@ -39,13 +39,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 from services.receiver.journal import Journal, JournalError, JournalRecord
-from services.receiver.receipt import Duplicate, Receipt, received_event
+from services.receiver.receipt import Duplicate, Receipt
 from shared.blobstore import LocalBlobStore
-from shared.dicomtags import ExtractedTags
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -72,18 +70,6 @@ PutFile = Callable[[str, bytes, bool], None]
 DecideAgain = Callable[[Receipt, bytes, str, "Duplicate | None"], "tuple[Event, bool] | None"]
 VERDICTS: dict[bytes, Duplicate] = {b"n": "new", b"i": "identical", b"r": "replaced"}
 VERDICT_BYTES = {verdict: code for code, verdict in VERDICTS.items()}
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the C-STORE path found out about an R record; this thread builds the event."""
-
-    receipt: Receipt
-    tags: ExtractedTags
-    key: str
-    size: int
-    sha256: str
-    duplicate: Duplicate
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
 
 
@@ -144,14 +130,17 @@ class JournalApplier:
         """Return once the R record is on disk; raises JournalError."""
         self.journal.sync(record)
 
-    def decide(self, record: JournalRecord, decision: Decision) -> None:
-        """The synced R record is accepted as `decision` says."""
-        if decision.duplicate != "identical":
+    def decide(self, record: JournalRecord, event: Event) -> None:
+        """The synced R record is accepted as `event` (its `image.received`, with its verdict)."""
+        duplicate: Duplicate = event.payload["duplicate"]
+        write = duplicate != "identical"
+        if write:
+            key = str(event.payload["blob_key"])
             with self._pending_lock:
-                _, count = self._pending.get(decision.key, ("", 0))
-                self._pending[decision.key] = (decision.sha256, count + 1)
-        record.attachment = decision
-        self._mark(DECIDED + SEQ.pack(record.seq) + VERDICT_BYTES[decision.duplicate])
+                _, count = self._pending.get(key, ("", 0))
+                self._pending[key] = (str(event.payload["sha256"]), count + 1)
+        record.attachment = (event, None, write)
+        self._mark(DECIDED + SEQ.pack(record.seq) + VERDICT_BYTES[duplicate])
         self.journal.settle(record, durable=True)
 
     def refuse(self, record: JournalRecord) -> None:
@@ -289,10 +278,7 @@ class JournalApplier:
         kind = record.meta[:1]
         if record.attachment is not None:  # live
             if kind == RECEIVED:
-                decision: Decision = record.attachment
-                event = received_event(decision.receipt, decision.tags, decision.key, decision.size,
-                                       decision.sha256, decision.duplicate)
-                return event, None, decision.duplicate != "identical"
+                return record.attachment  # type: ignore[no-any-return]
             if kind in (WRITE, NO_WRITE):
                 event, event_json = record.attachment
                 return event, event_json, kind == WRITE
@@ -304,9 +290,14 @@ class JournalApplier:
         return self._replayed(record, self._verdicts.pop(record.seq, None))
 
     def _replayed(self, record: JournalRecord, verdict: Duplicate | None) -> tuple[Event, bytes | None, bool] | None:
-        receipt = Receipt.from_json(record.meta[1:])
         data = self.journal.read_data(record)
-        again = self.decide_again(receipt, data, hashlib.sha256(data).hexdigest(), verdict)
+        try:
+            again = self.decide_again(Receipt.from_json(record.meta[1:]), data, hashlib.sha256(data).hexdigest(),
+                                      verdict)
+        except Exception:  # noqa: BLE001 - a bug must not stop every other instance behind this one
+            log.exception("journal record %d: its event could not be built again; NOT applied (its bytes "
+                          "stay in the journal until its segment is reused)", record.seq)
+            return None
         if again is None:
             log.warning("journal record %d: not applied: its data is not a readable instance, so its "
                         "sender was not told success", record.seq)

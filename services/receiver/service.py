@@ -123,7 +123,7 @@ def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: Pub
 
 
 def replay_decider(settings_item: Callable[[], SettingsItem], writer: BlobWriter) -> DecideAgain:
-    """How the applier decides a replayed instance whose decision record was lost."""
+    """How the applier builds the event of an instance a previous process journaled (receipt.py)."""
     def decide(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate | None) -> tuple[Event, bool] | None:
         return decide_again(receipt, data, sha256, verdict, settings_item().extract_tags, writer.read)
 

@@ -15,10 +15,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from services.receiver.applier import GATHER_MAX_SECONDS, DecideAgain, Decision, JournalApplier, PutFile
+from services.receiver.applier import GATHER_MAX_SECONDS, DecideAgain, JournalApplier, PutFile
 from services.receiver.ingest import LocalBlobWriter
 from services.receiver.journal import HEADER, Journal, JournalError, JournalFull, JournalRecord
-from services.receiver.receipt import Duplicate, Receipt, decide_again, instance_key
+from services.receiver.receipt import Duplicate, Receipt, decide_again, instance_key, received_event
 from shared.blobstore import LocalBlobStore
 from shared.config.model import SettingsItem
 from shared.dicomtags import extract_tags
@@ -280,9 +280,9 @@ def _receive(applier: JournalApplier, data: bytes) -> tuple[Receipt, JournalReco
     return receipt, record
 
 
-def _decision(receipt: Receipt, data: bytes, duplicate: Duplicate) -> Decision:
+def _decision(receipt: Receipt, data: bytes, duplicate: Duplicate) -> Event:
     tags = extract_tags(data, SettingsItem().extract_tags)
-    return Decision(receipt, tags, instance_key(tags), len(data), hashlib.sha256(data).hexdigest(), duplicate)
+    return received_event(receipt, tags, instance_key(tags), len(data), hashlib.sha256(data).hexdigest(), duplicate)
 
 
 def test_received_records_are_applied_live_as_decided(tmp_path: Path) -> None:
