@@ -37,13 +37,15 @@ import queue
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from typing import Any
 
 from services.receiver.journal import Journal, JournalError, JournalRecord
 from services.receiver.receipt import Duplicate, Receipt
-from shared.blobstore import LocalBlobStore
+from shared.blobstore import LocalBlobStore, blob_key
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -295,8 +297,10 @@ class JournalApplier:
             again = self.decide_again(Receipt.from_json(record.meta[1:]), data, hashlib.sha256(data).hexdigest(),
                                       verdict)
         except Exception:  # noqa: BLE001 - a bug must not stop every other instance behind this one
-            log.exception("journal record %d: its event could not be built again; NOT applied (its bytes "
-                          "stay in the journal until its segment is reused)", record.seq)
+            key = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), f"journal-{uuid.uuid4().hex}")
+            log.exception("journal record %d: its event could not be built again; its bytes are kept "
+                          "under %s instead", record.seq, key)
+            self.put_file(key, data, False)  # (raises if it cannot: then the applier stops, nothing lost)
             return None
         if again is None:
             log.warning("journal record %d: not applied: its data is not a readable instance, so its "

@@ -384,3 +384,35 @@ def test_a_received_record_whose_decision_was_lost_is_decided_again(tmp_path: Pa
     assert event.payload["sha256"] == hashlib.sha256(data).hexdigest() and event.sop_uid == "1.2.3.4.7"
     assert store.get_sync(event.payload["blob_key"]) == data
     journal.close()
+
+
+def test_a_replayed_record_whose_event_cannot_be_built_is_kept_aside(tmp_path: Path) -> None:
+    """A bug in building a replayed instance's event must not stop the instances behind it, nor
+    lose the bytes: they go under quarantine/."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    first, second = _instance(1), _instance(2)
+    _receive(dead, first)
+    receipt, _ = _receive(dead, second)
+    journal.close()
+
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
+    replayed = journal.open()
+    decide = _decider(store)
+
+    def broken_for_the_first(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate | None) -> tuple[Event, bool] | None:
+        if data == first:
+            raise ValueError("a bug")
+        return decide(receipt, data, sha256, verdict)
+
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, broken_for_the_first)
+    applier.adopt(replayed)
+    applier.start()
+    assert applier.wait_idle(10)
+    applier.stop()
+    assert publisher.stored == [receipt.event_id]
+    (kept,) = [path for path in (tmp_path / "blobs" / "quarantine").rglob("journal-*")]
+    assert kept.read_bytes() == first
+    journal.close()
