@@ -208,6 +208,15 @@ class UnsyncedWrite:
             os.close(fd)
 
 
+def _log_context(tags: ExtractedTags, request_sop_uid: str) -> dict[str, str]:
+    """The instance's identity for log lines; warns if the C-STORE request named another SOP UID."""
+    ctx = {"study_uid": tags.study_uid, "series_uid": tags.series_uid, "sop_uid": tags.sop_uid}
+    if request_sop_uid and tags.sop_uid != request_sop_uid:
+        log.warning("dataset SOP Instance UID differs from the C-STORE request's (%s); using the "
+                    "dataset's", request_sop_uid, extra=ctx)
+    return ctx
+
+
 def _missing_parents(directory: Path, root: Path) -> list[Path]:
     missing = []
     while directory != root and not directory.exists():
@@ -288,10 +297,7 @@ class Ingest:
             return self._quarantine(assoc, data, str(exc), request_sop_uid)
         if timer:
             mark = timer.mark("tags", mark)
-        ctx = {"study_uid": tags.study_uid, "series_uid": tags.series_uid, "sop_uid": tags.sop_uid}
-        if request_sop_uid and tags.sop_uid != request_sop_uid:
-            log.warning("dataset SOP Instance UID differs from the C-STORE request's (%s); using the "
-                        "dataset's", request_sop_uid, extra=ctx)
+        ctx = _log_context(tags, request_sop_uid)
         key = instance_key(tags)
         if self.journal is not None and self.journal.pending_sha256(key) is not None:
             # A larger copy of an instance still waiting in the journal goes the same way, so that
@@ -347,10 +353,7 @@ class Ingest:
                 return self._quarantine(assoc, data, str(exc), request_sop_uid)
             if timer:
                 mark = timer.mark("tags", mark)
-            ctx = {"study_uid": tags.study_uid, "series_uid": tags.series_uid, "sop_uid": tags.sop_uid}
-            if request_sop_uid and tags.sop_uid != request_sop_uid:
-                log.warning("dataset SOP Instance UID differs from the C-STORE request's (%s); using the "
-                            "dataset's", request_sop_uid, extra=ctx)
+            ctx = _log_context(tags, request_sop_uid)
             key = instance_key(tags)
             duplicate = self._journaled_duplicate(key, data, sha256)
             self.journal.decide(record, received_event(receipt, tags, key, len(data), sha256, duplicate))
