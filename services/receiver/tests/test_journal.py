@@ -7,7 +7,7 @@ import hashlib
 import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from services.receiver.applier import GATHER_MAX_SECONDS, DecideAgain, JournalApplier, PutFile
-from services.receiver.ingest import LocalBlobWriter
+from services.receiver.ingest import AssociationInfo, Ingest, LocalBlobWriter
 from services.receiver.journal import HEADER, Journal, JournalError, JournalFull, JournalRecord
 from services.receiver.receipt import Duplicate, Receipt, decide_again, instance_key, received_event
 from shared.blobstore import LocalBlobStore
@@ -416,3 +416,39 @@ def test_a_replayed_record_whose_event_cannot_be_built_is_kept_aside(tmp_path: P
     (kept,) = [path for path in (tmp_path / "blobs" / "quarantine").rglob("journal-*")]
     assert kept.read_bytes() == first
     journal.close()
+
+
+def test_concurrent_journaled_stores_are_all_accepted_once(tmp_path: Path) -> None:
+    """Several associations at once in one process: header reads on the associations' own threads,
+    records interleaved, fdatasyncs shared (Ingest._store_journaled); every instance is accepted,
+    its file written with its bytes and its event published once (a resent one too)."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal", segments=64)
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
+    applier.start()
+    settings = SettingsItem()
+    ingest = Ingest(LocalBlobWriter(store), _not_journaled, lambda: settings, journal=applier,
+                    journal_max_bytes=256 * 1024)
+    datas = [_instance(n) for n in range(80)]
+
+    def send(part: list[bytes]) -> list[int]:
+        assoc = AssociationInfo(f"a{len(part)}", "SENDER", "CADUCEUS", "127.0.0.1", 104)
+        return [ingest.store(assoc, data, "1.2.840.10008.1.2.1", "") for data in part]
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [status for part in pool.map(send, [datas[i::4] for i in range(4)]) for status in part]
+    assert statuses == [0] * len(datas)
+    assert ingest.store(AssociationInfo("again", "SENDER", "CADUCEUS", "127.0.0.1", 104), datas[0],
+                        "1.2.840.10008.1.2.1", "") == 0
+    assert applier.wait_idle(10)
+    applier.stop()
+    ingest.helpers.shutdown()
+    assert len(publisher.stored) == len(set(publisher.stored)) == len(datas) + 1
+    for data in datas:
+        assert store.get_sync(instance_key(extract_tags(data, []))) == data
+    journal.close()
+
+
+def _not_journaled(event: Event, timeout: float) -> Future[int]:
+    raise AssertionError("every instance here is journaled")
