@@ -30,15 +30,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import JournalError
-from services.receiver.receipt import Receipt, check_identity, instance_key, received_event
+from services.receiver.receipt import (
+    Duplicate,
+    Receipt,
+    duplicate_of,
+    identified_tags,
+    instance_key,
+    received_event,
+)
 from services.receiver.timing import PhaseTimer
 from shared.blobstore import BlobInfo, LocalBlobStore, blob_key, fsync_directory, start_writeback
 from shared.config.model import SettingsItem
-from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
+from shared.dicomtags import ExtractedTags, TagExtractionError
 from shared.events import Event, ImageQuarantined, ImageRejected, make_event
 
 log = logging.getLogger(__name__)
@@ -291,8 +298,7 @@ class Ingest:
                       staged: StagedFile | None, context_ts: str, request_sop_uid: str, mark: int) -> int:
         timer = assoc.timer
         try:
-            tags = extract_tags(data, settings.extract_tags)
-            check_identity(tags)
+            tags = identified_tags(data, settings.extract_tags)
         except TagExtractionError as exc:
             return self._quarantine(assoc, data, str(exc), request_sop_uid)
         if timer:
@@ -372,9 +378,7 @@ class Ingest:
     def _read_header(self, data: bytes, settings: SettingsItem, in_background: bool) -> Future[tuple[ExtractedTags, str]]:
         """Tags (TagExtractionError if unreadable) and sha256 of a journaled instance."""
         def read() -> tuple[ExtractedTags, str]:
-            tags = extract_tags(data, settings.extract_tags)
-            check_identity(tags)
-            return tags, _sha256_hex(data)
+            return identified_tags(data, settings.extract_tags), _sha256_hex(data)
 
         if in_background:
             return self.helpers.submit(read)
@@ -408,14 +412,11 @@ class Ingest:
             log.info("duplicate instance (%s)", duplicate, extra=ctx)
         return STATUS_SUCCESS
 
-    def _journaled_duplicate(self, key: str, data: bytes, sha256: str) -> Literal["new", "identical", "replaced"]:
+    def _journaled_duplicate(self, key: str, data: bytes, sha256: str) -> Duplicate:
         pending = self.journal.pending_sha256(key) if self.journal is not None else None
         if pending is not None:  # a copy is in the journal, its file not yet written
             return "identical" if pending == sha256 else "replaced"
-        existing = self.writer.read(key)
-        if existing is None:
-            return "new"
-        return "identical" if existing == data else "replaced"
+        return duplicate_of(self.writer.read(key), data)
 
     def _finish(self, assoc: AssociationInfo, event: Event, write: UnsyncedWrite | None,
                 tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:
@@ -468,7 +469,7 @@ class Ingest:
         return free is None or free >= settings.min_free_space_mb * 1024 * 1024
 
     def _start_write(self, key: str, data: bytes, staged: StagedFile | None = None) -> tuple[
-            Literal["new", "identical", "replaced"], UnsyncedWrite | None]:
+            Duplicate, UnsyncedWrite | None]:
         """Deal with an existing copy, then write (on a local store, without the fsyncs yet; from
         `staged` if the data is already in a temp file).
 
@@ -479,9 +480,9 @@ class Ingest:
             existing = self.writer.read_path(path)
         else:
             existing = self.writer.read(key)
-        if existing is not None and existing == data:
-            return "identical", None
-        duplicate: Literal["new", "replaced"] = "new" if existing is None else "replaced"
+        duplicate = duplicate_of(existing, data)
+        if duplicate == "identical":
+            return duplicate, None
         if isinstance(self.writer, LocalBlobWriter):
             return duplicate, staged.place(path) if staged else self.writer.put_visible(path, data)
         self.writer.put(key, data)

@@ -57,13 +57,16 @@ class Receipt:
         return cls(**fields)
 
 
-def check_identity(tags: ExtractedTags) -> None:
-    """An instance without its three UIDs cannot be filed: TagExtractionError (quarantine)."""
+def identified_tags(data: bytes, keywords: list[str]) -> ExtractedTags:
+    """The instance's tags; TagExtractionError (quarantine) if it is unreadable or lacks one of the
+    three UIDs it is filed under."""
+    tags = extract_tags(data, keywords)
     missing = [name for name, value in (("StudyInstanceUID", tags.study_uid),
                                         ("SeriesInstanceUID", tags.series_uid),
                                         ("SOPInstanceUID", tags.sop_uid)) if not value]
     if missing:
         raise TagExtractionError(f"required element(s) missing: {', '.join(missing)}")
+    return tags
 
 
 def instance_key(tags: ExtractedTags) -> str:
@@ -99,8 +102,7 @@ def decide_again(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate 
     written just before the cut reads as "identical" rather than "new" (docs/reliability.md).
     """
     try:
-        tags = extract_tags(data, keywords)
-        check_identity(tags)
+        tags = identified_tags(data, keywords)
     except TagExtractionError:
         return None
     key = instance_key(tags)
