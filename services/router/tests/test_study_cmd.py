@@ -41,7 +41,9 @@ async def test_study_complete_command_forces_completion(bus: Bus, nats_url: str,
         await asyncio.sleep(2)  # the series completes; the study waits for a series that never comes
         code, out = await _cli(nats_url, "study", "complete", "9.1", "--comment", "scanner crashed")
         assert code == 0, out
-        events = await wait_for(bus, lambda ev: len(of_type(ev, "study.completed")) == 1, timeout=20)
+        # dispatch.requested follows study.completed: wait for both before looking at either.
+        events = await wait_for(bus, lambda ev: len(of_type(ev, "study.completed")) == 1
+                                and len(of_type(ev, "dispatch.requested")) >= 1, timeout=20)
     [request] = of_type(events, "study.complete_requested")
     assert request.actor.startswith("user:") and request.payload["reason"] == "scanner crashed"
     [completed] = of_type(events, "study.completed")
