@@ -10,7 +10,8 @@ Time = from just before the storescu processes start until the destination direc
 instance (polled every 5 ms). For caduceus the configured quiet period is subtracted: the router
 completes a series once `now - last arrival >= series_complete_seconds`, where the last arrival is
 the JetStream timestamp of the last image.received (services/router/completion.py); it checks at
-most once per second (TICK_SECONDS), so up to ~1 s of tick latency stays in the caduceus time.
+the moment the earliest open series falls due (services/router/service.py), so only that check's
+own latency stays in the caduceus time.
 
 Hop split (from event timestamps on the same clock): receive = storescu exit; router = last
 image.received (stream time) -> series.completed minus the quiet period; decide = series.completed

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     ui_host: str = "127.0.0.1"
     # The receiver's write-ahead journal (services/receiver/journal.py): an instance of up to
     # receiver_journal_max_kb is accepted once it is in the journal; a larger one once its own blob
-    # file is fsynced and its event stored. 0 turns the journal off.
+    # file is fsynced and its event is in the journal (or, without the journal, stored by
+    # JetStream). 0 turns the journal off.
     receiver_journal_max_kb: int = Field(default=256, ge=0, le=8192)
     receiver_journal_mb: int = Field(default=1024, ge=64, description="room for instances not yet applied")
     receiver_journal_segment_mb: int = Field(default=32, ge=16, le=1024)

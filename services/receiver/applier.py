@@ -20,6 +20,10 @@ Records (the first byte of a record's meta says which):
   fdatasync). A replayed R record's event is built again from its receipt and bytes, with the
   verdict of its D record or, if that was lost, the verdict the blob store gives now
   (`decide_again`).
+- `F` (filed): the event of an instance whose blob file the association wrote and fsynced itself
+  (above `receiver_journal_max_kb`, where a second copy of the bytes would cost more than it
+  saves); `confirm` once file and record are durable, else `refuse` (an X record). Replayed, it
+  is published only if the file it names is on disk with the recorded sha256.
 - `W` / `-` (whole): the event and the bytes (`W`) or the event alone (`-`: an identical copy is
   stored already), decided before writing (`accept`): a larger copy of an instance waiting in the
   journal, and records of earlier versions.
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 
 WRITE, NO_WRITE = b"W", b"-"
 RECEIVED, DECIDED, REFUSED = b"R", b"D", b"X"
+FILED = b"F"
 SEQ = struct.Struct("<Q")
 CHECKPOINT_SECONDS = 1.0
 # While instances keep arriving, the applier waits and applies them in large batches; as soon as
@@ -122,6 +127,19 @@ class JournalApplier:
             if data is not None:
                 self._written(key)
             raise
+
+    def file(self, event: Event) -> JournalRecord:
+        """Write the event of an instance whose blob file the caller writes and fsyncs itself (an
+        `F` record, not yet synced; the disk starts on it at once). `confirm` once file and record
+        are durable, else `refuse`. Raises JournalError."""
+        event_json = event.to_json()
+        record = self.journal.write(FILED + event_json, b"", attachment=(event, event_json, False))
+        self.journal.start_writeback(record)
+        return record
+
+    def confirm(self, record: JournalRecord) -> None:
+        """The synced F record's file is durable too: publish its event."""
+        self.journal.settle(record, durable=True)
 
     def receive(self, receipt: Receipt, data: bytes) -> JournalRecord:
         """Write an instance's bytes (not yet synced: `Journal.sync`); `decide` or `refuse` must
@@ -279,7 +297,7 @@ class JournalApplier:
         file is to be written; None if there is nothing to apply."""
         kind = record.meta[:1]
         if record.attachment is not None:  # live
-            if kind == RECEIVED:
+            if kind in (RECEIVED, FILED):
                 return record.attachment  # type: ignore[no-any-return]
             if kind in (WRITE, NO_WRITE):
                 event, event_json = record.attachment
@@ -287,6 +305,8 @@ class JournalApplier:
             return None
         if kind in (WRITE, NO_WRITE):
             return Event.from_json(record.meta[1:]), None, kind == WRITE
+        if kind == FILED and record.seq not in self._refusals:
+            return self._replayed_filed(record)
         if kind != RECEIVED or record.seq in self._refusals:
             return None
         return self._replayed(record, self._verdicts.pop(record.seq, None))
@@ -310,6 +330,28 @@ class JournalApplier:
             log.warning("journal record %d: its decision was lost (power cut?); decided again from its data",
                         record.seq, extra={"series_uid": again[0].series_uid, "sop_uid": again[0].sop_uid})
         return again[0], None, again[1]
+
+    def _replayed_filed(self, record: JournalRecord) -> tuple[Event, bytes | None, bool] | None:
+        """An F record of a previous process: its event, if the file it announces is on disk as it
+        was received (after a power cut the file may be gone while the record survived; then its
+        sender was never told success, because that waited for both)."""
+        event = Event.from_json(record.meta[1:])
+        key, sha256 = str(event.payload["blob_key"]), str(event.payload["sha256"])
+        data = self._read_local(key)
+        if data is None or hashlib.sha256(data).hexdigest() != sha256:
+            log.warning("journal record %d: not applied: the blob file it announces is %s, so its sender "
+                        "was not told success", record.seq, "missing" if data is None else "not as received",
+                        extra={"series_uid": event.series_uid, "sop_uid": event.sop_uid})
+            return None
+        return event, None, False
+
+    def _read_local(self, key: str) -> bytes | None:
+        if self.store is None:  # F records are written only with a local store
+            return None
+        try:
+            return self.store.path(key).read_bytes()
+        except OSError:
+            return None
 
     def _write_file(self, key: str, data: bytes, replayed: bool, event: Event) -> bool:
         """Until the file is written (True), or stopping past the grace period (False)."""

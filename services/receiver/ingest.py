@@ -4,7 +4,9 @@ Runs on pynetdicom's association threads. The C-STORE status is decided here:
 - 0x0000 only once the instance cannot be lost: either it is in the receiver's write-ahead journal
   together with its `image.received` (instances up to `receiver_journal_max_kb`; the journal
   applier writes the blob file and publishes behind it, services/receiver/applier.py), or its blob
-  file is fsynced and JetStream acknowledged `image.received` (larger instances, or no journal);
+  file is fsynced and its `image.received` is in the journal (larger instances on a local store;
+  the applier publishes it), or its blob file is fsynced and JetStream acknowledged
+  `image.received` (no journal, or a store that is not local);
 - 0xA700 (out of resources) when free space is below the floor, the journal is full or fails, the
   blob write fails or the event cannot be published: the sender keeps its copy and retries later;
 - 0xC000 (cannot understand) when the data is not a readable dataset: the bytes are kept under
@@ -421,6 +423,8 @@ class Ingest:
     def _finish(self, assoc: AssociationInfo, event: Event, write: UnsyncedWrite | None,
                 tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:
         """Publish (the file is in place), answer success once it is durable *and* acknowledged."""
+        if self.journal is not None and isinstance(self.writer, LocalBlobWriter):
+            return self._finish_filed(assoc, event, write, tags, ctx, mark)
         timer, key = assoc.timer, str(event.payload.get("blob_key"))
         published = self.publish(event, self.publish_timeout)
         if write is not None:
@@ -440,6 +444,39 @@ class Ingest:
             return self._reject(assoc, f"event not acknowledged: {exc}", tags.sop_uid, tags)
         if timer:
             timer.mark("publish", mark)
+        assoc.stored += 1
+        if event.payload.get("duplicate") != "new":
+            log.info("duplicate instance (%s)", event.payload.get("duplicate"), extra=ctx)
+        return STATUS_SUCCESS
+
+    def _finish_filed(self, assoc: AssociationInfo, event: Event, write: UnsyncedWrite | None,
+                      tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:
+        """Success once the file is durable and its event is in the journal (an `F` record; the
+        journal applier publishes it). The record's fdatasync replaces the wait for JetStream's
+        fsynced acknowledgement: docs/performance.md, "Session 11"."""
+        assert self.journal is not None
+        timer, key = assoc.timer, str(event.payload.get("blob_key"))
+        try:
+            record = self.journal.file(event)
+        except (JournalError, OSError) as exc:
+            log.error("could not journal the event of %s: %s", key, exc, extra=ctx)
+            return self._reject(assoc, f"could not journal the event: {exc}", tags.sop_uid, tags)
+        durable = False
+        try:
+            if write is not None:
+                write.make_durable()
+            self.journal.sync(record)
+            durable = True
+        except Exception as exc:  # noqa: BLE001 - not durable means not accepted
+            log.error("blob file or journal not durable for %s: %s", key, exc, extra=ctx)
+            return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
+        finally:
+            if durable:
+                self.journal.confirm(record)
+            else:
+                self.journal.refuse(record)
+        if timer:
+            timer.mark("write", mark)
         assoc.stored += 1
         if event.payload.get("duplicate") != "new":
             log.info("duplicate instance (%s)", event.payload.get("duplicate"), extra=ctx)

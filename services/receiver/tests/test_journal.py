@@ -386,6 +386,58 @@ def test_a_received_record_whose_decision_was_lost_is_decided_again(tmp_path: Pa
     journal.close()
 
 
+def test_filed_events_are_published_once_file_and_record_are_durable(tmp_path: Path) -> None:
+    """F records (an instance above receiver_journal_max_kb: its own blob file, fsynced by the
+    association, and its event in the journal): live, published once confirmed, never if refused;
+    replayed, published only if the file they announce is on disk as received."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
+    applier.start()
+    confirmed, refused = _filed(store, 1), _filed(store, 2)
+    kept = applier.file(confirmed)
+    assert not kept.settled.is_set()  # the applier waits until the file and the record are durable
+    applier.sync(kept)
+    applier.confirm(kept)
+    applier.refuse(applier.file(refused))  # e.g. the file's fsync failed: the sender heard 0xA700
+    assert applier.wait_idle(10)
+    applier.stop()
+    assert publisher.stored == [confirmed.event_id]
+    journal.close()
+
+    journal = _journal(tmp_path / "journal-2")
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    intact, gone, changed, refused = (_filed(store, n) for n in (3, 4, 5, 6))
+    for event in (intact, gone, changed):
+        dead.sync(dead.file(event))
+    dead.refuse(dead.file(refused))
+    journal.close()
+    (tmp_path / "blobs" / str(gone.payload["blob_key"])).unlink()  # a power cut took the file, not the record
+    store.put_sync(str(changed.payload["blob_key"]), b"torn")
+
+    journal = Journal(tmp_path / "journal-2", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
+    replayed = journal.open()
+    assert [r.meta[:1] for r in replayed] == [b"F", b"F", b"F", b"F", b"X"]
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
+    applier.adopt(replayed)
+    applier.start()
+    assert applier.wait_idle(10)
+    applier.stop()
+    assert publisher.stored == [intact.event_id]
+    journal.close()
+
+
+def _filed(store: LocalBlobStore, n: int) -> Event:
+    """The event of an instance whose blob file is in the store (as Ingest._finish_filed has it)."""
+    data = _instance(n)
+    receipt = Receipt.now(_Assoc(), "1.2.840.10008.1.2.1")
+    event = _decision(receipt, data, "new")
+    store.put_sync(str(event.payload["blob_key"]), data)
+    return event
+
+
 def test_a_replayed_record_whose_event_cannot_be_built_is_kept_aside(tmp_path: Path) -> None:
     """A bug in building a replayed instance's event must not stop the instances behind it, nor
     lose the bytes: they go under quarantine/."""

@@ -208,9 +208,14 @@ async def test_nats_down_journaled_instances_are_published_when_it_returns(
     assert len(blob_files(data_dir)) == 5
 
 
+@pytest.mark.parametrize("journal_max_kb", ["256", "1"], ids=["journaled-data", "own-file-journaled-event"])
 async def test_journaled_instances_survive_kill_9(nats_url: str, bus: Bus, nats_server: EmbeddedNats,
-                                                  series5: Path, data_dir: Path, tmp_path: Path) -> None:
-    receiver = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver-1.log")
+                                                  series5: Path, data_dir: Path, tmp_path: Path,
+                                                  journal_max_kb: str) -> None:
+    # 256 KB: the instances (and their events) are in the journal; 1 KB: each instance is above the
+    # journal's limit, so it gets its own fsynced blob file and only its event goes to the journal.
+    env = {"CADUCEUS_RECEIVER_JOURNAL_MAX_KB": journal_max_kb}
+    receiver = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver-1.log", env=env)
     nats_server.stop()  # nothing can be applied: the instances exist only in the journal
     try:
         result = await asyncio.to_thread(storescu, receiver.port, series5)
@@ -218,7 +223,7 @@ async def test_journaled_instances_survive_kill_9(nats_url: str, bus: Bus, nats_
     finally:
         receiver.kill()
     nats_server.start()
-    restarted = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver-2.log")
+    restarted = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver-2.log", env=env)
     try:
         received = await wait_events(bus, "image.received", 5, timeout=40)
         assert sorted(e.sop_uid or "" for e in received) == sorted(_uids(p)[0] for p in series5.iterdir())
