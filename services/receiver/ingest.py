@@ -273,12 +273,14 @@ class Ingest:
             mark = timer.mark("space", mark)
         if self.journal is not None and len(data) <= self.journal_max_bytes:
             return self._store_journaled(assoc, settings, data, context_ts, request_sop_uid, alone, mark)
+        header = self._start_tags(data, settings, alone)
         digest = self._start_digest(data, alone)
         staged = self._stage(data)
         try:
             if timer and staged:
                 mark = timer.mark("file", mark)
-            return self._store_staged(assoc, settings, data, digest, staged, context_ts, request_sop_uid, mark)
+            return self._store_staged(assoc, settings, data, header, digest, staged, context_ts, request_sop_uid,
+                                      mark)
         finally:
             if staged is not None:
                 staged.discard()  # not placed under its key: an error, a duplicate, quarantine, journal
@@ -296,11 +298,12 @@ class Ingest:
             log.debug("could not stage the instance ahead of its tags: %s", exc)
             return None
 
-    def _store_staged(self, assoc: AssociationInfo, settings: SettingsItem, data: bytes, digest: Future[str],
-                      staged: StagedFile | None, context_ts: str, request_sop_uid: str, mark: int) -> int:
+    def _store_staged(self, assoc: AssociationInfo, settings: SettingsItem, data: bytes,
+                      header: Future[ExtractedTags] | None, digest: Future[str], staged: StagedFile | None,
+                      context_ts: str, request_sop_uid: str, mark: int) -> int:
         timer = assoc.timer
         try:
-            tags = identified_tags(data, settings.extract_tags)
+            tags = header.result() if header else identified_tags(data, settings.extract_tags)
         except TagExtractionError as exc:
             return self._quarantine(assoc, data, str(exc), request_sop_uid)
         if timer:
@@ -481,6 +484,14 @@ class Ingest:
         if event.payload.get("duplicate") != "new":
             log.info("duplicate instance (%s)", event.payload.get("duplicate"), extra=ctx)
         return STATUS_SUCCESS
+
+    def _start_tags(self, data: bytes, settings: SettingsItem, alone: bool) -> Future[ExtractedTags] | None:
+        """The tags of a large instance, read on a helper while this thread writes the temp file
+        (`os.write` releases the GIL), if no other instance is being stored; else None: they are
+        read on this thread after the write (the cores are busy then)."""
+        if alone and len(data) >= HASH_IN_BACKGROUND_BYTES:
+            return self.helpers.submit(identified_tags, data, settings.extract_tags)
+        return None
 
     def _start_digest(self, data: bytes, alone: bool) -> Future[str]:
         """sha256 of a large instance on a worker while this thread reads the tags and writes the file,
