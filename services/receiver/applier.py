@@ -333,14 +333,15 @@ class JournalApplier:
 
     def _replayed_filed(self, record: JournalRecord) -> tuple[Event, bytes | None, bool] | None:
         """An F record of a previous process: its event, if the file it announces is on disk as it
-        was received (after a power cut the file may be gone while the record survived; then its
-        sender was never told success, because that waited for both)."""
+        was received. Otherwise either a power cut took the file but not the record (then its
+        sender was never told success, which waited for both), or a later copy replaced the file
+        (and that copy's own record announces it)."""
         event = Event.from_json(record.meta[1:])
         key, sha256 = str(event.payload["blob_key"]), str(event.payload["sha256"])
         data = self._read_local(key)
         if data is None or hashlib.sha256(data).hexdigest() != sha256:
-            log.warning("journal record %d: not applied: the blob file it announces is %s, so its sender "
-                        "was not told success", record.seq, "missing" if data is None else "not as received",
+            log.warning("journal record %d: not applied: the blob file it announces is %s", record.seq,
+                        "missing" if data is None else "another copy now",
                         extra={"series_uid": event.series_uid, "sop_uid": event.sop_uid})
             return None
         return event, None, False
