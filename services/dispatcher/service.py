@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -20,7 +21,8 @@ from .handlers import Dispatcher
 from .progress import ProgressStore
 
 log = logging.getLogger(__name__)
-LONG_POLL_SECONDS = 0.25
+LONG_POLL_SECONDS = 1.0
+PREFERRED_GRACE_SECONDS = 0.02
 
 
 class DispatcherSettings(Settings):
@@ -43,6 +45,10 @@ class DispatcherService(Service):
         super().__init__(settings or DispatcherSettings())
         self.dispatcher: Dispatcher
         self._subs: list[JetStreamContext.PullSubscription] = []
+        # Per durable: a fetch in progress, or a message fetched and not yet handed to a handler.
+        self._polls: dict[JetStreamContext.PullSubscription, asyncio.Task[Any]] = {}
+        self._held: dict[JetStreamContext.PullSubscription, Any] = {}
+        self._poll_started: dict[JetStreamContext.PullSubscription, float] = {}
 
     async def setup(self) -> None:
         progress = await ProgressStore.open(self.bus.js)
@@ -72,33 +78,84 @@ class DispatcherService(Service):
             subs.append(await self.bus.js.pull_subscribe_bind(durable=durable.name, stream=durable.stream))
         limiter = asyncio.Semaphore(self.settings.dispatch_concurrency)
         turn = 0
-        while not self.stopping.is_set():
-            await limiter.acquire()
-            turn += 1
-            order = subs if turn % max(1, self.settings.dispatch_normal_every) else subs[::-1]
-            msg = await self._fetch_first(order)
-            if msg is None or self.stopping.is_set():
-                limiter.release()
-                if msg is not None:
-                    await msg.nak()  # stopping: let another dispatcher have it now
-                continue
-            task = asyncio.create_task(self._run_handler(self.dispatcher.handle, msg, limiter))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+        try:
+            while not self.stopping.is_set():
+                await limiter.acquire()
+                turn += 1
+                order = subs if turn % max(1, self.settings.dispatch_normal_every) else subs[::-1]
+                msg = await self._fetch_first(order)
+                if msg is None or self.stopping.is_set():
+                    limiter.release()
+                    if msg is not None:
+                        await msg.nak()  # stopping: let another dispatcher have it now
+                    continue
+                task = asyncio.create_task(self._run_handler(self.dispatcher.handle, msg, limiter))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        finally:
+            await self._release_fetched()
+
+    async def _release_fetched(self) -> None:
+        """Shutdown: stop the polls; messages fetched but not started go back at once."""
+        for poll in self._polls.values():
+            poll.cancel()
+        await asyncio.gather(*self._polls.values(), return_exceptions=True)
+        for held in self._held.values():
+            with contextlib.suppress(Exception):
+                await held.nak()
+        self._held.clear()
 
     async def _fetch_first(self, order: list[JetStreamContext.PullSubscription]) -> Any:
-        for position, sub in enumerate(order):
-            last = position == len(order) - 1
-            try:
-                # Probe the preferred durables briefly; wait on the last one (a long poll). Work
-                # arriving on another durable meanwhile waits for this poll to end, so it is short.
-                msgs = await sub.fetch(1, timeout=LONG_POLL_SECONDS if last else 0.05)
-            except (TimeoutError, NatsTimeoutError):
+        """The next message, from the first durable in `order` that has one (None: stopping).
+
+        Every durable is polled at once, so work arriving on any of them is picked up at once (one
+        durable polled after the other left urgent work waiting 0.2-0.3 s behind normal's long
+        poll, docs/performance.md, "Session 11"). When several have work, the one first in `order`
+        wins: a durable before it whose poll started less than PREFERRED_GRACE_SECONDS ago (so it
+        may not have answered yet) gets that long to answer. A poll still running when this
+        returns is not cancelled (a message it was just receiving would be lost until
+        redelivery): the next call waits on it again. Messages fetched but not taken are held for
+        a later turn, in front of new work.
+        """
+        while not self.stopping.is_set():
+            for sub in order:
+                if sub not in self._held and sub not in self._polls:
+                    self._polls[sub] = asyncio.create_task(self._poll(sub))
+                    self._poll_started[sub] = time.monotonic()
+            first = self._first_held(order)
+            if first is None:
+                done, _ = await asyncio.wait(list(self._polls.values()), return_when=asyncio.FIRST_COMPLETED)
+                self._reap(done)
                 continue
-            except Exception as exc:  # noqa: BLE001 - connection trouble: back off and pull again
-                log.warning("fetch failed: %s", exc)
-                await asyncio.sleep(1)
-                return None
-            if msgs:
-                return msgs[0]
+            young = time.monotonic() - PREFERRED_GRACE_SECONDS
+            preferred = [self._polls[sub] for sub in order[:order.index(first)]
+                         if sub in self._polls and self._poll_started[sub] > young]
+            if preferred:
+                done, _ = await asyncio.wait(preferred, timeout=PREFERRED_GRACE_SECONDS)
+                self._reap(done)
+                first = self._first_held(order)
+                assert first is not None
+            return self._held.pop(first)
         return None
+
+    def _first_held(self, order: list[JetStreamContext.PullSubscription]) -> JetStreamContext.PullSubscription | None:
+        return next((sub for sub in order if sub in self._held), None)
+
+    def _reap(self, done: set[asyncio.Task[Any]]) -> None:
+        """Forget the finished polls among `done`, holding their messages."""
+        for sub, task in list(self._polls.items()):
+            if task in done:
+                del self._polls[sub]
+                if not task.cancelled() and task.result() is not None:
+                    self._held[sub] = task.result()
+
+    async def _poll(self, sub: JetStreamContext.PullSubscription) -> Any:
+        try:
+            msgs = await sub.fetch(1, timeout=LONG_POLL_SECONDS)
+        except (TimeoutError, NatsTimeoutError):
+            return None
+        except Exception as exc:  # noqa: BLE001 - connection trouble: back off and pull again
+            log.warning("fetch failed: %s", exc)
+            await asyncio.sleep(1)
+            return None
+        return msgs[0] if msgs else None
