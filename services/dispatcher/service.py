@@ -59,6 +59,7 @@ class DispatcherService(Service):
         durables = [dataclasses.replace(d, ack_wait=ack_wait, max_ack_pending=100)
                     for d in (DISPATCHER_URGENT, DISPATCHER_NORMAL)]
         self.spawn(self._pull_loop(durables))
+        self.spawn(self._keep_held_alive(max(0.5, ack_wait / 3)))
 
     async def teardown(self) -> None:
         # Unsubscribe before the runtime drains the connection: a pull subscription whose fetch was
@@ -137,6 +138,16 @@ class DispatcherService(Service):
                 assert first is not None
             return self._held.pop(first)
         return None
+
+    async def _keep_held_alive(self, every: float) -> None:
+        """A message fetched while every handler slot is busy waits for a slot; until then it is
+        reported in progress, so JetStream does not give it to another dispatcher meanwhile."""
+        while True:
+            await asyncio.sleep(every)
+            self._reap({task for task in self._polls.values() if task.done()})
+            for msg in list(self._held.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
     def _first_held(self, order: list[JetStreamContext.PullSubscription]) -> JetStreamContext.PullSubscription | None:
         return next((sub for sub in order if sub in self._held), None)

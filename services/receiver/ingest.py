@@ -466,13 +466,15 @@ class Ingest:
             return self._reject(assoc, f"could not journal the event: {exc}", tags.sop_uid, tags)
         durable = False
         try:
+            failure = "blob store write failed"
             if write is not None:
                 write.make_durable()
+            failure = "could not journal the event"
             self.journal.sync(record)
             durable = True
         except Exception as exc:  # noqa: BLE001 - not durable means not accepted
-            log.error("blob file or journal not durable for %s: %s", key, exc, extra=ctx)
-            return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
+            log.error("%s for %s: %s", failure, key, exc, extra=ctx)
+            return self._reject(assoc, f"{failure}: {exc}", tags.sop_uid, tags)
         finally:
             if durable:
                 self.journal.confirm(record)
