@@ -46,9 +46,11 @@ FIELDS = struct.Struct("<QII")  # the header part the crc covers (seq, meta leng
 CHECKPOINT = struct.Struct("<QI")  # seq, crc32 of seq
 CHECKPOINT_SLOT = 16
 ZERO_CHUNK = 1024 * 1024
-# Data of journaled instances kept in memory until applied (beyond it, read back from the journal);
-# for the whole receiver: its processes share it (services/receiver/service.py open_journal).
-MEMORY_BYTES = 64 * 1024 * 1024
+# Data of journaled instances kept in memory until applied (beyond it, read back from the journal,
+# i.e. from the page cache); for the whole receiver: its processes share it (services/receiver/
+# service.py open_journal). 64 MB let the receiver's two processes peak at 184-208 MB in
+# bench.memory (goal: 200); 16 MB: 177 MB, with the same MR speed (docs/performance.md, "Session 11").
+MEMORY_BYTES = 16 * 1024 * 1024
 
 
 class JournalError(RuntimeError):
