@@ -154,12 +154,14 @@ async def test_garbage_and_truncated_are_quarantined(receiver: Peer, bus: Bus, s
     assert blob_files(data_dir) == []
 
 
+@pytest.mark.parametrize("journal_max_kb", ["0", "1"], ids=["event-acknowledged", "event-journaled"])
 async def test_direct_path_stores_from_a_staged_temp_file_and_leaves_none(
-        nats_url: str, bus: Bus, data_dir: Path, series5: Path, tmp_path: Path) -> None:
-    # Without the journal (as for instances above receiver_journal_max_kb) the data goes to a temp
-    # file before its tags are read; placed under its key, or removed for a duplicate or quarantine.
+        nats_url: str, bus: Bus, data_dir: Path, series5: Path, tmp_path: Path, journal_max_kb: str) -> None:
+    # Instances above receiver_journal_max_kb (here: all) go to a temp file before their tags are
+    # read; placed under their key, or removed for a duplicate or quarantine. Their events wait for
+    # JetStream's ack (journal off) or go into the journal (F records).
     receiver = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log",
-                              env={"CADUCEUS_RECEIVER_JOURNAL_MAX_KB": "0"})
+                              env={"CADUCEUS_RECEIVER_JOURNAL_MAX_KB": journal_max_kb})
     try:
         first = sorted(series5.iterdir())[0]
         changed = pydicom.dcmread(first)
