@@ -217,6 +217,14 @@ class UnsyncedWrite:
             os.close(fd)
 
 
+def _accepted(assoc: AssociationInfo, duplicate: Any, ctx: dict[str, str]) -> int:
+    """Count a stored instance (a duplicate is worth a log line) and answer success."""
+    assoc.stored += 1
+    if duplicate != "new":
+        log.info("duplicate instance (%s)", duplicate, extra=ctx)
+    return STATUS_SUCCESS
+
+
 def _log_context(tags: ExtractedTags, request_sop_uid: str) -> dict[str, str]:
     """The instance's identity for log lines; warns if the C-STORE request named another SOP UID."""
     ctx = {"study_uid": tags.study_uid, "series_uid": tags.series_uid, "sop_uid": tags.sop_uid}
@@ -375,10 +383,7 @@ class Ingest:
             self.journal.refuse(record)  # unless decided: then it does nothing
         if timer:
             timer.mark("event", mark)
-        assoc.stored += 1
-        if duplicate != "new":
-            log.info("duplicate instance (%s)", duplicate, extra=ctx)
-        return STATUS_SUCCESS
+        return _accepted(assoc, duplicate, ctx)
 
     def _read_header(self, data: bytes, settings: SettingsItem, in_background: bool) -> Future[tuple[ExtractedTags, str]]:
         """Tags (TagExtractionError if unreadable) and sha256 of a journaled instance."""
@@ -412,10 +417,7 @@ class Ingest:
             return self._reject(assoc, str(exc), tags.sop_uid, tags)
         if timer:
             timer.mark("write", mark)
-        assoc.stored += 1
-        if duplicate != "new":
-            log.info("duplicate instance (%s)", duplicate, extra=ctx)
-        return STATUS_SUCCESS
+        return _accepted(assoc, duplicate, ctx)
 
     def _journaled_duplicate(self, key: str, data: bytes, sha256: str) -> Duplicate:
         pending = self.journal.pending_sha256(key) if self.journal is not None else None
@@ -447,10 +449,7 @@ class Ingest:
             return self._reject(assoc, f"event not acknowledged: {exc}", tags.sop_uid, tags)
         if timer:
             timer.mark("publish", mark)
-        assoc.stored += 1
-        if event.payload.get("duplicate") != "new":
-            log.info("duplicate instance (%s)", event.payload.get("duplicate"), extra=ctx)
-        return STATUS_SUCCESS
+        return _accepted(assoc, event.payload.get("duplicate"), ctx)
 
     def _finish_filed(self, assoc: AssociationInfo, event: Event, write: UnsyncedWrite | None,
                       tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:
@@ -482,10 +481,7 @@ class Ingest:
                 self.journal.refuse(record)
         if timer:
             timer.mark("write", mark)
-        assoc.stored += 1
-        if event.payload.get("duplicate") != "new":
-            log.info("duplicate instance (%s)", event.payload.get("duplicate"), extra=ctx)
-        return STATUS_SUCCESS
+        return _accepted(assoc, event.payload.get("duplicate"), ctx)
 
     def _start_tags(self, data: bytes, settings: SettingsItem, alone: bool) -> Future[ExtractedTags] | None:
         """The tags of a large instance, read on a helper while this thread writes the temp file
