@@ -6,8 +6,9 @@ record in seq order:
 writes the blob file (visible to every reader before its event goes out), publishes the recorded
 `image.received` (the same event_id as recorded, so a replay is de-duplicated by JetStream), and
 retries the publish for as long as it takes: the instance was accepted, so giving up is not an
-option. About once a second (and whenever it runs out of work) it makes the blob files durable
-with one `syncfs` and checkpoints the journal, which lets segments be reused.
+option. About once a second (and whenever it runs out of work) it makes the blob files it wrote
+durable with one `syncfs` (none if it wrote none) and checkpoints the journal, which lets segments
+be reused.
 
 Records (the first byte of a record's meta says which):
 - `R` (received): receipt (services/receiver/receipt.py) + the instance's bytes, written before its
@@ -105,6 +106,10 @@ class JournalApplier:
         self._stopping = threading.Event()
         self._give_up_at = float("inf")
         self._last_checkpoint = time.monotonic()
+        # Blob files written by this thread and not yet covered by a syncfs. F records' files are
+        # fsynced by the association already: a stream of large instances needs no syncfs, which
+        # would also flush every other process's dirty pages on the filesystem.
+        self._files_to_sync = False
         self._thread = threading.Thread(target=self._run, name="journal-applier", daemon=True)
 
     # ------------------------------------------------------------ association threads
@@ -320,6 +325,7 @@ class JournalApplier:
             key = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), f"journal-{uuid.uuid4().hex}")
             log.exception("journal record %d: its event could not be built again; its bytes are kept "
                           "under %s instead", record.seq, key)
+            self._files_to_sync = True
             self.put_file(key, data, False)  # (raises if it cannot: then the applier stops, nothing lost)
             return None
         if again is None:
@@ -359,6 +365,7 @@ class JournalApplier:
         delay = RETRY_FIRST_SECONDS
         while True:
             try:
+                self._files_to_sync = True
                 self.put_file(key, data, replayed)
                 self.blob_error = None
                 return True
@@ -403,8 +410,9 @@ class JournalApplier:
         if not idle and time.monotonic() - self._last_checkpoint < CHECKPOINT_SECONDS:
             return
         try:
-            if self.store is not None:
+            if self.store is not None and self._files_to_sync:
                 self.store.sync_filesystem()
+                self._files_to_sync = False
             self.journal.checkpoint(self.applied_seq)
         except OSError as exc:
             log.error("journal checkpoint failed (the records stay in the journal): %s", exc)

@@ -429,6 +429,34 @@ def test_filed_events_are_published_once_file_and_record_are_durable(tmp_path: P
     journal.close()
 
 
+def test_a_checkpoint_syncs_the_filesystem_only_after_the_applier_wrote_files(tmp_path: Path) -> None:
+    """Blob files written by the applier need a syncfs before their records are checkpointed; the
+    files of F records were fsynced by the association, so a stream of them needs none."""
+    class CountingStore(LocalBlobStore):
+        syncs = 0
+
+        def sync_filesystem(self) -> None:
+            CountingStore.syncs += 1
+            super().sync_filesystem()
+
+    store = CountingStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    applier = JournalApplier(journal, _put_into(store), FlakyPublisher(0), store, _decider(store))
+    applier.start()
+    for n in range(3):
+        record = applier.file(_filed(store, n))
+        applier.sync(record)
+        applier.confirm(record)
+    assert applier.wait_idle(10) and journal.checkpointed > 0
+    assert CountingStore.syncs == 0
+    receipt, record = _receive(applier, _instance(9))
+    applier.decide(record, _decision(receipt, _instance(9), "new"))  # the applier writes this file
+    assert applier.wait_idle(10)
+    assert CountingStore.syncs == 1
+    applier.stop()
+    journal.close()
+
+
 def _filed(store: LocalBlobStore, n: int) -> Event:
     """The event of an instance whose blob file is in the store (as Ingest._finish_filed has it)."""
     data = _instance(n)
