@@ -50,7 +50,7 @@ from typing import Any
 
 from services.receiver.journal import Journal, JournalError, JournalRecord
 from services.receiver.receipt import Duplicate, Receipt
-from shared.blobstore import LocalBlobStore, blob_key
+from shared.blobstore import BlobError, LocalBlobStore, blob_key
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -325,8 +325,7 @@ class JournalApplier:
             key = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), f"journal-{uuid.uuid4().hex}")
             log.exception("journal record %d: its event could not be built again; its bytes are kept "
                           "under %s instead", record.seq, key)
-            self._files_to_sync = True
-            self.put_file(key, data, False)  # (raises if it cannot: then the applier stops, nothing lost)
+            self._put_file(key, data, False)  # (raises if it cannot: then the applier stops, nothing lost)
             return None
         if again is None:
             log.warning("journal record %d: not applied: its data is not a readable instance, so its "
@@ -356,17 +355,21 @@ class JournalApplier:
         if self.store is None:  # F records are written only with a local store
             return None
         try:
-            return self.store.path(key).read_bytes()
-        except OSError:
+            return self.store.get_sync(key)
+        except (BlobError, OSError):  # missing (BlobNotFound) or unreadable
             return None
+
+    def _put_file(self, key: str, data: bytes, replayed: bool) -> None:
+        """Every blob file this thread writes goes through here: the next checkpoint syncs them."""
+        self._files_to_sync = True
+        self.put_file(key, data, replayed)
 
     def _write_file(self, key: str, data: bytes, replayed: bool, event: Event) -> bool:
         """Until the file is written (True), or stopping past the grace period (False)."""
         delay = RETRY_FIRST_SECONDS
         while True:
             try:
-                self._files_to_sync = True
-                self.put_file(key, data, replayed)
+                self._put_file(key, data, replayed)
                 self.blob_error = None
                 return True
             except Exception as exc:  # noqa: BLE001 - accepted data: keep trying, it is in the journal
