@@ -45,10 +45,10 @@ class DispatcherService(Service):
         super().__init__(settings or DispatcherSettings())
         self.dispatcher: Dispatcher
         self._subs: list[JetStreamContext.PullSubscription] = []
-        # Per durable: a fetch in progress, or a message fetched and not yet handed to a handler.
-        self._polls: dict[JetStreamContext.PullSubscription, asyncio.Task[Any]] = {}
+        # Per durable: a fetch in progress (and when it started), or a message fetched and not yet
+        # handed to a handler.
+        self._polls: dict[JetStreamContext.PullSubscription, tuple[asyncio.Task[Any], float]] = {}
         self._held: dict[JetStreamContext.PullSubscription, Any] = {}
-        self._poll_started: dict[JetStreamContext.PullSubscription, float] = {}
 
     async def setup(self) -> None:
         progress = await ProgressStore.open(self.bus.js)
@@ -98,9 +98,10 @@ class DispatcherService(Service):
 
     async def _release_fetched(self) -> None:
         """Shutdown: stop the polls; messages fetched but not started go back at once."""
-        for poll in self._polls.values():
+        polls = [task for task, _ in self._polls.values()]
+        for poll in polls:
             poll.cancel()
-        await asyncio.gather(*self._polls.values(), return_exceptions=True)
+        await asyncio.gather(*polls, return_exceptions=True)
         for held in self._held.values():
             with contextlib.suppress(Exception):
                 await held.nak()
@@ -121,16 +122,16 @@ class DispatcherService(Service):
         while not self.stopping.is_set():
             for sub in order:
                 if sub not in self._held and sub not in self._polls:
-                    self._polls[sub] = asyncio.create_task(self._poll(sub))
-                    self._poll_started[sub] = time.monotonic()
+                    self._polls[sub] = (asyncio.create_task(self._poll(sub)), time.monotonic())
             first = self._first_held(order)
             if first is None:
-                done, _ = await asyncio.wait(list(self._polls.values()), return_when=asyncio.FIRST_COMPLETED)
+                running = [task for task, _ in self._polls.values()]
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 self._reap(done)
                 continue
             young = time.monotonic() - PREFERRED_GRACE_SECONDS
-            preferred = [self._polls[sub] for sub in order[:order.index(first)]
-                         if sub in self._polls and self._poll_started[sub] > young]
+            preferred = [self._polls[sub][0] for sub in order[:order.index(first)]
+                         if sub in self._polls and self._polls[sub][1] > young]
             if preferred:
                 done, _ = await asyncio.wait(preferred, timeout=PREFERRED_GRACE_SECONDS)
                 self._reap(done)
@@ -144,7 +145,7 @@ class DispatcherService(Service):
         reported in progress, so JetStream does not give it to another dispatcher meanwhile."""
         while True:
             await asyncio.sleep(every)
-            self._reap({task for task in self._polls.values() if task.done()})
+            self._reap({task for task, _ in self._polls.values() if task.done()})
             for msg in list(self._held.values()):
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
@@ -154,7 +155,7 @@ class DispatcherService(Service):
 
     def _reap(self, done: set[asyncio.Task[Any]]) -> None:
         """Forget the finished polls among `done`, holding their messages."""
-        for sub, task in list(self._polls.items()):
+        for sub, (task, _) in list(self._polls.items()):
             if task in done:
                 del self._polls[sub]
                 if not task.cancelled() and task.result() is not None:
