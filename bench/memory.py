@@ -8,7 +8,10 @@ storescp, and samples the RSS of every child process of `caduceus up` with psuti
 while --senders storescu processes send the series, until every image is at the destination and
 the bookkeeper has stored every event. Prints a table: RSS when idle before the run, peak, and at
 the end, per service (the sum of its processes at each sample: receiver workers count with the
-receiver), against the 200 MB goal per service.
+receiver), against the 200 MB goal per service, and the peak PSS beside it. The goal is judged on
+RSS; PSS (proportional set size: each shared page divided among the processes that map it) says
+how much of a multi-process service's RSS sum is the same pages counted more than once (the
+receiver's worker processes are forked from its supervisor and share its code and libraries).
 --smoke: 5 series of 10 images of 64x64.
 """
 
@@ -76,6 +79,7 @@ class Usage:
     idle: float = 0.0
     peak: float = 0.0
     end: float = 0.0
+    peak_pss: float = 0.0
 
 
 def process_name(proc: psutil.Process) -> str:
@@ -104,6 +108,7 @@ class Sampler:
 
     def snapshot(self) -> dict[str, float]:
         found: dict[str, float] = {}
+        pss: dict[str, float] = {}
         procs = [(self.root, "caduceus up (supervisor)")]
         try:
             children = self.root.children(recursive=True)
@@ -116,13 +121,16 @@ class Sampler:
         for proc, name in procs:
             try:
                 rss = proc.memory_info().rss / MB
+                proportional = _pss(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             self.usage.setdefault(name, Usage(name)).pids.add(proc.pid)
             found[name] = found.get(name, 0.0) + rss
+            pss[name] = pss.get(name, 0.0) + proportional
         # A service with several processes (receiver workers) counts as their sum at each sample.
         for name, rss in found.items():
             self.usage[name].peak = max(self.usage[name].peak, rss)
+            self.usage[name].peak_pss = max(self.usage[name].peak_pss, pss[name])
         self.samples += 1
         return found
 
@@ -140,6 +148,11 @@ class Sampler:
         self._thread.join()
         for name, rss in self.snapshot().items():
             self.usage[name].end = rss
+
+
+def _pss(proc: psutil.Process) -> float:
+    """PSS in MB (Linux: /proc/PID/smaps_rollup); 0.0 where the platform does not report it."""
+    return float(getattr(proc.memory_full_info(), "pss", 0.0)) / MB
 
 
 def wait_bookkeeper(cad: Caduceus, timeout: float) -> None:
@@ -162,11 +175,12 @@ def wait_bookkeeper(cad: Caduceus, timeout: float) -> None:
 
 
 def print_table(usage: dict[str, Usage], samples: int) -> None:
-    print(f"{'service':26s} {'pids':>4s} {'idle MB':>8s} {'peak MB':>8s} {'end MB':>8s}  goal < {GOAL_MB:.0f} MB")
+    print(f"{'service':26s} {'pids':>4s} {'idle MB':>8s} {'peak MB':>8s} {'end MB':>8s} {'peak PSS':>9s}"
+          f"  goal < {GOAL_MB:.0f} MB (RSS)")
     for name in sorted(usage, key=lambda n: -usage[n].peak):
         u = usage[name]
         verdict = "ok" if u.peak < GOAL_MB else "OVER"
-        print(f"{name:26s} {len(u.pids):4d} {u.idle:8.1f} {u.peak:8.1f} {u.end:8.1f}  {verdict}")
+        print(f"{name:26s} {len(u.pids):4d} {u.idle:8.1f} {u.peak:8.1f} {u.end:8.1f} {u.peak_pss:9.1f}  {verdict}")
     services = [u for n, u in usage.items() if n not in ("caduceus up (supervisor)", "nats-server")]
     worst = max(services, key=lambda u: u.peak, default=None)
     if worst is not None:
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{total} images through caduceus in {seconds:.1f} s ({args.senders} senders)")
         print_table(sampler.usage, sampler.samples)
         if args.json:
-            args.json.write_text(json.dumps({n: {"idle": u.idle, "peak": u.peak, "end": u.end}
+            args.json.write_text(json.dumps({n: {"idle": u.idle, "peak": u.peak, "end": u.end, "peak_pss": u.peak_pss}
                                              for n, u in sampler.usage.items()}, indent=2))
     return 0
 
