@@ -50,9 +50,10 @@ def test_memory_smoke_prints_table(tmp_path: Path) -> None:
     out = run_bench("bench.memory", tmp_path)
     assert "50 images through caduceus" in out, out
     for service in ("receiver", "router", "dispatcher", "bookkeeper", "processor", "cleaner", "ui"):
-        row = re.search(rf"^{service} +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +(ok|OVER)$", out, re.M)
+        row = re.search(rf"^{service} +(\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +(ok|OVER)$", out, re.M)
         assert row, f"{service} missing from the table:\n{out}"
         assert int(row.group(1)) >= 1 and float(row.group(3)) > 10  # real Python processes were sampled
+        assert 0 < float(row.group(5)) <= float(row.group(3))  # PSS: shared pages counted once
     assert re.search(r"^ratio worst service peak / goal: \d+\.\d+", out, re.M), out
 
 
