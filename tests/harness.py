@@ -515,6 +515,12 @@ def settings_doc(**overrides: Any) -> dict[str, Any]:
     return {**FAST_SETTINGS, **overrides}
 
 
+def route_all_config(port: int, aet: str, **settings: Any) -> dict[str, Any]:
+    """One DICOM target `dest` on 127.0.0.1 and one rule sending every series to it."""
+    return {"settings": settings_doc(**settings), "targets": {"dest": dicom_target(port, aet)},
+            "rules": {"all": {"filter": "True", "targets": ["dest"]}}}
+
+
 @pytest.fixture
 def caduceus_factory(tmp_path: Path) -> Iterator[Callable[..., Caduceus]]:
     """Make (and at the end stop) `caduceus up` instances: `make(config=..., env_extra=..., start=True)`."""

@@ -19,9 +19,8 @@ from shared.natsserver import EmbeddedNats
 from tests.harness import (
     Caduceus,
     assert_ledger,
-    dicom_target,
     pid_alive,
-    settings_doc,
+    route_all_config,
     sop_uid_of,
     storescp_deliveries,
     storescu,
@@ -32,11 +31,6 @@ from tests.harness import (
 from tests.peers import StoreScp, make_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
-
-
-def _route_all(port: int, aet: str, **settings: object) -> dict[str, object]:
-    return {"settings": settings_doc(**settings), "targets": {"dest": dicom_target(port, aet)},
-            "rules": {"all": {"filter": "True", "targets": ["dest"]}}}
 
 
 def _resend_until_accepted(cad: Caduceus, files: list[Path], not_accepted: set[str], rounds: int = 5) -> set[str]:
@@ -66,7 +60,7 @@ def _all_tasks_done(cad: Caduceus) -> bool:
 def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
                                             storescp_factory: Callable[..., StoreScp]) -> None:
     dest = storescp_factory(extra_args=["+uf"])
-    cad = caduceus_factory(config=_route_all(dest.port, dest.aet))
+    cad = caduceus_factory(config=route_all_config(dest.port, dest.aet))
     nats_pid = int(cad.state()["nats_pid"])
     files = make_series(tmp_path / "in", 400, size=64)
     replacement: EmbeddedNats | None = None
@@ -123,7 +117,7 @@ def _connections_refused(database: str) -> Iterator[None]:
 
 def test_postgres_unavailable_for_a_while(tmp_path: Path, postgres_url: str,
                                           caduceus_factory: Callable[..., Caduceus], storescp: StoreScp) -> None:
-    cad = caduceus_factory(config=_route_all(storescp.port, storescp.aet),
+    cad = caduceus_factory(config=route_all_config(storescp.port, storescp.aet),
                            env_extra={"CADUCEUS_DATABASE_URL": postgres_url})
     database = postgres_url.rsplit("/", 1)[1]
     files = make_series(tmp_path / "in", 10, size=64, series_per_study=3)
@@ -190,7 +184,7 @@ def _fill(path: Path, leave_bytes: int) -> None:
 def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: Path,
                                                    caduceus_factory: Callable[..., Caduceus],
                                                    storescp: StoreScp) -> None:
-    cad = caduceus_factory(config=_route_all(storescp.port, storescp.aet, min_free_space_mb=5),
+    cad = caduceus_factory(config=route_all_config(storescp.port, storescp.aet, min_free_space_mb=5),
                            data_dir=small_disk)
     blobs = small_disk / "blobs"
     files = make_series(tmp_path / "in", 15, size=128)
@@ -209,7 +203,7 @@ def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: P
         # No floor, and the disk really full: the blob write fails, so 0xA700. (The first instance
         # is accepted all the same: its journal record was durable before its file write failed in
         # the journal applier, and it stays in the journal until the file can be written.)
-        cad.apply_config(_route_all(storescp.port, storescp.aet, min_free_space_mb=0))
+        cad.apply_config(route_all_config(storescp.port, storescp.aet, min_free_space_mb=0))
         time.sleep(1.5)
         _fill(blobs / "filler-2", leave_bytes=0)
         first_full = storescu(cad.dicom_port, files[10:11])

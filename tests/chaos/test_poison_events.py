@@ -27,8 +27,7 @@ from shared.events import Event
 from tests.harness import (
     Caduceus,
     assert_ledger,
-    dicom_target,
-    settings_doc,
+    route_all_config,
     storescp_deliveries,
     storescu,
     wait_for,
@@ -77,8 +76,7 @@ def test_poison_messages_are_set_aside_and_a_real_series_arrives_whole(
         tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
         storescp_factory: Callable[..., StoreScp]) -> None:
     dest = storescp_factory(extra_args=["+uf"])
-    config = {"settings": settings_doc(), "targets": {"dest": dicom_target(dest.port, dest.aet)},
-              "rules": {"all": {"filter": "True", "targets": ["dest"]}}}
+    config = route_all_config(dest.port, dest.aet)
     cad = caduceus_factory(config=config)
     files = make_series(tmp_path / "in", 20, size=64)
 

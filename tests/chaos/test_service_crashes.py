@@ -20,8 +20,7 @@ from tests.chaos.flakyscp import FlakyScp
 from tests.harness import (
     Caduceus,
     assert_ledger,
-    dicom_target,
-    settings_doc,
+    route_all_config,
     sop_uid_of,
     storescp_deliveries,
     storescu,
@@ -34,11 +33,6 @@ from tests.peers import StoreScp, make_series
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 
-def _route_all(port: int, aet: str, **settings: object) -> dict[str, object]:
-    return {"settings": settings_doc(**settings), "targets": {"dest": dicom_target(port, aet)},
-            "rules": {"all": {"filter": "True", "targets": ["dest"]}}}
-
-
 def _all_tasks_done(cad: Caduceus) -> bool:
     requested = {e.task_id for e in cad.events("dispatch.requested")}
     done = {e.task_id for e in cad.events("dispatch.completed")}
@@ -48,7 +42,7 @@ def _all_tasks_done(cad: Caduceus) -> bool:
 def test_receiver_killed_during_association(tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
                                             storescp_factory: Callable[..., StoreScp]) -> None:
     dest = storescp_factory(extra_args=["+uf"])
-    cad = caduceus_factory(config=_route_all(dest.port, dest.aet))
+    cad = caduceus_factory(config=route_all_config(dest.port, dest.aet))
     files = make_series(tmp_path / "in", 300, size=128)
 
     running = storescu_background(cad.dicom_port, files, tmp_path / "storescu-1.log")
@@ -89,7 +83,7 @@ def test_router_killed_before_series_completion(tmp_path: Path, caduceus_factory
                                                 storescp_factory: Callable[..., StoreScp]) -> None:
     dest = storescp_factory(extra_args=["+uf"])
     # Long enough that the series is still open when the router dies.
-    cad = caduceus_factory(config=_route_all(dest.port, dest.aet, series_complete_seconds=4))
+    cad = caduceus_factory(config=route_all_config(dest.port, dest.aet, series_complete_seconds=4))
     files = make_series(tmp_path / "in", 20, size=64)
     first = storescu(cad.dicom_port, files[:10])
     assert first.returncode == 0 and len(first.accepted) == 10
@@ -120,7 +114,7 @@ def test_dispatcher_killed_mid_send(tmp_path: Path, caduceus_factory: Callable[.
     dest = FlakyScp(delay=0.08).start()
     try:
         # A short ack_wait so JetStream hands the killed dispatcher's task to its successor soon.
-        cad = caduceus_factory(config=_route_all(dest.port, dest.aet),
+        cad = caduceus_factory(config=route_all_config(dest.port, dest.aet),
                                env_extra={"CADUCEUS_DISPATCH_ACK_WAIT_SECONDS": "6"})
         files = make_series(tmp_path / "in", 60, size=64)
         sent = storescu(cad.dicom_port, files)
@@ -156,7 +150,7 @@ def test_bookkeeper_processor_cleaner_and_ui_killed_in_turn_mid_flow(
     None of them is on the delivery path, so the ledger is exactly once; the bookkeeper's audit log
     must still end with every stream event once (it resumes from its durable consumer)."""
     dest = storescp_factory(extra_args=["+uf"])
-    cad = caduceus_factory(config=_route_all(dest.port, dest.aet))
+    cad = caduceus_factory(config=route_all_config(dest.port, dest.aet))
     files = make_series(tmp_path / "in", 40, size=64, series_per_study=4)
     victims = ["bookkeeper", "processor", "cleaner", "ui"]
     accepted: set[str] = set()
