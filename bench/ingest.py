@@ -12,7 +12,9 @@ about: caduceus / storescp time (target <= 2), caduceus / Orthanc time (target <
 caduceus throughput with N senders over one sender (target for 4: >= 1.5).
 
 `--repeat R` runs everything R times, the receivers alternating, and reports every run's ratios and
-their medians: on a shared machine only ratios from the same run mean something. `--data DIR`
+their medians: on a shared machine only ratios from the same run mean something. It also prints the
+ratios between each receiver's fastest run (the least disturbed figure of each, though from
+different moments); the medians stay the figure the targets are judged on. `--data DIR`
 keeps the generated series there and reuses them next time. `--smoke` uses 10 small images and
 1-2 senders: it checks the machinery, not the targets.
 """
@@ -169,6 +171,20 @@ def summarize(results: dict[str, dict[int, dict[str, float]]], senders: list[int
     return ratios
 
 
+def best_ratios(runs: list[dict[str, Any]], senders: list[int]) -> dict[str, float]:
+    """The ratios between each receiver's fastest run per sender count. On a shared VM a run is only
+    ever slowed down by the machine, never sped up, so the fastest of several runs is the least
+    disturbed figure of each receiver; the medians of the per-run ratios stay the main figure."""
+    fastest: dict[str, dict[int, dict[str, float]]] = {}
+    for run in runs:
+        for name, rows in run["results"].items():
+            for n, row in rows.items():
+                kept = fastest.setdefault(name, {}).get(n)
+                if kept is None or row["seconds"] < kept["seconds"]:
+                    fastest[name][n] = row
+    return summarize({"orthanc": {}, **fastest}, senders)
+
+
 TARGETS = {"caduceus/storescp": "<= 2.0", "caduceus/orthanc": "<= 0.1", "speed-up 4/1": ">= 1.5"}
 
 
@@ -229,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in medians.items():
         every = f"  runs {[round(r['ratios'][key], 2) for r in runs]}" if len(runs) > 1 else ""
         print(f"{key}: {value:.2f}{target_for(key)}{every}")
+    best = best_ratios(runs, args.senders)
+    if len(runs) > 1:
+        print(f"from each receiver's fastest of the {len(runs)} runs (the least disturbed by the machine): "
+              + "; ".join(f"{key} {value:.2f}" for key, value in best.items()))
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "medians": medians, "env": env, "events": events,
+        args.json.write_text(json.dumps({"runs": runs, "medians": medians, "best": best, "env": env, "events": events,
                                          "expected_events": expected, "args": {
                                              "count": args.count, "size": args.size, "modality": args.modality,
                                              "senders": args.senders, "repeat": args.repeat}}, indent=2))
