@@ -9,7 +9,9 @@ own nats-server), then N DCMTK storescu processes at once, each sending its own 
 (new UIDs, so every instance is new to the receiver). Time = from starting the senders until the
 last one exits. Prints seconds and images/s per receiver and N, and the ratios the targets are
 about: caduceus / storescp time (target <= 2), caduceus / Orthanc time (target <= 0.1) and the
-caduceus throughput with N senders over one sender (target for 4: >= 1.5).
+caduceus throughput with N senders over one sender (target for 4: >= 1.5), with storescp's own
+speed-up beside it (what the machine allows at that moment: when the disk is the limit, no
+receiver goes faster with more senders).
 
 `--repeat R` runs everything R times, the receivers alternating, and reports every run's ratios and
 their medians: on a shared machine only ratios from the same run mean something. It also prints the
@@ -168,6 +170,9 @@ def summarize(results: dict[str, dict[int, dict[str, float]]], senders: list[int
             ratios[f"caduceus/orthanc {n}"] = caduceus[n]["seconds"] / results["orthanc"][n]["seconds"]
         if n != 1 and 1 in caduceus:
             ratios[f"speed-up {n}/1"] = caduceus[n]["img_s"] / caduceus[1]["img_s"]
+            # The same for storescp: how far the machine itself lets more senders go faster now
+            # (the disk or the page cache can be the limit for any receiver).
+            ratios[f"storescp speed-up {n}/1"] = results["storescp"][n]["img_s"] / results["storescp"][1]["img_s"]
     return ratios
 
 
