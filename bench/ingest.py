@@ -177,9 +177,9 @@ def summarize(results: dict[str, dict[int, dict[str, float]]], senders: list[int
 
 
 def best_ratios(runs: list[dict[str, Any]], senders: list[int]) -> dict[str, float]:
-    """The ratios between each receiver's fastest run per sender count. On a shared VM a run is only
-    ever slowed down by the machine, never sped up, so the fastest of several runs is the least
-    disturbed figure of each receiver; the medians of the per-run ratios stay the main figure."""
+    """The ratios between each receiver's fastest run per sender count. On a shared VM the machine
+    slows a run down far more often than it speeds one up, so the fastest of several runs is the
+    least disturbed figure of each receiver; the medians of the per-run ratios stay the main figure."""
     fastest: dict[str, dict[int, dict[str, float]]] = {}
     for run in runs:
         for name, rows in run["results"].items():
