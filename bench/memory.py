@@ -9,9 +9,9 @@ while --senders storescu processes send the series, until every image is at the 
 the bookkeeper has stored every event. Prints a table: RSS when idle before the run, peak, and at
 the end, per service (the sum of its processes at each sample: receiver workers count with the
 receiver), against the 200 MB goal per service, and the peak PSS beside it. The goal is judged on
-RSS; PSS (proportional set size: each shared page divided among the processes that map it) says
-how much of a multi-process service's RSS sum is the same pages counted more than once (the
-receiver's worker processes are forked from its supervisor and share its code and libraries).
+RSS; PSS (proportional set size: each shared page divided among the processes that map it) counts
+the pages every Python process here maps from the same files (libpython, extension modules) only
+once across them, where RSS counts them in full in every process, twice in the receiver's sum.
 --smoke: 5 series of 10 images of 64x64.
 """
 
