@@ -46,6 +46,11 @@ def dicom_target(port: int, aet: str, **extra: Any) -> dict[str, Any]:
     return {"type": "dicom", "host": "127.0.0.1", "port": port, "called_aet": aet, **extra}
 
 
+async def apply_pacs_config(bus: Bus, port: int, aet: str, **settings: Any) -> None:
+    """One DICOM target `pacs` on 127.0.0.1, with FAST_RETRIES and `settings` over them."""
+    await apply_config(bus, {"settings": {**FAST_RETRIES, **settings}, "targets": {"pacs": dicom_target(port, aet)}})
+
+
 async def request_dispatch(bus: Bus, manifest: Manifest, manifest_key: str, target: str,
                            priority: str = "normal", task_id: str | None = None, **extra: Any) -> Event:
     task_id = task_id or uuid.uuid4().hex

@@ -23,6 +23,7 @@ from tests.peers import Orthanc, StoreScp, clone_instances, make_series, make_tl
 from .conftest import (
     FAST_RETRIES,
     apply_config,
+    apply_pacs_config,
     dicom_target,
     events_of,
     request_dispatch,
@@ -70,7 +71,7 @@ async def test_target_down_fails_after_attempts_then_cli_retry_delivers(
     peer = storescp_factory(start=False)  # a port nobody listens on yet
     files = make_series(tmp_path / "series", 5)
     manifest, key = await stage_files(blob_store, files)
-    await apply_config(bus, {"settings": FAST_RETRIES, "targets": {"pacs": dicom_target(peer.port, peer.aet)}})
+    await apply_pacs_config(bus, peer.port, peer.aet)
     async with running_dispatcher(nats_url, data_dir):
         request = await request_dispatch(bus, manifest, key, "pacs")
         task_id = request.task_id or ""
@@ -111,8 +112,7 @@ async def test_kill_9_mid_send_second_dispatcher_resumes(tmp_path: Path, bus: Bu
     template = make_series(tmp_path / "template", 1, size=128)[0]
     files = clone_instances(template, tmp_path / "series", count)
     manifest, key = await stage_files(blob_store, files)
-    await apply_config(bus, {"settings": FAST_RETRIES,
-                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
     first = start_dispatcher_process(nats_url, data_dir, tmp_path / "dispatcher-1.log",
                                      CADUCEUS_DISPATCH_ACK_WAIT_SECONDS="3")
     try:
@@ -163,8 +163,7 @@ async def test_files_go_out_in_their_own_transfer_syntax_without_transcoding(
     bad = Path(str(get_testdata_file(NONCONFORMANT)))
     # The bad file in the middle: the instances after it go out on a fresh association.
     manifest, key = await stage_files(blob_store, files[:2] + [bad] + files[2:])
-    await apply_config(bus, {"settings": FAST_RETRIES,
-                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
     async with running_dispatcher(nats_url, data_dir):
         request = await request_dispatch(bus, manifest, key, "pacs")
         failed = await wait_events(bus, "dispatch.failed", request.task_id)
@@ -242,8 +241,7 @@ async def test_retry_before_any_dispatcher_saw_the_task_runs_it_once(
         storescp: StoreScp) -> None:
     files = make_series(tmp_path / "series", 2)
     manifest, key = await stage_files(blob_store, files)
-    await apply_config(bus, {"settings": FAST_RETRIES,
-                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
     request = await request_dispatch(bus, manifest, key, "pacs", priority="urgent")
     result = await asyncio.to_thread(run_cli, nats_url, "retry", request.task_id or "")
     assert result.returncode == 0 and "was queued" in result.stdout

@@ -14,9 +14,7 @@ from shared.bus import Bus
 from tests.peers import StoreScp, make_series
 
 from .conftest import (
-    FAST_RETRIES,
-    apply_config,
-    dicom_target,
+    apply_pacs_config,
     events_of,
     request_dispatch,
     running_dispatcher,
@@ -48,8 +46,7 @@ async def test_urgent_first_but_normal_not_starved(tmp_path: Path, bus: Bus, nat
                                                    blob_store: LocalBlobStore, storescp: StoreScp) -> None:
     files = make_series(tmp_path / "series", 1)
     manifest, key = await stage_files(blob_store, files)
-    await apply_config(bus, {"settings": FAST_RETRIES,
-                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
     normal = [await request_dispatch(bus, manifest, key, "pacs", task_id=f"normal-{i}") for i in range(4)]
     urgent = [await request_dispatch(bus, manifest, key, "pacs", priority="urgent", task_id=f"urgent-{i}")
               for i in range(4)]
@@ -69,8 +66,7 @@ async def test_offpeak_task_waits_outside_the_window(tmp_path: Path, bus: Bus, n
     # A one-minute window that opened two minutes ago: closed now, opens again in ~23 h 58 min.
     start = f"{(now.hour * 60 + now.minute - 2) % 1440 // 60:02d}:{(now.minute - 2) % 60:02d}"
     end = f"{(now.hour * 60 + now.minute - 1) % 1440 // 60:02d}:{(now.minute - 1) % 60:02d}"
-    await apply_config(bus, {"settings": {**FAST_RETRIES, "offpeak_start": start, "offpeak_end": end},
-                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    await apply_pacs_config(bus, storescp.port, storescp.aet, offpeak_start=start, offpeak_end=end)
     async with running_dispatcher(nats_url, data_dir):
         waiting = await request_dispatch(bus, manifest, key, "pacs", priority="offpeak")
         normal = await request_dispatch(bus, manifest, key, "pacs")
@@ -80,8 +76,7 @@ async def test_offpeak_task_waits_outside_the_window(tmp_path: Path, bus: Bus, n
         info = await bus.js.consumer_info("EVENTS", "dispatcher-normal")
         assert info.num_ack_pending == 1  # held back with a delay, not lost and not failed
     # Inside the window (start == end reads as "always") it goes out.
-    await apply_config(bus, {"settings": {**FAST_RETRIES, "offpeak_start": "00:00", "offpeak_end": "00:00"},
-                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    await apply_pacs_config(bus, storescp.port, storescp.aet, offpeak_start="00:00", offpeak_end="00:00")
     async with running_dispatcher(nats_url, data_dir):
         now_task = await request_dispatch(bus, manifest, key, "pacs", priority="offpeak")
         await wait_events(bus, "dispatch.completed", now_task.task_id)
@@ -94,8 +89,7 @@ async def test_idle_dispatcher_starts_urgent_and_normal_work_at_once(
     # long poll to end (which left it waiting up to 0.3 s, docs/performance.md "Session 11").
     files = make_series(tmp_path / "series", 1)
     manifest, key = await stage_files(blob_store, files)
-    await apply_config(bus, {"settings": FAST_RETRIES,
-                             "targets": {"pacs": dicom_target(storescp.port, storescp.aet)}})
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
     waits: dict[str, list[float]] = {"normal": [], "urgent": []}
     async with running_dispatcher(nats_url, data_dir):
         for n in range(8):
