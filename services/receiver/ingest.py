@@ -498,8 +498,9 @@ class Ingest:
         return None
 
     def _start_digest(self, data: bytes, alone: bool) -> Future[str]:
-        """sha256 of a large instance on a worker while this thread reads the tags and writes the file,
-        if no other instance is being stored: the worker then uses a core that would be idle.
+        """sha256 of a large instance on a worker while this thread writes the file (and another
+        reads the tags, `_start_tags`), if no other instance is being stored: the worker then uses a
+        core that would be idle.
 
         hashlib releases the GIL for the whole digest, so it runs on the other core. Small instances
         are hashed here: the hand-over would cost more. So are large ones while other associations
