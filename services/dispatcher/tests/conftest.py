@@ -23,6 +23,7 @@ from shared.config.model import CaduceusConfig
 from shared.config.state import fold, plan_changes, read_all
 from shared.events import DispatchRequested, Event, make_event
 from shared.manifest import Manifest
+from tests.harness import dicom_target
 
 REPO = Path(__file__).resolve().parents[3]
 FAST_RETRIES = {"dispatch_retries": 3, "dispatch_retry_wait_seconds": 0.2,
@@ -40,10 +41,6 @@ def blob_store(data_dir: Path) -> LocalBlobStore:
 async def apply_config(bus: Bus, document: dict[str, Any]) -> None:
     current = fold(await read_all(bus))
     await bus.publish_many(plan_changes(current, CaduceusConfig.parse(document), actor="test"))
-
-
-def dicom_target(port: int, aet: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "dicom", "host": "127.0.0.1", "port": port, "called_aet": aet, **extra}
 
 
 async def apply_pacs_config(bus: Bus, port: int, aet: str, **settings: Any) -> None:
