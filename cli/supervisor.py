@@ -8,6 +8,8 @@
   it and still restarts the child: keeping the services up matters more than the record.
 - `stop()`: SIGTERM to every child, wait `grace` seconds (the service runtime lets in-flight
   handlers finish within 20 s), SIGKILL the stragglers.
+- A child's output (stdout and stderr) goes through a pipe into its log file, which the launcher
+  rotates by size (cli/logfiles.py).
 - Children run in their own session (a terminal Ctrl-C reaches only the launcher, which then stops
   them in order) and, on Linux, get SIGTERM if the launcher itself dies (PR_SET_PDEATHSIG), so a
   killed launcher does not leave orphans behind.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cli.logfiles import RotatingLog, log_pipe
 from shared.bus import Bus
 from shared.events import ServiceCrashed, ServiceRestarted, make_event
 
@@ -77,8 +80,14 @@ def backoff_delay(consecutive_failures: int, base: float, cap: float) -> float:
 class Supervisor:
     def __init__(self, specs: list[ChildSpec], bus: Bus | None, *, backoff_base: float = 1.0,
                  backoff_max: float = 30.0, stable_after: float = 30.0, grace: float = 25.0,
-                 on_change: Callable[[Supervisor], None] | None = None) -> None:
+                 on_change: Callable[[Supervisor], None] | None = None,
+                 log_max_bytes: int = 50 * 1024 * 1024, log_files_kept: int = 5) -> None:
         self.children = {spec.name: Child(spec) for spec in specs}
+        # One per service, shared by its successive processes (a restarted child's new pipe and
+        # the old one's last lines may both still be read for a moment).
+        self.logs = {spec.name: RotatingLog(spec.log_file, log_max_bytes, log_files_kept)
+                     for spec in specs if spec.log_file is not None}
+        self._pumps: set[asyncio.Task[None]] = set()
         self.bus = bus
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -104,27 +113,38 @@ class Supervisor:
         await self.stopping.wait()
         await self._terminate_all()
         await asyncio.gather(*self._watchers, return_exceptions=True)
+        await self._drain_logs()
 
     def request_stop(self) -> None:
         self.stopping.set()
 
     async def _spawn(self, child: Child) -> None:
         spec = child.spec
+        target = self.logs.get(spec.name)
         out: Any = asyncio.subprocess.DEVNULL
-        handle = None
-        if spec.log_file is not None:
-            spec.log_file.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(spec.log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
-            out = handle
+        if target is not None:
+            out, task = await log_pipe(target)
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
         try:
             child.process = await asyncio.create_subprocess_exec(
                 *spec.argv, env=spec.env, stdin=asyncio.subprocess.DEVNULL, stdout=out,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         finally:
-            if handle is not None:
-                handle.close()  # the child has its own copy of the descriptor
+            if target is not None:
+                os.close(out)  # the child has its own copy; the pipe ends when every copy is closed
         child.started_at = time.monotonic()
         log.info("started %s (pid %s)", spec.name, child.pid)
+
+    async def _drain_logs(self, timeout: float = 5.0) -> None:
+        """The children's last lines, then the files closed. A pipe stays open while a process
+        that inherited it lives on (a receiver worker finishing its drain), hence the timeout."""
+        if self._pumps:
+            _, pending = await asyncio.wait(set(self._pumps), timeout=timeout)
+            for task in pending:
+                task.cancel()
+        for target in self.logs.values():
+            target.close()
 
     async def _watch(self, child: Child) -> None:
         while True:

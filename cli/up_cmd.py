@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from pydantic import ValidationError
 
 from cli.config_cmd import (
     EXIT_INVALID,
@@ -42,7 +43,7 @@ from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError
 from shared.health import EXPECTED_SERVICES
 from shared.natsserver import EmbeddedNats
-from shared.settings import UP_STATE_FILE
+from shared.settings import UP_STATE_FILE, Settings
 
 log = logging.getLogger("caduceus.up")
 
@@ -181,6 +182,11 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
     if unknown:
         raise StartError(f"unknown service(s): {', '.join(sorted(unknown))}")
     _check_not_running(state_file)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise StartError(f"invalid CADUCEUS_* environment setting:\n{exc}") from None
+    log_max_bytes = settings.log_max_mb * 1024 * 1024
     external_url = os.environ.get("CADUCEUS_NATS_URL", "")
     _check_ports(args, services, embedded=not external_url)
 
@@ -189,7 +195,7 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
         nats_url = external_url
     else:
         nats = EmbeddedNats(data_dir / "nats", port=args.nats_port, log_file=logs_dir / "nats.log",
-                            new_session=True)
+                            new_session=True, log_max_bytes=log_max_bytes, log_files_kept=settings.log_files_kept)
         await asyncio.to_thread(nats.start)
         nats_url = nats.url
     bus: Bus | None = None
@@ -202,7 +208,7 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
             raise StartError(f"cannot connect to NATS at {nats_url}: {exc!r}") from exc
         if desired is not None:
             await _apply_initial_config(bus, desired, args.config)
-        return await _supervise(args, services, data_dir, logs_dir, state_file, nats, nats_url, bus)
+        return await _supervise(args, services, data_dir, logs_dir, state_file, nats, nats_url, bus, settings)
     finally:
         if bus is not None:
             with contextlib.suppress(Exception):
@@ -240,7 +246,8 @@ def _service_env(args: argparse.Namespace, data_dir: Path, nats_url: str) -> dic
 
 
 async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Path, logs_dir: Path,
-                     state_file: Path, nats: EmbeddedNats | None, nats_url: str, bus: Bus) -> int:
+                     state_file: Path, nats: EmbeddedNats | None, nats_url: str, bus: Bus,
+                     settings: Settings) -> int:
     env = _service_env(args, data_dir, nats_url)
     specs = [ChildSpec(name, service_argv(name), env, logs_dir / f"{name}.log") for name in services]
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -259,7 +266,8 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
         })
 
     supervisor = Supervisor(specs, bus, backoff_max=args.backoff_max, stable_after=args.stable_after,
-                            on_change=save_state)
+                            on_change=save_state, log_max_bytes=settings.log_max_mb * 1024 * 1024,
+                            log_files_kept=settings.log_files_kept)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, supervisor.request_stop)
@@ -280,7 +288,7 @@ def _print_banner(args: argparse.Namespace, services: list[str], data_dir: Path,
         lines.append(f"  DICOM       port {args.dicom_port} (AE title: settings.ae_title, default CADUCEUS)")
     lines.append(f"  NATS        {nats_url}{' (embedded)' if embedded else ''}")
     lines.append(f"  data dir    {data_dir}")
-    lines.append(f"  logs        {logs_dir}/<service>.log")
+    lines.append(f"  logs        {logs_dir}/<service>.log (rotated: CADUCEUS_LOG_MAX_MB, CADUCEUS_LOG_FILES_KEPT)")
     lines.append(f"  services    {', '.join(services)}")
     lines.append("  status      caduceus status" + (f" --data-dir {data_dir}" if embedded else ""))
     lines.append("Ctrl-C stops everything.")

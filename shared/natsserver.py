@@ -55,7 +55,8 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
 
 class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 log_file: Path | None = None, new_session: bool = False, sync_always: bool = True) -> None:
+                 log_file: Path | None = None, new_session: bool = False, sync_always: bool = True,
+                 log_max_bytes: int = 0, log_files_kept: int = 5) -> None:
         self.store_dir = Path(store_dir)
         # nats-server flushes JetStream files to disk every 2 minutes by default: a power cut could
         # lose acknowledged events (image.received of files that are on disk). "always" fsyncs each
@@ -68,6 +69,10 @@ class EmbeddedNats:
         self.port = port or free_port()
         self.host = host
         self.log_file = log_file
+        # With a size limit nats-server rotates its own log (backups named `<log>.<timestamp>`,
+        # `log_files_kept` of them); without one `log_file` simply takes its output.
+        self.log_max_bytes = log_max_bytes
+        self.log_files_kept = log_files_kept
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,10 +86,18 @@ class EmbeddedNats:
         if self.sync_always:
             jetstream["sync_interval"] = "always"
         # The config format accepts JSON-style quoted strings, so paths need no escaping of our own.
-        config.write_text("jetstream {\n" + "".join(f"  {key}: {json.dumps(value)}\n"
-                                                    for key, value in jetstream.items()) + "}\n")
+        top: dict[str, str | int] = {}
+        output = self.log_file
+        if self.log_file is not None and self.log_max_bytes > 0:
+            top = {"logfile": str(self.log_file), "logfile_size_limit": self.log_max_bytes,
+                   "logfile_max_num": self.log_files_kept + 1}
+            # What it prints before its log file is open (a bad configuration, a panic).
+            output = self.log_file.with_name(self.log_file.name + ".stderr")
+        config.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in top.items())
+                          + "jetstream {\n" + "".join(f"  {key}: {json.dumps(value)}\n"
+                                                      for key, value in jetstream.items()) + "}\n")
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-c", str(config)]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        out = open(output, "ab") if output else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=self.new_session)
         try:

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("./caduceus-data"))
     blob_store: str = Field(default="local", description="'local' (data dir) or 'nats' (JetStream object store)")
     log_level: str = "INFO"
+    # `caduceus up` keeps each service's log (and NATS's) under <data dir>/logs, rotated by size:
+    # the current file plus log_files_kept older ones of up to log_max_mb each.
+    log_max_mb: int = Field(default=50, ge=1, le=100_000)
+    log_files_kept: int = Field(default=5, ge=1, le=1000)
     heartbeat_seconds: float = 5.0
     # Receiver listens here (the launcher passes --dicom-port through this variable).
     dicom_port: int = 11112

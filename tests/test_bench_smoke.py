@@ -1,4 +1,5 @@
-"""The --smoke modes of the benchmarks (bench/e2e.py, bench/growth.py, bench/memory.py, bench/store_path.py).
+"""The --smoke modes of the benchmarks (bench/e2e.py, bench/growth.py, bench/memory.py, bench/soak.py,
+bench/store_path.py).
 
 Each runs end to end on tiny inputs through a real `caduceus up`, real DCMTK storescu/storescp and
 (growth) a real Postgres, and must print its ratio / growth lines. The numbers are not checked
@@ -55,6 +56,20 @@ def test_memory_smoke_prints_table(tmp_path: Path) -> None:
         assert int(row.group(1)) >= 1 and float(row.group(3)) > 10  # real Python processes were sampled
         assert 0 < float(row.group(5)) <= float(row.group(3))  # PSS: shared pages counted once
     assert re.search(r"^ratio worst service peak / goal: \d+\.\d+", out, re.M), out
+
+
+def test_soak_smoke_samples_every_round(tmp_path: Path) -> None:
+    out = run_bench("bench.soak", tmp_path, timeout=180)
+    assert re.search(r"^images sent so far: 10, 20, 30$", out, re.M), out
+    for service in ("receiver", "router", "dispatcher", "bookkeeper", "processor", "cleaner", "ui"):
+        rss = re.search(rf"^{service} +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
+        assert rss and all(float(v) > 10 for v in rss.groups()), f"{service}: no RSS in every round:\n{out}"
+        verdict = re.search(rf"^{service} +-?[\d.]+ +-?[\d.]+ +[+-]\d+ +[+-]\d+  (bounded|GROWS)$", out, re.M)
+        assert verdict, f"{service}: no verdict:\n{out}"
+    blobs = re.search(r"^blobs +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
+    assert blobs and float(blobs.group(1)) < float(blobs.group(3)), out  # the retained images were counted
+    assert re.search(r"^journal: [\d.]+ MB after round 2, [\d.]+ MB at the end: (bounded|GROWS)$", out, re.M), out
+    assert re.search(r"^services that grow with the work: ", out, re.M), out
 
 
 def test_store_path_smoke_prints_per_image_costs(tmp_path: Path) -> None:
