@@ -26,6 +26,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from services.receiver import direct, fastpath, part10, timing
 from services.receiver.admission import BoundedServer
 from services.receiver.ingest import STATUS_OUT_OF_RESOURCES, AssociationInfo, Ingest
+from services.receiver.memory import IdleTrim
 from services.receiver.timing import PhaseTimer
 from shared.config.model import SettingsItem
 from shared.events import (
@@ -137,6 +138,8 @@ class StorageSCP:
         self._tls_key: tuple[str, str, str] = ("", "", "")
         self._lock = threading.Lock()
         self.open_associations = 0
+        self.associations_accepted = 0   # ever, in this process
+        self.idle_trim: IdleTrim | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -191,7 +194,14 @@ class StorageSCP:
         ae._servers.append(server)
         self.server = server
         self.port = int(server.server_address[1])
+        self.idle_trim = IdleTrim(lambda: self.associations_accepted, self._busy).start()
         return self.port
+
+    def _busy(self) -> bool:
+        """An association is open, or the journal has instances still to apply."""
+        applier = self.ingest.journal
+        return self.open_associations > 0 or (
+            applier is not None and applier.journal.stats()["journal_unapplied"] > 0)
 
     def apply_settings(self, settings: SettingsItem) -> None:
         """Live configuration: AE title, max PDU and TLS apply to the next association."""
@@ -217,6 +227,8 @@ class StorageSCP:
         if server is None:
             return
         self.server = None
+        if self.idle_trim is not None:
+            self.idle_trim.stop()
         server.shutdown()
         for assoc in list(server.ae.active_associations):
             assoc.abort()
@@ -227,6 +239,10 @@ class StorageSCP:
         server = self.server
         return {"connections_refused": int(getattr(server, "refused_connections", 0)),
                 "connections_evicted": int(getattr(server, "evicted_connections", 0))}
+
+    def memory_counts(self) -> dict[str, int]:
+        """How often this process gave free memory back after a burst (memory.py)."""
+        return {"memory_releases": self.idle_trim.releases if self.idle_trim is not None else 0}
 
     def active_associations(self) -> int:
         server = self.server
@@ -279,6 +295,7 @@ class StorageSCP:
         assoc.caduceus_info = info
         with self._lock:
             self.open_associations += 1
+            self.associations_accepted += 1
         self.publish_later(make_event("association.accepted", "receiver", AssociationAccepted(
             association_id=info.association_id, calling_aet=info.calling_aet, called_aet=info.called_aet,
             peer_host=info.peer_host, peer_port=info.peer_port)))

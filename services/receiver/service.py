@@ -227,6 +227,7 @@ class ReceiverService(Service):
         if self.scp is not None:
             details["open_associations"] = self.scp.active_associations()
             details.update(self.scp.admission_counts())
+            details.update(self.scp.memory_counts())
         if self.scp is not None and self.scp.ingest.journal is not None:
             details.update(self.scp.ingest.journal.details())
         if self.pool is not None:

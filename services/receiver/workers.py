@@ -445,7 +445,7 @@ async def _report_until(scp: Any, channel: socket.socket, stop: asyncio.Event) -
         server = scp.server
         if isinstance(server, HandedOverServer):
             server.reconcile()
-        counts = {"open_associations": scp.active_associations()}
+        counts = {"open_associations": scp.active_associations(), **scp.memory_counts()}
         if scp.ingest.journal is not None:
             counts.update(scp.ingest.journal.details())
         with contextlib.suppress(OSError):

@@ -133,6 +133,13 @@ async def test_the_heartbeat_counts_the_workers(nats_url: str, data_dir: Path, t
         assert details.get("journal_published") == 80, details  # 40 by each process
         assert details["workers"] == 2 and details["open_associations"] == 0
         assert details["journal_unapplied"] == 0
+        # Each process, idle after its association, gave its free memory back once (memory.py).
+        while details.get("memory_releases") != 2 and time.monotonic() < deadline + 15:
+            await asyncio.sleep(0.5)
+            beats = [b for b in await read_heartbeats(bus) if b.type == "service.heartbeat"
+                     and b.payload["service"] == "receiver"]
+            details = beats[-1].payload["details"] if beats else {}
+        assert details.get("memory_releases") == 2, details
     finally:
         peer.stop()
 
