@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -97,9 +98,13 @@ class EmbeddedNats:
                           + "jetstream {\n" + "".join(f"  {key}: {json.dumps(value)}\n"
                                                       for key, value in jetstream.items()) + "}\n")
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-c", str(config)]
-        out = open(output, "ab") if output else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=self.new_session)
+        out = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if output else subprocess.DEVNULL
+        try:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=self.new_session)
+        finally:
+            if output:
+                os.close(out)  # the server has its own copy
         try:
             wait_port(self.host, self.port)
         except TimeoutError:
