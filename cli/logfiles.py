@@ -9,12 +9,16 @@ ones shift up to `<name>.log.<CADUCEUS_LOG_FILES_KEPT>`, the oldest is dropped) 
 
 A write that fails (disk full) drops that output, counts it, and says so once in the launcher's own
 log: the pipe must keep being drained, or a child writing a log line would block, and with it
-whatever it was doing.
+whatever it was doing. For the same reason each pipe is given 1 MB of room (64 KB is Linux's
+default): a launcher that cannot read for a while (suspended from a terminal with Ctrl-Z, say)
+holds up a service only once that much of its output is waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -23,6 +27,7 @@ from typing import BinaryIO
 log = logging.getLogger("caduceus.logfiles")
 
 READ_CHUNK = 64 * 1024
+PIPE_BYTES = 1024 * 1024   # /proc/sys/fs/pipe-max-size allows this much by default
 
 
 class RotatingLog:
@@ -112,6 +117,9 @@ async def log_pipe(target: RotatingLog) -> tuple[int, asyncio.Task[None]]:
     process transport's, so `wait()` returns when the child exits."""
     loop = asyncio.get_running_loop()
     read_fd, write_fd = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        with contextlib.suppress(OSError):   # a lower pipe-max-size: the default room then
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     reader = asyncio.StreamReader(limit=READ_CHUNK)
     try:
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),

@@ -151,3 +151,19 @@ def test_embedded_nats_rotates_its_own_log(tmp_path: Path) -> None:
     assert 1 <= len(backups) <= 2, backups
     assert "Server is ready" in log_file.read_text() + "".join(p.read_text() for p in backups)
     assert all(p.stat().st_size < 600 + 500 for p in [log_file, *backups])
+
+
+async def test_the_pipe_has_room_for_a_megabyte() -> None:
+    """A launcher that cannot read for a moment does not hold up a service's next log lines."""
+    import fcntl
+
+    from cli.logfiles import PIPE_BYTES, log_pipe
+
+    target = RotatingLog(Path(os.devnull), 10**9, 1)
+    write_fd, task = await log_pipe(target)
+    try:
+        if hasattr(fcntl, "F_GETPIPE_SZ"):
+            assert fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) >= PIPE_BYTES
+    finally:
+        os.close(write_fd)
+        await asyncio.wait_for(task, 5)   # EOF ends the copying
