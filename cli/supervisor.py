@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from typing import Any
 from cli.logfiles import RotatingLog, log_pipe
 from shared.bus import Bus
 from shared.events import ServiceCrashed, ServiceRestarted, make_event
+from shared.libc import LIBC
 
 log = logging.getLogger("caduceus.supervisor")
 
@@ -42,9 +42,9 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """Runs in the child between fork and exec: ask the kernel for SIGTERM when the parent dies."""
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and LIBC is not None:
         with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass

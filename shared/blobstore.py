@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import re
@@ -25,10 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-except OSError:  # no C library to load: sync_filesystem falls back to os.sync()
-    _LIBC = None
+from shared.libc import LIBC
 
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,95}$")
 
@@ -60,9 +56,9 @@ def start_writeback(fd: int) -> None:
     while the caller does other work, and the fsync then waits for less. Linux only; elsewhere,
     or if the call fails, the fsync does all the work as before.
     """
-    if _LIBC is None or not hasattr(_LIBC, "sync_file_range"):
+    if LIBC is None or not hasattr(LIBC, "sync_file_range"):
         return
-    _LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
+    LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
 def safe_segment(value: str) -> str:
@@ -201,9 +197,9 @@ class LocalBlobStore:
             return
         fd = os.open(self.root, os.O_RDONLY)
         try:
-            if _LIBC is None or not hasattr(_LIBC, "syncfs"):
+            if LIBC is None or not hasattr(LIBC, "syncfs"):
                 os.sync()
-            elif _LIBC.syncfs(fd) != 0:
+            elif LIBC.syncfs(fd) != 0:
                 code = ctypes.get_errno()
                 raise OSError(code, f"syncfs: {os.strerror(code)}")
         finally:

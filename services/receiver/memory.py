@@ -15,38 +15,22 @@ burst (after at least one association since the last trim).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
-import sys
 import threading
 from collections.abc import Callable
+
+from shared.libc import LIBC
 
 log = logging.getLogger("caduceus.receiver.memory")
 
 CHECK_SECONDS = 5.0
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim  # type: ignore[no-any-return]
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 def release_free_memory() -> bool:
     """Return the allocator's free memory to the system; False where that is not possible."""
-    if _MALLOC_TRIM is None:
+    if LIBC is None or not hasattr(LIBC, "malloc_trim"):   # not glibc (musl has none)
         return False
-    _MALLOC_TRIM(0)
+    LIBC.malloc_trim(ctypes.c_size_t(0))
     return True
 
 
