@@ -186,7 +186,6 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
         settings = Settings()
     except ValidationError as exc:
         raise StartError(f"invalid CADUCEUS_* environment setting:\n{exc}") from None
-    log_max_bytes = settings.log_max_mb * 1024 * 1024
     external_url = os.environ.get("CADUCEUS_NATS_URL", "")
     _check_ports(args, services, embedded=not external_url)
 
@@ -195,7 +194,8 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
         nats_url = external_url
     else:
         nats = EmbeddedNats(data_dir / "nats", port=args.nats_port, log_file=logs_dir / "nats.log",
-                            new_session=True, log_max_bytes=log_max_bytes, log_files_kept=settings.log_files_kept)
+                            new_session=True, log_max_bytes=settings.log_max_bytes,
+                            log_files_kept=settings.log_files_kept)
         await asyncio.to_thread(nats.start)
         nats_url = nats.url
     bus: Bus | None = None
@@ -266,7 +266,7 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
         })
 
     supervisor = Supervisor(specs, bus, backoff_max=args.backoff_max, stable_after=args.stable_after,
-                            on_change=save_state, log_max_bytes=settings.log_max_mb * 1024 * 1024,
+                            on_change=save_state, log_max_bytes=settings.log_max_bytes,
                             log_files_kept=settings.log_files_kept)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # Name of this process instance (several dispatchers may run): defaults to service name + pid.
     instance: str = ""
 
+    @property
+    def log_max_bytes(self) -> int:
+        return self.log_max_mb * 1024 * 1024
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
