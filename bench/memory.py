@@ -94,6 +94,22 @@ def process_name(proc: psutil.Process) -> str:
     return Path(cmd[0]).name if cmd else ""
 
 
+SUPERVISOR = "caduceus up (supervisor)"
+
+
+def named_processes(root: psutil.Process, names: dict[int, str]) -> list[tuple[psutil.Process, str]]:
+    """`caduceus up` and all its descendants, each with its service name (kept in `names` by pid:
+    reading command lines at every sample would slow the sampling down); [] once it has exited."""
+    try:
+        children = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for child in children:
+        if child.pid not in names:
+            names[child.pid] = process_name(child)
+    return [(root, SUPERVISOR), *((child, names[child.pid]) for child in children)]
+
+
 class Sampler:
     """RSS of `caduceus up` and all its descendants, every `interval` seconds, in a thread."""
 
@@ -109,15 +125,9 @@ class Sampler:
     def snapshot(self) -> dict[str, float]:
         found: dict[str, float] = {}
         pss: dict[str, float] = {}
-        procs = [(self.root, "caduceus up (supervisor)")]
-        try:
-            children = self.root.children(recursive=True)
-        except psutil.NoSuchProcess:
+        procs = named_processes(self.root, self.names)
+        if not procs:
             return found
-        for child in children:
-            if child.pid not in self.names:
-                self.names[child.pid] = process_name(child)
-            procs.append((child, self.names[child.pid]))
         for proc, name in procs:
             try:
                 rss = proc.memory_info().rss / MB
@@ -181,7 +191,7 @@ def print_table(usage: dict[str, Usage], samples: int) -> None:
         u = usage[name]
         verdict = "ok" if u.peak < GOAL_MB else "OVER"
         print(f"{name:26s} {len(u.pids):4d} {u.idle:8.1f} {u.peak:8.1f} {u.end:8.1f} {u.peak_pss:9.1f}  {verdict}")
-    services = [u for n, u in usage.items() if n not in ("caduceus up (supervisor)", "nats-server")]
+    services = [u for n, u in usage.items() if n not in (SUPERVISOR, "nats-server")]
     worst = max(services, key=lambda u: u.peak, default=None)
     if worst is not None:
         print(f"ratio worst service peak / goal: {worst.peak / GOAL_MB:.2f}  "

@@ -43,7 +43,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import start_storescp
-from bench.memory import make_mr_series, process_name, wait_bookkeeper
+from bench.memory import make_mr_series, named_processes, wait_bookkeeper
 from bench.pipeline import Caduceus, route_all_config, start_caduceus, wait_for_files
 from shared.settings import Settings
 
@@ -69,10 +69,11 @@ class Round:
 
 def sample_services(root_pid: int) -> dict[str, ServiceSample]:
     """RSS, fds and threads of every process under `caduceus up`, summed per service."""
-    root = psutil.Process(root_pid)
+    procs = named_processes(psutil.Process(root_pid), {})
+    if not procs:
+        raise RuntimeError("caduceus up has exited")
     found: dict[str, ServiceSample] = {}
-    for proc in [root, *root.children(recursive=True)]:
-        name = "caduceus up (supervisor)" if proc.pid == root_pid else process_name(proc)
+    for proc, name in procs:
         try:
             with proc.oneshot():
                 rss, fds, threads = proc.memory_info().rss, proc.num_fds(), proc.num_threads()
