@@ -2,9 +2,11 @@
 
 Publishes one `dispatch.retry_requested` per task (actor `user:<name>`); a dispatcher resets the
 task's attempt counter and sends what the target has not confirmed yet. The state of each task is
-read from the dispatch events in the EVENTS stream (the source of truth; no other service needs to
-run), so the command can say what it did: a completed task is not retried, an unknown one is an
-error.
+folded from its dispatch events, so the command can say what it did: a completed task is not
+retried, an unknown one is an error. The events come from the bookkeeper's log, which keeps them
+for good and finds one task's or one series' events at once; when no bookkeeper answers, from the
+EVENTS stream itself, which holds only the last `settings.events_retention_days` and is read
+whole.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import sys
 from dataclasses import dataclass
 
 import nats.errors
+from nats.js.errors import NotFoundError
 
 from cli.config_cmd import default_actor
+from shared.bookkeeper_client import BookkeeperClient, BookkeeperUnavailable
 from shared.bus import Bus, replay
 from shared.events import DispatchRetryRequested, Event, make_event
 from shared.settings import nats_url_for_cli
-from shared.subjects import EVENTS_PREFIX
+from shared.subjects import BOOKKEEPER_EVENTS, EVENTS_PREFIX
 
 EXIT_NOTHING = 1
 EXIT_UNREACHABLE = 3
@@ -66,7 +70,7 @@ async def _retry(args: argparse.Namespace) -> int:
     url = args.nats_url or nats_url_for_cli()
     bus = await Bus.connect(url, actor=default_actor(), connect_timeout=3, max_reconnect_attempts=2)
     try:
-        tasks = await read_tasks(bus)
+        tasks = await read_tasks(bus, args.task_ids, args.series)
         chosen = _choose(tasks, args.task_ids, args.series)
         if not chosen:
             return EXIT_NOTHING
@@ -81,22 +85,57 @@ async def _retry(args: argparse.Namespace) -> int:
         await bus.close()
 
 
-async def read_tasks(bus: Bus) -> dict[str, TaskView]:
-    """Fold the dispatch events of the EVENTS stream into the current state of every task."""
+async def read_tasks(bus: Bus, task_ids: list[str], series: str | None) -> dict[str, TaskView]:
+    """The current state of the tasks asked for (and of others, when read from the stream)."""
     tasks: dict[str, TaskView] = {}
-    async for event in replay(bus, f"{EVENTS_PREFIX}.dispatch.>"):
-        task_id = event.payload.get("task_id") or event.task_id
-        if not task_id:
-            continue
-        if event.type == "dispatch.requested":
-            tasks.setdefault(task_id, TaskView(request=event))
-            continue
-        view = tasks.get(task_id)
-        if view is None or event.type not in STATES:
-            continue
-        view.state = STATES[event.type]
-        view.error = str(event.payload.get("error", "")) if event.type != "dispatch.completed" else ""
+    try:
+        stored_until = await _bookkeeper_stored_until(bus)
+        events = await _dispatch_events_from_bookkeeper(bus, task_ids, series)
+    except BookkeeperUnavailable:
+        async for event in replay(bus, f"{EVENTS_PREFIX}.dispatch.>"):
+            fold_task_event(tasks, event)
+        return tasks
+    # What the bookkeeper had not stored yet (a failure a moment ago) is on the stream's tail; an
+    # event it stored meanwhile comes twice and counts once.
+    async for event in replay(bus, f"{EVENTS_PREFIX}.dispatch.>", start_seq=stored_until + 1):
+        if event.series_uid == series or (event.payload.get("task_id") or event.task_id) in task_ids:
+            events.setdefault(event.event_id, event)
+    for event in sorted(events.values(), key=lambda event: event.stream_seq or 0):
+        fold_task_event(tasks, event)
     return tasks
+
+
+async def _bookkeeper_stored_until(bus: Bus) -> int:
+    """The EVENTS sequence up to which the bookkeeper has stored every event (what it has acked)."""
+    try:
+        info = await bus.js.consumer_info(BOOKKEEPER_EVENTS.stream, BOOKKEEPER_EVENTS.name)
+    except NotFoundError:
+        raise BookkeeperUnavailable("the bookkeeper has never read the EVENTS stream") from None
+    return (info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+
+
+async def _dispatch_events_from_bookkeeper(bus: Bus, task_ids: list[str], series: str | None) -> dict[str, Event]:
+    client = BookkeeperClient(bus, timeout=10)
+    queries = [{"task_id": task_id} for task_id in task_ids] + ([{"series_uid": series}] if series else [])
+    found: dict[str, Event] = {}
+    for query in queries:
+        for record in await client.all_events(type="dispatch.*", **query):
+            found[record.event_id] = record.to_event()
+    return found
+
+
+def fold_task_event(tasks: dict[str, TaskView], event: Event) -> None:
+    task_id = event.payload.get("task_id") or event.task_id
+    if not task_id:
+        return
+    if event.type == "dispatch.requested":
+        tasks.setdefault(task_id, TaskView(request=event))
+        return
+    view = tasks.get(task_id)
+    if view is None or event.type not in STATES:
+        return
+    view.state = STATES[event.type]
+    view.error = str(event.payload.get("error", "")) if event.type != "dispatch.completed" else ""
 
 
 def _choose(tasks: dict[str, TaskView], task_ids: list[str], series: str | None) -> list[TaskView]:

@@ -151,7 +151,8 @@ async def first_instance_tags(bus: Any, series_uid: str) -> tuple[dict[str, str]
     except BookkeeperUnavailable:
         return await _first_instance_from_stream(bus, series_uid)
     if not page.events:
-        raise SourceError(f"no image.received for series {series_uid} in the bookkeeper")
+        # Not stored yet (it arrived a moment ago), or stored under another bookkeeper: the stream.
+        return await _first_instance_from_stream(bus, series_uid)
     record = page.events[0]
     return dict(record.payload.get("tags") or {}), f"bookkeeper: EVENTS seq {record.stream_seq}"
 

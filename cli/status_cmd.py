@@ -57,10 +57,11 @@ def render(report: HealthReport) -> str:
             lines.append(f"  {name:<11} {inst.state:<8} {inst.instance:<32} pid {inst.pid:<7} "
                          f"beat {inst.age_seconds:>6.1f}s ago  up {inst.uptime_seconds:>8.0f}s"
                          f"{'  ' + details if details else ''}{marker if i == 0 else ''}")
-    lines += ["", "STREAMS", f"  {'name':<8} {'messages':>10} {'bytes':>14} {'first':>8} {'last':>8} {'consumers':>9}"]
+    lines += ["", "STREAMS", f"  {'name':<8} {'messages':>10} {'bytes':>14} {'first':>8} {'last':>8} {'consumers':>9} "
+                             f"{'kept':>8}"]
     for stream in report.streams:
         lines.append(f"  {stream.name:<8} {stream.messages:>10} {stream.bytes:>14} {stream.first_seq:>8} "
-                     f"{stream.last_seq:>8} {stream.consumer_count:>9}")
+                     f"{stream.last_seq:>8} {stream.consumer_count:>9} {_kept(stream.max_age_seconds):>8}")
     lines += ["", "CONSUMERS", f"  {'stream':<8} {'durable':<20} {'pending':>9} {'ack_pending':>11} "
                                f"{'redelivered':>11} {'ack_floor':>9}"]
     if not report.consumers:
@@ -69,3 +70,11 @@ def render(report: HealthReport) -> str:
         lines.append(f"  {c.stream:<8} {c.name:<20} {c.num_pending:>9} {c.num_ack_pending:>11} "
                      f"{c.num_redelivered:>11} {c.ack_floor_seq:>9}")
     return "\n".join(lines)
+
+
+def _kept(max_age_seconds: float) -> str:
+    if not max_age_seconds:
+        return "always"
+    if max_age_seconds >= 86400:
+        return f"{round(max_age_seconds / 86400, 1):g}d"
+    return f"{round(max_age_seconds / 3600, 1):g}h"

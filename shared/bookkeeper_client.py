@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import nats.errors
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.events import Event
 from shared.subjects import rpc_subject
 
 SERVICE = "bookkeeper"
@@ -61,6 +62,10 @@ class EventRecord(_Record):
     config_kind: str | None = None
     config_name: str | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
+
+    def to_event(self) -> Event:
+        """The event as it was published (with its stream position)."""
+        return Event.model_validate(self.model_dump())
 
 
 class SeriesRecord(_Record):

@@ -87,7 +87,12 @@ class Bus:
             try:
                 await self.js.add_stream(config)
             except BadRequestError:
-                # Exists with a different config: bring the mutable fields up to date.
+                # Exists with a different config: bring the mutable fields up to date, except the
+                # EVENTS stream's max age, which the bookkeeper sets from the configuration
+                # (services/bookkeeper/retention.py); any other process would undo it.
+                if config.name == subjects.EVENTS_STREAM:
+                    existing = await self.js.stream_info(config.name)
+                    config.max_age = existing.config.max_age
                 await self.js.update_stream(config)
 
     async def declare_durable(self, durable: subjects.Durable) -> None:
@@ -275,20 +280,27 @@ class ThreadPublisher:
                     self._fail(future, "no acknowledgement from JetStream in time")
 
 
-async def replay(bus: Bus, filter_subject: str, *, idle_timeout: float = 5.0) -> AsyncIterator[Event]:
-    """Every stored event on `filter_subject` (may contain wildcards), oldest first, then stop.
+async def replay(bus: Bus, filter_subject: str, *, idle_timeout: float = 5.0,
+                 start_seq: int = 1) -> AsyncIterator[Event]:
+    """Every stored event on `filter_subject` (may contain wildcards) from `start_seq` on, oldest first, then stop.
 
     An ordered consumer: cheap, nothing left behind on the server. Ends when the consumer reports
     nothing pending (or nothing arrives for `idle_timeout`).
     """
-    from nats.js.api import DeliverPolicy
+    from nats.js.api import ConsumerConfig, DeliverPolicy
 
     stream = subjects.CONFIG_STREAM if filter_subject.startswith(subjects.CONFIG_PREFIX) else subjects.EVENTS_STREAM
     info = await bus.js.stream_info(stream, subjects_filter=filter_subject)
-    if not sum((info.state.subjects or {}).values()):
+    if not sum((info.state.subjects or {}).values()) or start_seq > info.state.last_seq:
         return  # nothing stored on that filter: do not wait for the idle timeout
-    sub = await bus.js.subscribe(filter_subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    if start_seq > 1:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+    else:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    sub = await bus.js.subscribe(filter_subject, ordered_consumer=True, config=config)
     try:
+        if start_seq > 1 and not (await sub.consumer_info()).num_pending:
+            return  # events on that filter, but none from start_seq on
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)

@@ -3,7 +3,7 @@
 - Services: the last heartbeat of every instance (STATUS stream, one message per subject
   `caduceus.status.<service>.<instance>`). An instance is healthy when its last heartbeat is
   younger than 3x its own interval; a service is healthy when at least one instance is.
-- Streams: messages, bytes, first/last sequence.
+- Streams: messages, bytes, first/last sequence, how long messages are kept.
 - Consumers: every durable's lag (num_pending = not yet delivered, num_ack_pending = delivered but
   not acked, redelivered).
 """
@@ -53,6 +53,7 @@ class StreamStats(BaseModel):
     first_seq: int
     last_seq: int
     consumer_count: int
+    max_age_seconds: float = 0   # how long the stream keeps a message; 0 = no limit
 
 
 class ConsumerStats(BaseModel):
@@ -138,7 +139,8 @@ async def stream_stats(bus: Bus) -> tuple[list[StreamStats], list[ConsumerStats]
         state = info.state
         streams.append(StreamStats(name=name, messages=state.messages, bytes=state.bytes,
                                    first_seq=state.first_seq, last_seq=state.last_seq,
-                                   consumer_count=state.consumer_count))
+                                   consumer_count=state.consumer_count,
+                                   max_age_seconds=float(info.config.max_age or 0)))
         for consumer in await bus.js.consumers_info(name):
             if not consumer.config.durable_name:
                 continue  # ordered/ephemeral readers (config followers, this report) are not work queues

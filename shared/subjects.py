@@ -36,6 +36,9 @@ CONFIG_STREAM = "CONFIG"
 STATUS_STREAM = "STATUS"
 
 DAY = 24 * 3600
+# How long EVENTS keeps events until the bookkeeper applies `settings.events_retention_days`
+# (services/bookkeeper/retention.py); the same default as that setting.
+DEFAULT_EVENTS_RETENTION_DAYS = 90
 
 # Event types whose subject carries the task priority as a last token, so that workers can
 # pull urgent work from its own durable before normal work.
@@ -66,7 +69,7 @@ def _token(value: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in value) or "_"
 
 
-def stream_configs(events_max_age_days: float = 3650) -> list[StreamConfig]:
+def stream_configs(events_max_age_days: float = DEFAULT_EVENTS_RETENTION_DAYS) -> list[StreamConfig]:
     return [
         StreamConfig(
             name=EVENTS_STREAM,
@@ -154,5 +157,6 @@ PROCESSOR_WORK = Durable(EVENTS_STREAM, "processor",
 # ---- key/value and object store buckets
 
 ROUTER_STATE_BUCKET = "caduceus-router"      # router checkpoint (lowest open stream sequence)
+ROUTER_CHECKPOINT_KEY = "checkpoint"           # read by the bookkeeper too: it keeps those events on EVENTS
 BLOB_BUCKET = "caduceus-blobs"               # image files when CADUCEUS_BLOB_STORE=nats
 DISPATCH_PROGRESS_BUCKET = "caduceus-dispatch"  # per-task dispatch progress (attempts, delivered instances)

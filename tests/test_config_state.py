@@ -48,6 +48,14 @@ def test_valid_config_parses_and_normalises_single_target() -> None:
     ({"rules": {"r": {"filter": "True", "action": "discard", "series_complete_seconds": float("inf")}}},
      "rules.r.series_complete_seconds"),
     ({"modules": {"anon": {"image": "x", "timeout_seconds": float("inf")}}}, "modules.anon.timeout_seconds"),
+    # The EVENTS stream must keep events longer than anything may wait on it, plus a week.
+    ({"settings": {"events_retention_days": 7}}, "settings.events_retention_days"),
+    ({"settings": {"events_retention_days": float("inf")}}, "settings.events_retention_days"),
+    ({"settings": {"events_retention_days": 20, "study_force_complete_seconds": 14 * 86400}},
+     "an open study until it is forced complete (study_force_complete_seconds) can keep an event on the "
+     "EVENTS stream for 14.0 days, and retention must leave 7 days beyond that; set it to at least 21.1"),
+    ({"settings": {"dispatch_retries": 100, "dispatch_retry_max_wait_seconds": 86400}},
+     "settings.events_retention_days: 90 days is too short: a dispatch task's retry waits (100 retries"),
 ])
 def test_invalid_configs_are_rejected_with_a_pointed_message(change: dict, message: str) -> None:
     raw = {**VALID, **change}
@@ -82,3 +90,13 @@ async def test_config_round_trips_through_the_stream(bus: Bus) -> None:
     events = await read_all(bus)
     assert len(events) == 5 and all(e.stream == "CONFIG" for e in events)
     assert CaduceusConfig.from_items(fold(events)) == config
+
+
+def test_retention_long_enough_for_the_waits_is_accepted() -> None:
+    raw = {**VALID, "settings": {"events_retention_days": 22, "study_force_complete_seconds": 14 * 86400}}
+    config = CaduceusConfig.parse(raw)
+    wait, why = config.longest_stream_wait_seconds()
+    assert wait == 14 * 86400 + 900 and "study" in why
+    # the defaults: a day for the off-peak window plus five retries capped at an hour each
+    wait, why = CaduceusConfig.parse({}).longest_stream_wait_seconds()
+    assert wait == 86400 + 60 + 120 + 240 + 480 + 960 and "retry" in why

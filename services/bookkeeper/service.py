@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
 
 from services.bookkeeper.db import create_db_engine, upgrade
 from services.bookkeeper.ingest import BATCH, Ingestor, IngestStats
+from services.bookkeeper.retention import (
+    OldestNeeded,
+    next_max_age,
+    oldest_needed,
+    set_max_age,
+    wanted_max_age,
+)
 from services.bookkeeper.rpc import RpcServer
 from services.bookkeeper.store import advance_all
 from shared import subjects
+from shared.config.model import DAY_SECONDS, CaduceusConfig
+from shared.events import AlertRaised, make_event
 from shared.runtime import Service
 from shared.settings import Settings
 
@@ -20,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DURABLES = (subjects.BOOKKEEPER_EVENTS, subjects.BOOKKEEPER_CONFIG)
 GAP_CHECK_SECONDS = 30.0
+RETENTION_CHECK_SECONDS = 60.0
+RETENTION_ALERT_EVERY_SECONDS = DAY_SECONDS
 
 
 class BookkeeperService(Service):
@@ -35,6 +48,9 @@ class BookkeeperService(Service):
         self.floors: dict[str, float] = {}
         self.rpc: RpcServer | None = None
         self.ingestors: list[Ingestor] = []
+        self.retention_changed = asyncio.Event()
+        self.retention: dict[str, Any] = {}
+        self._retention_alerted = 0.0   # time.monotonic() of the last warning alert
 
     async def setup(self) -> None:
         self.engine = create_db_engine(self.settings.resolved_database_url())
@@ -47,6 +63,10 @@ class BookkeeperService(Service):
             self.ingestors.append(ingestor)
             self.spawn(ingestor.run())
         self.spawn(self._gap_watch())
+        self.spawn(self._retention_watch())
+
+    def on_config(self, config: CaduceusConfig) -> None:
+        self.retention_changed.set()
 
     async def _migrate(self) -> None:
         """`alembic upgrade head`, retried while the database is not reachable yet."""
@@ -77,8 +97,56 @@ class BookkeeperService(Service):
             except TimeoutError:
                 pass
 
+    async def _retention_watch(self) -> None:
+        """Apply settings.events_retention_days to the EVENTS stream as far as is safe (retention.py)."""
+        while not self.stopping.is_set():
+            try:
+                await self._apply_retention()
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("EVENTS retention check failed: %s", exc)
+            self.retention_changed.clear()
+            stop = asyncio.ensure_future(self.stopping.wait())
+            change = asyncio.ensure_future(self.retention_changed.wait())
+            await asyncio.wait({stop, change}, timeout=RETENTION_CHECK_SECONDS,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (stop, change):
+                waiter.cancel()
+
+    async def _apply_retention(self) -> None:
+        now = datetime.now(UTC)
+        wanted = wanted_max_age(self.config)
+        current = float((await self.bus.js.stream_info(subjects.EVENTS_STREAM)).config.max_age or 0)
+        oldest = await oldest_needed(self.bus.js)
+        target = next_max_age(current, wanted, oldest, now)
+        if target != current:
+            await set_max_age(self.bus.js, target)
+            log.info("EVENTS retention %.1f -> %.1f days%s", current / DAY_SECONDS, target / DAY_SECONDS,
+                     "" if target == wanted else f" (configured {wanted / DAY_SECONDS:.1f}; "
+                     f"{oldest.reader if oldest else '?'} still needs older events)")
+            current = target
+        self.retention = {"events_retention_days": round(current / DAY_SECONDS, 2)}
+        if current != wanted:
+            self.retention["events_retention_wanted_days"] = round(wanted / DAY_SECONDS, 2)
+        if oldest is not None:
+            age = oldest.age_seconds(now)
+            self.retention["events_oldest_needed"] = (f"{oldest.reader}@{oldest.stream_seq} "
+                                                      f"{age / DAY_SECONDS:.2f}d")
+            if age > current / 2:
+                await self._warn_expiring(oldest, age, current)
+
+    async def _warn_expiring(self, oldest: OldestNeeded, age: float, max_age: float) -> None:
+        message = (f"{oldest.reader} has not consumed EVENTS sequence {oldest.stream_seq} for "
+                   f"{age / DAY_SECONDS:.1f} days; the stream deletes events after {max_age / DAY_SECONDS:.1f} "
+                   "days, and what it deletes before that reader consumes it is lost to that reader")
+        if self._retention_alerted and time.monotonic() - self._retention_alerted < RETENTION_ALERT_EVERY_SECONDS:
+            return
+        log.warning("%s", message)
+        await self.publish(make_event("alert.raised", self.name, AlertRaised(
+            severity="warning", source="bookkeeper", message=message)))
+        self._retention_alerted = time.monotonic()
+
     def health_details(self) -> dict[str, Any]:
-        return self.ingest_stats.as_dict()
+        return {**self.ingest_stats.as_dict(), **self.retention}
 
     async def teardown(self) -> None:
         for ingestor in self.ingestors:

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from shared.blobstore import BlobError, BlobStore
+from shared.bookkeeper_client import BookkeeperClient, BookkeeperError
 from shared.bus import Bus, replay
 from shared.config.model import CaduceusConfig, DicomTarget
 from shared.events import (
@@ -36,7 +37,7 @@ from shared.events import (
 )
 from shared.manifest import Manifest, read_manifest
 from shared.runtime import Delivery
-from shared.subjects import event_subject
+from shared.subjects import EVENTS_STREAM, event_subject
 
 from .progress import ProgressRecord, ProgressStore, TaskState
 from .schedule import attempt_delay, seconds_until_offpeak
@@ -157,7 +158,18 @@ class Dispatcher:
         await self.run_attempt(delivery, record)
 
     async def find_request(self, task_id: str) -> Event | None:
-        """The original dispatch.requested of a task without a progress record, from the EVENTS stream."""
+        """The original dispatch.requested of a task without a progress record.
+
+        From the bookkeeper's log (it keeps events beyond the stream's retention and finds one task
+        at once), else from the EVENTS stream.
+        """
+        try:
+            page = await BookkeeperClient(self.bus, timeout=10).events(
+                task_id=task_id, type="dispatch.requested", stream=EVENTS_STREAM, limit=1)
+            if page.events:
+                return page.events[0].to_event()
+        except BookkeeperError as exc:
+            log.info("bookkeeper cannot look task %s up (%s); reading the EVENTS stream", task_id, exc)
         async for event in replay(self.bus, event_subject("dispatch.requested", "*")):
             if event.payload.get("task_id") == task_id:
                 return event

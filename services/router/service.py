@@ -32,7 +32,14 @@ from services.router.state import Batch, RouterState
 from shared import subjects
 from shared.blobstore import BlobStore, open_blob_store
 from shared.bus import event_from_msg
-from shared.events import SeriesCompleted, StudyCompleted, deterministic_event_id, make_event, utcnow
+from shared.events import (
+    AlertRaised,
+    SeriesCompleted,
+    StudyCompleted,
+    deterministic_event_id,
+    make_event,
+    utcnow,
+)
 from shared.manifest import Manifest, ManifestInstance, write_manifest
 from shared.runtime import Service
 
@@ -40,7 +47,6 @@ log = logging.getLogger(__name__)
 
 FOLDED_TYPES = ("image.received", "series.completed", "study.completed", "study.complete_requested",
                 "route.decided")
-CHECKPOINT_KEY = "checkpoint"
 TICK_SECONDS = 1.0
 MIN_TICK_SECONDS = 0.05   # many series falling due one after another are checked together
 POLL_SECONDS = 0.25
@@ -71,6 +77,7 @@ class RouterService(Service):
         self.blobs = open_blob_store(self.settings.blob_store, self.settings.data_dir, self.bus.js)
         self.kv = await self._bucket()
         start = await self._load_checkpoint()
+        await self._check_checkpoint_kept(start)
         self.state.last_seq = start - 1   # nothing to replay means the checkpoint stays where it is
         log.info("router replays EVENTS from sequence %d", start)
         self._sub = await self.bus.js.subscribe(
@@ -101,17 +108,37 @@ class RouterService(Service):
 
     async def _load_checkpoint(self) -> int:
         try:
-            entry = await self.kv.get(CHECKPOINT_KEY)
+            entry = await self.kv.get(subjects.ROUTER_CHECKPOINT_KEY)
         except (NotFoundError, KeyError):
             return 1
         value = int((entry.value or b"1").decode())
         self._saved_checkpoint = value
         return max(1, value)
 
+    async def _check_checkpoint_kept(self, start: int) -> None:
+        """Say so when the stream no longer holds the first events of our open batches.
+
+        The configuration keeps events longer than any batch stays open (settings.
+        events_retention_days), so this means the router was stopped for longer than that. The
+        replay then starts at the oldest event the stream still has: batches whose first events
+        expired are routed without them, or not at all. Their images are in the blob store and their
+        events in the bookkeeper's log.
+        """
+        first = (await self.bus.js.stream_info(subjects.EVENTS_STREAM)).state.first_seq
+        if start >= first or start <= 1:
+            return
+        message = (f"the router's checkpoint (EVENTS sequence {start}) has expired from the stream (it now "
+                   f"starts at {first}): series and studies that were open before the router stopped may be "
+                   "routed without their first images or not at all; their images are kept in the blob "
+                   "store and their events in the bookkeeper's log")
+        log.error("%s", message)
+        await self.publish(make_event("alert.raised", self.name, AlertRaised(
+            severity="error", source="router", message=message)))
+
     async def _save_checkpoint(self) -> None:
         checkpoint = self.state.checkpoint()
         if checkpoint != self._saved_checkpoint:
-            await self.kv.put(CHECKPOINT_KEY, str(checkpoint).encode())
+            await self.kv.put(subjects.ROUTER_CHECKPOINT_KEY, str(checkpoint).encode())
             self._saved_checkpoint = checkpoint
 
     # ------------------------------------------------------------ the loop

@@ -6,10 +6,13 @@ Every item may carry `owner` and `description`.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.subjects import DEFAULT_EVENTS_RETENTION_DAYS
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
 
@@ -32,6 +35,9 @@ DAY_SECONDS = 86400
 WEEK_SECONDS = 7 * DAY_SECONDS
 MONTH_SECONDS = 31 * DAY_SECONDS
 MAX_PDU = 2**32 - 1
+# What events_retention_days must leave beyond the longest wait the configuration allows: time for
+# an operator to notice a stopped consumer (a bookkeeper, a dispatcher) before its events expire.
+RETENTION_MARGIN_SECONDS = 7 * DAY_SECONDS
 
 
 class ConfigError(ValueError):
@@ -77,6 +83,10 @@ class SettingsItem(Item):
     offpeak_start: str = Field(default="22:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     offpeak_end: str = Field(default="06:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     retention_days: float = Field(default=3, ge=0, le=36500)
+    # How long the EVENTS stream keeps events (the bookkeeper's database is the permanent log; the
+    # stream is the work queue and the replay buffer). The bookkeeper applies it to the stream, and
+    # check_references requires it to outlast every wait that needs an event to stay on the stream.
+    events_retention_days: float = Field(default=DEFAULT_EVENTS_RETENTION_DAYS, ge=8, le=3650)
 
 
 class TlsConfig(BaseModel):
@@ -196,8 +206,38 @@ class CaduceusConfig(BaseModel):
                     compile_series_list(rule.study_required_series)
                 except RuleSyntaxError as exc:
                     problems.append(f"rules.{name}.study_required_series: {exc}")
+        problems += self._retention_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def longest_stream_wait_seconds(self) -> tuple[float, str]:
+        """The longest an event may have to stay on the EVENTS stream under this configuration, and why.
+
+        An open study is folded again from its first event after a router restart until it is
+        forced complete; a dispatch task stays on its work queue through all its retry waits (each
+        capped at dispatch_retry_max_wait_seconds) and up to a day's wait for the off-peak window.
+        """
+        settings = self.settings
+        series_wait = max([settings.series_complete_seconds] + [
+            rule.series_complete_seconds for rule in self.rules.values() if rule.series_complete_seconds])
+        study = settings.study_force_complete_seconds + max(series_wait, settings.study_complete_seconds)
+        retry_waits = sum(min(settings.dispatch_retry_max_wait_seconds,
+                              settings.dispatch_retry_wait_seconds * 2 ** min(attempt, 60))
+                          for attempt in range(settings.dispatch_retries))
+        dispatch = retry_waits + DAY_SECONDS
+        if dispatch >= study:
+            return dispatch, (f"a dispatch task's retry waits ({settings.dispatch_retries} retries, "
+                              f"{_duration(retry_waits)}) plus a day for the off-peak window")
+        return study, "an open study until it is forced complete (study_force_complete_seconds)"
+
+    def _retention_problems(self) -> list[str]:
+        wait, why = self.longest_stream_wait_seconds()
+        needed = wait + RETENTION_MARGIN_SECONDS
+        if self.settings.events_retention_days * DAY_SECONDS >= needed:
+            return []
+        return [f"settings.events_retention_days: {self.settings.events_retention_days:g} days is too short: "
+                f"{why} can keep an event on the EVENTS stream for {_duration(wait)}, and retention must "
+                f"leave 7 days beyond that; set it to at least {math.ceil(needed / DAY_SECONDS * 10) / 10:g}, or shorten the wait"]
 
     def items(self) -> dict[tuple[str, str], dict[str, Any]]:
         """Flatten to (kind, name) -> item dict, the unit that config events carry."""
@@ -236,6 +276,12 @@ def _dump_item(item: BaseModel) -> dict[str, Any]:
     if "type" in type(item).model_fields:
         data = {"type": item.type, **data}  # type: ignore[attr-defined]
     return data
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= DAY_SECONDS:
+        return f"{seconds / DAY_SECONDS:.1f} days"
+    return f"{seconds / 3600:.1f} hours"
 
 
 def _explain(exc: ValidationError) -> str:

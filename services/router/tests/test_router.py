@@ -260,3 +260,34 @@ async def test_study_force_timeout_and_admin_request(bus: Bus, nats_url: str, da
     assert dispatch.payload["target"] == "archive"
     [discarded] = [e for e in of_type(events, "series.discarded") if e.study_uid == "8.1"]
     assert discarded.payload["batch_id"] == by_study["8.1"].batch_id
+
+
+async def test_router_says_when_its_checkpoint_expired_from_the_stream(bus: Bus, nats_url: str, data_dir: Path,
+                                                                      store: LocalBlobStore) -> None:
+    await apply_config(bus, {"settings": {**FAST, "series_complete_seconds": 600}, "targets": TARGETS,
+                             "rules": {"all": {"filter": "True", "targets": ["pacs"]}}})
+    async with running_router(nats_url, data_dir):
+        [first, *_] = await send_series(bus, store, "9.1", "9.1.1", 2)
+        kv = await bus.js.key_value(subjects.ROUTER_STATE_BUCKET)
+        deadline = time.monotonic() + 15
+        while True:
+            entry = await kv.get(subjects.ROUTER_CHECKPOINT_KEY)
+            if int((entry.value or b"0").decode()) == first.stream_seq:
+                break
+            assert time.monotonic() < deadline, "checkpoint not saved"
+            await asyncio.sleep(0.2)
+    # The router stays stopped for longer than the stream keeps events (a second here).
+    short = subjects.stream_configs(events_max_age_days=1 / 86400)[0]
+    short.duplicate_window = 1
+    await bus.js.update_stream(short)
+    deadline = time.monotonic() + 30
+    while (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.first_seq <= (first.stream_seq or 0):
+        assert time.monotonic() < deadline, "the events did not expire"
+        await asyncio.sleep(0.2)
+    await bus.js.update_stream(subjects.stream_configs()[0])
+    async with running_router(nats_url, data_dir):
+        events = await wait_for(bus, lambda ev: any(e.payload.get("source") == "router"
+                                                    for e in of_type(ev, "alert.raised")))
+    [alert] = [e for e in of_type(events, "alert.raised") if e.payload["source"] == "router"]
+    assert alert.payload["severity"] == "error"
+    assert f"EVENTS sequence {first.stream_seq}" in alert.payload["message"]

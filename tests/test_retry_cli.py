@@ -1,0 +1,89 @@
+"""`caduceus retry` finds its tasks in the bookkeeper's log (beyond the stream's retention), else on the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from cli import retry_cmd
+from services.bookkeeper.retention import set_max_age
+from services.bookkeeper.tests.scenario import running, series_events, settings_for, wait_caught_up
+from shared import subjects
+from shared.bus import Bus
+from shared.events import Event, deterministic_event_id
+
+STUDY = "1.2.826.0.1.3680043.10.543.77"
+FAILED, DONE = f"{STUDY}.1", f"{STUDY}.2"
+
+
+def task_of(series_uid: str) -> str:
+    return deterministic_event_id(f"batch-{series_uid}", "rule-ct", "pacs")
+
+
+async def publish_story(bus: Bus) -> None:
+    await bus.publish_many(series_events(STUDY, FAILED, 2, "error") + series_events(STUDY, DONE, 2, "done"))
+
+
+async def test_without_a_bookkeeper_the_stream_is_read(bus: Bus) -> None:
+    await publish_story(bus)
+    tasks = await retry_cmd.read_tasks(bus, [], FAILED)
+    assert tasks[task_of(FAILED)].state == "failed"
+    assert tasks[task_of(DONE)].state == "completed"   # the stream is read whole
+    chosen = retry_cmd._choose(tasks, [], FAILED)
+    assert [view.request.payload["task_id"] for view in chosen] == [task_of(FAILED)]
+
+
+async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
+        bus: Bus, nats_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    database_url = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
+    async with running(settings_for(nats_url, database_url, data_dir)) as service:
+        # Its retention applied (90 days), the bookkeeper looks again only in a minute: long
+        # enough for a stream that keeps events a second.
+        while "events_retention_days" not in service.health_details():
+            await asyncio.sleep(0.05)
+        short = subjects.stream_configs(events_max_age_days=1 / 86400)[0]
+        short.duplicate_window = 1   # JetStream's de-duplication window may not outlast max age
+        await bus.js.update_stream(short)
+        await publish_story(bus)
+        await wait_caught_up(bus, service.engine)
+        last = await bus.last_seq(subjects.EVENTS_STREAM)
+        deadline = time.monotonic() + 30
+        while (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.first_seq <= last:
+            assert time.monotonic() < deadline, "the events did not expire"
+            await asyncio.sleep(0.2)
+
+        tasks = await retry_cmd.read_tasks(bus, [], FAILED)
+        assert set(tasks) == {task_of(FAILED)}   # one series asked, one series read
+        assert tasks[task_of(FAILED)].state == "failed"
+        assert tasks[task_of(FAILED)].error == "connection refused"
+        tasks = await retry_cmd.read_tasks(bus, [task_of(DONE)], None)
+        assert tasks[task_of(DONE)].state == "completed"
+
+        # Events the bookkeeper has not stored yet come from the stream's tail; one it stored
+        # meanwhile comes from both and is folded once.
+        await set_max_age(bus.js, 90 * 86400.0)
+        retry = series_events(STUDY, FAILED, 2, "error")[-1].caused(
+            "dispatch.retry_requested", "user:test", {"task_id": task_of(FAILED), "reason": "back"},
+            task_id=task_of(FAILED))
+        await bus.publish(retry)
+        await wait_caught_up(bus, service.engine)
+
+        async def stored_until_before(_bus: Bus) -> int:
+            return last
+
+        monkeypatch.setattr(retry_cmd, "_bookkeeper_stored_until", stored_until_before)
+        tasks = await retry_cmd.read_tasks(bus, [], FAILED)
+        assert tasks[task_of(FAILED)].state == "retry requested"
+
+        from_log = retry_cmd._dispatch_events_from_bookkeeper
+
+        async def not_stored_yet(*args: object) -> dict[str, Event]:
+            found = await from_log(*args)  # type: ignore[arg-type]
+            return {key: event for key, event in found.items() if event.type != "dispatch.retry_requested"}
+
+        monkeypatch.setattr(retry_cmd, "_dispatch_events_from_bookkeeper", not_stored_yet)
+        tasks = await retry_cmd.read_tasks(bus, [], FAILED)
+        assert tasks[task_of(FAILED)].state == "retry requested"
