@@ -134,6 +134,15 @@ def test_status_exits_nonzero_when_services_are_missing(nats_url: str, tmp_path:
     assert {s["service"]: s["state"] for s in report["services"]} == dict.fromkeys(EXPECTED_SERVICES, "missing")
 
 
+def test_status_shows_how_long_each_stream_keeps_messages(nats_url: str) -> None:
+    env = cli_env({"CADUCEUS_NATS_URL": nats_url})
+    result = subprocess.run([sys.executable, "-m", "cli.main", "status"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    kept = {line.split()[0]: line.split()[-1] for line in result.stdout.split("STREAMS")[1].split("CONSUMERS")[0]
+            .splitlines()[2:] if line.strip()}
+    assert kept == {"EVENTS": "90d", "CONFIG": "always", "STATUS": "1h"}, result.stdout
+
+
 def test_backoff_delay_grows_and_caps() -> None:
     assert [backoff_delay(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
 

@@ -118,14 +118,14 @@ class BookkeeperService(Service):
         current = float((await self.bus.js.stream_info(subjects.EVENTS_STREAM)).config.max_age or 0)
         oldest = await oldest_needed(self.bus.js)
         target = next_max_age(current, wanted, oldest, now)
-        if target != current:
+        if abs(target - current) >= 1.0:   # the server keeps nanoseconds: fractions of days round-trip inexactly
             await set_max_age(self.bus.js, target)
             log.info("EVENTS retention %.1f -> %.1f days%s", current / DAY_SECONDS, target / DAY_SECONDS,
                      "" if target == wanted else f" (configured {wanted / DAY_SECONDS:.1f}; "
                      f"{oldest.reader if oldest else '?'} still needs older events)")
             current = target
         self.retention = {"events_retention_days": round(current / DAY_SECONDS, 2)}
-        if current != wanted:
+        if abs(current - wanted) >= 1.0:
             self.retention["events_retention_wanted_days"] = round(wanted / DAY_SECONDS, 2)
         if oldest is not None:
             age = oldest.age_seconds(now)
