@@ -299,8 +299,10 @@ async def replay(bus: Bus, filter_subject: str, *, idle_timeout: float = 5.0,
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     sub = await bus.js.subscribe(filter_subject, ordered_consumer=True, config=config)
     try:
-        if start_seq > 1 and not (await sub.consumer_info()).num_pending:
-            return  # events on that filter, but none from start_seq on
+        if start_seq > 1:
+            consumer = await sub.consumer_info()
+            if not consumer.num_pending and not (consumer.delivered and consumer.delivered.consumer_seq):
+                return  # events on that filter, but none from start_seq on (and none on their way)
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from nats.js.api import DeliverPolicy
 
 from shared import subjects
-from shared.bus import Bus, event_from_msg
+from shared.bus import Bus, event_from_msg, replay
 from shared.events import Event, ServiceStarted, make_event
 from shared.natsserver import EmbeddedNats
 
@@ -20,6 +22,27 @@ async def test_streams_are_declared_idempotently(bus: Bus) -> None:
     await bus.declare_streams()
     names = {s.config.name for s in await bus.js.streams_info()}
     assert {subjects.EVENTS_STREAM, subjects.CONFIG_STREAM, subjects.STATUS_STREAM} <= names
+
+
+async def test_a_declaration_keeps_the_events_retention_the_bookkeeper_set(bus: Bus) -> None:
+    config = subjects.stream_configs(events_max_age_days=400)[0]
+    await bus.js.update_stream(config)
+    await bus.declare_streams()
+    assert (await bus.js.stream_info(subjects.EVENTS_STREAM)).config.max_age == 400 * 86400
+
+
+async def test_replay_from_a_start_sequence(bus: Bus) -> None:
+    started = [_started() for _ in range(4)]
+    await bus.publish_many(started)
+    other_subject = make_event("alert.raised", "test", {"severity": "info", "source": "t", "message": "m"})
+    await bus.publish(other_subject)   # sequence 5, on another subject
+    subject = subjects.event_subject("service.started")
+    assert [e.stream_seq async for e in replay(bus, subject, start_seq=3)] == [3, 4]
+    assert [e.event_id async for e in replay(bus, subject)] == [e.event_id for e in started]
+    began = time.monotonic()
+    assert [e async for e in replay(bus, subject, start_seq=5)] == []   # only other subjects from 5 on
+    assert [e async for e in replay(bus, subject, start_seq=6)] == []   # past the end
+    assert time.monotonic() - began < 2   # without waiting for the idle timeout
 
 
 async def test_publish_returns_sequence_and_dedups_by_event_id(bus: Bus) -> None:
