@@ -165,7 +165,7 @@ class Supervisor:
         old_pid = child.pid or 0
         log.warning("%s (pid %s) exited unexpectedly with %s after %.1fs; restart in %.1fs",
                     child.spec.name, old_pid, _describe(code), ran_for, delay)
-        await self._record("service.crashed", ServiceCrashed(
+        await self.record("service.crashed", ServiceCrashed(
             service=child.spec.name, pid=old_pid, exit_code=code, restarts=child.restarts,
             restart_in_seconds=delay))
         with contextlib.suppress(asyncio.TimeoutError):
@@ -179,14 +179,14 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGTERM)
         self._notify()
-        await self._record("service.restarted", ServiceRestarted(
+        await self.record("service.restarted", ServiceRestarted(
             service=child.spec.name, pid=child.pid or 0, restarts=child.restarts))
 
-    async def _record(self, type_: str, payload: ServiceCrashed | ServiceRestarted) -> None:
+    async def record(self, type_: str, payload: ServiceCrashed | ServiceRestarted, retries: int = 2) -> None:
         if self.bus is None:
             return
         try:
-            await self.bus.publish(make_event(type_, ACTOR, payload), retries=2, timeout=5)
+            await self.bus.publish(make_event(type_, ACTOR, payload), retries=retries, timeout=5)
         except Exception as exc:  # noqa: BLE001 - the restart must not depend on the broker
             log.error("could not record %s for %s: %s", type_, payload.service, exc)
 

@@ -6,7 +6,8 @@
 3. Applies --config FILE like `caduceus config apply` (actor user:<OS user>).
 4. Runs every service as its own process (`python -m services.NAME`), supervised by
    cli/supervisor.py: crashed services are restarted with backoff, recorded as service.crashed /
-   service.restarted events.
+   service.restarted events; the embedded nats-server is kept running the same way, and restarted
+   when its store failed a write (cli/natskeeper.py).
 5. Writes `<data dir>/caduceus-up.json` (NATS URL, pids) so CLI commands from another shell find
    this NATS (shared.settings.nats_url_for_cli), and removes it on a clean stop.
 SIGTERM or Ctrl-C: stop the services (SIGTERM, wait, SIGKILL stragglers), then NATS; exit code 0.
@@ -38,6 +39,7 @@ from cli.config_cmd import (
     describe_change,
     load_config_file,
 )
+from cli.natskeeper import NatsKeeper
 from cli.supervisor import ChildSpec, Supervisor, child_env, service_argv
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError
@@ -259,6 +261,7 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
             "nats_url": nats_url,
             "nats_embedded": nats is not None,
             "nats_pid": nats.process.pid if nats is not None and nats.process is not None else None,
+            "nats_monitor_url": f"http://127.0.0.1:{nats.monitor_port}" if nats is not None else None,
             "data_dir": str(data_dir),
             "ui_url": f"http://{args.ui_host}:{args.ui_port}/",
             "dicom_port": args.dicom_port,
@@ -272,8 +275,15 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, supervisor.request_stop)
     await supervisor.start()
+    keeper_task: asyncio.Task[None] | None = None
+    if nats is not None:
+        keeper = NatsKeeper(nats, lambda type_, payload: supervisor.record(type_, payload, retries=10),
+                            supervisor.stopping, on_restart=lambda: save_state(supervisor))
+        keeper_task = asyncio.create_task(keeper.run())
     _print_banner(args, services, data_dir, logs_dir, nats_url, nats is not None)
     await supervisor.wait()
+    if keeper_task is not None:
+        await keeper_task   # it returns once stopping is set
     print("caduceus up: services stopped; stopping NATS" if nats is not None else "caduceus up: services stopped",
           file=sys.stderr, flush=True)
     return 0

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 
@@ -57,7 +59,7 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
 class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
                  log_file: Path | None = None, new_session: bool = False, sync_always: bool = True,
-                 log_max_bytes: int = 0, log_files_kept: int = 5) -> None:
+                 log_max_bytes: int = 0, log_files_kept: int = 5, monitor_port: int | None = None) -> None:
         self.store_dir = Path(store_dir)
         # nats-server flushes JetStream files to disk every 2 minutes by default: a power cut could
         # lose acknowledged events (image.received of files that are on disk). "always" fsyncs each
@@ -69,6 +71,9 @@ class EmbeddedNats:
         self.new_session = new_session
         self.port = port or free_port()
         self.host = host
+        # nats-server's monitoring endpoint (/healthz, /jsz), on loopback only: how `caduceus up`
+        # learns that the JetStream store failed a write (cli/natskeeper.py).
+        self.monitor_port = monitor_port or free_port()
         self.log_file = log_file
         # With a size limit nats-server rotates its own log (backups named `<log>.<timestamp>`,
         # `log_files_kept` of them); without one `log_file` simply takes its output.
@@ -83,15 +88,22 @@ class EmbeddedNats:
     def start(self) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir / "nats-server.conf"
-        jetstream = {"store_dir": str(self.store_dir)}
+        # Without max_file_store nats-server allows itself 75 % of the space that is free when it
+        # starts, for good: restarted on a data disk that blobs have filled, it would refuse every
+        # event (once its store is larger than that) while the disk still had room. The file
+        # system's size leaves the disk itself as the only limit; the receiver's free-space floor
+        # keeps images from taking the last of it.
+        stats = os.statvfs(self.store_dir)
+        jetstream: dict[str, str | int] = {"store_dir": str(self.store_dir),
+                                           "max_file_store": stats.f_blocks * stats.f_frsize}
         if self.sync_always:
             jetstream["sync_interval"] = "always"
         # The config format accepts JSON-style quoted strings, so paths need no escaping of our own.
-        top: dict[str, str | int] = {}
+        top: dict[str, str | int] = {"http": f"127.0.0.1:{self.monitor_port}"}
         output = self.log_file
         if self.log_file is not None and self.log_max_bytes > 0:
-            top = {"logfile": str(self.log_file), "logfile_size_limit": self.log_max_bytes,
-                   "logfile_max_num": self.log_files_kept + 1}
+            top |= {"logfile": str(self.log_file), "logfile_size_limit": self.log_max_bytes,
+                    "logfile_max_num": self.log_files_kept + 1}
             # What it prints before its log file is open (a bad configuration, a panic).
             output = self.log_file.with_name(self.log_file.name + ".stderr")
         config.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in top.items())
@@ -116,3 +128,28 @@ class EmbeddedNats:
         if self.process is not None:
             terminate(self.process, timeout)
         self.process = None
+
+    def restart(self) -> EmbeddedNats:
+        """Stop and start again on the same ports and store (clients reconnect by themselves)."""
+        self.stop()
+        return self.start()
+
+    def exit_code(self) -> int | None:
+        """None while the server runs; its exit code once it has ended on its own."""
+        return None if self.process is None else self.process.poll()
+
+    def health(self, timeout: float = 3.0) -> tuple[bool, str]:
+        """nats-server's own health check (`/healthz`: JetStream enabled, every stream writable)."""
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URL we built
+                return response.status == 200, ""
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")
+            try:
+                document = json.loads(body)
+            except ValueError:
+                return False, body.strip() or f"HTTP {exc.code}"
+            return False, str(document.get("error") or document.get("status") or body)
+        except OSError as exc:
+            return False, f"monitoring endpoint unreachable: {exc}"

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -226,5 +228,64 @@ def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: P
         assert not cad.events("image.quarantined")
         # No partial file left behind by the failed writes (a temp file is renamed or removed).
         assert not list((blobs / ".tmp").iterdir())
+    finally:
+        cad.kill_all()
+
+
+@pytest.fixture
+def small_data_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 160 MB tmpfs holding the whole data dir: blobs, journal, NATS's store, SQLite, logs."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(data_dir)], check=True)
+    try:
+        yield data_dir
+    finally:
+        subprocess.run(["umount", "-l", str(data_dir)], check=False)
+
+
+def _nats_health(cad: Caduceus) -> tuple[int, str]:
+    url = f"{cad.state()['nats_monitor_url']}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def test_whole_data_disk_full_then_space_returns(tmp_path: Path, small_data_disk: Path,
+                                                 caduceus_factory: Callable[..., Caduceus],
+                                                 storescp: StoreScp) -> None:
+    """NATS's store shares the full disk: its streams fail their writes, and stay failed until
+    nats-server restarts; `caduceus up` restarts it once there is room again, and everything the
+    receiver accepted is delivered."""
+    cad = caduceus_factory(config=route_all_config(storescp.port, storescp.aet, min_free_space_mb=5),
+                           data_dir=small_data_disk,
+                           env_extra={"CADUCEUS_RECEIVER_JOURNAL_SEGMENT_MB": "16", "CADUCEUS_RECEIVER_WORKERS": "1"})
+    files = make_series(tmp_path / "in", 15, size=128)
+    filler = small_data_disk / "filler"
+    try:
+        ok = storescu(cad.dicom_port, files[:5])
+        assert ok.returncode == 0 and len(ok.accepted) == 5
+        storescp.wait_for(5, timeout=60)
+
+        _fill(filler, leave_bytes=0)
+        refused = storescu(cad.dicom_port, files[5:10], extra=["-nh"])
+        assert not refused.accepted and len(refused.failed) == 5, refused.output
+        # Heartbeats and the refusals' events hit the full disk: nats-server's store fails a write.
+        wait_for(lambda: "write error" in _nats_health(cad)[1], 60, "a JetStream write error", cad.logs)
+        nats_pid = cad.state()["nats_pid"]
+
+        filler.unlink()
+        wait_for(lambda: _nats_health(cad)[0] == 200, 60, "nats-server healthy again", cad.logs)
+        assert cad.state()["nats_pid"] != nats_pid   # restarted by `caduceus up`
+        accepted = ok.accepted | _resend_until_accepted(cad, files, refused.failed | {sop_uid_of(p) for p in files[10:]})
+        storescp.wait_for(15, timeout=120)
+        assert storescp.sop_uids() == accepted
+        restarted = cad.wait_events("service.restarted", lambda found: any(
+            e.payload["service"] == "nats" for e in found), 60)
+        assert restarted
+        print(f"RESULT whole disk full: nats restarted {sum(e.payload['service'] == 'nats' for e in restarted)} "
+              f"time(s); {len(accepted)} accepted, all delivered")
     finally:
         cad.kill_all()
