@@ -3,6 +3,7 @@
 - A child that exits while we are not stopping (non-zero exit, killed by a signal, or even exit 0)
   is restarted after an exponential backoff (base * 2^(n-1), capped); the count of consecutive
   failures resets once a child has run for `stable_after` seconds.
+- A child that is alive but stopped heartbeating is killed so that it is restarted (cli/watchdog.py).
 - Each exit is recorded as a `service.crashed` event and each restart as `service.restarted`
   (actor "supervisor") on the EVENTS stream. When NATS cannot take the event, the supervisor logs
   it and still restarts the child: keeping the services up matters more than the record.
@@ -63,6 +64,7 @@ class Child:
     restarts: int = 0
     consecutive_failures: int = 0
     exits: list[int | None] = field(default_factory=list)
+    exit_reason: str = ""   # why the launcher itself ended the process (cli/watchdog.py), if it did
 
     @property
     def pid(self) -> int | None:
@@ -167,7 +169,8 @@ class Supervisor:
                     child.spec.name, old_pid, _describe(code), ran_for, delay)
         await self.record("service.crashed", ServiceCrashed(
             service=child.spec.name, pid=old_pid, exit_code=code, restarts=child.restarts,
-            restart_in_seconds=delay))
+            restart_in_seconds=delay, reason=child.exit_reason))
+        child.exit_reason = ""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), timeout=delay)
         if self.stopping.is_set():

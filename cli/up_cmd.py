@@ -7,7 +7,8 @@
 4. Runs every service as its own process (`python -m services.NAME`), supervised by
    cli/supervisor.py: crashed services are restarted with backoff, recorded as service.crashed /
    service.restarted events; the embedded nats-server is kept running the same way, and restarted
-   when its store failed a write (cli/natskeeper.py).
+   when its store failed a write (cli/natskeeper.py); a service that stops heartbeating is killed and
+   restarted (cli/watchdog.py).
 5. Writes `<data dir>/caduceus-up.json` (NATS URL, pids) so CLI commands from another shell find
    this NATS (shared.settings.nats_url_for_cli), and removes it on a clean stop.
 SIGTERM or Ctrl-C: stop the services (SIGTERM, wait, SIGKILL stragglers), then NATS; exit code 0.
@@ -41,6 +42,7 @@ from cli.config_cmd import (
 )
 from cli.natskeeper import NatsKeeper
 from cli.supervisor import ChildSpec, Supervisor, child_env, service_argv
+from cli.watchdog import HeartbeatWatchdog
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError
 from shared.health import EXPECTED_SERVICES
@@ -70,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="longest wait before restarting a crashed service")
     parser.add_argument("--stable-after", type=float, default=30.0,
                         help="a service that ran this long is considered stable again (backoff resets)")
+    parser.add_argument("--hung-after", type=float, default=None,
+                        help="restart a running service that sent no heartbeat for this long (default: 12 "
+                             "heartbeat intervals, at least 60 s; 0 turns the watchdog off)")
     parser.set_defaults(func=run)
 
 
@@ -275,18 +280,27 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, supervisor.request_stop)
     await supervisor.start()
-    keeper_task: asyncio.Task[None] | None = None
+    helpers: list[asyncio.Task[None]] = []   # each returns once stopping is set
     if nats is not None:
         keeper = NatsKeeper(nats, lambda type_, payload: supervisor.record(type_, payload, retries=10),
                             supervisor.stopping, on_restart=lambda: save_state(supervisor))
-        keeper_task = asyncio.create_task(keeper.run())
+        helpers.append(asyncio.create_task(keeper.run()))
+    hung_after = _hung_after(args, settings)
+    if hung_after > 0:
+        helpers.append(asyncio.create_task(HeartbeatWatchdog(supervisor, bus, hung_after).run()))
     _print_banner(args, services, data_dir, logs_dir, nats_url, nats is not None)
     await supervisor.wait()
-    if keeper_task is not None:
-        await keeper_task   # it returns once stopping is set
+    await asyncio.gather(*helpers, return_exceptions=True)
     print("caduceus up: services stopped; stopping NATS" if nats is not None else "caduceus up: services stopped",
           file=sys.stderr, flush=True)
     return 0
+
+
+def _hung_after(args: argparse.Namespace, settings: Settings) -> float:
+    if args.hung_after is not None:
+        return float(args.hung_after)
+    interval = args.heartbeat_seconds if args.heartbeat_seconds is not None else settings.heartbeat_seconds
+    return max(60.0, 12 * interval)
 
 
 def _print_banner(args: argparse.Namespace, services: list[str], data_dir: Path, logs_dir: Path,

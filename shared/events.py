@@ -120,6 +120,7 @@ class ServiceCrashed(BaseModel):
     exit_code: int | None
     restarts: int
     restart_in_seconds: float
+    reason: str = ""   # set when the launcher ended the process itself (e.g. no heartbeat)
 
 
 class ServiceRestarted(BaseModel):

@@ -215,6 +215,7 @@ class Caduceus:
     ui_port: int = field(default_factory=free_port)
     nats_port: int = field(default_factory=free_port)
     services: str | None = None  # `--services` (comma-separated); None: all seven
+    up_args: list[str] = field(default_factory=list)   # more `caduceus up` options
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -237,6 +238,7 @@ class Caduceus:
                 "--stable-after", "5"]
         if self.services is not None:
             argv += ["--services", self.services]
+        argv += self.up_args
         if self.config is not None:
             config_file = self.root / "initial-config.yaml"
             config_file.write_text(yaml.safe_dump(self.config))
@@ -527,9 +529,9 @@ def caduceus_factory(tmp_path: Path) -> Iterator[Callable[..., Caduceus]]:
     made: list[Caduceus] = []
 
     def make(*, config: dict[str, Any] | None = None, env_extra: dict[str, str] | None = None,
-             start: bool = True, data_dir: Path | None = None) -> Caduceus:
+             start: bool = True, data_dir: Path | None = None, up_args: list[str] | None = None) -> Caduceus:
         instance = Caduceus(tmp_path / f"caduceus-{len(made)}", env_extra=env_extra or {}, config=config,
-                            data_dir=data_dir)
+                            data_dir=data_dir, up_args=up_args or [])
         made.append(instance)
         return instance.start() if start else instance
 

@@ -8,6 +8,8 @@ dispatcher that died before recording its progress).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -108,6 +110,34 @@ def test_router_killed_before_series_completion(tmp_path: Path, caduceus_factory
     assert len(requested) == len({e.task_id for e in requested}) == len(batches)
     assert sum(e.payload["instance_count"] for e in completed) == 20
     print(f"RESULT router kill: {len(batches)} batch(es), {len(requested)} dispatch task(s), 20/20 delivered once")
+
+
+def test_router_hung_before_series_completion(tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
+                                             storescp_factory: Callable[..., StoreScp]) -> None:
+    """SIGSTOP: alive, holding its pid, doing nothing. The launcher's watchdog kills it when its
+    heartbeats stop (cli/watchdog.py) and the supervisor restarts it like after a crash."""
+    dest = storescp_factory(extra_args=["+uf"])
+    cad = caduceus_factory(config=route_all_config(dest.port, dest.aet, series_complete_seconds=4),
+                           up_args=["--hung-after", "4"])
+    files = make_series(tmp_path / "in", 20, size=64)
+    first = storescu(cad.dicom_port, files[:10])
+    assert first.returncode == 0 and len(first.accepted) == 10
+    router = cad.pid("router")
+    os.kill(router, signal.SIGSTOP)
+    second = storescu(cad.dicom_port, files[10:])
+    assert second.returncode == 0 and len(second.accepted) == 10
+    wait_for(lambda: cad.pid("router") != router, 60, "the hung router replaced", cad.logs)
+    cad.wait_service_healthy("router", cad.pid("router"))
+    accepted = first.accepted | second.accepted
+
+    wait_for(lambda: set(storescp_deliveries(dest.files())) >= accepted, 90, "all 20 at storescp", cad.logs)
+    wait_for(lambda: _all_tasks_done(cad), 60, "every dispatch task completed", cad.logs)
+    time.sleep(3)  # anything sent twice would show up by now
+    assert_ledger(accepted, storescp_deliveries(dest.files()), exactly_once=True)
+    [crashed] = [e for e in cad.events("service.crashed") if e.payload["service"] == "router"]
+    assert crashed.payload["pid"] == router and crashed.payload["exit_code"] == -signal.SIGKILL
+    assert crashed.payload["reason"].startswith("no heartbeat for"), crashed.payload
+    assert not Path(f"/proc/{router}").exists()
 
 
 def test_dispatcher_killed_mid_send(tmp_path: Path, caduceus_factory: Callable[..., Caduceus]) -> None:
