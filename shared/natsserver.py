@@ -56,6 +56,11 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+# Straight to the loopback port: an http_proxy in the environment (common on hospital networks)
+# must not turn the health check into a request to the proxy.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
                  log_file: Path | None = None, new_session: bool = False, sync_always: bool = True,
@@ -142,7 +147,7 @@ class EmbeddedNats:
         """nats-server's own health check (`/healthz`: JetStream enabled, every stream writable)."""
         url = f"http://127.0.0.1:{self.monitor_port}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URL we built
+            with _DIRECT.open(url, timeout=timeout) as response:
                 return response.status == 200, ""
         except urllib.error.HTTPError as exc:
             body = exc.read().decode(errors="replace")
