@@ -5,7 +5,9 @@ Nothing here mocks NATS or the database. A missing component fails the test (CI 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +19,17 @@ from shared.natsserver import EmbeddedNats
 
 # Real DICOM peers (DCMTK storescp, Orthanc) as fixtures for any test.
 pytest_plugins = ["tests.peers"]
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A small file system of its own at `directory` (created), to fill up: root only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 POSTGRES_ADMIN_URL = os.environ.get("CADUCEUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from cli.natskeeper import NatsKeeper
+from conftest import tmpfs
 from shared.events import ServiceCrashed, ServiceRestarted
 from shared.natsserver import EmbeddedNats
 
@@ -31,13 +31,8 @@ def keeper_for(server: EmbeddedNats, recorded: Recorded) -> NatsKeeper:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], check=True)
-    try:
+    with tmpfs(tmp_path / "disk", "48m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_the_store_may_use_the_whole_file_system(tmp_path: Path) -> None:

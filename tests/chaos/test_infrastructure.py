@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import POSTGRES_ADMIN_URL
+from conftest import POSTGRES_ADMIN_URL, tmpfs
 from shared.natsserver import EmbeddedNats
 from tests.harness import (
     Caduceus,
@@ -156,13 +155,8 @@ def test_postgres_unavailable_for_a_while(tmp_path: Path, postgres_url: str,
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 20 MB tmpfs mounted where the blob store lives (the data dir's `blobs`)."""
     data_dir = tmp_path / "data"
-    blobs = data_dir / "blobs"
-    blobs.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(blobs)], check=True)
-    try:
+    with tmpfs(data_dir / "blobs", "20m"):
         yield data_dir
-    finally:
-        subprocess.run(["umount", "-l", str(blobs)], check=False)
 
 
 def _fill(path: Path, leave_bytes: int) -> None:
@@ -235,13 +229,8 @@ def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: P
 @pytest.fixture
 def small_data_disk(tmp_path: Path) -> Iterator[Path]:
     """A 160 MB tmpfs holding the whole data dir: blobs, journal, NATS's store, SQLite, logs."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(data_dir)], check=True)
-    try:
+    with tmpfs(tmp_path / "data", "160m") as data_dir:
         yield data_dir
-    finally:
-        subprocess.run(["umount", "-l", str(data_dir)], check=False)
 
 
 def _nats_health(cad: Caduceus) -> tuple[int, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import make_series
+from conftest import tmpfs
 from services.receiver.ingest import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -25,13 +25,8 @@ from shared.events import Event
 @pytest.fixture
 def small_store(tmp_path: Path) -> Iterator[Path]:
     """A 1 MB tmpfs: room for one 530 KB CT image, not two."""
-    root = tmp_path / "blobs"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
-    try:
+    with tmpfs(tmp_path / "blobs", "1m") as root:
         yield root
-    finally:
-        subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 def test_direct_path_refuses_when_the_disk_is_full_and_leaves_no_temp_file(
