@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     receiver_journal_max_kb: int = Field(default=256, ge=0, le=8192)
     receiver_journal_mb: int = Field(default=1024, ge=64, description="room for instances not yet applied")
     receiver_journal_segment_mb: int = Field(default=32, ge=16, le=1024)
+    # A receiver worker process that sends its supervisor no report for this long is killed and
+    # replaced (services/receiver/workers.py); it reports every 2 s.
+    receiver_worker_hung_seconds: float = Field(default=60, ge=5, le=3600)
     # One journal directory per receiver process (the supervisor: main, its workers: w1, w2, ...).
     receiver_journal_slot: str = Field(default="main", pattern=r"^[A-Za-z0-9_-]{1,40}$")
     # Name of this process instance (several dispatchers may run): defaults to service name + pid.

@@ -195,7 +195,7 @@ class ReceiverService(Service):
     async def setup(self) -> None:
         workers = worker_count()
         if workers > 1:
-            self.pool = WorkerPool(workers - 1, self.instance)
+            self.pool = WorkerPool(workers - 1, self.instance, self.settings.receiver_worker_hung_seconds)
         pool = self.pool
         self.scp = await build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop())
         if pool is not None:

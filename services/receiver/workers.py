@@ -203,6 +203,8 @@ class Worker:
     ready: bool = False
     status: dict[str, int] = field(default_factory=dict)  # its latest b"S" report
     reader: threading.Thread | None = field(default=None, repr=False)
+    last_heard: float = field(default_factory=time.monotonic)   # its latest message of any kind
+    killed_silent: bool = False
 
 
 @dataclass
@@ -220,9 +222,13 @@ class WorkerPool:
     """Starts, feeds and restarts the worker processes of one supervisor, and keeps the list of the
     connections they serve (admission.OtherConnections) from their reports."""
 
-    def __init__(self, extra: int, instance: str) -> None:
+    def __init__(self, extra: int, instance: str, hung_after: float = 60.0) -> None:
         self.extra = extra
         self.instance = instance
+        # A ready worker reports every STATUS_SECONDS from its event loop; one silent this long is
+        # alive but stuck (its associations with it), so it is killed and replaced like a dead one.
+        self.hung_after = hung_after
+        self.silent_kills = 0
         self.workers: dict[int, Worker] = {}
         self.connections: dict[int, HandedOver] = {}
         self._next_key = 0
@@ -233,6 +239,22 @@ class WorkerPool:
     def start(self) -> None:
         for index in range(1, self.extra + 1):
             self._spawn(index)
+        threading.Thread(target=self._watch_silence, name="receiver-worker-watch", daemon=True).start()
+
+    def _watch_silence(self) -> None:
+        while not self.stopping:
+            time.sleep(STATUS_SECONDS)
+            now = time.monotonic()
+            with self.lock:
+                silent = [worker for worker in self.workers.values()
+                          if worker.ready and not worker.killed_silent and now - worker.last_heard > self.hung_after]
+            for worker in silent:
+                log.error("receiver worker %d (pid %d) silent for %.0f s; killing it so that it is replaced",
+                          worker.index, worker.process.pid, now - worker.last_heard)
+                worker.killed_silent = True
+                self.silent_kills += 1
+                with contextlib.suppress(OSError):
+                    worker.process.kill()
 
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -262,6 +284,7 @@ class WorkerPool:
                 message = b""
             if not message:
                 break
+            worker.last_heard = time.monotonic()
             if message == READY:
                 worker.ready = True
             elif message[:1] == STATUS:
@@ -365,7 +388,7 @@ class WorkerPool:
             for conn in self.connections.values():
                 open_by_worker[conn.worker] = open_by_worker.get(conn.worker, 0) + 1
         return {"workers": 1 + len(workers), "workers_ready": 1 + sum(1 for w in workers if w.ready),
-                "worker_restarts": self.restarts,
+                "worker_restarts": self.restarts, "worker_silent_kills": self.silent_kills,
                 "worker_open_connections": [open_by_worker[w.index] for w in workers]}
 
     def worker_counts(self) -> dict[str, int]:

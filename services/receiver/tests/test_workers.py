@@ -82,6 +82,26 @@ async def test_a_dead_worker_is_replaced(two_process_receiver: Peer, bus: Bus, t
     assert len(await wait_events(bus, "image.received", 6)) == 6
 
 
+async def test_a_silent_worker_is_replaced(nats_url: str, data_dir: Path, tmp_path: Path, bus: Bus) -> None:
+    """SIGSTOP: the worker keeps its pid and its connections but does nothing; its supervisor kills it
+    once it has sent no report for CADUCEUS_RECEIVER_WORKER_HUNG_SECONDS."""
+    peer = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log",
+                          env={"CADUCEUS_RECEIVER_WORKERS": "2", "CADUCEUS_RECEIVER_WORKER_HUNG_SECONDS": "5"})
+    try:
+        log = _wait_log(peer, "receiver worker ready")
+        worker_pid = int(WORKER_STARTED.findall(log)[0][1])
+        os.kill(worker_pid, signal.SIGSTOP)
+        log = _wait_log(peer, "receiver worker ready", 2, timeout=30)
+        assert f"receiver worker 1 (pid {worker_pid}) silent for" in log
+        assert not _alive(worker_pid)
+        folders = [make_series(tmp_path / f"s{i}", 3, size=64) for i in range(2)]
+        results = await asyncio.gather(*(asyncio.to_thread(storescu, peer.port, f) for f in folders))
+        assert all(r.returncode == 0 for r in results), [r.output[-1000:] for r in results]
+        assert len(await wait_events(bus, "image.received", 6)) == 6
+    finally:
+        peer.stop()
+
+
 async def test_a_dead_workers_connections_stop_counting(two_process_receiver: Peer, bus: Bus) -> None:
     """The per-host limit holds for the whole receiver; a worker's connections die with it and
     make room at once (the supervisor forgets them)."""
