@@ -123,40 +123,37 @@ def _check_not_running(state_file: Path) -> None:
     try:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
-        return
-    if not isinstance(state, dict):
-        return
-    pid = state.get("supervisor_pid")
+        state = {}
+    pid = state.get("supervisor_pid") if isinstance(state, dict) else None
     if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
         raise StartError(f"another `caduceus up` (pid {pid}) is running on this data dir ({state_file})")
-    _stop_orphaned_nats(state, state_file.parent)
+    _stop_orphaned_nats(state_file.parent)
 
 
-def _stop_orphaned_nats(state: dict[str, Any], data_dir: Path) -> None:
+def _stop_orphaned_nats(data_dir: Path) -> None:
     """A launcher that was killed (-9) leaves its embedded NATS running: stop it before starting anew.
 
     The services die with the launcher (PR_SET_PDEATHSIG); NATS is not our child in that sense.
-    Only a process that is really a nats-server using this data dir's store is touched.
+    Every nats-server using this data dir's store is one (no launcher runs here, see above),
+    whatever pid the state file recorded: a launcher killed while it was restarting NATS
+    (cli/natskeeper.py) had not recorded the new one yet.
     """
-    pid = state.get("nats_pid")
-    if not state.get("nats_embedded") or not isinstance(pid, int):
-        return
-    try:
-        process = psutil.Process(pid)
-        cmdline = process.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return
     store = (data_dir / "nats").resolve()
-    # The store dir is on its command line itself (-sd) or as the folder of its config file (-c).
-    mine = any(arg == str(store) or Path(arg).parent == store for arg in cmdline[1:])
-    if not cmdline or "nats-server" not in Path(cmdline[0]).name or not mine:
-        return
-    log.warning("stopping NATS (pid %d) left behind by a previous caduceus up", pid)
-    process.terminate()
-    try:
-        process.wait(10)
-    except psutil.TimeoutExpired:
-        process.kill()
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if not cmdline or "nats-server" not in Path(cmdline[0]).name:
+            continue
+        # The store dir is on its command line itself (-sd) or as the folder of its config file (-c).
+        if not any(arg == str(store) or Path(arg).parent == store for arg in cmdline[1:]):
+            continue
+        log.warning("stopping NATS (pid %d) left behind by a previous caduceus up", process.pid)
+        try:
+            process.terminate()
+            process.wait(10)
+        except psutil.TimeoutExpired:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _check_ports(args: argparse.Namespace, services: list[str], embedded: bool) -> None:

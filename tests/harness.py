@@ -31,6 +31,7 @@ import pytest
 import yaml
 from pydicom import dcmread
 
+from cli.up_cmd import _stop_orphaned_nats as stop_orphaned_nats
 from shared.bus import Bus, replay
 from shared.events import Event
 from shared.health import EXPECTED_SERVICES
@@ -284,6 +285,8 @@ class Caduceus:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # One the launcher was just restarting (cli/natskeeper.py) is not in the state file yet.
+        stop_orphaned_nats(self.data)
 
     def wait_healthy(self, timeout: float = HEALTHY_TIMEOUT) -> dict[str, Any]:
         report: dict[str, Any] = wait_for(self._healthy_report, timeout, "all seven services healthy",

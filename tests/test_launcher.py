@@ -21,10 +21,11 @@ import pytest
 import yaml
 
 from cli.supervisor import ChildSpec, Supervisor, backoff_delay, child_env
+from cli.up_cmd import _stop_orphaned_nats
 from shared.bus import Bus
 from shared.events import Event
 from shared.health import EXPECTED_SERVICES
-from shared.natsserver import free_port
+from shared.natsserver import EmbeddedNats, free_port
 from shared.subjects import EVENTS_PREFIX, EVENTS_STREAM
 from tests.harness import REPO, Caduceus, cli_env, pid_alive, wait_for
 
@@ -141,6 +142,19 @@ def test_status_shows_how_long_each_stream_keeps_messages(nats_url: str) -> None
     kept = {line.split()[0]: line.split()[-1] for line in result.stdout.split("STREAMS")[1].split("CONSUMERS")[0]
             .splitlines()[2:] if line.strip()}
     assert kept == {"EVENTS": "90d", "CONFIG": "always", "STATUS": "1h"}, result.stdout
+
+
+def test_a_nats_server_left_on_the_data_dir_is_stopped_whatever_the_state_file_says(tmp_path: Path) -> None:
+    orphan = EmbeddedNats(tmp_path / "data" / "nats").start()
+    other = EmbeddedNats(tmp_path / "elsewhere" / "nats").start()
+    try:
+        assert orphan.process is not None and other.process is not None
+        _stop_orphaned_nats(tmp_path / "data")   # no state file at all
+        assert orphan.process.wait(15) is not None
+        assert other.exit_code() is None   # another data dir's server is left alone
+    finally:
+        orphan.stop()
+        other.stop()
 
 
 def test_backoff_delay_grows_and_caps() -> None:

@@ -51,6 +51,7 @@ TICK_SECONDS = 1.0
 MIN_TICK_SECONDS = 0.05   # many series falling due one after another are checked together
 POLL_SECONDS = 0.25
 MIN_WAIT_SECONDS = 0.005
+IDLE_CHECKPOINT_SECONDS = 30.0   # how often a router with nothing open moves its checkpoint to the head
 
 
 class RouterService(Service):
@@ -72,6 +73,8 @@ class RouterService(Service):
         self._saved_checkpoint = 0
         self._sub: Any = None
         self._next_tick = 0.0   # time.time() of the next completion check
+        self._folded_seq = 0    # stream sequence of the last message the loop has folded
+        self._next_idle_advance = 0.0
 
     async def setup(self) -> None:
         self.blobs = open_blob_store(self.settings.blob_store, self.settings.data_dir, self.bus.js)
@@ -135,6 +138,28 @@ class RouterService(Service):
         await self.publish(make_event("alert.raised", self.name, AlertRaised(
             severity="error", source="router", message=message)))
 
+    async def _advance_idle_checkpoint(self) -> None:
+        """With no batch open, move the checkpoint over the events the router does not fold.
+
+        Otherwise it stays at the event after the last image while the stream moves on: the
+        bookkeeper keeps the stream's events from the checkpoint on (its retention) and would report
+        the router as behind, and a router restarted after a long quiet time would replay from
+        there. Safe only when every event up to the stream's head that the router folds has been
+        folded: the consumer has none pending and has delivered nothing the loop has not folded.
+        """
+        now = time.time()
+        if now < self._next_idle_advance or self.state.series or self.state.studies or self.state.pending:
+            return
+        self._next_idle_advance = now + IDLE_CHECKPOINT_SECONDS
+        head = (await self.bus.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+        if head <= self.state.last_seq:
+            return
+        info = await self._sub.consumer_info()
+        delivered = (info.delivered.stream_seq or 0) if info.delivered else 0
+        if info.num_pending or self._sub.pending_msgs or delivered > self._folded_seq:
+            return
+        self.state.last_seq = head
+
     async def _save_checkpoint(self) -> None:
         checkpoint = self.state.checkpoint()
         if checkpoint != self._saved_checkpoint:
@@ -163,6 +188,7 @@ class RouterService(Service):
                     await self._decide_pending()
                 if time.time() >= self._next_tick:
                     await self._tick()
+                    await self._advance_idle_checkpoint()
                     await self._save_checkpoint()
             except Exception:  # noqa: BLE001 - broker trouble: keep the state, retry on the next round
                 log.exception("router round failed; retrying")
@@ -179,6 +205,7 @@ class RouterService(Service):
         self.behind = meta.num_pending > 0 or self._sub.pending_msgs > 0
         self.folded_until = meta.timestamp
         self._apply(msg)
+        self._folded_seq = max(self._folded_seq, meta.sequence.stream)
         self._mark_caught_up(not self.behind)
 
     def _apply(self, msg: Any) -> None:

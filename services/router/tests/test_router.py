@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.router import service as router_service
 from services.router.tests.helpers import (
     FAST,
     TARGETS,
@@ -291,3 +292,27 @@ async def test_router_says_when_its_checkpoint_expired_from_the_stream(bus: Bus,
     [alert] = [e for e in of_type(events, "alert.raised") if e.payload["source"] == "router"]
     assert alert.payload["severity"] == "error"
     assert f"EVENTS sequence {first.stream_seq}" in alert.payload["message"]
+
+
+async def test_an_idle_router_moves_its_checkpoint_to_the_streams_head(
+        bus: Bus, nats_url: str, data_dir: Path, store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(router_service, "IDLE_CHECKPOINT_SECONDS", 0.2)
+    await apply_config(bus, {"settings": FAST, "targets": TARGETS,
+                             "rules": {"all": {"filter": "True", "targets": ["pacs"]}}})
+    async with running_router(nats_url, data_dir):
+        await send_series(bus, store, "8.1", "8.1.1", 2)
+        await wait_for(bus, lambda ev: len(of_type(ev, "dispatch.requested")) == 1)
+        # Events the router does not fold (here alerts) move the stream on.
+        for n in range(3):
+            await bus.publish(make_event("alert.raised", "test", {"severity": "info", "source": "t", "message": f"{n}"}))
+        head = await bus.last_seq(subjects.EVENTS_STREAM)
+        kv = await bus.js.key_value(subjects.ROUTER_STATE_BUCKET)
+        deadline = time.monotonic() + 15
+        while int(((await kv.get(subjects.ROUTER_CHECKPOINT_KEY)).value or b"0").decode()) != head + 1:
+            assert time.monotonic() < deadline, "the checkpoint stayed behind the head"
+            await asyncio.sleep(0.1)
+    # A restarted router replays nothing and decides nothing again.
+    async with running_router(nats_url, data_dir) as router:
+        await asyncio.sleep(1.5)
+        assert not router.state.series and not router.state.pending
+    assert len(of_type(await published(bus), "route.decided")) == 1
