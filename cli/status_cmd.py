@@ -1,18 +1,21 @@
 """`caduceus status [--json]`: service health, stream depths and consumer lag (shared/health.py).
 
-Exit code 0 when every expected service has a fresh heartbeat, 1 when one is stale or missing,
-3 when NATS cannot be reached.
+Exit code 0 when every expected service has a fresh heartbeat (and the embedded NATS of a
+`caduceus up` on this data dir passes its own health check), 1 when one is stale or missing (or
+that NATS is unhealthy), 3 when NATS cannot be reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from cli.config_cmd import EXIT_UNREACHABLE, default_actor, run_with_bus
 from shared.health import EXPECTED_SERVICES, HealthReport, collect_health
-from shared.settings import nats_url_for_cli
+from shared.natsserver import nats_health
+from shared.settings import nats_url_for_cli, up_state
 
 EXIT_UNHEALTHY = 1
 
@@ -36,16 +39,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"caduceus status: cannot read status from NATS at {nats_url_for_cli(args.data_dir)}: {exc!r}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
+    nats = embedded_nats_health(args.data_dir)
     if args.json:
-        print(json.dumps(report.model_dump(mode="json"), indent=2))
+        print(json.dumps({**report.model_dump(mode="json"), "nats": nats}, indent=2))
     else:
-        print(render(report))
-    return 0 if report.healthy else EXIT_UNHEALTHY
+        print(render(report, nats))
+    return 0 if report.healthy and (nats is None or nats["healthy"]) else EXIT_UNHEALTHY
 
 
-def render(report: HealthReport) -> str:
-    lines = [f"caduceus: {'healthy' if report.healthy else 'UNHEALTHY'}  "
+def embedded_nats_health(data_dir: str | None) -> dict[str, object] | None:
+    """nats-server's /healthz, for the embedded NATS of a `caduceus up` on this data dir."""
+    url = up_state(data_dir).get("nats_monitor_url")
+    if not isinstance(url, str) or os.environ.get("CADUCEUS_NATS_URL"):
+        return None
+    healthy, error = nats_health(url)
+    return {"healthy": healthy, "error": error, "monitor_url": url}
+
+
+def render(report: HealthReport, nats: dict[str, object] | None = None) -> str:
+    healthy = report.healthy and (nats is None or bool(nats["healthy"]))
+    lines = [f"caduceus: {'healthy' if healthy else 'UNHEALTHY'}  "
              f"({report.checked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC)", "", "SERVICES"]
+    if nats is not None:
+        state = "healthy" if nats["healthy"] else f"UNHEALTHY: {nats['error']}"
+        lines.append(f"  {'nats':<11} {state}  (embedded; {nats['monitor_url']}/healthz)")
     for service in report.services:
         marker = "" if service.expected else "  (not expected)"
         if not service.instances:

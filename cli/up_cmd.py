@@ -263,7 +263,7 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
             "nats_url": nats_url,
             "nats_embedded": nats is not None,
             "nats_pid": nats.process.pid if nats is not None and nats.process is not None else None,
-            "nats_monitor_url": f"http://127.0.0.1:{nats.monitor_port}" if nats is not None else None,
+            "nats_monitor_url": nats.monitor_url if nats is not None else None,
             "data_dir": str(data_dir),
             "ui_url": f"http://{args.ui_host}:{args.ui_port}/",
             "dicom_port": args.dicom_port,

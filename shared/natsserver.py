@@ -143,18 +143,25 @@ class EmbeddedNats:
         """None while the server runs; its exit code once it has ended on its own."""
         return None if self.process is None else self.process.poll()
 
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
     def health(self, timeout: float = 3.0) -> tuple[bool, str]:
-        """nats-server's own health check (`/healthz`: JetStream enabled, every stream writable)."""
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        return nats_health(self.monitor_url, timeout)
+
+
+def nats_health(monitor_url: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """nats-server's own health check (`/healthz`: JetStream enabled, every stream writable)."""
+    try:
+        with _DIRECT.open(f"{monitor_url}/healthz", timeout=timeout) as response:
+            return response.status == 200, ""
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
         try:
-            with _DIRECT.open(url, timeout=timeout) as response:
-                return response.status == 200, ""
-        except urllib.error.HTTPError as exc:
-            body = exc.read().decode(errors="replace")
-            try:
-                document = json.loads(body)
-            except ValueError:
-                return False, body.strip() or f"HTTP {exc.code}"
-            return False, str(document.get("error") or document.get("status") or body)
-        except OSError as exc:
-            return False, f"monitoring endpoint unreachable: {exc}"
+            document = json.loads(body)
+        except ValueError:
+            return False, body.strip() or f"HTTP {exc.code}"
+        return False, str(document.get("error") or document.get("status") or body)
+    except OSError as exc:
+        return False, f"monitoring endpoint unreachable: {exc}"

@@ -84,10 +84,14 @@ def nats_url_for_cli(data_dir: str | Path | None = None) -> str:
     explicit = os.environ.get("CADUCEUS_NATS_URL")
     if explicit:
         return explicit
-    state_file = cli_data_dir(data_dir) / UP_STATE_FILE
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        return DEFAULT_NATS_URL
-    url = state.get("nats_url") if isinstance(state, dict) else None
+    url = up_state(data_dir).get("nats_url")
     return str(url) if url else DEFAULT_NATS_URL
+
+
+def up_state(data_dir: str | Path | None = None) -> dict[str, object]:
+    """What a running `caduceus up` recorded in its data dir (empty when none did)."""
+    try:
+        state = json.loads((cli_data_dir(data_dir) / UP_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
