@@ -20,7 +20,7 @@ from services.bookkeeper.retention import (
 )
 from services.bookkeeper.tests.scenario import mixed_events, running, settings_for, wait_caught_up
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import Bus, replay
 from shared.config.model import DAY_SECONDS, CaduceusConfig, SettingsItem
 from shared.config.state import fold, plan_changes, read_all
 
@@ -104,3 +104,32 @@ async def test_bookkeeper_applies_the_configured_retention(bus: Bus, nats_url: s
         await bus.publish_many(plan_changes(fold(await read_all(bus)), config, actor="user:test"))
         await wait_max_age(bus, 400, timeout=10)
         assert service.health_details()["events_retention_days"] == 400
+
+
+async def test_a_reader_behind_by_half_the_retention_raises_one_warning_a_day(
+        bus: Bus, nats_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.bookkeeper import service as bookkeeper_service
+
+    behind = OldestNeeded(reader="dispatcher-normal", stream_seq=7,
+                          occurred_at=datetime.now(UTC) - timedelta(days=50))
+
+    async def fifty_days_behind(_js: object) -> OldestNeeded:
+        return behind
+
+    monkeypatch.setattr(bookkeeper_service, "oldest_needed", fifty_days_behind)
+    database_url = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
+    async with running(settings_for(nats_url, database_url, data_dir)) as service:
+        deadline = time.monotonic() + 20
+        while not [e async for e in replay(bus, subjects.event_subject("alert.raised"))]:
+            assert time.monotonic() < deadline, "no alert"
+            await asyncio.sleep(0.2)
+        details = service.health_details()
+        assert details["events_oldest_needed"].startswith("dispatcher-normal@7 50.0")
+        service.retention_changed.set()   # another round at once: no second alert within the day
+        await asyncio.sleep(1)
+    alerts = [e async for e in replay(bus, subjects.event_subject("alert.raised"))]
+    assert len(alerts) == 1
+    assert alerts[0].payload["severity"] == "warning" and alerts[0].payload["source"] == "bookkeeper"
+    assert "dispatcher-normal has not consumed EVENTS sequence 7 for 50.0 days" in alerts[0].payload["message"]
+    # The retention itself is not shortened past what that reader still needs (it was 90 already).
+    assert await max_age_days(bus) == pytest.approx(90)
