@@ -1,4 +1,4 @@
-"""`caduceus retry` finds its tasks in the bookkeeper's log (beyond the stream's retention), else on the stream."""
+"""`caduceus retry` and a dispatcher find tasks in the bookkeeper's log (beyond the stream's retention), else on the stream."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import pytest
 from cli import retry_cmd
 from services.bookkeeper.retention import set_max_age
 from services.bookkeeper.tests.scenario import running, series_events, settings_for, wait_caught_up
+from services.dispatcher.handlers import Dispatcher
+from services.dispatcher.progress import ProgressStore
 from shared import subjects
+from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
+from shared.config.model import CaduceusConfig
 from shared.events import Event, deterministic_event_id
 
 STUDY = "1.2.826.0.1.3680043.10.543.77"
@@ -87,3 +91,27 @@ async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
         monkeypatch.setattr(retry_cmd, "_dispatch_events_from_bookkeeper", not_stored_yet)
         tasks = await retry_cmd.read_tasks(bus, [], FAILED)
         assert tasks[task_of(FAILED)].state == "retry requested"
+
+
+async def test_a_dispatcher_finds_a_task_request_gone_from_the_stream_in_the_log(
+        bus: Bus, nats_url: str, data_dir: Path) -> None:
+    """What a retry of a task no dispatcher has a record of needs (Dispatcher.handle_retry): its request."""
+    dispatcher = Dispatcher(bus, await ProgressStore.open(bus.js), LocalBlobStore(data_dir / "blobs"),
+                            CaduceusConfig, 15.0, {})
+    database_url = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
+    async with running(settings_for(nats_url, database_url, data_dir)) as service:
+        while "events_retention_days" not in service.health_details():
+            await asyncio.sleep(0.05)
+        await publish_story(bus)
+        await wait_caught_up(bus, service.engine)
+        short = subjects.stream_configs(events_max_age_days=1 / 86400)[0]
+        short.duplicate_window = 1
+        await bus.js.update_stream(short)
+        deadline = time.monotonic() + 30
+        while (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.messages:
+            assert time.monotonic() < deadline, "the events did not expire"
+            await asyncio.sleep(0.2)
+        found = await dispatcher.find_request(task_of(FAILED))
+        assert found is not None and found.type == "dispatch.requested" and found.series_uid == FAILED
+    # No bookkeeper, and nothing on the stream: not found, and no error.
+    assert await dispatcher.find_request(task_of(FAILED)) is None
