@@ -46,7 +46,7 @@ from cli.watchdog import HeartbeatWatchdog
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError
 from shared.health import EXPECTED_SERVICES
-from shared.natsserver import EmbeddedNats
+from shared.natsserver import EmbeddedNats, free_port
 from shared.settings import UP_STATE_FILE, Settings
 
 log = logging.getLogger("caduceus.up")
@@ -199,7 +199,7 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
     else:
         nats = EmbeddedNats(data_dir / "nats", port=args.nats_port, log_file=logs_dir / "nats.log",
                             new_session=True, log_max_bytes=settings.log_max_bytes,
-                            log_files_kept=settings.log_files_kept)
+                            log_files_kept=settings.log_files_kept, monitor_port=_monitor_port(args))
         await asyncio.to_thread(nats.start)
         nats_url = nats.url
     bus: Bus | None = None
@@ -291,6 +291,16 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
     print("caduceus up: services stopped; stopping NATS" if nats is not None else "caduceus up: services stopped",
           file=sys.stderr, flush=True)
     return 0
+
+
+def _monitor_port(args: argparse.Namespace) -> int:
+    """A free loopback port for nats-server's monitoring, none of the ports the services will bind
+    (they are free too until the services start, so the kernel may offer one of them)."""
+    taken = {args.dicom_port, args.ui_port, args.nats_port}
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return port
 
 
 def _hung_after(args: argparse.Namespace, settings: Settings) -> float:

@@ -221,6 +221,10 @@ class Caduceus:
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        # free_port() releases its port at once, so two calls can return the same one (seen: the
+        # UI could not bind the port NATS had taken); pick again until the three differ.
+        while len({self.dicom_port, self.ui_port, self.nats_port}) < 3:
+            self.ui_port, self.nats_port = free_port(), free_port()
         if self.data_dir is None:
             self.data_dir = self.root / "data"
         self.env = cli_env(self.env_extra)
