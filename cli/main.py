@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cli import bookkeeper_cmd, config_cmd, retry_cmd, rule_cmd, service_cmd, status_cmd, study_cmd, up_cmd
@@ -21,7 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`caduceus status | head`): not an error of ours. Python would print
+        # a traceback when it flushes stdout at exit, so point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(result or 0)
 
 
