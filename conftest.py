@@ -5,15 +5,18 @@ Nothing here mocks NATS or the database. A missing component fails the test (CI 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from shared import subjects
 from shared.bus import Bus
 from shared.natsserver import EmbeddedNats
 
@@ -30,6 +33,18 @@ def tmpfs(directory: Path, size: str) -> Iterator[Path]:
         yield directory
     finally:
         subprocess.run(["umount", "-l", str(directory)], check=False)
+
+async def expire_events(bus: Bus, through_seq: int, timeout: float = 30) -> None:
+    """Let the EVENTS stream drop everything up to `through_seq`, as if its retention had passed: it
+    keeps events a second from now on (put `subjects.events_stream_config()` back to keep them)."""
+    short = subjects.events_stream_config(1 / 86400)
+    short.duplicate_window = 1   # JetStream's de-duplication window may not outlast max age
+    await bus.js.update_stream(short)
+    deadline = time.monotonic() + timeout
+    while (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.first_seq <= through_seq:
+        assert time.monotonic() < deadline, "the events did not expire"
+        await asyncio.sleep(0.2)
+
 
 POSTGRES_ADMIN_URL = os.environ.get("CADUCEUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 

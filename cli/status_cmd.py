@@ -44,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**report.model_dump(mode="json"), "nats": nats}, indent=2))
     else:
         print(render(report, nats))
-    return 0 if report.healthy and (nats is None or nats["healthy"]) else EXIT_UNHEALTHY
+    return 0 if all_healthy(report, nats) else EXIT_UNHEALTHY
+
+
+def all_healthy(report: HealthReport, nats: dict[str, object] | None) -> bool:
+    return report.healthy and (nats is None or bool(nats["healthy"]))
 
 
 def embedded_nats_health(data_dir: str | None) -> dict[str, object] | None:
@@ -57,8 +61,7 @@ def embedded_nats_health(data_dir: str | None) -> dict[str, object] | None:
 
 
 def render(report: HealthReport, nats: dict[str, object] | None = None) -> str:
-    healthy = report.healthy and (nats is None or bool(nats["healthy"]))
-    lines = [f"caduceus: {'healthy' if healthy else 'UNHEALTHY'}  "
+    lines = [f"caduceus: {'healthy' if all_healthy(report, nats) else 'UNHEALTHY'}  "
              f"({report.checked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC)", "", "SERVICES"]
     if nats is not None:
         state = "healthy" if nats["healthy"] else f"UNHEALTHY: {nats['error']}"

@@ -47,7 +47,7 @@ from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError
 from shared.health import EXPECTED_SERVICES
 from shared.natsserver import EmbeddedNats, free_port
-from shared.settings import UP_STATE_FILE, Settings
+from shared.settings import UP_STATE_FILE, Settings, up_state
 
 log = logging.getLogger("caduceus.up")
 
@@ -120,11 +120,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _check_not_running(state_file: Path) -> None:
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        state = {}
-    pid = state.get("supervisor_pid") if isinstance(state, dict) else None
+    pid = up_state(state_file.parent).get("supervisor_pid")
     if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
         raise StartError(f"another `caduceus up` (pid {pid}) is running on this data dir ({state_file})")
     _stop_orphaned_nats(state_file.parent)

@@ -69,20 +69,24 @@ def _token(value: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in value) or "_"
 
 
-def stream_configs(events_max_age_days: float = DEFAULT_EVENTS_RETENTION_DAYS) -> list[StreamConfig]:
+def events_stream_config(max_age_days: float = DEFAULT_EVENTS_RETENTION_DAYS) -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[f"{EVENTS_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=max_age_days * DAY,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=120,
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+    )
+
+
+def stream_configs() -> list[StreamConfig]:
     return [
-        StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=[f"{EVENTS_PREFIX}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=events_max_age_days * DAY,
-            discard=DiscardPolicy.OLD,
-            duplicate_window=120,
-            deny_delete=True,
-            deny_purge=True,
-            allow_direct=True,
-        ),
+        events_stream_config(),
         StreamConfig(
             name=CONFIG_STREAM,
             subjects=[f"{CONFIG_PREFIX}.>"],

@@ -25,8 +25,7 @@ async def test_streams_are_declared_idempotently(bus: Bus) -> None:
 
 
 async def test_a_declaration_keeps_the_events_retention_the_bookkeeper_set(bus: Bus) -> None:
-    config = subjects.stream_configs(events_max_age_days=400)[0]
-    await bus.js.update_stream(config)
+    await bus.js.update_stream(subjects.events_stream_config(400))
     await bus.declare_streams()
     assert (await bus.js.stream_info(subjects.EVENTS_STREAM)).config.max_age == 400 * 86400
 

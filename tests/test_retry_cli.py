@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 
 from cli import retry_cmd
+from conftest import expire_events
 from services.bookkeeper.retention import set_max_age
 from services.bookkeeper.tests.scenario import running, series_events, settings_for, wait_caught_up
 from services.dispatcher.handlers import Dispatcher
@@ -48,16 +48,10 @@ async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
         # enough for a stream that keeps events a second.
         while "events_retention_days" not in service.health_details():
             await asyncio.sleep(0.05)
-        short = subjects.stream_configs(events_max_age_days=1 / 86400)[0]
-        short.duplicate_window = 1   # JetStream's de-duplication window may not outlast max age
-        await bus.js.update_stream(short)
         await publish_story(bus)
         await wait_caught_up(bus, service.engine)
         last = await bus.last_seq(subjects.EVENTS_STREAM)
-        deadline = time.monotonic() + 30
-        while (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.first_seq <= last:
-            assert time.monotonic() < deadline, "the events did not expire"
-            await asyncio.sleep(0.2)
+        await expire_events(bus, last)
 
         tasks = await retry_cmd.read_tasks(bus, [], FAILED)
         assert set(tasks) == {task_of(FAILED)}   # one series asked, one series read
@@ -104,13 +98,7 @@ async def test_a_dispatcher_finds_a_task_request_gone_from_the_stream_in_the_log
             await asyncio.sleep(0.05)
         await publish_story(bus)
         await wait_caught_up(bus, service.engine)
-        short = subjects.stream_configs(events_max_age_days=1 / 86400)[0]
-        short.duplicate_window = 1
-        await bus.js.update_stream(short)
-        deadline = time.monotonic() + 30
-        while (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.messages:
-            assert time.monotonic() < deadline, "the events did not expire"
-            await asyncio.sleep(0.2)
+        await expire_events(bus, await bus.last_seq(subjects.EVENTS_STREAM))
         found = await dispatcher.find_request(task_of(FAILED))
         assert found is not None and found.type == "dispatch.requested" and found.series_uid == FAILED
     # No bookkeeper, and nothing on the stream: not found, and no error.

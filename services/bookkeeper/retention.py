@@ -103,5 +103,4 @@ async def _router_checkpoint(js: JetStreamContext) -> int | None:
 
 async def set_max_age(js: JetStreamContext, max_age: float) -> None:
     """Update the EVENTS stream to our declaration with this max age."""
-    config = subjects.stream_configs(events_max_age_days=max_age / DAY_SECONDS)[0]
-    await js.update_stream(config)
+    await js.update_stream(subjects.events_stream_config(max_age / DAY_SECONDS))

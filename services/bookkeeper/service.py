@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -105,12 +106,9 @@ class BookkeeperService(Service):
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 log.warning("EVENTS retention check failed: %s", exc)
             self.retention_changed.clear()
-            stop = asyncio.ensure_future(self.stopping.wait())
-            change = asyncio.ensure_future(self.retention_changed.wait())
-            await asyncio.wait({stop, change}, timeout=RETENTION_CHECK_SECONDS,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for waiter in (stop, change):
-                waiter.cancel()
+            # Shutdown cancels this task (Service.spawn): only a configuration change cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.retention_changed.wait(), timeout=RETENTION_CHECK_SECONDS)
 
     async def _apply_retention(self) -> None:
         now = datetime.now(UTC)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import expire_events
 from services.router import service as router_service
 from services.router.tests.helpers import (
     FAST,
@@ -278,14 +279,8 @@ async def test_router_says_when_its_checkpoint_expired_from_the_stream(bus: Bus,
             assert time.monotonic() < deadline, "checkpoint not saved"
             await asyncio.sleep(0.2)
     # The router stays stopped for longer than the stream keeps events (a second here).
-    short = subjects.stream_configs(events_max_age_days=1 / 86400)[0]
-    short.duplicate_window = 1
-    await bus.js.update_stream(short)
-    deadline = time.monotonic() + 30
-    while (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.first_seq <= (first.stream_seq or 0):
-        assert time.monotonic() < deadline, "the events did not expire"
-        await asyncio.sleep(0.2)
-    await bus.js.update_stream(subjects.stream_configs()[0])
+    await expire_events(bus, first.stream_seq or 0)
+    await bus.js.update_stream(subjects.events_stream_config())
     async with running_router(nats_url, data_dir):
         events = await wait_for(bus, lambda ev: any(e.payload.get("source") == "router"
                                                     for e in of_type(ev, "alert.raised")))
