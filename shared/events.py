@@ -292,6 +292,7 @@ class DispatchAttemptFailed(BaseModel):
     sent: int
     failed: int
     retry_in_seconds: float
+    reencoded: int = 0  # of `sent`: re-encoded as Implicit VR Little Endian for this peer
 
 
 class DispatchCompleted(BaseModel):
@@ -302,6 +303,7 @@ class DispatchCompleted(BaseModel):
     skipped_already_sent: int
     attempt: int
     duration_seconds: float
+    reencoded: int = 0  # of `sent`: re-encoded as Implicit VR Little Endian for this peer
 
 
 class DispatchFailed(BaseModel):

@@ -10,7 +10,8 @@ is a fixed command set plus the file's bytes after its meta header, so it is wri
   anything it does not understand, e.g. a file without preamble);
 - the command set is encoded directly (implicit VR little endian, PS3.7 9.3.1.1);
 - the data set goes out as stored, in P-DATA-TF PDUs no larger than the peer's maximum, read
-  from the file in blocks of several PDUs and written with one call per block.
+  from the file in blocks of several PDUs and written with one call per block (re-encoded by
+  `reencode` only for a peer that refused the file's own transfer syntax).
 
 Negotiation, the response (decoded by pynetdicom's DUL/DIMSE threads), release and abort stay
 pynetdicom's. Message ids count up per association, and a response must answer the request.
@@ -21,12 +22,16 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
+from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
+
+from . import reencode
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,10 @@ class FileMeta:
     sop_instance_uid: str
     transfer_syntax_uid: str
     offset: int  # where the data set starts
+
+
+class _Readable(Protocol):
+    def read(self, count: int, /) -> bytes: ...
 
 
 class NotSent(Exception):
@@ -149,17 +158,16 @@ def _write_command(assoc: Any, context_id: int, command: bytes, fragment: int) -
     assoc.caduceus_write(out)
 
 
-def _write_data_set(assoc: Any, context_id: int, file: BinaryIO, offset: int, fragment: int) -> None:
-    remaining = os.fstat(file.fileno()).st_size - offset
-    file.seek(offset)
+def _write_data_set(assoc: Any, context_id: int, data: _Readable, size: int, name: str, fragment: int) -> None:
     per_block = max(1, BLOCK_BYTES // fragment) * fragment
-    if remaining <= 0:
+    if size <= 0:
         assoc.caduceus_write(_pdu_header(context_id, 0x02, b""))
         return
+    remaining = size
     while remaining > 0:
-        block = file.read(min(per_block, remaining))
+        block = data.read(min(per_block, remaining))
         if not block:
-            raise OSError(f"{file.name} ended {remaining} bytes early")
+            raise OSError(f"{name} ended {remaining} bytes early")
         remaining -= len(block)
         parts: list[bytes | memoryview] = []
         with memoryview(block) as view:
@@ -168,9 +176,9 @@ def _write_data_set(assoc: Any, context_id: int, file: BinaryIO, offset: int, fr
                 last = remaining == 0 and start + fragment >= len(block)
                 parts.append(_pdu_header(context_id, 0x02 if last else 0x00, piece))
                 parts.append(piece)
-            data = b"".join(parts)  # one allocation and copy for the whole block
+            data_out = b"".join(parts)  # one allocation and copy for the whole block
             parts.clear()
-        assoc.caduceus_write(data)
+        assoc.caduceus_write(data_out)
 
 
 def _next_message_id(assoc: Any) -> int:
@@ -179,31 +187,77 @@ def _next_message_id(assoc: Any) -> int:
     return message_id
 
 
-def send_c_store(assoc: Any, path: Path) -> int | None:
-    """Send one file as a C-STORE request and wait for the response; its status, None if none came.
+@dataclass(frozen=True)
+class Stored:
+    status: int | None  # None: no response came
+    reencoded: bool  # sent as Implicit VR Little Endian instead of the file's own syntax
 
-    Raises ValueError when no accepted presentation context fits the file (nothing was sent),
-    NotSent when the association is no longer in data transfer, OSError/AttributeError for a file
-    that cannot be read before anything went out; a failure after the first PDU aborts the
-    association (the peer holds half a message) and re-raises.
+
+def send_c_store(assoc: Any, path: Path) -> Stored:
+    """Send one file as a C-STORE request and wait for the response.
+
+    The file goes out as stored if the peer accepted its SOP class in its transfer syntax, else
+    re-encoded as Implicit VR Little Endian if `reencode` converts its syntax and the peer accepted
+    that. Raises ValueError when no accepted presentation context fits the file, ReencodeError when
+    the re-encoding failed (nothing was sent in both cases), NotSent when the association is no longer
+    in data transfer, OSError/AttributeError for a file that cannot be read before anything went
+    out; a failure after the first PDU aborts the association (the peer holds half a message) and
+    re-raises.
     """
     with open(path, "rb") as file:
         meta = _file_meta(file, path)
-        context = assoc._get_valid_context(meta.sop_class_uid, meta.transfer_syntax_uid, "scu",
-                                           allow_conversion=False)
-        if not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6":
-            raise NotSent()
-        message_id = _next_message_id(assoc)
-        command = encode_c_store_rq(message_id, meta.sop_class_uid, meta.sop_instance_uid)
-        fragment = _fragment_size(assoc)
-        try:
-            _write_command(assoc, context.context_id, command, fragment)
-            _write_data_set(assoc, context.context_id, file, meta.offset, fragment)
-        except Exception:
-            assoc.abort()
-            raise
+        context, reencoded = _context_for(assoc, meta)
+        with ExitStack() as stack:
+            data: _Readable = file
+            if reencoded:
+                stream = stack.enter_context(reencode.implicit_data_set(path, meta.transfer_syntax_uid))
+                data, size = stream, stream.size
+            else:
+                file.seek(meta.offset)
+                size = os.fstat(file.fileno()).st_size - meta.offset
+            _send_request(assoc, context.context_id, meta, data, size, path.name)
     _, response = assoc.dimse.get_msg(block=True)
-    return _status(assoc, response, message_id)
+    return Stored(_status(assoc, response, assoc.caduceus_message_id), reencoded)
+
+
+def _context_for(assoc: Any, meta: FileMeta) -> tuple[Any, bool]:
+    """The accepted context for the file as it is, else for its re-encoded form (True)."""
+    accepted = _accepted_contexts(assoc)
+    context = accepted.get((meta.sop_class_uid, meta.transfer_syntax_uid))
+    if context is not None:
+        return context, False
+    fallback = reencode.fallback_syntax(meta.transfer_syntax_uid)
+    context = accepted.get((meta.sop_class_uid, fallback)) if fallback else None
+    if context is not None:
+        return context, True
+    # pynetdicom's lookup is not used for the search: it logs an error for every miss.
+    message = (f"No presentation context for '{UID(meta.sop_class_uid).name}' has been accepted by the peer "
+               f"with '{UID(meta.transfer_syntax_uid).name}' transfer syntax")
+    raise ValueError(message + (f" nor with '{UID(fallback).name}'" if fallback else ""))
+
+
+def _accepted_contexts(assoc: Any) -> dict[tuple[str, str], Any]:
+    """(SOP class, transfer syntax) -> accepted context for sending, once per association."""
+    accepted = getattr(assoc, "caduceus_accepted_contexts", None)
+    if accepted is None:
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): cx
+                    for cx in assoc.accepted_contexts if cx.as_scu}
+        assoc.caduceus_accepted_contexts = accepted
+    return accepted
+
+
+def _send_request(assoc: Any, context_id: int, meta: FileMeta, data: _Readable, size: int, name: str) -> None:
+    if not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6":
+        raise NotSent()
+    message_id = _next_message_id(assoc)
+    command = encode_c_store_rq(message_id, meta.sop_class_uid, meta.sop_instance_uid)
+    fragment = _fragment_size(assoc)
+    try:
+        _write_command(assoc, context_id, command, fragment)
+        _write_data_set(assoc, context_id, data, size, name, fragment)
+    except Exception:
+        assoc.abort()
+        raise
 
 
 def _status(assoc: Any, response: Any, message_id: int) -> int | None:

@@ -59,6 +59,7 @@ class Outcome:
     skipped: int
     failed_sop_uids: list[str]
     error: str  # empty on success
+    reencoded: int = 0  # of `sent`: went out as Implicit VR Little Endian (see reencode)
 
 
 class Dispatcher:
@@ -216,7 +217,7 @@ class Dispatcher:
         missing = sorted(set(todo) - set(result.delivered))
         error = _describe_failure(result, len(todo), destination) if missing else ""
         return Outcome(len(result.delivered), result.warnings, skipped,
-                       [manifest.instances[i].sop_uid for i in missing], error)
+                       [manifest.instances[i].sop_uid for i in missing], error, result.reencoded)
 
     async def _manifest(self, request: DispatchRequested) -> Manifest:
         try:
@@ -322,11 +323,13 @@ class Dispatcher:
         attempt = current.attempts + 1
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.completed", DispatchCompleted(
             task_id=record.task_id, target=request.target, sent=outcome.sent, warnings=current.warnings,
-            skipped_already_sent=outcome.skipped, attempt=attempt, duration_seconds=round(duration, 3))))
+            skipped_already_sent=outcome.skipped, attempt=attempt, duration_seconds=round(duration, 3),
+            reencoded=outcome.reencoded)))
         await self.progress.mutate(record.task_id, _record_outcome(attempt - 1, "", "completed"))
         self.count("tasks_completed")
-        log.info("task %s delivered to %s: %d sent, %d already there, %d warnings", record.task_id,
-                 request.target, outcome.sent, outcome.skipped, current.warnings, extra=_log_context(record))
+        log.info("task %s delivered to %s: %d sent (%d re-encoded), %d already there, %d warnings",
+                 record.task_id, request.target, outcome.sent, outcome.reencoded, outcome.skipped, current.warnings,
+                 extra=_log_context(record))
         await delivery.ack()
 
     async def _failed_attempt(self, delivery: Delivery, record: ProgressRecord, outcome: Outcome) -> None:
@@ -345,7 +348,8 @@ class Dispatcher:
         self.count("attempts_failed")
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.attempt_failed", DispatchAttemptFailed(
             task_id=record.task_id, target=request.target, attempt=attempt, error=outcome.error,
-            sent=outcome.sent, failed=len(outcome.failed_sop_uids), retry_in_seconds=delay), str(attempt)))
+            sent=outcome.sent, failed=len(outcome.failed_sop_uids), retry_in_seconds=delay,
+            reencoded=outcome.reencoded), str(attempt)))
         if not last:
             await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error))
             await delivery.nak(delay=delay)

@@ -1,9 +1,11 @@
 """The DICOM C-STORE SCU side: one association sending a list of files (synchronous; pynetdicom).
 
 Files go out as stored: the data set bytes after the file meta, straight from disk (no decode, no
-re-encode), and each file is proposed in its own transfer syntax, so nothing is transcoded. A peer
-that refuses a file's SOP class/transfer syntax gets nothing for that file and the attempt fails
-for it.
+re-encode), and each file is proposed in its own transfer syntax, so nothing is transcoded. Files
+in Explicit VR Little Endian (or deflated) are also proposed as Implicit VR Little Endian, which
+every Storage SCP must accept, and re-encoded only for a peer that accepted nothing else
+(`reencode`). A peer that refuses a file's SOP class/transfer syntax gets nothing for that file and
+the attempt fails for it.
 
 Associations come from `fastpath.FastAE`: with pynetdicom 3.0 (and CADUCEUS_DISPATCH_FASTPATH not
 0) they run event-driven loops and each C-STORE is written by `cstore.send_c_store`; otherwise
@@ -29,7 +31,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from shared.config.model import TlsConfig
 
-from . import cstore, fastpath
+from . import cstore, fastpath, reencode
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +73,28 @@ class SendItem:
 class SendResult:
     delivered: list[int] = field(default_factory=list)
     warnings: int = 0
+    reencoded: int = 0  # delivered as Implicit VR Little Endian, the peer refusing their own syntax
     failed: dict[int, str] = field(default_factory=dict)  # manifest index -> reason
     errors: list[str] = field(default_factory=list)  # association-level problems
 
     def merge(self, other: SendResult) -> None:
         self.delivered += other.delivered
         self.warnings += other.warnings
+        self.reencoded += other.reencoded
         self.failed.update(other.failed)
         self.errors += other.errors
 
 
 DeliveredCallback = Callable[[int, int], None]  # (manifest index, status)
+
+
+def _context_pairs(item: SendItem) -> list[tuple[str, str]]:
+    """The (SOP class, transfer syntax) pairs proposed for an item: its own, and a fallback."""
+    pairs = [(item.sop_class_uid, item.transfer_syntax_uid)]
+    fallback = reencode.fallback_syntax(item.transfer_syntax_uid)
+    if fallback is not None:
+        pairs.append((item.sop_class_uid, fallback))
+    return pairs
 
 
 def context_groups(items: Sequence[SendItem]) -> list[list[SendItem]]:
@@ -90,11 +103,11 @@ def context_groups(items: Sequence[SendItem]) -> list[list[SendItem]]:
     pairs: set[tuple[str, str]] = set()
     current: list[SendItem] = []
     for item in items:
-        pair = (item.sop_class_uid, item.transfer_syntax_uid)
-        if pair not in pairs and len(pairs) == MAX_CONTEXTS:
+        needed = set(_context_pairs(item)) - pairs
+        if needed and len(pairs) + len(needed) > MAX_CONTEXTS:
             groups.append(current)
-            current, pairs = [], set()
-        pairs.add(pair)
+            current, pairs, needed = [], set(), set(_context_pairs(item))
+        pairs |= needed
         current.append(item)
     if current:
         groups.append(current)
@@ -102,8 +115,8 @@ def context_groups(items: Sequence[SendItem]) -> list[list[SendItem]]:
 
 
 def presentation_contexts(items: Sequence[SendItem]) -> list[PresentationContext]:
-    """One context per (SOP class, transfer syntax) pair, proposing exactly the file's own syntax."""
-    pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in items})
+    """One context per (SOP class, transfer syntax) pair, each proposing a single syntax."""
+    pairs = sorted({pair for item in items for pair in _context_pairs(item)})
     return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
 
 
@@ -217,7 +230,7 @@ def _settle_reactor(assoc: Association, timeout: float = 0.2) -> None:
         time.sleep(0.00005)
 
 
-def _c_store(assoc: Association, path: Path) -> int | None:
+def _c_store(assoc: Association, path: Path) -> cstore.Stored:
     """The C-STORE status of one file, None without a response (see cstore/fastpath for why two paths)."""
     if fastpath.installed(assoc):
         # Its reactor never takes responses (no race to settle), but it notices an abort a few
@@ -226,18 +239,25 @@ def _c_store(assoc: Association, path: Path) -> int | None:
             raise cstore.NotSent()
         return cstore.send_c_store(assoc, path)
     _settle_reactor(assoc)
-    return _status_of(assoc.send_c_store(path))
+    try:
+        return cstore.Stored(_status_of(assoc.send_c_store(path)), False)
+    except ValueError:
+        meta = cstore.read_file_meta(path)
+        if reencode.fallback_syntax(meta.transfer_syntax_uid) is None:
+            raise
+    # pynetdicom converts a decoded data set to an accepted uncompressed syntax itself (in memory).
+    return cstore.Stored(_status_of(assoc.send_c_store(reencode.decoded(path))), True)
 
 
 def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
     """Send one instance and record its outcome; False if it never went out (association gone)."""
     try:
-        status = _c_store(assoc, item.path)
+        stored = _c_store(assoc, item.path)
     except cstore.NotSent:
         if assoc.is_established:
             assoc.abort()  # established but out of data transfer: do not keep trying on it
         return False
-    except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
+    except (ValueError, reencode.ReencodeError) as exc:  # no accepted context fits / re-encoding failed
         result.failed[item.index] = str(exc)
         return True
     except RuntimeError:
@@ -247,6 +267,7 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
     except Exception as exc:  # noqa: BLE001 - unreadable file, socket trouble: this instance failed
         result.failed[item.index] = f"{type(exc).__name__}: {exc}"
         return True
+    status = stored.status
     if status is None:
         result.failed[item.index] = "no C-STORE response (association aborted while sending)"
         return True
@@ -256,6 +277,7 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
             log.warning("C-STORE warning 0x%04X for %s", status, item.sop_uid,
                         extra={"sop_uid": item.sop_uid})
         result.delivered.append(item.index)
+        result.reencoded += stored.reencoded
         on_delivered(item.index, status)
         return True
     result.failed[item.index] = f"C-STORE status 0x{status:04X}"

@@ -179,6 +179,25 @@ async def test_files_go_out_in_their_own_transfer_syntax_without_transcoding(
         assert _dataset_bytes(copy) == _dataset_bytes(source), source.name
 
 
+async def test_peer_taking_only_the_default_syntax_gets_reencoded_copies(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        storescp_factory: Callable[..., StoreScp]) -> None:
+    peer = storescp_factory(extra_args=["+xi"])  # Implicit VR Little Endian only, like many old PACS
+    files = make_series(tmp_path / "series", 5)  # Explicit VR Little Endian
+    manifest, key = await stage_files(blob_store, files)
+    await apply_pacs_config(bus, peer.port, peer.aet)
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "pacs")
+        [completed] = await wait_events(bus, "dispatch.completed", request.task_id)
+    assert (completed.payload["sent"], completed.payload["reencoded"]) == (5, 5)
+    originals = {str(dcmread(f).SOPInstanceUID): dcmread(f) for f in files}
+    received = peer.datasets()
+    assert set(received) == set(originals)
+    for uid, ds in received.items():
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+        assert ds.PixelData == originals[uid].PixelData and ds.PatientName == originals[uid].PatientName
+
+
 async def test_tls_target_with_client_certificate(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
                                                   blob_store: LocalBlobStore,
                                                   storescp_factory: Callable[..., StoreScp]) -> None:

@@ -1,0 +1,117 @@
+"""A peer that accepts only Implicit VR Little Endian (DCMTK storescp +xi): files in Explicit VR
+Little Endian or deflated are re-encoded for it, compressed ones fail with a clear reason."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.filereader import read_dataset
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode
+
+from bench.synthetic import write_series
+from services.dispatcher import reencode
+from services.dispatcher.sender import MAX_CONTEXTS, Destination, SendItem, context_groups, send_items
+from tests.e2e.dicomfiles import real_world_files, same_dataset
+from tests.peers import StoreScp, make_series
+
+IMPLICIT_ONLY = ["+xi"]  # after the harness's +xa: the last of the group wins
+
+
+def _item(index: int, path: Path) -> SendItem:
+    ds = dcmread(path, stop_before_pixels=True)
+    return SendItem(index, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), path)
+
+
+def _reencoded(path: Path) -> bytes:
+    return _reencoded_syntax(path, str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID))
+
+
+def _reencoded_syntax(path: Path, syntax: str) -> bytes:
+    with reencode.implicit_data_set(path, syntax) as stream:
+        data = b"".join(iter(lambda: stream.read(1 << 20), b""))
+    assert len(data) == stream.size
+    return data
+
+
+def test_only_uncompressed_little_endian_files_get_a_fallback() -> None:
+    assert reencode.fallback_syntax("1.2.840.10008.1.2.1") == ImplicitVRLittleEndian  # explicit VR LE
+    assert reencode.fallback_syntax("1.2.840.10008.1.2.1.99") == ImplicitVRLittleEndian  # deflated
+    for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5"):
+        assert reencode.fallback_syntax(syntax) is None  # implicit already, big endian, JPEG, RLE
+
+
+def test_large_pixel_data_are_streamed_and_the_bytes_match_a_full_conversion(tmp_path: Path) -> None:
+    [path] = write_series(tmp_path, 1, size=2048)  # 8 MB of pixel data, trailing padding after them
+    expected = encode(dcmread(path), True, True)
+    tracemalloc.start()
+    try:
+        data = _reencoded(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert data == expected
+    # The joined result itself is 8 MB; a conversion in memory would have held two more copies.
+    assert peak < 2.5 * len(data), peak
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "image_dfl.dcm"])
+def test_small_and_deflated_files_keep_every_value(name: str) -> None:
+    path = Path(str(get_testdata_file(name)))
+    copy = read_dataset(BytesIO(_reencoded(path)), is_implicit_VR=True, is_little_endian=True)
+    original = dcmread(path)
+    assert set(copy.keys()) == set(original.keys())
+    assert copy.PixelData == original.PixelData
+    for tag in original.keys():
+        if not tag.is_private:  # private values come back as UN bytes: no dictionary for their VR
+            assert copy[tag].value == original[tag].value, tag
+
+
+def test_a_file_that_cannot_be_read_is_a_reencode_error(tmp_path: Path) -> None:
+    # pydicom reads damaged data sets leniently; what it cannot do is read a file that is gone.
+    with pytest.raises(reencode.ReencodeError, match="cannot read gone.dcm"):
+        _reencoded_syntax(tmp_path / "gone.dcm", "1.2.840.10008.1.2.1")
+
+
+def test_fallback_contexts_count_towards_the_association_limit(tmp_path: Path) -> None:
+    [path] = make_series(tmp_path / "s", 1)
+    items = [SendItem(i, f"1.2.{i}", f"1.2.840.99.{i}", "1.2.840.10008.1.2.1", path) for i in range(100)]
+    groups = context_groups(items)
+    assert [len(g) for g in groups] == [MAX_CONTEXTS // 2, 100 - MAX_CONTEXTS // 2]  # two contexts each
+
+
+@pytest.mark.parametrize("fastpath", ["1", "0"])  # 0: pynetdicom's own loops and its conversion
+def test_implicit_only_peer_receives_every_uncompressed_file(tmp_path: Path, fastpath: str,
+                                                             storescp_factory: Callable[..., StoreScp],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CADUCEUS_DISPATCH_FASTPATH", fastpath)
+    peer = storescp_factory(extra_args=IMPLICIT_ONLY)
+    world = real_world_files(tmp_path / "world")
+    files = make_series(tmp_path / "series", 6) + write_series(tmp_path / "large", 2, size=1024) \
+        + list(world.values()) + [Path(str(get_testdata_file(n))) for n in ("image_dfl.dcm", "rtplan.dcm")]
+    items = [_item(i, p) for i, p in enumerate(files)]
+    result = send_items(Destination("127.0.0.1", peer.port, peer.aet, "CADUCEUS"), items,
+                        lambda index, status: None, threading.Event())
+
+    compressed = {i.index for i in items if dcmread(i.path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                  .is_compressed}
+    assert compressed and set(result.failed) == compressed and not result.errors, (result.failed, result.errors)
+    for index in compressed:
+        assert "has been accepted by the peer with" in result.failed[index]
+    convertible = {i.index for i in items if reencode.fallback_syntax(i.transfer_syntax_uid)}
+    assert result.reencoded == len(convertible) >= 6 + 2 + 1
+    received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in peer.files()}
+    assert set(received) == {items[i].sop_uid for i in result.delivered}
+    for index in result.delivered:
+        copy, source = received[items[index].sop_uid], items[index].path
+        assert dcmread(copy, stop_before_pixels=True).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert dcmread(copy).PixelData == dcmread(source).PixelData if "PixelData" in dcmread(source) else True
+        if not any(tag.is_private for tag in dcmread(source, stop_before_pixels=True).keys()):
+            assert same_dataset(copy, source), source.name
