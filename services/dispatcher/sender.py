@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from shared.config.model import TlsConfig
@@ -145,17 +147,38 @@ def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
     ae.network_timeout = 120
     tls_args = (tls_context(dest.tls), dest.host) if dest.tls else None
     return ae.associate(dest.host, dest.port, ae_title=dest.called_aet, tls_args=tls_args,
-                        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open)])
+                        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open),
+                                      (evt.EVT_ACSE_RECV, _on_acse_received)])
+
+
+def _on_acse_received(event: evt.Event) -> None:
+    # pynetdicom only logs why a peer rejected the association; the task's error should say it.
+    primitive = event.primitive  # type: ignore[attr-defined]
+    if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+        event.assoc.caduceus_rejection = (  # type: ignore[attr-defined]
+            f"{primitive.reason_str.lower()} ({primitive.result_str.lower()}, by the {primitive.source_str.lower()})")
 
 
 def _association_error(assoc: Association, dest: Destination) -> str:
     if not getattr(assoc, "caduceus_connected", False):
         return f"could not connect to {dest.describe()}"
     if assoc.is_rejected:
-        return f"association rejected by {dest.describe()}"
+        why = getattr(assoc, "caduceus_rejection", "")
+        return f"association rejected by {dest.describe()}" + (f": {why}" if why else "")
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        return f"{dest.describe()} accepted none of the proposed presentation contexts ({_refusals(assoc)})"
     if assoc.is_aborted:
         return f"association aborted by {dest.describe()}"
     return f"association with {dest.describe()} ended unexpectedly"
+
+
+def _refusals(assoc: Association) -> str:
+    """What the peer said to each proposed (SOP class, transfer syntax), the first few."""
+    # A rejected context comes back with a placeholder syntax; what was proposed is in the request.
+    proposed = {cx.context_id: cx.transfer_syntax[0] for cx in assoc.requestor.requested_contexts}
+    said = [f"{UID(str(cx.abstract_syntax)).name} in {proposed.get(cx.context_id, cx.transfer_syntax[0]).name}: "
+            f"{cx.status.lower()}" for cx in assoc.rejected_contexts]
+    return "; ".join(said[:3]) + (f"; and {len(said) - 3} more" if len(said) > 3 else "")
 
 
 def _status_of(response: Dataset) -> int | None:

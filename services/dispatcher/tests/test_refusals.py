@@ -1,0 +1,44 @@
+"""What a task's error says when a real peer refuses: the association, or every proposed context."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from services.dispatcher.sender import Destination, SendItem, send_items
+from tests.peers import Orthanc, StoreScp, make_series
+
+
+def _items(files: list[Path]) -> list[SendItem]:
+    items = []
+    for index, path in enumerate(files):
+        ds = dcmread(path, stop_before_pixels=True)
+        items.append(SendItem(index, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                              str(ds.file_meta.TransferSyntaxUID), path))
+    return items
+
+
+def test_rejected_association_says_why(tmp_path: Path, orthanc_factory: Callable[..., Orthanc]) -> None:
+    peer = orthanc_factory(DicomCheckCalledAet=True)
+    items = _items(make_series(tmp_path / "s", 2))
+    result = send_items(Destination("127.0.0.1", peer.dicom_port, "NOT-ORTHANC", "CADUCEUS"), items,
+                        lambda index, status: None, threading.Event())
+    assert not result.delivered
+    assert result.errors == [f"association rejected by NOT-ORTHANC@127.0.0.1:{peer.dicom_port}: "
+                             "called ae title not recognised (rejected permanent, by the service user)"]
+
+
+def test_no_accepted_context_names_what_was_refused(tmp_path: Path,
+                                                    storescp_factory: Callable[..., StoreScp]) -> None:
+    peer = storescp_factory(extra_args=["+xi"])  # Implicit VR Little Endian only
+    items = _items([Path(str(get_testdata_file("JPEG2000.dcm")))])
+    result = send_items(Destination("127.0.0.1", peer.port, peer.aet, "CADUCEUS"), items,
+                        lambda index, status: None, threading.Event())
+    assert not result.delivered
+    assert result.errors == [f"STORESCP@127.0.0.1:{peer.port} accepted none of the proposed presentation "
+                             "contexts (Secondary Capture Image Storage in JPEG 2000 Image Compression: "
+                             "transfer syntax(es) not supported)"]
