@@ -215,9 +215,9 @@ def send_c_store(assoc: Any, path: Path) -> Stored:
             else:
                 file.seek(meta.offset)
                 size = os.fstat(file.fileno()).st_size - meta.offset
-            _send_request(assoc, context.context_id, meta, data, size, path.name)
+            message_id = _send_request(assoc, context.context_id, meta, data, size, path.name)
     _, response = assoc.dimse.get_msg(block=True)
-    return Stored(_status(assoc, response, assoc.caduceus_message_id), reencoded)
+    return Stored(_status(assoc, response, message_id), reencoded)
 
 
 def _context_for(assoc: Any, meta: FileMeta) -> tuple[Any, bool]:
@@ -246,7 +246,8 @@ def _accepted_contexts(assoc: Any) -> dict[tuple[str, str], Any]:
     return accepted
 
 
-def _send_request(assoc: Any, context_id: int, meta: FileMeta, data: _Readable, size: int, name: str) -> None:
+def _send_request(assoc: Any, context_id: int, meta: FileMeta, data: _Readable, size: int, name: str) -> int:
+    """Write the C-STORE-RQ and its data set; returns the request's message id."""
     if not assoc.is_established or assoc.dul.state_machine.current_state != "Sta6":
         raise NotSent()
     message_id = _next_message_id(assoc)
@@ -258,6 +259,7 @@ def _send_request(assoc: Any, context_id: int, meta: FileMeta, data: _Readable, 
     except Exception:
         assoc.abort()
         raise
+    return message_id
 
 
 def _status(assoc: Any, response: Any, message_id: int) -> int | None:
