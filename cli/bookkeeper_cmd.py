@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cli.connection import add_connection_arguments, cli_nats_url, connect_cli_bus, default_actor
 from shared.bookkeeper_client import BookkeeperClient, BookkeeperError, EventRecord, SeriesHistoryResponse
-from shared.bus import Bus
 from shared.settings import load_settings
 
 
@@ -35,11 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     events.add_argument("--since-seq", type=int, default=0)
     events.add_argument("--limit", type=int, default=100)
     events.add_argument("--json", action="store_true", help="one JSON document per line")
+    add_connection_arguments(events)
     events.set_defaults(func=cmd_events)
 
     history = commands.add_parser("history", help="one series: its state, tasks and events")
     history.add_argument("series_uid")
     history.add_argument("--json", action="store_true")
+    add_connection_arguments(history)
     history.set_defaults(func=cmd_history)
 
 
@@ -59,14 +60,14 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ RPC commands
 
-def _with_client(action: Callable[[BookkeeperClient], Awaitable[int]]) -> int:
+def _with_client(args: argparse.Namespace, action: Callable[[BookkeeperClient], Awaitable[int]]) -> int:
+    url = cli_nats_url(args)
+
     async def run() -> int:
-        settings = load_settings()
         try:
-            bus = await Bus.connect(settings.nats_url, actor=f"cli:{getpass.getuser()}", declare=False,
-                                    max_reconnect_attempts=0)
+            bus = await connect_cli_bus(url, default_actor(), declare=False)
         except Exception as exc:  # noqa: BLE001 - say what failed, no traceback
-            print(f"error: cannot reach NATS at {settings.nats_url}: {exc}", file=sys.stderr)
+            print(f"error: cannot reach NATS at {url}: {exc}", file=sys.stderr)
             return 2
         try:
             return await action(BookkeeperClient(bus))
@@ -91,7 +92,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             print(f"(more: --since-seq {page.next_since_seq})")
         return 0
 
-    return _with_client(action)
+    return _with_client(args, action)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -103,7 +104,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             print(format_history(history))
         return 0 if history.series or history.events else 1
 
-    return _with_client(action)
+    return _with_client(args, action)
 
 
 # ------------------------------------------------------------------ formatting

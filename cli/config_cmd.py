@@ -8,59 +8,24 @@ with the user as actor. Re-applying the same document publishes nothing.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
 import json
-import logging
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 from nats.js.errors import APIError
 
+from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError, raw_document
 from shared.config.state import fold, plan_changes, read_all, read_all_at
 from shared.events import ConfigItemChanged, Event
-from shared.settings import nats_url_for_cli
 
 EXIT_INVALID = 2
 EXIT_UNREACHABLE = 3
 EXIT_CONFLICT = 4
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code for a failed Nats-Expected-Last-Sequence
-
-T = TypeVar("T")
-
-
-# ------------------------------------------------------------------ helpers shared by CLI commands
-
-def default_actor() -> str:
-    try:
-        return f"user:{getpass.getuser()}"
-    except Exception:  # noqa: BLE001 - no passwd entry (containers): still say it was a person
-        return "user:unknown"
-
-
-async def connect_cli_bus(data_dir: str | None, actor: str) -> Bus:
-    """A bus for one-shot commands: fails after a few tries instead of waiting forever."""
-    # The bus logs reconnect chatter as warnings (useful in services); a command reports its own errors.
-    logging.getLogger("shared.bus").setLevel(logging.ERROR)
-    return await Bus.connect(nats_url_for_cli(data_dir), actor=actor, connect_timeout=3,
-                             max_reconnect_attempts=2)
-
-
-def run_with_bus(data_dir: str | None, actor: str, work: Callable[[Bus], Awaitable[T]]) -> T:
-    async def runner() -> T:
-        bus = await connect_cli_bus(data_dir, actor)
-        try:
-            return await work(bus)
-        finally:
-            await bus.close()
-
-    return asyncio.run(runner())
-
 
 class FileError(ValueError):
     """The configuration file cannot be read or parsed."""
@@ -138,24 +103,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     apply.add_argument("--comment", default="", help="recorded with every change event")
     apply.add_argument("--dry-run", action="store_true", help="validate and show the plan, publish nothing")
     apply.add_argument("--actor", default=None, help="who applies it (default user:<OS user>)")
-    _add_common(apply)
+    add_connection_arguments(apply)
     apply.set_defaults(func=cmd_apply)
 
     show = config_sub.add_parser("show", help="print the current configuration (fold of the CONFIG stream)")
     show.add_argument("--json", action="store_true", help="JSON instead of YAML")
-    _add_common(show)
+    add_connection_arguments(show)
     show.set_defaults(func=cmd_show)
 
     history = config_sub.add_parser("history", help="list every configuration event")
     history.add_argument("--json", action="store_true", help="one JSON list")
-    _add_common(history)
+    add_connection_arguments(history)
     history.set_defaults(func=cmd_history)
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=None,
-                        help="data dir of a running `caduceus up` (to find its NATS); "
-                             "default $CADUCEUS_DATA_DIR or ./caduceus-data")
 
 
 def _fail(message: str, code: int) -> int:
@@ -169,13 +128,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     except (FileError, ConfigError) as exc:
         return _fail(f"invalid configuration, nothing applied: {exc}", EXIT_INVALID)
     actor = args.actor or default_actor()
+    url = cli_nats_url(args)
     try:
-        changes = run_with_bus(args.data_dir, actor, lambda bus: apply_config(
-            bus, desired, actor, args.comment, args.dry_run))
+        changes = run_with_bus(url, actor, lambda bus: apply_config(bus, desired, actor, args.comment, args.dry_run))
     except ConcurrentChange as exc:
         return _fail(str(exc), EXIT_CONFLICT)
     except Exception as exc:  # noqa: BLE001 - connection trouble: say what and where
-        return _fail(f"failed talking to NATS at {nats_url_for_cli(args.data_dir)}: {exc!r}", EXIT_UNREACHABLE)
+        return _fail(f"failed talking to NATS at {url}: {exc!r}", EXIT_UNREACHABLE)
     if not changes:
         print("no changes")
         return 0
@@ -196,10 +155,11 @@ def current_document(events: list[Event]) -> dict[str, Any]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    url = cli_nats_url(args)
     try:
-        events = run_with_bus(args.data_dir, default_actor(), read_all)
+        events = run_with_bus(url, default_actor(), read_all)
     except Exception as exc:  # noqa: BLE001
-        return _fail(f"failed talking to NATS at {nats_url_for_cli(args.data_dir)}: {exc!r}", EXIT_UNREACHABLE)
+        return _fail(f"failed talking to NATS at {url}: {exc!r}", EXIT_UNREACHABLE)
     document = current_document(events)
     if args.json:
         print(json.dumps(document, indent=2))
@@ -226,10 +186,11 @@ def history_rows(events: list[Event]) -> list[dict[str, Any]]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    url = cli_nats_url(args)
     try:
-        events = run_with_bus(args.data_dir, default_actor(), read_all)
+        events = run_with_bus(url, default_actor(), read_all)
     except Exception as exc:  # noqa: BLE001
-        return _fail(f"failed talking to NATS at {nats_url_for_cli(args.data_dir)}: {exc!r}", EXIT_UNREACHABLE)
+        return _fail(f"failed talking to NATS at {url}: {exc!r}", EXIT_UNREACHABLE)
     rows = history_rows(events)
     if args.json:
         print(json.dumps(rows, indent=2))

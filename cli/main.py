@@ -7,6 +7,8 @@ import os
 import sys
 
 from cli import bookkeeper_cmd, config_cmd, retry_cmd, rule_cmd, service_cmd, status_cmd, study_cmd, up_cmd
+from cli.config_cmd import EXIT_UNREACHABLE
+from shared.settings import NoCaduceusFound
 
 COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, retry_cmd, study_cmd, bookkeeper_cmd]
 
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
+    except NoCaduceusFound as exc:
+        print(f"caduceus {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except BrokenPipeError:
         # The reader went away (`caduceus status | head`): not an error of ours. Python would print
         # a traceback when it flushes stdout at exit, so point stdout at /dev/null first.

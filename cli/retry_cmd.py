@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from dataclasses import dataclass
 
 import nats.errors
 from nats.js.errors import NotFoundError
 
-from cli.config_cmd import default_actor
+from cli.connection import add_connection_arguments, cli_nats_url, connect_cli_bus, default_actor
 from shared.bookkeeper_client import BookkeeperClient, BookkeeperUnavailable
 from shared.bus import Bus, replay
 from shared.events import DispatchRetryRequested, Event, make_event
-from shared.settings import nats_url_for_cli
 from shared.subjects import BOOKKEEPER_EVENTS, EVENTS_PREFIX
 
 EXIT_NOTHING = 1
@@ -49,8 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("task_ids", nargs="*", metavar="TASK_ID", help="task id(s) to retry")
     parser.add_argument("--series", metavar="UID", help="retry every failed dispatch task of this series")
     parser.add_argument("--comment", default="", help="why (kept in the event)")
-    parser.add_argument("--nats-url", default=None, help="NATS server (default: CADUCEUS_NATS_URL or the "
-                                                         "server `caduceus up` started)")
+    add_connection_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -58,17 +55,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.task_ids and not args.series:
         print("caduceus retry: give TASK_ID(s) or --series UID", file=sys.stderr)
         return 2
-    logging.getLogger("shared.bus").setLevel(logging.ERROR)
+    url = cli_nats_url(args)
     try:
-        return asyncio.run(_retry(args))
+        return asyncio.run(_retry(args, url))
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        print(f"caduceus retry: cannot reach NATS: {exc}", file=sys.stderr)
+        print(f"caduceus retry: cannot reach NATS at {url}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 
-async def _retry(args: argparse.Namespace) -> int:
-    url = args.nats_url or nats_url_for_cli()
-    bus = await Bus.connect(url, actor=default_actor(), connect_timeout=3, max_reconnect_attempts=2)
+async def _retry(args: argparse.Namespace, url: str) -> int:
+    bus = await connect_cli_bus(url, default_actor())
     try:
         tasks = await read_tasks(bus, args.task_ids, args.series)
         chosen = _choose(tasks, args.task_ids, args.series)

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, cast
 
+from cli.connection import add_connection_arguments, cli_nats_url, connect_cli_bus, default_actor
 from shared.rules import CompiledRule, RuleResult, RuleSyntaxError, compile_rule
 
 EXIT_MATCH, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     source.add_argument("--file", type=Path, metavar="FILE.dcm", help="a DICOM file")
     source.add_argument("--series", metavar="UID", help="a received series (its first instance's tags)")
     test.add_argument("--json", action="store_true", help="print the result as JSON")
-    test.add_argument("--data-dir", default=None, help="data dir of `caduceus up` (to find its NATS)")
+    add_connection_arguments(test)  # for --series
     test.set_defaults(func=run_test)
 
 
@@ -99,7 +100,7 @@ def _load_tags(args: argparse.Namespace, rule: CompiledRule) -> tuple[dict[str, 
         return _tags_from_json(args.tags), str(args.tags)
     if args.file is not None:
         return _tags_from_dicom(args.file, rule), str(args.file)
-    return _tags_from_series(args.series, args.data_dir)
+    return _tags_from_series(args.series, cli_nats_url(args))
 
 
 def _tags_from_json(path: Path) -> dict[str, str]:
@@ -125,12 +126,11 @@ def _tags_from_dicom(path: Path, rule: CompiledRule) -> dict[str, str]:
     return extracted.tags
 
 
-def _tags_from_series(series_uid: str, data_dir: str | None) -> tuple[dict[str, str], str]:
-    from cli.config_cmd import connect_cli_bus, default_actor
+def _tags_from_series(series_uid: str, url: str) -> tuple[dict[str, str], str]:
 
     async def lookup() -> tuple[dict[str, str], str]:
         try:
-            bus = await connect_cli_bus(data_dir, default_actor())
+            bus = await connect_cli_bus(url, default_actor())
         except Exception as exc:  # noqa: BLE001 - no broker: say so
             raise SourceError(f"cannot reach NATS: {exc}") from None
         try:

@@ -12,10 +12,11 @@ import json
 import os
 import sys
 
-from cli.config_cmd import EXIT_UNREACHABLE, default_actor, run_with_bus
+from cli.config_cmd import EXIT_UNREACHABLE
+from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
 from shared.health import EXPECTED_SERVICES, HealthReport, collect_health
 from shared.natsserver import nats_health
-from shared.settings import nats_url_for_cli, up_state
+from shared.settings import up_state
 
 EXIT_UNHEALTHY = 1
 
@@ -23,9 +24,7 @@ EXIT_UNHEALTHY = 1
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("status", help="service health, stream depths and consumer lag")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
-    parser.add_argument("--data-dir", default=None,
-                        help="data dir of a running `caduceus up` (to find its NATS); "
-                             "default $CADUCEUS_DATA_DIR or ./caduceus-data")
+    add_connection_arguments(parser)
     parser.add_argument("--services", default=",".join(EXPECTED_SERVICES),
                         help="services that must be healthy (comma separated; default all seven)")
     parser.set_defaults(func=run)
@@ -33,10 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     expected = tuple(s.strip() for s in args.services.split(",") if s.strip())
+    url = cli_nats_url(args)
     try:
-        report = run_with_bus(args.data_dir, default_actor(), lambda bus: collect_health(bus, expected))
+        report = run_with_bus(url, default_actor(), lambda bus: collect_health(bus, expected))
     except Exception as exc:  # noqa: BLE001
-        print(f"caduceus status: cannot read status from NATS at {nats_url_for_cli(args.data_dir)}: {exc!r}",
+        print(f"caduceus status: cannot read status from NATS at {url}: {exc!r}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     nats = embedded_nats_health(args.data_dir)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.config_cmd import EXIT_UNREACHABLE, default_actor, run_with_bus
+from cli.config_cmd import EXIT_UNREACHABLE
+from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
 from shared.bus import Bus
 from shared.events import StudyCompleteRequested, make_event
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     complete = actions.add_parser("complete", help="force completion of an open study")
     complete.add_argument("study_uid")
     complete.add_argument("--comment", default="", help="why (kept in the audit log)")
-    complete.add_argument("--data-dir", default=None, help="data dir of a running `caduceus up`")
+    add_connection_arguments(complete)
     complete.set_defaults(func=run_complete)
 
 
@@ -32,8 +33,9 @@ def run_complete(args: argparse.Namespace) -> int:
     async def publish(bus: Bus) -> int:
         return await bus.publish(event)
 
+    url = cli_nats_url(args)
     try:
-        seq = run_with_bus(args.data_dir, actor, publish)
+        seq = run_with_bus(url, actor, publish)
     except Exception as exc:  # noqa: BLE001 - unreachable NATS: say so, exit non-zero
         print(f"caduceus: could not publish the request: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -64,7 +64,10 @@ def load_settings() -> Settings:
 
 # Written by `caduceus up` into its data dir: the embedded NATS URL and the service pids.
 UP_STATE_FILE = "caduceus-up.json"
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class NoCaduceusFound(LookupError):
+    """A CLI command was not told which NATS to use and found no running `caduceus up`."""
 
 
 def cli_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -74,18 +77,24 @@ def cli_data_dir(data_dir: str | Path | None = None) -> Path:
     return Path(os.environ.get("CADUCEUS_DATA_DIR") or "./caduceus-data")
 
 
-def nats_url_for_cli(data_dir: str | Path | None = None) -> str:
+def nats_url_for_cli(data_dir: str | Path | None = None, nats_url: str | None = None) -> str:
     """The NATS URL a CLI command should use.
 
-    CADUCEUS_NATS_URL wins; otherwise the URL of the embedded NATS that `caduceus up` recorded in
-    `<data dir>/caduceus-up.json` (so commands run from another shell find it); otherwise the
-    default local server.
+    --nats-url, else CADUCEUS_NATS_URL, else the URL of the embedded NATS that `caduceus up`
+    recorded in `<data dir>/caduceus-up.json` (so commands run from another shell find it).
+    Nothing is guessed beyond that: a NATS on the default port may be somebody else's, and a
+    command would declare caduceus's streams there and show (or change) a configuration that is
+    not the one in use.
     """
-    explicit = os.environ.get("CADUCEUS_NATS_URL")
+    explicit = nats_url or os.environ.get("CADUCEUS_NATS_URL")
     if explicit:
         return explicit
     url = up_state(data_dir).get("nats_url")
-    return str(url) if url else DEFAULT_NATS_URL
+    if url:
+        return str(url)
+    raise NoCaduceusFound(
+        f"no running `caduceus up` found in {cli_data_dir(data_dir)} (no {UP_STATE_FILE}): start it, "
+        "pass --data-dir with the data dir it runs on, or --nats-url (or CADUCEUS_NATS_URL) for an external NATS")
 
 
 def up_state(data_dir: str | Path | None = None) -> dict[str, object]:

@@ -177,6 +177,33 @@ def test_cli_finds_nats_through_up_state_file(nats_url: str, tmp_path: Path, mon
     assert "pacs" in json.loads(capsys.readouterr().out)["targets"]
 
 
+@pytest.mark.parametrize("argv", [["status"], ["config", "show"], ["config", "history"],
+                                  ["config", "apply", str(EXAMPLE)], ["retry", "some-task"],
+                                  ["study", "complete", "1.2.3"], ["bookkeeper", "events"],
+                                  ["bookkeeper", "history", "1.2.3"], ["rule", "test", "--filter", "True",
+                                                                       "--series", "1.2.3"]])
+def test_without_a_running_caduceus_commands_say_so_and_touch_no_other_nats(
+        argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, they fell back to nats://127.0.0.1:4222 (on this machine a NATS of its own) and
+    # declared caduceus's streams there.
+    monkeypatch.delenv("CADUCEUS_NATS_URL", raising=False)
+    monkeypatch.setenv("CADUCEUS_DATA_DIR", str(tmp_path / "stopped"))
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert f"no running `caduceus up` found in {tmp_path / 'stopped'}" in err and "--nats-url" in err
+
+
+def test_bookkeeper_and_retry_commands_take_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("CADUCEUS_NATS_URL", raising=False)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / UP_STATE_FILE).write_text(json.dumps({"nats_url": "nats://127.0.0.1:1"}))  # nobody listens
+    for argv in (["bookkeeper", "events"], ["retry", "some-task"]):
+        assert main([*argv, "--data-dir", str(data_dir)]) in (2, 3)
+        assert "nats://127.0.0.1:1" in capsys.readouterr().err
+
+
 async def test_concurrent_apply_is_refused_not_mixed(bus: Bus) -> None:
     example = CaduceusConfig.parse(yaml.safe_load(EXAMPLE.read_text()))
     stale_plan, based_on = await plan_apply(bus, example, "user:alice")

@@ -1,0 +1,54 @@
+"""How one-shot CLI commands find and reach caduceus's NATS, and whom they act as."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from shared.bus import Bus
+from shared.settings import nats_url_for_cli
+
+T = TypeVar("T")
+
+
+def default_actor() -> str:
+    try:
+        return f"user:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no passwd entry (containers): still say it was a person
+        return "user:unknown"
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=None,
+                        help="data dir of a running `caduceus up`, to find its NATS "
+                             "(default $CADUCEUS_DATA_DIR or ./caduceus-data)")
+    parser.add_argument("--nats-url", default=None,
+                        help="NATS of an installation not started by `caduceus up` here "
+                             "(default $CADUCEUS_NATS_URL)")
+
+
+def cli_nats_url(args: argparse.Namespace) -> str:
+    """The NATS URL for this command; raises NoCaduceusFound (reported by `cli.main`)."""
+    return nats_url_for_cli(args.data_dir, args.nats_url)
+
+
+async def connect_cli_bus(url: str, actor: str, *, declare: bool = True) -> Bus:
+    """A bus for one-shot commands: fails after a few tries instead of waiting forever."""
+    # The bus logs connection chatter as warnings (useful in services); a command reports its own errors.
+    logging.getLogger("shared.bus").setLevel(logging.ERROR)
+    return await Bus.connect(url, actor=actor, declare=declare, connect_timeout=3, max_reconnect_attempts=2)
+
+
+def run_with_bus(url: str, actor: str, work: Callable[[Bus], Awaitable[T]], *, declare: bool = True) -> T:
+    async def runner() -> T:
+        bus = await connect_cli_bus(url, actor, declare=declare)
+        try:
+            return await work(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(runner())
