@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cli.connection import add_connection_arguments, cli_nats_url, connect_cli_bus, default_actor
-from shared.bookkeeper_client import BookkeeperClient, BookkeeperError, EventRecord, SeriesHistoryResponse
+from cli.connection import add_connection_arguments, with_bookkeeper
+from shared.bookkeeper_client import BookkeeperClient, EventRecord, SeriesHistoryResponse
 from shared.settings import load_settings
 
 
@@ -60,26 +57,6 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ RPC commands
 
-def _with_client(args: argparse.Namespace, action: Callable[[BookkeeperClient], Awaitable[int]]) -> int:
-    url = cli_nats_url(args)
-
-    async def run() -> int:
-        try:
-            bus = await connect_cli_bus(url, default_actor(), declare=False)
-        except Exception as exc:  # noqa: BLE001 - say what failed, no traceback
-            print(f"error: cannot reach NATS at {url}: {exc}", file=sys.stderr)
-            return 2
-        try:
-            return await action(BookkeeperClient(bus))
-        except BookkeeperError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            await bus.close()
-
-    return asyncio.run(run())
-
-
 def cmd_events(args: argparse.Namespace) -> int:
     filters = {k: getattr(args, k) for k in ("series_uid", "study_uid", "task_id", "correlation_id", "type",
                                               "stream", "since_seq", "limit")}
@@ -92,7 +69,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             print(f"(more: --since-seq {page.next_since_seq})")
         return 0
 
-    return _with_client(args, action)
+    return with_bookkeeper(args, action)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -104,12 +81,12 @@ def cmd_history(args: argparse.Namespace) -> int:
             print(format_history(history))
         return 0 if history.series or history.events else 1
 
-    return _with_client(args, action)
+    return with_bookkeeper(args, action)
 
 
 # ------------------------------------------------------------------ formatting
 
-SUMMARY_FIELDS = ("target", "rule", "reason", "error", "attempt", "attempts", "sent", "instance_count",
+SUMMARY_FIELDS = ("severity", "message", "target", "rule", "reason", "error", "attempt", "attempts", "sent", "instance_count",
                   "matched_rules", "discarded", "trigger", "calling_aet", "duplicate", "service", "kind", "name")
 
 

@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import getpass
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from shared.bookkeeper_client import BookkeeperClient, BookkeeperError
 from shared.bus import Bus
 from shared.settings import nats_url_for_cli
 
@@ -41,6 +43,27 @@ async def connect_cli_bus(url: str, actor: str, *, declare: bool = True) -> Bus:
     # The bus logs connection chatter as warnings (useful in services); a command reports its own errors.
     logging.getLogger("shared.bus").setLevel(logging.ERROR)
     return await Bus.connect(url, actor=actor, declare=declare, connect_timeout=3, max_reconnect_attempts=2)
+
+
+def with_bookkeeper(args: argparse.Namespace, action: Callable[[BookkeeperClient], Awaitable[int]]) -> int:
+    """Run `action` with a client of the bookkeeper's query RPC; its exit code, 2/1 on trouble."""
+    url = cli_nats_url(args)
+
+    async def run() -> int:
+        try:
+            bus = await connect_cli_bus(url, default_actor(), declare=False)
+        except Exception as exc:  # noqa: BLE001 - say what failed, no traceback
+            print(f"error: cannot reach NATS at {url}: {exc}", file=sys.stderr)
+            return 2
+        try:
+            return await action(BookkeeperClient(bus))
+        except BookkeeperError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await bus.close()
+
+    return asyncio.run(run())
 
 
 def run_with_bus(url: str, actor: str, work: Callable[[Bus], Awaitable[T]], *, declare: bool = True) -> T:

@@ -6,11 +6,22 @@ import argparse
 import os
 import sys
 
-from cli import bookkeeper_cmd, config_cmd, retry_cmd, rule_cmd, service_cmd, status_cmd, study_cmd, up_cmd
+from cli import (
+    bookkeeper_cmd,
+    config_cmd,
+    retry_cmd,
+    rule_cmd,
+    service_cmd,
+    status_cmd,
+    study_cmd,
+    tasks_cmd,
+    up_cmd,
+)
 from cli.config_cmd import EXIT_UNREACHABLE
 from shared.settings import NoCaduceusFound
 
-COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, retry_cmd, study_cmd, bookkeeper_cmd]
+COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, tasks_cmd, retry_cmd, study_cmd,
+                   bookkeeper_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

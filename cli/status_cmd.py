@@ -14,6 +14,8 @@ import sys
 
 from cli.config_cmd import EXIT_UNREACHABLE
 from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
+from shared.bookkeeper_client import BookkeeperClient, BookkeeperError
+from shared.bus import Bus
 from shared.health import EXPECTED_SERVICES, HealthReport, collect_health
 from shared.natsserver import nats_health
 from shared.settings import up_state
@@ -33,18 +35,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     expected = tuple(s.strip() for s in args.services.split(",") if s.strip())
     url = cli_nats_url(args)
+
+    async def gather(bus: Bus) -> tuple[HealthReport, dict[str, int] | None]:
+        return await collect_health(bus, expected), await tasks_by_state(bus)
+
     try:
-        report = run_with_bus(url, default_actor(), lambda bus: collect_health(bus, expected))
+        report, tasks = run_with_bus(url, default_actor(), gather)
     except Exception as exc:  # noqa: BLE001
         print(f"caduceus status: cannot read status from NATS at {url}: {exc!r}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     nats = embedded_nats_health(args.data_dir)
     if args.json:
-        print(json.dumps({**report.model_dump(mode="json"), "nats": nats}, indent=2))
+        print(json.dumps({**report.model_dump(mode="json"), "nats": nats, "tasks_by_state": tasks}, indent=2))
     else:
-        print(render(report, nats))
+        print(render(report, nats, tasks))
     return 0 if all_healthy(report, nats) else EXIT_UNHEALTHY
+
+
+async def tasks_by_state(bus: Bus) -> dict[str, int] | None:
+    """Task counts from the bookkeeper's projection; None when it does not answer (its own line says so)."""
+    try:
+        return (await BookkeeperClient(bus, timeout=3).stats()).tasks_by_state
+    except BookkeeperError:
+        return None
 
 
 def all_healthy(report: HealthReport, nats: dict[str, object] | None) -> bool:
@@ -60,9 +74,15 @@ def embedded_nats_health(data_dir: str | None) -> dict[str, object] | None:
     return {"healthy": healthy, "error": error, "monitor_url": url}
 
 
-def render(report: HealthReport, nats: dict[str, object] | None = None) -> str:
+def render(report: HealthReport, nats: dict[str, object] | None = None,
+           tasks: dict[str, int] | None = None) -> str:
     lines = [f"caduceus: {'healthy' if all_healthy(report, nats) else 'UNHEALTHY'}  "
-             f"({report.checked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC)", "", "SERVICES"]
+             f"({report.checked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC)"]
+    failed = (tasks or {}).get("error", 0)
+    if failed:
+        lines.append(f"ATTENTION: {failed} task(s) failed and wait for an operator: "
+                     "`caduceus tasks --state error` lists them, `caduceus retry` resends")
+    lines += ["", "SERVICES"]
     if nats is not None:
         state = "healthy" if nats["healthy"] else f"UNHEALTHY: {nats['error']}"
         lines.append(f"  {'nats':<11} {state}  (embedded; {nats['monitor_url']}/healthz)")
@@ -77,6 +97,9 @@ def render(report: HealthReport, nats: dict[str, object] | None = None) -> str:
             lines.append(f"  {name:<11} {inst.state:<8} {inst.instance:<32} pid {inst.pid:<7} "
                          f"beat {inst.age_seconds:>6.1f}s ago  up {inst.uptime_seconds:>8.0f}s"
                          f"{'  ' + details if details else ''}{marker if i == 0 else ''}")
+    if tasks is not None:
+        counts = ", ".join(f"{tasks.get(state, 0)} {state}" for state in ("error", "retrying", "queued", "done"))
+        lines += ["", f"TASKS  {counts}  (bookkeeper's projection; `caduceus tasks`)"]
     lines += ["", "STREAMS", f"  {'name':<8} {'messages':>10} {'bytes':>14} {'first':>8} {'last':>8} {'consumers':>9} "
                              f"{'kept':>8}"]
     for stream in report.streams:

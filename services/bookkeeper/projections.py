@@ -310,7 +310,9 @@ def task_on_event(row: Row, ev: StoredEvent) -> Row:
         new["attempts"] = max(new["attempts"], int(p.get("attempts") or 0))
         new["last_error"] = p.get("error")
     elif t == "dispatch.retry_requested":
+        # The dispatcher counts attempts afresh after a manual retry (docs/events.md); so does the view.
         new["state"] = "queued"
+        new["attempts"] = 0
     else:
         return row
     new["updated_at"] = ev.occurred_at

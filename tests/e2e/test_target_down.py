@@ -3,6 +3,7 @@ the destination is up `caduceus retry --series UID` (the CLI, as an operator run
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def test_target_down_then_cli_retry_delivers(tmp_path: Path, caduceus_factory: C
     assert any(e.payload["severity"] in ("error", "critical") for e in alerts), [e.payload for e in alerts]
     assert not target.files()
 
+    # What the operator sees: status points at the failed task, `caduceus tasks` shows it with its error.
+    status = wait_for(lambda: _attention(cad.cli("status")), 30, "status shows the failed task")
+    assert "ATTENTION: 1 task(s) failed" in status and "TASKS  1 error" in status, status
+    listed = cad.cli("tasks", "--state", "error")
+    assert listed.returncode == 0, listed.stderr
+    assert f"task={task_id}" in listed.stdout and "last error: could not connect to" in listed.stdout, listed.stdout
+    assert f"caduceus retry {task_id}" in listed.stdout
+
     # The operator starts the destination and retries the series from the command line.
     target.start()
     result = cad.cli("retry", "--series", series_uid, "--comment", "target is back")
@@ -61,3 +70,10 @@ def test_target_down_then_cli_retry_delivers(tmp_path: Path, caduceus_factory: C
                                          t=task_id)]
     assert story[0] == "dispatch.requested" and story[-1] == "dispatch.completed", story
     assert story.index("dispatch.failed") < story.index("dispatch.retry_requested"), story
+    done = cad.cli("tasks", "--series", series_uid)
+    assert "done" in done.stdout and "attempts=1" in done.stdout and "1 task(s)" in done.stdout, done.stdout
+    assert "ATTENTION" not in cad.cli("status").stdout
+
+
+def _attention(result: subprocess.CompletedProcess[str]) -> str | None:
+    return result.stdout if "ATTENTION" in result.stdout else None
