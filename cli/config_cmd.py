@@ -47,7 +47,17 @@ def load_document(path: Path) -> Any:
 
 def load_config_file(path: Path) -> CaduceusConfig:
     """Read and validate; raises FileError or ConfigError with a message naming the problem."""
-    return CaduceusConfig.parse(load_document(path))
+    document = load_document(path)
+    if document is None or document == {}:
+        # Applying it would delete every rule and target: far more often a wrong or truncated file.
+        raise FileError(f"{path} is empty; to remove every rule and target, apply a file that says so "
+                        "(targets: {} and rules: {})")
+    return CaduceusConfig.parse(document)
+
+
+def print_warnings(config: CaduceusConfig, prefix: str) -> None:
+    for warning in config.warnings():
+        print(f"{prefix}: warning: {warning}", file=sys.stderr)
 
 
 class ConcurrentChange(RuntimeError):
@@ -127,6 +137,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         desired = load_config_file(args.file)
     except (FileError, ConfigError) as exc:
         return _fail(f"invalid configuration, nothing applied: {exc}", EXIT_INVALID)
+    print_warnings(desired, "caduceus config")
     actor = args.actor or default_actor()
     url = cli_nats_url(args)
     try:

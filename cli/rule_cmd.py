@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from cli.connection import add_connection_arguments, cli_nats_url, connect_cli_bus, default_actor
+from shared.config.model import DEFAULT_EXTRACT_TAGS
 from shared.rules import CompiledRule, RuleResult, RuleSyntaxError, compile_rule
 
 EXIT_MATCH, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
@@ -59,12 +60,14 @@ def run_test(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     result = rule.evaluate(tags)
+    # A series' tags are what the receiver extracted; a file or JSON may hold tags the router never sees.
+    warnings = rule.warnings + ([] if args.series else _not_extracted_by_default(rule))
     if args.json:
         print(json.dumps({"matched": result.matched, "error": result.error, "used_tags": result.used_tags,
-                          "missing_tags": result.missing_tags, "warnings": rule.warnings, "source": origin},
+                          "missing_tags": result.missing_tags, "warnings": warnings, "source": origin},
                          indent=2))
     else:
-        _print_result(rule, result, origin)
+        _print_result(result, origin, warnings)
     if result.error:
         return EXIT_ERROR
     return EXIT_MATCH if result.matched else EXIT_NO_MATCH
@@ -77,7 +80,13 @@ def _print_syntax_error(expr: str, exc: RuleSyntaxError) -> None:
         print("  " + " " * (exc.column - 1) + "^", file=sys.stderr)
 
 
-def _print_result(rule: CompiledRule, result: RuleResult, origin: str) -> None:
+def _not_extracted_by_default(rule: CompiledRule) -> list[str]:
+    return [f"{tag} is not in the default settings.extract_tags: the router sees it (else empty) only if "
+            f"the configuration adds it" for tag in rule.tags
+            if tag not in DEFAULT_EXTRACT_TAGS and tag not in rule.unknown_tags]
+
+
+def _print_result(result: RuleResult, origin: str, warnings: list[str]) -> None:
     if result.error:
         print(f"ERROR: {result.error} (counts as no match)")
     else:
@@ -91,7 +100,7 @@ def _print_result(rule: CompiledRule, result: RuleResult, origin: str) -> None:
             print(f"  {keyword.ljust(width)} = {value!r}{mark}")
     if result.missing_tags:
         print(f"missing tags: {', '.join(result.missing_tags)}")
-    for warning in rule.warnings:
+    for warning in warnings:
         print(f"warning: {warning}")
 
 

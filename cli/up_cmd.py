@@ -36,10 +36,11 @@ from cli.config_cmd import (
     EXIT_INVALID,
     FileError,
     apply_config,
-    default_actor,
     describe_change,
     load_config_file,
+    print_warnings,
 )
+from cli.connection import default_actor
 from cli.natskeeper import NatsKeeper
 from cli.supervisor import ChildSpec, Supervisor, child_env, service_argv
 from cli.watchdog import HeartbeatWatchdog
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         except (FileError, ConfigError) as exc:
             print(f"caduceus up: invalid configuration {args.config}, nothing started: {exc}", file=sys.stderr)
             return EXIT_INVALID
+        print_warnings(desired, "caduceus up")
     try:
         return asyncio.run(_up(args, desired))
     except StartError as exc:

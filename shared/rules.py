@@ -367,15 +367,15 @@ def _keywords() -> frozenset[str]:
     return frozenset(_known_keywords())
 
 
-def _keyword_warnings(tags: set[str]) -> list[str]:
+def _unknown_keywords(tags: set[str]) -> list[str]:
     known = _keywords()
-    warnings = []
-    for tag in sorted(tags):
-        if known and tag not in known:
-            close = difflib.get_close_matches(tag, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            warnings.append(f"'{tag}' is not a DICOM keyword{hint}")
-    return warnings
+    return [tag for tag in sorted(tags) if known and tag not in known]
+
+
+def _keyword_warning(tag: str) -> str:
+    close = difflib.get_close_matches(tag, _keywords(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"'{tag}' is not a DICOM keyword{hint}"
 
 
 class CompiledRule:
@@ -386,7 +386,8 @@ class CompiledRule:
         self._tree = tree
         self._at_tags = at_tags
         self.tags = sorted(tags)
-        self.warnings = _keyword_warnings(tags)
+        self.unknown_tags = _unknown_keywords(tags)
+        self.warnings = [_keyword_warning(tag) for tag in self.unknown_tags]
 
     def __repr__(self) -> str:
         return f"CompiledRule({self.source!r})"

@@ -120,6 +120,32 @@ def test_unparseable_files_exit_2(cli, tmp_path: Path) -> None:  # type: ignore[
     assert history(cli) == []
 
 
+def test_an_empty_file_deletes_nothing(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("config", "apply", str(EXAMPLE))[0] == 0
+    before = len(history(cli))
+    for text in ("", "# nothing here\n", "{}\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        code, _, err = cli("config", "apply", str(empty))
+        assert code == 2 and "is empty" in err and "targets: {} and rules: {}" in err, err
+    assert len(history(cli)) == before
+    explicit = write_yaml(tmp_path / "none.yaml", {"targets": {}, "rules": {}})
+    code, out, _ = cli("config", "apply", str(explicit))
+    assert code == 0 and "deleted  targets/pacs" in out
+
+
+def test_apply_warns_of_rules_that_cannot_match_as_meant(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    document = {"targets": {"a": {"type": "dicom", "host": "127.0.0.1", "port": 104, "called_aet": "A"}},
+                "rules": {"typo": {"filter": "@Modaliy@ == 'CT'", "targets": ["a"]},
+                          "unextracted": {"filter": "@ImagePositionPatient@ != ''", "targets": ["a"]},
+                          "fine": {"filter": "@Modality@ == 'CT'", "targets": ["a"]}}}
+    code, _, err = cli("config", "apply", str(write_yaml(tmp_path / "c.yaml", document)), "--dry-run")
+    assert code == 0
+    assert "warning: rules.typo.filter: 'Modaliy' is not a DICOM keyword (did you mean Modality?)" in err
+    assert "warning: rules.unextracted.filter: ImagePositionPatient is not in settings.extract_tags" in err
+    assert "rules.fine" not in err and err.count("warning") == 2
+
+
 def test_update_and_delete(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert cli("config", "apply", str(EXAMPLE))[0] == 0
     count = len(history(cli))
@@ -141,8 +167,8 @@ def test_update_and_delete(cli, tmp_path: Path) -> None:  # type: ignore[no-unty
     assert shown["targets"]["pacs"]["port"] == 4343
     assert "ct-head-research" not in shown["rules"] and "research-archive" not in shown["targets"]
 
-    # Settings are never deleted: an empty document resets them to defaults and deletes the rest.
-    code, out, _ = cli("config", "apply", str(write_yaml(tmp_path / "empty.yaml", {})))
+    # Settings are never deleted: a document without them resets them to defaults (an empty file is refused).
+    code, out, _ = cli("config", "apply", str(write_yaml(tmp_path / "none.yaml", {"targets": {}, "rules": {}})))
     assert code == 0
     shown = json.loads(cli("config", "show", "--json")[1])
     assert shown == {"settings": {}, "targets": {}, "rules": {}, "modules": {}}

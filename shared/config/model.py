@@ -210,6 +210,25 @@ class CaduceusConfig(BaseModel):
         if problems:
             raise ConfigError("; ".join(problems))
 
+    def warnings(self) -> list[str]:
+        """Valid but probably not meant: a rule naming a tag that is no DICOM keyword, or one the
+        receiver does not extract (rules see only settings.extract_tags; any other tag is empty)."""
+        from shared.rules import RuleSyntaxError, compile_rule
+
+        extracted = set(self.settings.extract_tags)
+        found: list[str] = []
+        for name, rule in self.rules.items():
+            try:
+                compiled = compile_rule(rule.filter)
+            except RuleSyntaxError:
+                continue  # check_references reports it
+            found += [f"rules.{name}.filter: {warning}" for warning in compiled.warnings]
+            for tag in compiled.tags:
+                if tag not in extracted and tag not in compiled.unknown_tags:
+                    found.append(f"rules.{name}.filter: {tag} is not in settings.extract_tags, so the router "
+                                 f"always sees it empty; add it there if the rule needs it")
+        return found
+
     def longest_stream_wait_seconds(self) -> tuple[float, str]:
         """The longest an event may have to stay on the EVENTS stream under this configuration, and why.
 

@@ -57,6 +57,16 @@ def test_rule_test_with_dicom_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rule", "test", "--filter", "@Modality@ == 'CT'", "--file", __file__]) == 2
 
 
+def test_rule_test_with_a_file_warns_of_tags_the_router_does_not_see(capsys: pytest.CaptureFixture[str]) -> None:
+    # The file has ImagePositionPatient, but the receiver extracts only settings.extract_tags.
+    path = str(get_testdata_file("CT_small.dcm"))
+    assert main(["rule", "test", "--filter", "@ImagePositionPatient@ != ''", "--file", path]) == 0
+    out = capsys.readouterr().out
+    assert "warning: ImagePositionPatient is not in the default settings.extract_tags" in out
+    assert main(["rule", "test", "--filter", "@Modality@ == 'CT'", "--file", path]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_rule_test_with_series_from_stream(nats_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """No bookkeeper runs here: the command reads the series' first image.received from EVENTS."""
