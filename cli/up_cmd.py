@@ -60,9 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--data-dir", default=os.environ.get("CADUCEUS_DATA_DIR", "./caduceus-data"),
                         help="blobs, NATS store, SQLite, logs (default $CADUCEUS_DATA_DIR or ./caduceus-data)")
     parser.add_argument("--config", type=Path, default=None, help="apply this YAML/JSON configuration first")
-    parser.add_argument("--dicom-port", type=int, default=11112, help="DICOM port of the receiver")
-    parser.add_argument("--ui-port", type=int, default=8080, help="port of the web UI")
-    parser.add_argument("--ui-host", default=os.environ.get("CADUCEUS_UI_HOST", "127.0.0.1"))
+    parser.add_argument("--dicom-port", type=int, default=11112, help="DICOM port of the receiver (default 11112)")
+    parser.add_argument("--ui-port", type=int, default=8080, help="port of the web UI (default 8080)")
+    parser.add_argument("--ui-host", default=os.environ.get("CADUCEUS_UI_HOST", "127.0.0.1"),
+                        help="address the web UI listens on (default $CADUCEUS_UI_HOST or 127.0.0.1; "
+                             "0.0.0.0 for every interface)")
     parser.add_argument("--nats-port", type=int, default=4223,
                         help="port of the embedded NATS (4223: leaves a system NATS on 4222 alone)")
     parser.add_argument("--services", default=",".join(EXPECTED_SERVICES),
@@ -217,6 +219,7 @@ async def _up(args: argparse.Namespace, desired: CaduceusConfig | None) -> int:
                 await bus.close()
         if nats is not None:
             await asyncio.to_thread(nats.stop)
+            print("caduceus up: NATS stopped", file=sys.stderr, flush=True)
         with contextlib.suppress(FileNotFoundError):
             state_file.unlink()
 

@@ -258,6 +258,9 @@ class RouterService(Service):
             await self.publish(events[-1])
             self.decided.add(batch_id)
             self.counters["decided"] = self.counters.get("decided", 0) + 1
+            if any(event.type == "series.discarded" for event in events):
+                # Visible in `caduceus status`: a series no rule wanted is otherwise only in the audit log.
+                self.counters["discarded"] = self.counters.get("discarded", 0) + 1
             log.info("%s batch %s decided: %s", pending.level, batch_id, events[-1].payload.get("reason"),
                      extra={"series_uid": completed.series_uid, "study_uid": completed.study_uid})
 
