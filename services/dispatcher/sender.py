@@ -161,7 +161,7 @@ def _on_acse_received(event: evt.Event) -> None:
 
 def _association_error(assoc: Association, dest: Destination) -> str:
     if not getattr(assoc, "caduceus_connected", False):
-        return f"could not connect to {dest.describe()}"
+        return f"could not connect to {dest.describe()}{_connect_problem(dest)}"
     if assoc.is_rejected:
         why = getattr(assoc, "caduceus_rejection", "")
         return f"association rejected by {dest.describe()}" + (f": {why}" if why else "")
@@ -170,6 +170,22 @@ def _association_error(assoc: Association, dest: Destination) -> str:
     if assoc.is_aborted:
         return f"association aborted by {dest.describe()}"
     return f"association with {dest.describe()} ended unexpectedly"
+
+
+def _connect_problem(dest: Destination, timeout: float = 3.0) -> str:
+    """Why a connection fails (refused, timed out, unknown host), found by trying once more.
+
+    pynetdicom only logs the socket error; the task's error should tell an admin which it was.
+    """
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=timeout):
+            return " (it accepted a connection on a second try)"
+    except TimeoutError:
+        return f": no answer within {timeout:g} s"
+    except socket.gaierror as exc:
+        return f": cannot resolve host {dest.host!r} ({exc.strerror})"
+    except OSError as exc:
+        return f": {exc.strerror or exc}"
 
 
 def _refusals(assoc: Association) -> str:

@@ -42,3 +42,10 @@ def test_no_accepted_context_names_what_was_refused(tmp_path: Path,
     assert result.errors == [f"STORESCP@127.0.0.1:{peer.port} accepted none of the proposed presentation "
                              "contexts (Secondary Capture Image Storage in JPEG 2000 Image Compression: "
                              "transfer syntax(es) not supported)"]
+
+
+def test_unreachable_peer_says_how(tmp_path: Path, storescp_factory: Callable[..., StoreScp]) -> None:
+    peer = storescp_factory(start=False)  # nothing listens on its port
+    result = send_items(Destination("127.0.0.1", peer.port, peer.aet, "CADUCEUS"),
+                        _items(make_series(tmp_path / "s", 1)), lambda index, status: None, threading.Event())
+    assert result.errors == [f"could not connect to STORESCP@127.0.0.1:{peer.port}: Connection refused"]
