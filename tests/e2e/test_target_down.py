@@ -47,7 +47,8 @@ def test_target_down_then_cli_retry_delivers(tmp_path: Path, caduceus_factory: C
     assert "ATTENTION: 1 task(s) failed" in status and "TASKS  1 error" in status, status
     listed = cad.cli("tasks", "--state", "error")
     assert listed.returncode == 0, listed.stderr
-    assert f"task={task_id}" in listed.stdout and "last error: could not connect to" in listed.stdout and "Connection refused" in listed.stdout, listed.stdout
+    assert f"task={task_id}" in listed.stdout, listed.stdout
+    assert "last error: could not connect to" in listed.stdout and "Connection refused" in listed.stdout
     assert f"caduceus retry {task_id}" in listed.stdout
 
     # The operator starts the destination and retries the series from the command line.
