@@ -46,6 +46,7 @@ from cli.supervisor import ChildSpec, Supervisor, child_env, service_argv
 from cli.watchdog import HeartbeatWatchdog
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError
+from shared.config.state import fold, read_all
 from shared.health import EXPECTED_SERVICES
 from shared.natsserver import EmbeddedNats, free_port
 from shared.settings import UP_STATE_FILE, Settings, up_state
@@ -286,7 +287,7 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
     hung_after = _hung_after(args, settings)
     if hung_after > 0:
         helpers.append(asyncio.create_task(HeartbeatWatchdog(supervisor, bus, hung_after).run()))
-    _print_banner(args, services, data_dir, logs_dir, nats_url, nats is not None)
+    _print_banner(args, services, data_dir, logs_dir, nats_url, nats is not None, await _ae_title(bus))
     await supervisor.wait()
     await asyncio.gather(*helpers, return_exceptions=True)
     print("caduceus up: services stopped; stopping NATS" if nats is not None else "caduceus up: services stopped",
@@ -311,13 +312,21 @@ def _hung_after(args: argparse.Namespace, settings: Settings) -> float:
     return max(60.0, 12 * interval)
 
 
+async def _ae_title(bus: Bus) -> str:
+    """The receiver's AE title in the configuration in force (for the banner)."""
+    try:
+        return CaduceusConfig.from_items(fold(await read_all(bus))).settings.ae_title
+    except Exception:  # noqa: BLE001 - a banner detail: never a reason not to start
+        return "see settings.ae_title"
+
+
 def _print_banner(args: argparse.Namespace, services: list[str], data_dir: Path, logs_dir: Path,
-                  nats_url: str, embedded: bool) -> None:
+                  nats_url: str, embedded: bool, ae_title: str) -> None:
     lines = ["caduceus is up"]
     if "ui" in services:
         lines.append(f"  web UI      http://{args.ui_host}:{args.ui_port}/")
     if "receiver" in services:
-        lines.append(f"  DICOM       port {args.dicom_port} (AE title: settings.ae_title, default CADUCEUS)")
+        lines.append(f"  DICOM       port {args.dicom_port}, AE title {ae_title} (settings.ae_title)")
     lines.append(f"  NATS        {nats_url}{' (embedded)' if embedded else ''}")
     lines.append(f"  data dir    {data_dir}")
     lines.append(f"  logs        {logs_dir}/<service>.log (rotated: CADUCEUS_LOG_MAX_MB, CADUCEUS_LOG_FILES_KEPT)")
