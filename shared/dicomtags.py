@@ -31,7 +31,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.filereader import dcmread
+from pydicom.filereader import _read_file_meta_info, data_element_generator, dcmread, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -199,12 +199,45 @@ def _check_complete(fileobj: BinaryIO, total: int, ds: Dataset) -> None:
     pos = fileobj.tell()
     if pos > total:
         raise TagExtractionError(f"truncated: an element runs {pos - total} bytes past the end of the data")
-    if pos >= total or str(getattr(ds.file_meta, "TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
-        return
     implicit, little = ds.original_encoding
-    if implicit is None or little is None:
+    if str(getattr(ds.file_meta, "TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian \
+            or implicit is None or little is None:
         return
-    _check_tail(fileobj, pos, total, implicit, little)
+    if pos < total:
+        _check_tail(fileobj, pos, total, implicit, little)
+        return
+    # Read to the end: pydicom also stops there, without a word, at a cut element header.
+    end = _last_element_end(fileobj, implicit, little)
+    if end > total:
+        raise TagExtractionError(f"truncated: an element runs {end - total} bytes past the end of the data")
+    if end < total and not _is_zero_padding(_read_at(fileobj, end, total - end)):
+        raise TagExtractionError("truncated: incomplete element header at the end of the data")
+
+
+def _last_element_end(fileobj: BinaryIO, implicit: bool, little: bool) -> int:
+    """Where the last whole top-level element of the data set ends."""
+    fileobj.seek(0)
+    try:
+        read_preamble(fileobj, True)
+        _read_file_meta_info(fileobj)
+        end = fileobj.tell()
+        for _ in data_element_generator(fileobj, implicit, little, defer_size=1):  # values are skipped
+            end = fileobj.tell()
+    except (EOFError, ValueError, KeyError, struct.error, OSError, InvalidDicomError) as exc:
+        raise TagExtractionError(f"not a readable DICOM dataset: {exc}") from exc
+    return end
+
+
+def _read_at(fileobj: BinaryIO, pos: int, size: int) -> bytes:
+    fileobj.seek(pos)
+    return fileobj.read(size)
+
+
+def _is_zero_padding(tail: bytes) -> bool:
+    """Bytes after the last element that are padding, not a cut element header: at least two, all
+    zero (no tag in a data set has group 0000, so a cut header never starts with two zero bytes;
+    a single byte may be the first of a group like 0x6000 in either byte order)."""
+    return len(tail) >= 2 and not tail.strip(b"\0")
 
 
 def _check_tail(fileobj: BinaryIO, pos: int, total: int, implicit: bool, little: bool) -> None:
@@ -219,6 +252,8 @@ def _check_tail(fileobj: BinaryIO, pos: int, total: int, implicit: bool, little:
         fileobj.seek(pos)
         head = fileobj.read(12)
         if len(head) < 8:
+            if _is_zero_padding(head):
+                return
             raise TagExtractionError("truncated: incomplete element header at the end of the data")
         if implicit:
             length, header = struct.unpack(order + "I", head[4:8])[0], 8
@@ -402,10 +437,14 @@ def _fast_read(data: bytes, wanted: _Wanted) -> tuple[Dataset, str]:
     unpack = _IMPLICIT.unpack_from if implicit else _EXPLICIT.unpack_from
     u32 = _U32.unpack_from
     vr: str | None = None
-    # Checks are ordered for the common element: fewer than 8 bytes left raises struct.error in
-    # `unpack` (the caller then leaves the data to pydicom, as for _Unusual), and a value running
-    # past the end also ends the loop, so that is checked once, after it.
+    # Checks are ordered for the common element: a value running past the end ends the loop, so
+    # that is checked once, after it.
     while pos < total:
+        if total - pos < 8:
+            if _is_zero_padding(data[pos:total]):
+                pos = total
+                break
+            raise _Unusual("a cut element header")  # pydicom's path reports it, in its words
         if implicit:
             group, element, length = unpack(data, pos)
             start = pos + 8

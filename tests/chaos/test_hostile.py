@@ -83,6 +83,9 @@ def _write(path: Path, body: bytes, transfer_syntax: str = ExplicitVRLittleEndia
     return path
 
 
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
 def hostile_files(out: Path, good: Path) -> dict[str, tuple[Path, str]]:
     """name -> (file, what the receiver must answer: 'quarantine', 'store' or 'any')."""
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,13 @@ def hostile_files(out: Path, good: Path) -> dict[str, tuple[Path, str]]:
         "empty": (b"", ExplicitVRLittleEndian, "quarantine"),
         "truncated in pixel data": (real[: len(real) * 2 // 3], ExplicitVRLittleEndian, "quarantine"),
         "truncated in header": (real[:37], ExplicitVRLittleEndian, "quarantine"),
+        # Cut inside an element's header: pydicom stops reading there without a word, and such a
+        # CT (identity complete, no pixel data) used to be stored and sent on.
+        "cut in the pixel data tag": (real[:real.rindex(PIXEL_DATA_TAG) + 2], ExplicitVRLittleEndian, "quarantine"),
+        "cut after the pixel data VR": (real[:real.rindex(PIXEL_DATA_TAG) + 6], ExplicitVRLittleEndian,
+                                        "quarantine"),
+        "cut in a header mid-data": (real[:real.index(b"\x28\x00\x10\x00") + 3], ExplicitVRLittleEndian,
+                                     "quarantine"),
         "element length beyond the data": (_identity(generate_uid(), generate_uid(), generate_uid(),
                                                      _element(0x0009, 0x1001, "OB", b"x" * 64, 0x7FFFFFF0)),
                                            ExplicitVRLittleEndian, "quarantine"),

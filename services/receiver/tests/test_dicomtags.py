@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
@@ -218,6 +219,51 @@ def test_truncated_data_raises(cut: int) -> None:
     raw = Path(_local("CT_small.dcm")).read_bytes()
     with pytest.raises(TagExtractionError, match="truncated"):
         extract_tags(raw[:cut], DEFAULT_EXTRACT_TAGS)
+
+
+def _element_ends(raw: bytes) -> tuple[int, set[int], int]:
+    """(data set start, offsets where a top-level element ends, start of the pixel data value or the end)."""
+    stream = io.BytesIO(raw)
+    read_preamble(stream, True)
+    meta = _read_file_meta_info(stream)
+    start = stream.tell()
+    syntax = meta.TransferSyntaxUID
+    ends, pixel_value = {start}, len(raw)
+    for element in data_element_generator(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=1):
+        ends.add(stream.tell())
+        if element.tag == 0x7FE00010:
+            pixel_value = element.value_tell
+    return start, ends, pixel_value
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "ExplVR_BigEnd.dcm", "rtplan.dcm"])
+def test_a_cut_inside_any_element_is_refused(name: str, fast: bool) -> None:
+    """Data cut anywhere but between two top-level elements are refused. A cut inside an element's
+    header used to pass (pydicom's reader stops at a short header without a word), and a CT without
+    its pixel data was stored, routed and sent on."""
+    raw = Path(_local(name)).read_bytes()
+    start, ends, pixel_value = _element_ends(raw)
+    cuts = {*range(start + 1, start + 700), *range(pixel_value - 40, pixel_value + 8)}
+    accepted = []
+    for cut in sorted(cut for cut in cuts - ends if start < cut < len(raw)):
+        try:
+            tags = extract_tags(raw[:cut], DEFAULT_EXTRACT_TAGS, fast=fast)
+        except TagExtractionError:
+            continue
+        if tags.study_uid and tags.series_uid and tags.sop_uid:  # else the receiver quarantines it too
+            accepted.append(cut)
+    assert accepted == []
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_zero_padding_after_the_last_element_is_tolerated_a_stray_byte_is_not(fast: bool) -> None:
+    raw = Path(_local("rtplan.dcm")).read_bytes()
+    assert extract_tags(raw + b"\0\0", DEFAULT_EXTRACT_TAGS, fast=fast).sop_uid
+    with pytest.raises(TagExtractionError, match="incomplete element header"):
+        extract_tags(raw + b"\0", DEFAULT_EXTRACT_TAGS, fast=fast)
+    with pytest.raises(TagExtractionError, match="incomplete element header|not a readable"):
+        extract_tags(raw + b"\x08\x00\x20", DEFAULT_EXTRACT_TAGS, fast=fast)
 
 
 def test_truncated_encapsulated_raises() -> None:
