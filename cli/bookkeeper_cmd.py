@@ -99,8 +99,10 @@ def summarize(payload: dict[str, Any]) -> str:
 def format_event(event: EventRecord) -> str:
     when = event.occurred_at.strftime("%Y-%m-%d %H:%M:%S")
     where = event.sop_uid and f"sop={event.sop_uid}" or event.task_id and f"task={event.task_id}" or ""
-    return f"{event.stream}#{event.stream_seq:<6} {when} {event.type:<26} {event.actor:<12} {where} " \
-           f"{summarize(event.payload)}".rstrip()
+    summary = summarize(event.payload)
+    if event.type == "image.quarantined":  # where the bytes are, relative to <data dir>/blobs
+        summary += f" kept={event.payload.get('blob_key') or 'not kept'}"
+    return f"{event.stream}#{event.stream_seq:<6} {when} {event.type:<26} {event.actor:<12} {where} {summary}".rstrip()
 
 
 def format_history(history: SeriesHistoryResponse) -> str:

@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 
 from cli.config_cmd import EXIT_UNREACHABLE
 from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
@@ -36,29 +38,41 @@ def run(args: argparse.Namespace) -> int:
     expected = tuple(s.strip() for s in args.services.split(",") if s.strip())
     url = cli_nats_url(args)
 
-    async def gather(bus: Bus) -> tuple[HealthReport, dict[str, int] | None]:
-        return await collect_health(bus, expected), await tasks_by_state(bus)
+    async def gather(bus: Bus) -> tuple[HealthReport, Work | None]:
+        return await collect_health(bus, expected), await work_view(bus)
 
     try:
-        report, tasks = run_with_bus(url, default_actor(), gather)
+        report, work = run_with_bus(url, default_actor(), gather)
     except Exception as exc:  # noqa: BLE001
         print(f"caduceus status: cannot read status from NATS at {url}: {exc!r}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     nats = embedded_nats_health(args.data_dir)
     if args.json:
-        print(json.dumps({**report.model_dump(mode="json"), "nats": nats, "tasks_by_state": tasks}, indent=2))
+        print(json.dumps({**report.model_dump(mode="json"), "nats": nats,
+                          **(asdict(work) if work else {})}, indent=2))
     else:
-        print(render(report, nats, tasks))
+        print(render(report, nats, work))
     return 0 if all_healthy(report, nats) else EXIT_UNHEALTHY
 
 
-async def tasks_by_state(bus: Bus) -> dict[str, int] | None:
-    """Task counts from the bookkeeper's projection; None when it does not answer (its own line says so)."""
+@dataclass
+class Work:
+    """What needs an operator, from the bookkeeper: failed tasks, recently quarantined images."""
+
+    tasks_by_state: dict[str, int]
+    quarantined_last_day: int
+
+
+async def work_view(bus: Bus) -> Work | None:
+    """None when the bookkeeper does not answer (its own line in SERVICES says why)."""
+    client = BookkeeperClient(bus, timeout=3)
     try:
-        return (await BookkeeperClient(bus, timeout=3).stats()).tasks_by_state
+        stats = await client.stats()
+        recent = await client.count(since=datetime.now(UTC) - timedelta(days=1))
     except BookkeeperError:
         return None
+    return Work(stats.tasks_by_state, recent.counts.get("image.quarantined", 0))
 
 
 def all_healthy(report: HealthReport, nats: dict[str, object] | None) -> bool:
@@ -74,14 +88,17 @@ def embedded_nats_health(data_dir: str | None) -> dict[str, object] | None:
     return {"healthy": healthy, "error": error, "monitor_url": url}
 
 
-def render(report: HealthReport, nats: dict[str, object] | None = None,
-           tasks: dict[str, int] | None = None) -> str:
+def render(report: HealthReport, nats: dict[str, object] | None = None, work: Work | None = None) -> str:
     lines = [f"caduceus: {'healthy' if all_healthy(report, nats) else 'UNHEALTHY'}  "
              f"({report.checked_at.strftime('%Y-%m-%d %H:%M:%S')} UTC)"]
-    failed = (tasks or {}).get("error", 0)
+    failed = work.tasks_by_state.get("error", 0) if work else 0
     if failed:
         lines.append(f"ATTENTION: {failed} task(s) failed and wait for an operator: "
                      "`caduceus tasks --state error` lists them, `caduceus retry` resends")
+    if work and work.quarantined_last_day:
+        lines.append(f"ATTENTION: {work.quarantined_last_day} image(s) quarantined in the last 24 h (refused "
+                     "with 0xC000, kept under <data dir>/blobs/quarantine): "
+                     "`caduceus bookkeeper events --type image.quarantined` says why")
     lines += ["", "SERVICES"]
     if nats is not None:
         state = "healthy" if nats["healthy"] else f"UNHEALTHY: {nats['error']}"
@@ -97,7 +114,8 @@ def render(report: HealthReport, nats: dict[str, object] | None = None,
             lines.append(f"  {name:<11} {inst.state:<8} {inst.instance:<32} pid {inst.pid:<7} "
                          f"beat {inst.age_seconds:>6.1f}s ago  up {inst.uptime_seconds:>8.0f}s"
                          f"{'  ' + details if details else ''}{marker if i == 0 else ''}")
-    if tasks is not None:
+    if work is not None:
+        tasks = work.tasks_by_state
         counts = ", ".join(f"{tasks.get(state, 0)} {state}" for state in ("error", "retrying", "queued", "done"))
         lines += ["", f"TASKS  {counts}  (bookkeeper's projection; `caduceus tasks`)"]
     lines += ["", "STREAMS", f"  {'name':<8} {'messages':>10} {'bytes':>14} {'first':>8} {'last':>8} {'consumers':>9} "

@@ -107,17 +107,26 @@ class Ingestor:
                 if writing is not None:
                     await writing
                 writing = asyncio.create_task(self.handle(msgs))
+            # Messages that landed after the last fetch returned (its pull request expires with it).
+            leftover = await self._more(sub, self.batch, stopping_too=True)
+            if writing is not None:
+                await writing
+                writing = None
+            if leftover:
+                await self.handle(leftover)
         finally:
             if writing is not None:
                 # Let a running write finish and ack (or nak) instead of leaving it to ack_wait.
                 await asyncio.shield(writing)
 
-    async def _more(self, sub: Any, wanted: int) -> list[Msg]:
-        """What arrives within the linger time (at most `wanted` messages; none once stopping)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), timeout=self.linger)
-        if self.stopping.is_set():
-            return []
+    async def _more(self, sub: Any, wanted: int, stopping_too: bool = False) -> list[Msg]:
+        """What arrives within the linger time (at most `wanted` messages; none once stopping,
+        unless `stopping_too`: then what is there now)."""
+        if not stopping_too:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.linger)
+            if self.stopping.is_set():
+                return []
         try:
             # Whatever the server holds by now comes back at once (fetch's no-wait request first);
             # the timeout only applies when nothing arrived at all.

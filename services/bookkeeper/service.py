@@ -34,6 +34,11 @@ DURABLES = (subjects.BOOKKEEPER_EVENTS, subjects.BOOKKEEPER_CONFIG)
 GAP_CHECK_SECONDS = 30.0
 RETENTION_CHECK_SECONDS = 60.0
 RETENTION_ALERT_EVERY_SECONDS = DAY_SECONDS
+# At shutdown the ingest loops finish their fetch (at most a second) and store what it brought.
+# Cancelled, a fetch's pull request stayed open at the server, whose messages (the other services'
+# `service.stopped`, published just then) went to nobody until the ack wait (60 s) passed, and the
+# next bookkeeper's projections, which advance in stream order, waited that long.
+INGEST_STOP_SECONDS = 10.0
 
 
 class BookkeeperService(Service):
@@ -49,6 +54,7 @@ class BookkeeperService(Service):
         self.floors: dict[str, float] = {}
         self.rpc: RpcServer | None = None
         self.ingestors: list[Ingestor] = []
+        self.ingesting: list[asyncio.Task[None]] = []
         self.retention_changed = asyncio.Event()
         self.retention: dict[str, Any] = {}
         self._retention_alerted = 0.0   # time.monotonic() of the last warning alert
@@ -62,7 +68,8 @@ class BookkeeperService(Service):
             ingestor = Ingestor(self.bus, self.engine, durable, self.ingest_stats, self.stopping,
                                 lambda: self.floors, batch=self.batch)
             self.ingestors.append(ingestor)
-            self.spawn(ingestor.run())
+            # Not spawned (shutdown would cancel it): see INGEST_STOP_SECONDS.
+            self.ingesting.append(asyncio.create_task(ingestor.run()))
         self.spawn(self._gap_watch())
         self.spawn(self._retention_watch())
 
@@ -147,6 +154,11 @@ class BookkeeperService(Service):
         return {**self.ingest_stats.as_dict(), **self.retention}
 
     async def teardown(self) -> None:
+        if self.ingesting:
+            _, late = await asyncio.wait(self.ingesting, timeout=INGEST_STOP_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self.ingesting, return_exceptions=True)
         for ingestor in self.ingestors:
             await ingestor.close()
         if self.rpc is not None:

@@ -267,6 +267,12 @@ def test_receiver_survives_hostile_input(tmp_path: Path, caduceus_factory: Calla
     for event in quarantined:
         key = event.payload["blob_key"]
         assert key and key.startswith("quarantine/") and (cad.blob_root / key).is_file(), event.payload
+    # What the operator is shown: status points at them, the audit log says why and where the bytes are.
+    status = wait_for(lambda: (out := cad.cli("status").stdout) and "quarantined in the last 24 h" in out and out,
+                      30, "status reports the quarantined images")
+    assert f"ATTENTION: {len(quarantined)} image(s) quarantined" in status, status
+    listed = cad.cli("bookkeeper", "events", "--type", "image.quarantined").stdout
+    assert listed.count("kept=quarantine/") == len(quarantined) and "truncated" in listed, listed
 
     # Whatever the UIDs said, every stored file is inside the blob store, under a safe key.
     for event in cad.events("image.received"):

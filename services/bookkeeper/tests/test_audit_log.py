@@ -176,3 +176,21 @@ async def test_restart_resumes_from_the_durable(bus: Bus, nats_url: str, databas
     assert total == len(first) + len(second) + 3
     assert stored_now == len(second) - 5 + 2 + 5  # domain events + stopped/started + config events
     assert dups == 0
+
+
+async def test_events_published_while_it_stops_do_not_stall_the_next_bookkeeper(
+        bus: Bus, nats_url: str, database_url: str, data_dir: Path) -> None:
+    """The other services' `service.stopped` reach the stream just as the bookkeeper stops. A
+    bookkeeper that cancelled its fetch left them with a pull request nobody read: the next one got
+    them only after the ack wait (60 s), and its projections, which advance in stream order,
+    waited as long."""
+    settings = settings_for(nats_url, database_url, data_dir)
+    async with running(settings) as service:
+        await wait_caught_up(bus, service.engine)
+        await asyncio.sleep(0.3)  # its fetch is waiting at the server now
+        service.request_stop("test: stop while events arrive")
+        for _ in range(10):  # during the stop, as when `caduceus up` stops all services
+            await bus.publish_many(mixed_events(images=1))
+            await asyncio.sleep(0.05)
+    async with running(settings) as service:
+        await wait_caught_up(bus, service.engine, timeout=20)  # well inside the 60 s ack wait
