@@ -33,6 +33,7 @@ from typing import Any
 from cli.logfiles import RotatingLog, log_pipe
 from shared.bus import Bus
 from shared.events import ServiceCrashed, ServiceRestarted, make_event
+from shared.health import default_instance, forget_instance
 from shared.libc import LIBC
 
 log = logging.getLogger("caduceus.supervisor")
@@ -170,6 +171,8 @@ class Supervisor:
         await self.record("service.crashed", ServiceCrashed(
             service=child.spec.name, pid=old_pid, exit_code=code, restarts=child.restarts,
             restart_in_seconds=delay, reason=child.exit_reason))
+        if self.bus is not None and "CADUCEUS_INSTANCE" not in child.spec.env:
+            await forget_instance(self.bus, child.spec.name, default_instance(child.spec.name, old_pid))
         child.exit_reason = ""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), timeout=delay)

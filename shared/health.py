@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -100,6 +102,18 @@ def service_health(heartbeats: list[Event], now: datetime,
             state = "healthy" if instances[0].state == "healthy" else "stale"
         result.append(ServiceHealth(service=name, state=state, expected=name in expected, instances=instances))
     return result
+
+
+def default_instance(service: str, pid: int) -> str:
+    """A process's instance name unless CADUCEUS_INSTANCE names it."""
+    return f"{service}-{socket.gethostname()}-{pid}"
+
+
+async def forget_instance(bus: Bus, service: str, instance: str) -> None:
+    """Drop an instance's last heartbeat: one that stopped, or died and was replaced, is history
+    (its `service.stopped` / `service.crashed` event says so), not a stale row for an hour."""
+    with contextlib.suppress(Exception):
+        await bus.js.purge_stream(subjects.STATUS_STREAM, subject=subjects.status_subject(service, instance))
 
 
 async def read_heartbeats(bus: Bus) -> list[Event]:

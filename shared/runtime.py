@@ -33,6 +33,7 @@ from shared.bus import Bus, event_from_msg, trace_context
 from shared.config.model import CaduceusConfig
 from shared.config.state import ConfigFollower
 from shared.events import Event, ServiceHeartbeat, ServiceStarted, ServiceStopped, make_event
+from shared.health import default_instance, forget_instance
 from shared.logging import setup_logging
 from shared.settings import Settings, load_settings
 from shared.telemetry import setup_tracing
@@ -101,7 +102,7 @@ class Service:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
-        self.instance = self.settings.instance or f"{self.name}-{socket.gethostname()}-{os.getpid()}"
+        self.instance = self.settings.instance or default_instance(self.name, os.getpid())
         self.bus: Bus
         self.config_follower: ConfigFollower
         self.stopping = asyncio.Event()
@@ -176,6 +177,7 @@ class Service:
         with contextlib.suppress(Exception):
             await self.publish(make_event("service.stopped", self.name, ServiceStopped(
                 service=self.name, instance=self.instance, reason=getattr(self, "stop_reason", "stopped"))))
+        await forget_instance(self.bus, self.name, self.instance)
         await self.config_follower.stop()
         await self.bus.close()
 

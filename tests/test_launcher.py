@@ -95,6 +95,9 @@ def test_up_runs_all_services_restarts_crashed_one_and_stops_cleanly(up: Caduceu
         return any(i["pid"] == new_pid and i["state"] == "healthy" for i in instances)
 
     wait_for(processor_healthy_again, 30, "restarted processor healthy", up.logs)
+    # The dead instance's last heartbeat is gone (the crash is in the log), not a stale row.
+    instances = {s["service"]: s for s in up.status()["services"]}[victim]["instances"]
+    assert [i["pid"] for i in instances] == [new_pid], instances
     for name, pid in pids.items():
         if name != victim:
             assert not pid_gone(pid), f"{name} should still be running"

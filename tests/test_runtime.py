@@ -101,6 +101,9 @@ async def test_heartbeats_and_lifecycle_events(nats_url: str, tmp_path: Path, bu
     started = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.started")
     stopped = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.stopped")
     assert started is not None and stopped is not None and stopped.payload["reason"] == "bye"
+    # A stopped instance is history, not a stale row in `caduceus status` for the next hour.
+    assert await bus.get_last_for_subject(subjects.STATUS_STREAM,
+                                          subjects.status_subject("testworker", worker.instance)) is None
 
 
 def test_sigterm_stops_a_service_process_cleanly(nats_url: str, tmp_path: Path) -> None:
