@@ -1,8 +1,10 @@
-"""`caduceus rule test --filter EXPR (--tags FILE.json | --file x.dcm | --series UID)`.
+"""`caduceus rule test [--filter EXPR | --rule NAME] (--tags FILE.json | --file x.dcm | --series UID)`.
 
-Evaluates a rule filter the way the router does and prints the result, the tag values the rule
-used and the tags that were missing. Exit status: 0 match, 1 no match, 2 error (syntax error,
-run-time error of the rule, unreadable input, unknown series).
+With --filter (or --rule, a configured rule's filter): evaluates it the way the router does and
+prints the result, the tag values the rule used and the tags that were missing. Without either:
+every configured rule, and what the router would decide (cli/rule_preview.py). Exit status: 0
+match (tasks would be created), 1 no match (discarded), 2 error (syntax error, run-time error of
+the rule, unreadable input, unknown series or rule).
 
 Tag sources:
 - `--tags FILE.json`: a JSON object keyword -> value (values are turned into strings);
@@ -22,8 +24,16 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, cast
 
-from cli.connection import add_connection_arguments, cli_nats_url, connect_cli_bus, default_actor
-from shared.config.model import DEFAULT_EXTRACT_TAGS
+from cli.connection import (
+    add_connection_arguments,
+    cli_nats_url,
+    connect_cli_bus,
+    default_actor,
+    run_with_bus,
+)
+from cli.rule_preview import preview, render
+from shared.config.model import DEFAULT_EXTRACT_TAGS, CaduceusConfig
+from shared.config.state import fold, read_all
 from shared.rules import CompiledRule, RuleResult, RuleSyntaxError, compile_rule
 
 EXIT_MATCH, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
@@ -38,17 +48,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     rule_sub = parser.add_subparsers(dest="rule_command", required=True)
     test = rule_sub.add_parser("test", help="evaluate a rule filter against tags, a DICOM file or a series",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    test.add_argument("--filter", required=True, dest="filter_expr", metavar="EXPR", help="the rule filter")
+    which = test.add_mutually_exclusive_group()
+    which.add_argument("--filter", dest="filter_expr", metavar="EXPR", help="a rule filter")
+    which.add_argument("--rule", metavar="NAME", help="a configured rule (its filter)")
     source = test.add_mutually_exclusive_group(required=True)
     source.add_argument("--tags", type=Path, metavar="FILE.json", help="JSON object of tag keyword -> value")
     source.add_argument("--file", type=Path, metavar="FILE.dcm", help="a DICOM file")
     source.add_argument("--series", metavar="UID", help="a received series (its first instance's tags)")
     test.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_connection_arguments(test)  # for --series
+    add_connection_arguments(test)  # for --series, --rule and the configured rules
     test.set_defaults(func=run_test)
 
 
 def run_test(args: argparse.Namespace) -> int:
+    if args.filter_expr is None:
+        try:
+            config = _current_config(cli_nats_url(args))
+        except SourceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if args.rule is None:
+            return _run_preview(args, config)
+        if args.rule not in config.rules:
+            print(f"error: no rule {args.rule!r} in the configuration (rules: {', '.join(sorted(config.rules)) or 'none'})",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        args.filter_expr = config.rules[args.rule].filter
     try:
         rule = compile_rule(args.filter_expr)
     except RuleSyntaxError as exc:
@@ -71,6 +96,39 @@ def run_test(args: argparse.Namespace) -> int:
     if result.error:
         return EXIT_ERROR
     return EXIT_MATCH if result.matched else EXIT_NO_MATCH
+
+
+def _run_preview(args: argparse.Namespace, config: CaduceusConfig) -> int:
+    """Every configured rule on these tags, and the decision, per trigger."""
+    try:
+        tags, origin = _load_tags(args, None, config.settings.extract_tags)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    triggers = [t for t in ("series", "study") if any(r.trigger == t for r in config.rules.values())]
+    results = [preview(config, tags, trigger) for trigger in triggers]
+    if args.json:
+        print(json.dumps({"source": origin, "decisions": {r.trigger: r.decision for r in results}, "rules": {
+            line.name: {"matched": line.result.matched, "error": line.result.error,
+                        "missing_tags": line.result.missing_tags} if line.result else {"note": line.note}
+            for r in results for line in r.lines}}, indent=2))
+    else:
+        print(f"tags from: {origin}")
+        for result in results:
+            print("\n".join(render(result)))
+        if not results:
+            print("no rules configured: every series is discarded (files kept, recoverable)")
+    return EXIT_MATCH if any(r.creates_tasks for r in results) else EXIT_NO_MATCH
+
+
+def _current_config(url: str) -> CaduceusConfig:
+    async def read(bus: Any) -> CaduceusConfig:
+        return CaduceusConfig.from_items(fold(await read_all(bus)))
+
+    try:
+        return run_with_bus(url, default_actor(), read)
+    except Exception as exc:  # noqa: BLE001 - no broker, or a configuration this version cannot read
+        raise SourceError(f"cannot read the configuration from NATS at {url}: {exc}") from None
 
 
 def _print_syntax_error(expr: str, exc: RuleSyntaxError) -> None:
@@ -104,11 +162,12 @@ def _print_result(result: RuleResult, origin: str, warnings: list[str]) -> None:
         print(f"warning: {warning}")
 
 
-def _load_tags(args: argparse.Namespace, rule: CompiledRule) -> tuple[dict[str, str], str]:
+def _load_tags(args: argparse.Namespace, rule: CompiledRule | None,
+               extract: list[str] = DEFAULT_EXTRACT_TAGS) -> tuple[dict[str, str], str]:
     if args.tags is not None:
         return _tags_from_json(args.tags), str(args.tags)
     if args.file is not None:
-        return _tags_from_dicom(args.file, rule), str(args.file)
+        return _tags_from_dicom(args.file, [*extract, *(rule.tags if rule else [])]), str(args.file)
     return _tags_from_series(args.series, cli_nats_url(args))
 
 
@@ -122,12 +181,11 @@ def _tags_from_json(path: Path) -> dict[str, str]:
     return {str(k): "" if v is None else str(v) for k, v in data.items()}
 
 
-def _tags_from_dicom(path: Path, rule: CompiledRule) -> dict[str, str]:
-    from shared.config.model import DEFAULT_EXTRACT_TAGS
+def _tags_from_dicom(path: Path, keywords: list[str]) -> dict[str, str]:
     from shared.dicomtags import TagExtractionError, extract_tags
 
     try:
-        extracted = extract_tags(path, [*DEFAULT_EXTRACT_TAGS, *rule.tags])
+        extracted = extract_tags(path, keywords)
     except (OSError, TagExtractionError) as exc:
         raise SourceError(f"cannot read DICOM file {path}: {exc}") from None
     for warning in extracted.warnings:

@@ -13,6 +13,8 @@ from cli.main import main
 from services.router.tests.helpers import send_series
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
+from shared.config.model import CaduceusConfig
+from shared.config.state import plan_changes
 
 
 @pytest.fixture
@@ -85,3 +87,52 @@ def test_rule_test_with_series_from_stream(nats_url: str, data_dir: Path, monkey
     out = capsys.readouterr().out
     assert "MATCH" in out and "EVENTS stream seq 3" in out
     assert main(["rule", "test", "--filter", "True", "--series", "9.9.9"]) == 2
+
+
+@pytest.fixture
+def configured(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    document = {
+        "targets": {"pacs": {"type": "dicom", "host": "127.0.0.1", "port": 104, "called_aet": "PACS"},
+                    "archive": {"type": "dicom", "host": "127.0.0.1", "port": 105, "called_aet": "ARCHIVE"}},
+        "rules": {"ct-to-pacs": {"filter": "@Modality@ == 'CT'", "targets": ["pacs"], "priority": "urgent"},
+                  "drop-scouts": {"filter": "'SCOUT' in @SeriesDescription@.upper()", "action": "discard"},
+                  "mr-off": {"filter": "@Modality@ == 'MR'", "targets": ["pacs"], "disabled": True},
+                  "rest": {"filter": "True", "targets": ["archive"], "fallback": True}}}
+
+    async def apply() -> None:
+        bus = await Bus.connect(nats_url, actor="test")
+        try:
+            await bus.publish_many(plan_changes({}, CaduceusConfig.parse(document), actor="user:test"))
+        finally:
+            await bus.close()
+
+    asyncio.run(apply())
+    monkeypatch.setenv("CADUCEUS_NATS_URL", nats_url)
+
+
+@pytest.mark.parametrize(("tags", "code", "decision", "lines"), [
+    ({"Modality": "CT", "SeriesDescription": "Axial"}, 0, "decision: route -> pacs (rule ct-to-pacs, urgent)",
+     ["ct-to-pacs   MATCH", "mr-off       disabled", "rest         not evaluated: fallback, and another rule matched"]),
+    ({"Modality": "CT", "SeriesDescription": "Scout"}, 1, "decision: discarded by rule drop-scouts",
+     ["drop-scouts  MATCH", "rest         not evaluated: rule drop-scouts discarded the batch"]),
+    ({"Modality": "US"}, 0, "decision: route -> archive (rule rest, normal)", ["ct-to-pacs   no match", "rest         MATCH"]),
+])
+def test_rule_test_without_a_filter_shows_what_the_configured_rules_decide(
+        configured: None, tmp_path: Path, tags: dict[str, str], code: int, decision: str, lines: list[str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tags.json"
+    path.write_text(json.dumps(tags))
+    assert main(["rule", "test", "--tags", str(path)]) == code
+    out = capsys.readouterr().out
+    assert decision in out, out
+    for line in lines:
+        assert line in out, out
+
+
+def test_rule_test_of_a_configured_rule_by_name(configured: None, tags_file: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rule", "test", "--rule", "ct-to-pacs", "--tags", str(tags_file)]) == 0
+    assert "MATCH" in capsys.readouterr().out
+    assert main(["rule", "test", "--rule", "no-such-rule", "--tags", str(tags_file)]) == 2
+    assert "no rule 'no-such-rule' in the configuration (rules: ct-to-pacs, drop-scouts, mr-off, rest)" \
+        in capsys.readouterr().err
