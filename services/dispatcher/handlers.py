@@ -360,7 +360,7 @@ class Dispatcher:
         await self.bus.publish(self._follow_up(current, delivery, "alert.raised", AlertRaised(
             severity="error", source=ACTOR,
             message=f"dispatch of task {record.task_id} to '{request.target}' failed after {attempt} "
-                    f"attempt(s): {outcome.error}. Files kept; `caduceus retry {record.task_id}` resends.")))
+                    f"attempt(s): {outcome.error}. Files kept; {_what_to_do(outcome.error, record.task_id)}")))
         await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error, "failed"))
         self.count("tasks_failed")
         log.error("task %s failed after %d attempt(s)", record.task_id, attempt, extra=ctx)
@@ -390,6 +390,18 @@ def _describe_failure(result: SendResult, todo: int, destination: Destination) -
     if not_tried and not result.errors:
         parts.append(f"{not_tried} instance(s) not sent")
     return f"{', '.join(parts) or 'incomplete'} [{len(result.delivered)}/{todo} sent to {destination.describe()}]"
+
+
+# Refusals that a retry alone will meet again: the peer does not take these files as they are.
+_NOT_ACCEPTED = ("accepted none of the proposed presentation contexts", "has been accepted by the peer")
+
+
+def _what_to_do(error: str, task_id: str) -> str:
+    if any(phrase in error for phrase in _NOT_ACCEPTED):
+        return (f"the destination does not accept these SOP classes / transfer syntaxes, so a retry alone "
+                f"fails again: change what the destination accepts (or the rule), then "
+                f"`caduceus retry {task_id}`.")
+    return f"`caduceus retry {task_id}` resends."
 
 
 def _log_context(record: ProgressRecord) -> dict[str, Any]:

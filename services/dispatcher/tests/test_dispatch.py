@@ -198,6 +198,21 @@ async def test_peer_taking_only_the_default_syntax_gets_reencoded_copies(
         assert ds.PixelData == originals[uid].PixelData and ds.PatientName == originals[uid].PatientName
 
 
+async def test_a_refused_syntax_alert_says_a_retry_alone_fails_again(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        storescp_factory: Callable[..., StoreScp]) -> None:
+    peer = storescp_factory(extra_args=["+xi"])  # no JPEG 2000
+    manifest, key = await stage_files(blob_store, [Path(str(get_testdata_file("JPEG2000.dcm")))])
+    await apply_pacs_config(bus, peer.port, peer.aet)
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "pacs")
+        await wait_events(bus, "dispatch.failed", request.task_id)
+        [alert] = await wait_events(bus, "alert.raised", request.task_id)
+    assert "JPEG 2000" in alert.payload["message"]
+    assert "does not accept these SOP classes / transfer syntaxes, so a retry alone fails again" \
+        in alert.payload["message"]
+
+
 async def test_tls_target_with_client_certificate(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
                                                   blob_store: LocalBlobStore,
                                                   storescp_factory: Callable[..., StoreScp]) -> None:
