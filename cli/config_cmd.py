@@ -99,7 +99,8 @@ async def apply_config(bus: Bus, desired: CaduceusConfig, actor: str, comment: s
 
 def describe_change(event: Event) -> str:
     verb = event.type.rsplit(".", 1)[-1]
-    return f"{verb:8} {event.config_kind}/{event.config_name}"
+    fields = event.payload.get("changed_fields") or []
+    return f"{verb:8} {event.config_kind}/{event.config_name}" + (f" ({', '.join(fields)})" if fields else "")
 
 
 # ------------------------------------------------------------------ commands
@@ -191,6 +192,7 @@ def history_rows(events: list[Event]) -> list[dict[str, Any]]:
             "kind": change.kind,
             "name": change.name,
             "comment": change.comment,
+            "changed_fields": change.changed_fields,
             "event_id": event.event_id,
         })
     return rows
@@ -211,5 +213,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         print(f"{row['seq']:>5}  {row['time']}  {row['actor']:<20}  {row['type']:<20}  "
-              f"{row['kind']}/{row['name']}" + (f"  # {row['comment']}" if row["comment"] else ""))
+              f"{row['kind']}/{row['name']}"
+              + (f" ({', '.join(row['changed_fields'])})" if row["changed_fields"] else "")
+              + (f"  # {row['comment']}" if row["comment"] else ""))
     return 0

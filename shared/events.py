@@ -136,6 +136,7 @@ class ConfigItemChanged(BaseModel):
     name: str
     item: dict[str, Any] | None  # None for deletions
     comment: str = ""
+    changed_fields: list[str] = Field(default_factory=list)  # config.item.updated: which fields differ
 
 
 # ---------------------------------------------------------------- DICOM ingest

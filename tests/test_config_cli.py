@@ -156,6 +156,7 @@ def test_update_and_delete(cli, tmp_path: Path) -> None:  # type: ignore[no-unty
     code, out, err = cli("config", "apply", str(write_yaml(tmp_path / "v2.yaml", changed)), "--comment", "v2",
                          "--actor", "user:alice")
     assert code == 0, err
+    assert "updated  targets/pacs (port)" in out, out  # which fields of an item changed
     rows = history(cli)[count:]
     assert {(r["type"], r["kind"], r["name"]) for r in rows} == {
         ("config.item.updated", "targets", "pacs"),

@@ -49,8 +49,9 @@ def plan_changes(current: dict[ItemKey, dict[str, Any]], desired: CaduceusConfig
         if old == item:
             continue
         type_ = "config.item.created" if old is None else "config.item.updated"
+        changed = [] if old is None else sorted(k for k in set(old) | set(item) if old.get(k) != item.get(k))
         events.append(make_event(type_, actor, ConfigItemChanged(kind=kind, name=name, item=item,  # type: ignore[arg-type]
-                                                                 comment=comment),
+                                                                 comment=comment, changed_fields=changed),
                                  config_kind=kind, config_name=name))
     for (kind, name) in sorted(set(current) - set(wanted)):
         if kind == "settings":
