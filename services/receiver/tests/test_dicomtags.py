@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, data_element_generator, read_preamble
 from pydicom.sequence import Sequence
@@ -232,6 +233,7 @@ def _element_ends(raw: bytes) -> tuple[int, set[int], int]:
     for element in data_element_generator(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=1):
         ends.add(stream.tell())
         if element.tag == 0x7FE00010:
+            assert isinstance(element, RawDataElement)  # the generator yields raw elements
             pixel_value = element.value_tell
     return start, ends, pixel_value
 
