@@ -97,11 +97,19 @@ class DispatcherService(Service):
             await self._release_fetched()
 
     async def _release_fetched(self) -> None:
-        """Shutdown: stop the polls; messages fetched but not started go back at once."""
-        polls = [task for task, _ in self._polls.values()]
-        for poll in polls:
-            poll.cancel()
-        await asyncio.gather(*polls, return_exceptions=True)
+        """Shutdown: messages fetched but not started go back at once.
+
+        The polls are let run out (their pull requests expire with them, within LONG_POLL_SECONDS):
+        a cancelled poll left its request open at the server, and a task that reached it then
+        waited the whole ack wait (60 s) before anyone else got it.
+        """
+        polls = {task for task, _ in self._polls.values()}
+        if polls:
+            _, late = await asyncio.wait(polls, timeout=LONG_POLL_SECONDS + 1)
+            for poll in late:
+                poll.cancel()
+            await asyncio.gather(*polls, return_exceptions=True)
+            self._reap(polls)
         for held in self._held.values():
             with contextlib.suppress(Exception):
                 await held.nak()

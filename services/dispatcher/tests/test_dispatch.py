@@ -16,6 +16,7 @@ from pynetdicom.dsutils import split_dataset
 
 from bench.common import stage_files
 from services.dispatcher.progress import ProgressStore
+from services.dispatcher.service import DispatcherService
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
 from tests.peers import Orthanc, StoreScp, clone_instances, make_series, make_tls_files
@@ -25,6 +26,7 @@ from .conftest import (
     apply_config,
     apply_pacs_config,
     dicom_target,
+    dispatcher_settings,
     events_of,
     request_dispatch,
     run_cli,
@@ -211,6 +213,27 @@ async def test_a_refused_syntax_alert_says_a_retry_alone_fails_again(
     assert "JPEG 2000" in alert.payload["message"]
     assert "does not accept these SOP classes / transfer syntaxes, so a retry alone fails again" \
         in alert.payload["message"]
+
+
+async def test_a_task_published_while_a_dispatcher_stops_is_not_held_for_the_ack_wait(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        storescp: StoreScp) -> None:
+    """A dispatcher that cancelled its polls at shutdown left their pull requests open at the
+    server: a task reaching one waited the whole ack wait (60 s) before the next dispatcher got it."""
+    manifest, key = await stage_files(blob_store, make_series(tmp_path / "series", 2))
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
+    service = DispatcherService(dispatcher_settings(nats_url, data_dir, dispatch_ack_wait_seconds=60))
+    first = asyncio.create_task(service.run())
+    await asyncio.sleep(1.5)  # started, polls waiting at the server
+    service.request_stop("test: stop")
+    requests = []
+    for _ in range(12):  # while the shutdown is under way, its polls' requests open for up to a second
+        requests.append(await request_dispatch(bus, manifest, key, "pacs"))
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(first, 30)
+    async with running_dispatcher(nats_url, data_dir, dispatch_ack_wait_seconds=60):
+        for request in requests:
+            await wait_events(bus, "dispatch.completed", request.task_id, timeout=20)
 
 
 async def test_tls_target_with_client_certificate(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
