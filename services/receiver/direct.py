@@ -56,8 +56,8 @@ class StoreRequest:
     transfer_syntax_uid: str
 
 
-# The store callback: (association, request, data set fragments) -> DIMSE status.
-StoreCallback = Callable[[Any, StoreRequest, list[memoryview]], int]
+# The store callback: (association, request, data set fragments) -> (DIMSE status, error comment or "").
+StoreCallback = Callable[[Any, StoreRequest, list[memoryview]], tuple[int, str]]  # status, error comment
 # Decides, once the command is known, whether the callback takes the message (else pynetdicom).
 AcceptCallback = Callable[[Any, StoreRequest], bool]
 
@@ -120,15 +120,31 @@ def _ui(element: int, value: str) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
 
 
+def error_comment_text(comment: str) -> str:
+    """An Error Comment value: LO, at most 64 characters of the default repertoire, no backslash."""
+    text = comment.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    return " ".join(text.split())[:64].strip()
+
+
+def _error_comment(comment: str) -> bytes:
+    if not comment:
+        return b""
+    raw = error_comment_text(comment).encode("ascii")
+    raw += b" " * (len(raw) % 2)
+    return struct.pack("<HHI", 0x0000, 0x0902, len(raw)) + raw
+
+
 def _us_element(element: int, value: int) -> bytes:
     return struct.pack("<HHIH", 0x0000, element, 2, value)
 
 
-def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int, status: int) -> bytes:
-    """The C-STORE-RSP command set (implicit VR LE), byte for byte as pynetdicom encodes it."""
+def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int, status: int,
+                   error_comment: str = "") -> bytes:
+    """The C-STORE-RSP command set (implicit VR LE), byte for byte as pynetdicom encodes it; an
+    Error Comment (0000,0902) tells the sender why a failure status was given."""
     body = b"".join((_ui(0x0002, sop_class_uid), _us_element(0x0100, 0x8001),
                      _us_element(0x0120, message_id), _us_element(0x0800, NO_DATA_SET),
-                     _us_element(0x0900, status), _ui(0x1000, sop_instance_uid)))
+                     _us_element(0x0900, status), _error_comment(error_comment), _ui(0x1000, sop_instance_uid)))
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
@@ -271,8 +287,9 @@ class DirectStore:
     def _serve(self, message: _Message) -> None:
         request = message.request
         assert request is not None
-        status = self.store(self.assoc, request, message.data)
-        response = store_response(request.sop_class_uid, request.sop_instance_uid, request.message_id, status)
+        status, comment = self.store(self.assoc, request, message.data)
+        response = store_response(request.sop_class_uid, request.sop_instance_uid, request.message_id, status,
+                                  comment)
         # Sent from the DUL thread, the only thread that writes this socket; the state stays Sta6,
         # as after pynetdicom's own DT-1 (send P-DATA-TF).
         self.dul.socket.send(p_data_pdu(request.context_id, response))

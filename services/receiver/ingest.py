@@ -91,6 +91,14 @@ class AssociationInfo:
     failed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     timer: PhaseTimer | None = None  # CADUCEUS_RECEIVER_TIMING=1 (services/receiver/timing.py)
+    # Why the last instance got a failure status: sent back as the response's Error Comment, so
+    # that the sender's operator sees it (one C-STORE at a time per association).
+    error_comment: str = ""
+
+    def take_error_comment(self, status: int) -> str:
+        """The comment for this response (none with a success status), cleared for the next one."""
+        comment, self.error_comment = self.error_comment, ""
+        return comment if status != 0x0000 else ""
 
 
 class LocalBlobWriter:
@@ -559,6 +567,7 @@ class Ingest:
     def _reject(self, assoc: AssociationInfo, reason: str, sop_uid: str,
                 tags: ExtractedTags | None = None) -> int:
         assoc.failed += 1
+        assoc.error_comment = reason
         event = make_event("image.rejected", ACTOR, ImageRejected(
             reason=reason, status=STATUS_OUT_OF_RESOURCES, calling_aet=assoc.calling_aet,
             peer_host=assoc.peer_host, association_id=assoc.association_id),
@@ -569,6 +578,7 @@ class Ingest:
 
     def _quarantine(self, assoc: AssociationInfo, data: bytes, reason: str, sop_uid: str) -> int:
         assoc.failed += 1
+        assoc.error_comment = reason
         key: str | None = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), uuid.uuid4().hex)
         try:
             self.writer.put(key, data)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event as DicomEvent
 from pynetdicom.presentation import VerificationPresentationContexts
@@ -303,15 +304,22 @@ class StorageSCP:
     def _on_echo(self, event: DicomEvent) -> int:
         return 0x0000
 
-    def _on_store(self, event: DicomEvent) -> int:
+    def _on_store(self, event: DicomEvent) -> int | Dataset:
         info: AssociationInfo = event.assoc.caduceus_info  # type: ignore[attr-defined]
         timer = info.timer
         mark = timer.start_image() if timer else 0
         try:
-            return self._store(event, info, mark)
+            status = self._store(event, info, mark)
         finally:
             if timer:
                 timer.end_image()
+        comment = info.take_error_comment(status)
+        if not comment:
+            return status
+        response = Dataset()  # pynetdicom sends the Error Comment with the failure status
+        response.Status = status
+        response.ErrorComment = direct.error_comment_text(comment)
+        return response
 
     # The direct path (services/receiver/direct.py, on the DUL thread) for plain C-STORE requests.
     def _direct_accept(self, assoc: Any, request: direct.StoreRequest) -> bool:
@@ -321,7 +329,8 @@ class StorageSCP:
         # pynetdicom's path, which builds the File Meta through pydicom.
         return part10.plain_uid(request.transfer_syntax_uid)
 
-    def _direct_store(self, assoc: Any, request: direct.StoreRequest, fragments: list[memoryview]) -> int:
+    def _direct_store(self, assoc: Any, request: direct.StoreRequest,
+                      fragments: list[memoryview]) -> tuple[int, str]:
         info: AssociationInfo = assoc.caduceus_info
         timer = info.timer
         mark = timer.start_image() if timer else 0
@@ -330,15 +339,16 @@ class StorageSCP:
                 request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid), *fragments))
             if timer:
                 mark = timer.mark("encode", mark)
-            return self.ingest.store(info, data, request.transfer_syntax_uid, request.sop_instance_uid,
-                                     mark=mark)
+            status = self.ingest.store(info, data, request.transfer_syntax_uid, request.sop_instance_uid,
+                                       mark=mark)
         except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
             log.exception("unexpected error while storing an instance")
             info.failed += 1
-            return STATUS_OUT_OF_RESOURCES
+            status = STATUS_OUT_OF_RESOURCES
         finally:
             if timer:
                 timer.end_image()
+        return status, info.take_error_comment(status)
 
     def _store(self, event: DicomEvent, info: AssociationInfo, mark: int) -> int:
         request_sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")

@@ -176,8 +176,10 @@ def chunked_send() -> Iterator[None]:
     _config.STORE_SEND_CHUNKED_DATASET = old
 
 
-def _send_each(port: int, files: dict[str, tuple[Path, str]]) -> dict[str, int | None]:
-    """One association per file (a broken one must not decide the fate of the next)."""
+def _send_each(port: int, files: dict[str, tuple[Path, str]],
+               comments: dict[str, str] | None = None) -> dict[str, int | None]:
+    """One association per file (a broken one must not decide the fate of the next); the failure
+    responses' Error Comments go into `comments`."""
     ae = AE(ae_title="HOSTILE")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit):
@@ -188,6 +190,8 @@ def _send_each(port: int, files: dict[str, tuple[Path, str]]) -> dict[str, int |
         assert assoc.is_established, f"{name}: association refused"
         response = assoc.send_c_store(path)
         statuses[name] = int(response.Status) if response and "Status" in response else None
+        if comments is not None and response and "ErrorComment" in response:
+            comments[name] = str(response.ErrorComment)
         if assoc.is_established:
             assoc.release()
     return statuses
@@ -243,7 +247,8 @@ def test_receiver_survives_hostile_input(tmp_path: Path, caduceus_factory: Calla
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        statuses = _send_each(cad.dicom_port, files)
+        comments: dict[str, str] = {}
+        statuses = _send_each(cad.dicom_port, files, comments)
         answers = {name: _raw_send(cad.dicom_port, data) for name, data in MALFORMED_PDUS.items()}
         flood = _flood_size()
         opened = _flood(cad.dicom_port, flood)
@@ -257,6 +262,7 @@ def test_receiver_survives_hostile_input(tmp_path: Path, caduceus_factory: Calla
         assert status is not None, f"{name}: no C-STORE response"
         if expect == "quarantine":
             assert status == 0xC000, f"{name}: status 0x{status:04X}"
+            assert comments.get(name), f"{name}: no Error Comment with the failure"  # the sender's operator sees why
         elif expect == "store":
             assert status == 0x0000, f"{name}: status 0x{status:04X}"
         else:

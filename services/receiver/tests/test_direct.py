@@ -116,9 +116,9 @@ def _direct() -> tuple[direct.DirectStore, FakeAssoc, list[tuple[direct.StoreReq
     assoc = FakeAssoc()
     stored: list[tuple[direct.StoreRequest, bytes]] = []
 
-    def store(_assoc: Any, request: direct.StoreRequest, fragments: list[memoryview]) -> int:
+    def store(_assoc: Any, request: direct.StoreRequest, fragments: list[memoryview]) -> tuple[int, str]:
         stored.append((request, b"".join(fragments)))
-        return 0x0000
+        return 0x0000, ""
 
     return direct.DirectStore(assoc, lambda _a, _r: True, store), assoc, stored
 

@@ -8,6 +8,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
+from services.receiver import direct
 from services.receiver.fastpath import store_response_command
 
 
@@ -40,3 +41,17 @@ def test_error_comment_and_requests_are_left_to_pynetdicom() -> None:
     request = C_STORE()
     request.MessageID = 1
     assert store_response_command(request) is None
+
+
+@pytest.mark.parametrize("comment", ["odd", "even", "truncated: incomplete element header at the end of the data, 70 chars",
+                                     "free space 12 MB is below min_free_space_mb (500 MB) \\ é"])
+def test_direct_error_comment_same_bytes_as_pynetdicom(comment: str) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 3
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.3.4"
+    primitive.Status = 0xC000
+    primitive.ErrorComment = direct.error_comment_text(comment)  # type: ignore[assignment]
+    assert len(primitive.ErrorComment) <= 64
+    assert direct.store_response("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 3, 0xC000, comment) \
+        == _pynetdicom_bytes(primitive)
