@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     events.add_argument("--stream", choices=["EVENTS", "CONFIG"])
     events.add_argument("--since-seq", type=int, default=0)
     events.add_argument("--limit", type=int, default=100)
+    events.add_argument("--newest", action="store_true", help="the newest --limit events (default: the oldest)")
     events.add_argument("--json", action="store_true", help="one JSON document per line")
     add_connection_arguments(events)
     events.set_defaults(func=cmd_events)
@@ -59,14 +60,16 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     filters = {k: getattr(args, k) for k in ("series_uid", "study_uid", "task_id", "correlation_id", "type",
-                                              "stream", "since_seq", "limit")}
+                                              "stream", "since_seq", "limit", "newest")}
 
     async def action(client: BookkeeperClient) -> int:
         page = await client.events(**{k: v for k, v in filters.items() if v is not None})
         for event in page.events:
             print(event.model_dump_json() if args.json else format_event(event))
         if not args.json and page.next_since_seq is not None:
-            print(f"(more: --since-seq {page.next_since_seq})")
+            stream = f" --stream {args.stream}" if args.stream else " (with --stream EVENTS or CONFIG: "\
+                "their sequences are counted apart)"
+            print(f"(more: --since-seq {page.next_since_seq}{stream})")
         return 0
 
     return with_bookkeeper(args, action)

@@ -143,6 +143,8 @@ class EventsRequest(BaseModel):
     stream: str | None = Field(default=None, description="EVENTS or CONFIG; default both")
     since_seq: int = Field(default=0, ge=0, description="only events with stream_seq greater than this")
     limit: int = Field(default=100, ge=1, le=MAX_LIMIT)
+    newest: bool = Field(default=False, description="the last `limit` events stored (still returned oldest "
+                                                     "first) instead of the first ones")
 
 
 class EventsResponse(BaseModel):

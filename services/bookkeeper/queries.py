@@ -112,9 +112,14 @@ def events(conn: Connection, req: EventsRequest) -> EventsResponse:
             query = query.where(EVENTS.c.type == req.type)
     if req.since_seq:
         query = query.where(EVENTS.c.stream_seq > req.since_seq)
-    rows = conn.execute(query.order_by(EVENTS.c.stream_seq, EVENTS.c.stream).limit(req.limit)).all()
+    if req.newest:
+        # The last ones stored, across both streams (their sequences are separate counters).
+        rows = conn.execute(query.order_by(EVENTS.c.recorded_at.desc(), EVENTS.c.stream_seq.desc())
+                            .limit(req.limit)).all()[::-1]
+    else:
+        rows = conn.execute(query.order_by(EVENTS.c.stream_seq, EVENTS.c.stream).limit(req.limit)).all()
     records = [EventRecord.model_validate(dict(r._mapping)) for r in rows]
-    next_seq = records[-1].stream_seq if len(records) == req.limit else None
+    next_seq = records[-1].stream_seq if len(records) == req.limit and not req.newest else None
     return EventsResponse(events=records, next_since_seq=next_seq)
 
 

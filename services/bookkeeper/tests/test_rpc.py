@@ -49,6 +49,10 @@ async def test_queries(bus: Bus, nats_url: str, database_url: str, data_dir: Pat
         assert second.events[0].stream_seq > first.events[-1].stream_seq
         everything = await client.all_events(limit=7)
         assert len(everything) == len(events) - 5 + 1  # minus config events, plus service.started
+        # the newest ones (the tail of the log), still in stream order
+        newest = await client.events(stream="EVENTS", limit=3, newest=True)
+        assert [e.stream_seq for e in newest.events] == [e.stream_seq for e in everything[-3:]]
+        assert newest.next_since_seq is None
 
         dispatch = await client.events(type="dispatch.*")
         assert {e.type for e in dispatch.events} == {"dispatch.requested", "dispatch.attempt_failed",

@@ -51,7 +51,8 @@ def test_direct_error_comment_same_bytes_as_pynetdicom(comment: str) -> None:
     primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     primitive.AffectedSOPInstanceUID = "1.2.3.4"
     primitive.Status = 0xC000
-    primitive.ErrorComment = direct.error_comment_text(comment)  # type: ignore[assignment]
-    assert len(primitive.ErrorComment) <= 64
+    text = direct.error_comment_text(comment)
+    assert len(text) <= 64
+    primitive.ErrorComment = text  # type: ignore[assignment]
     assert direct.store_response("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 3, 0xC000, comment) \
         == _pynetdicom_bytes(primitive)
