@@ -16,14 +16,19 @@ from typing import Any
 import yaml
 from nats.js.errors import APIError
 
-from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
+from cli.connection import (
+    EXIT_UNREACHABLE,
+    add_connection_arguments,
+    cli_nats_url,
+    default_actor,
+    run_with_bus,
+)
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, ConfigError, raw_document
 from shared.config.state import fold, plan_changes, read_all, read_all_at
 from shared.events import ConfigItemChanged, Event
 
 EXIT_INVALID = 2
-EXIT_UNREACHABLE = 3
 EXIT_CONFLICT = 4
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code for a failed Nats-Expected-Last-Sequence
 

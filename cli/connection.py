@@ -45,8 +45,12 @@ async def connect_cli_bus(url: str, actor: str, *, declare: bool = True) -> Bus:
     return await Bus.connect(url, actor=actor, declare=declare, connect_timeout=3, max_reconnect_attempts=2)
 
 
+EXIT_UNREACHABLE = 3  # as every command that cannot reach NATS
+
+
 def with_bookkeeper(args: argparse.Namespace, action: Callable[[BookkeeperClient], Awaitable[int]]) -> int:
-    """Run `action` with a client of the bookkeeper's query RPC; its exit code, 2/1 on trouble."""
+    """Run `action` with a client of the bookkeeper's query RPC; its exit code, 3 without NATS, 1
+    when the bookkeeper does not answer or fails."""
     url = cli_nats_url(args)
 
     async def run() -> int:
@@ -54,7 +58,7 @@ def with_bookkeeper(args: argparse.Namespace, action: Callable[[BookkeeperClient
             bus = await connect_cli_bus(url, default_actor(), declare=False)
         except Exception as exc:  # noqa: BLE001 - say what failed, no traceback
             print(f"error: cannot reach NATS at {url}: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_UNREACHABLE
         try:
             return await action(BookkeeperClient(bus))
         except BookkeeperError as exc:

@@ -17,7 +17,7 @@ from cli import (
     tasks_cmd,
     up_cmd,
 )
-from cli.config_cmd import EXIT_UNREACHABLE
+from cli.connection import EXIT_UNREACHABLE
 from shared.settings import NoCaduceusFound
 
 COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, tasks_cmd, retry_cmd, study_cmd,

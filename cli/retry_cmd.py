@@ -19,14 +19,19 @@ from dataclasses import dataclass
 import nats.errors
 from nats.js.errors import NotFoundError
 
-from cli.connection import add_connection_arguments, cli_nats_url, connect_cli_bus, default_actor
+from cli.connection import (
+    EXIT_UNREACHABLE,
+    add_connection_arguments,
+    cli_nats_url,
+    connect_cli_bus,
+    default_actor,
+)
 from shared.bookkeeper_client import BookkeeperClient, BookkeeperUnavailable
 from shared.bus import Bus, replay
 from shared.events import DispatchRetryRequested, Event, make_event
 from shared.subjects import BOOKKEEPER_EVENTS, EVENTS_PREFIX
 
 EXIT_NOTHING = 1
-EXIT_UNREACHABLE = 3
 
 # Dispatch event type -> the task state it leaves behind.
 STATES = {"dispatch.requested": "queued", "dispatch.attempt_failed": "retrying", "dispatch.failed": "failed",

@@ -14,8 +14,13 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from cli.config_cmd import EXIT_UNREACHABLE
-from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
+from cli.connection import (
+    EXIT_UNREACHABLE,
+    add_connection_arguments,
+    cli_nats_url,
+    default_actor,
+    run_with_bus,
+)
 from shared.bookkeeper_client import BookkeeperClient, BookkeeperError
 from shared.bus import Bus
 from shared.health import EXPECTED_SERVICES, HealthReport, collect_health

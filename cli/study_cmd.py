@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.config_cmd import EXIT_UNREACHABLE
-from cli.connection import add_connection_arguments, cli_nats_url, default_actor, run_with_bus
+from cli.connection import (
+    EXIT_UNREACHABLE,
+    add_connection_arguments,
+    cli_nats_url,
+    default_actor,
+    run_with_bus,
+)
 from shared.bus import Bus
 from shared.events import StudyCompleteRequested, make_event
 

@@ -61,8 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--data-dir", default=os.environ.get("CADUCEUS_DATA_DIR", "./caduceus-data"),
                         help="blobs, NATS store, SQLite, logs (default $CADUCEUS_DATA_DIR or ./caduceus-data)")
     parser.add_argument("--config", type=Path, default=None, help="apply this YAML/JSON configuration first")
-    parser.add_argument("--dicom-port", type=int, default=11112, help="DICOM port of the receiver (default 11112)")
-    parser.add_argument("--ui-port", type=int, default=8080, help="port of the web UI (default 8080)")
+    # String defaults: argparse converts them as it would a command-line value (and says so if bad).
+    parser.add_argument("--dicom-port", type=int, default=os.environ.get("CADUCEUS_DICOM_PORT", "11112"),
+                        help="DICOM port of the receiver (default $CADUCEUS_DICOM_PORT or 11112)")
+    parser.add_argument("--ui-port", type=int, default=os.environ.get("CADUCEUS_UI_PORT", "8080"),
+                        help="port of the web UI (default $CADUCEUS_UI_PORT or 8080)")
     parser.add_argument("--ui-host", default=os.environ.get("CADUCEUS_UI_HOST", "127.0.0.1"),
                         help="address the web UI listens on (default $CADUCEUS_UI_HOST or 127.0.0.1; "
                              "0.0.0.0 for every interface)")

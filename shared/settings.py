@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     receiver_worker_hung_seconds: float = Field(default=60, ge=5, le=3600)
     # One journal directory per receiver process (the supervisor: main, its workers: w1, w2, ...).
     receiver_journal_slot: str = Field(default="main", pattern=r"^[A-Za-z0-9_-]{1,40}$")
-    # Name of this process instance (several dispatchers may run): defaults to service name + pid.
+    # Name of this process instance (several dispatchers may run): defaults to <service>-<host>-<pid>.
     instance: str = ""
 
     @property

@@ -227,7 +227,7 @@ def test_bookkeeper_and_retry_commands_take_the_data_dir(tmp_path: Path, monkeyp
     data_dir.mkdir()
     (data_dir / UP_STATE_FILE).write_text(json.dumps({"nats_url": "nats://127.0.0.1:1"}))  # nobody listens
     for argv in (["bookkeeper", "events"], ["retry", "some-task"]):
-        assert main([*argv, "--data-dir", str(data_dir)]) in (2, 3)
+        assert main([*argv, "--data-dir", str(data_dir)]) == 3
         assert "nats://127.0.0.1:1" in capsys.readouterr().err
 
 
