@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"caduceus status: cannot read status from NATS at {url}: {exc!r}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
-    nats = embedded_nats_health(args.data_dir)
+    nats = embedded_nats_health(args.data_dir, args.nats_url)
     if args.json:
         print(json.dumps({**report.model_dump(mode="json"), "nats": nats,
                           **(asdict(work) if work else {})}, indent=2))
@@ -84,10 +84,11 @@ def all_healthy(report: HealthReport, nats: dict[str, object] | None) -> bool:
     return report.healthy and (nats is None or bool(nats["healthy"]))
 
 
-def embedded_nats_health(data_dir: str | None) -> dict[str, object] | None:
-    """nats-server's /healthz, for the embedded NATS of a `caduceus up` on this data dir."""
+def embedded_nats_health(data_dir: str | None, explicit_url: str | None = None) -> dict[str, object] | None:
+    """nats-server's /healthz, for the embedded NATS of a `caduceus up` on this data dir (none when
+    the command was pointed at another NATS)."""
     url = up_state(data_dir).get("nats_monitor_url")
-    if not isinstance(url, str) or os.environ.get("CADUCEUS_NATS_URL"):
+    if not isinstance(url, str) or os.environ.get("CADUCEUS_NATS_URL") or explicit_url:
         return None
     healthy, error = nats_health(url)
     return {"healthy": healthy, "error": error, "monitor_url": url}

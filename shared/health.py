@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from datetime import UTC, datetime
@@ -111,9 +112,11 @@ def default_instance(service: str, pid: int) -> str:
 
 async def forget_instance(bus: Bus, service: str, instance: str) -> None:
     """Drop an instance's last heartbeat: one that stopped, or died and was replaced, is history
-    (its `service.stopped` / `service.crashed` event says so), not a stale row for an hour."""
+    (its `service.stopped` / `service.crashed` event says so), not a stale row for an hour. Bounded:
+    with NATS away it must not hold up a shutdown or the restart of a crashed service."""
     with contextlib.suppress(Exception):
-        await bus.js.purge_stream(subjects.STATUS_STREAM, subject=subjects.status_subject(service, instance))
+        await asyncio.wait_for(bus.js.purge_stream(subjects.STATUS_STREAM,
+                                                   subject=subjects.status_subject(service, instance)), 2)
 
 
 async def read_heartbeats(bus: Bus) -> list[Event]:
