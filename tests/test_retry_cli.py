@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from cli import retry_cmd
 from conftest import expire_events
 from services.bookkeeper.retention import set_max_age
+from services.bookkeeper.service import BookkeeperService
 from services.bookkeeper.tests.scenario import running, series_events, settings_for, wait_caught_up
 from services.dispatcher.handlers import Dispatcher
 from services.dispatcher.progress import ProgressStore
@@ -31,6 +34,24 @@ async def publish_story(bus: Bus) -> None:
     await bus.publish_many(series_events(STUDY, FAILED, 2, "error") + series_events(STUDY, DONE, 2, "done"))
 
 
+@asynccontextmanager
+async def story_in_the_log_only(bus: Bus, nats_url: str,
+                                data_dir: Path) -> AsyncIterator[tuple[BookkeeperService, int]]:
+    """A running bookkeeper that stored the story, which then expired from the stream; and the
+    stream's last sequence before the expiry."""
+    database_url = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
+    async with running(settings_for(nats_url, database_url, data_dir)) as service:
+        # Its retention applied (90 days), the bookkeeper looks again only in a minute: long
+        # enough for a stream that keeps events a second.
+        while "events_retention_days" not in service.health_details():
+            await asyncio.sleep(0.05)
+        await publish_story(bus)
+        await wait_caught_up(bus, service.engine)
+        last = await bus.last_seq(subjects.EVENTS_STREAM)
+        await expire_events(bus, last)
+        yield service, last
+
+
 async def test_without_a_bookkeeper_the_stream_is_read(bus: Bus) -> None:
     await publish_story(bus)
     tasks = await retry_cmd.read_tasks(bus, [], FAILED)
@@ -42,17 +63,7 @@ async def test_without_a_bookkeeper_the_stream_is_read(bus: Bus) -> None:
 
 async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
         bus: Bus, nats_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    database_url = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
-    async with running(settings_for(nats_url, database_url, data_dir)) as service:
-        # Its retention applied (90 days), the bookkeeper looks again only in a minute: long
-        # enough for a stream that keeps events a second.
-        while "events_retention_days" not in service.health_details():
-            await asyncio.sleep(0.05)
-        await publish_story(bus)
-        await wait_caught_up(bus, service.engine)
-        last = await bus.last_seq(subjects.EVENTS_STREAM)
-        await expire_events(bus, last)
-
+    async with story_in_the_log_only(bus, nats_url, data_dir) as (service, last):
         tasks = await retry_cmd.read_tasks(bus, [], FAILED)
         assert set(tasks) == {task_of(FAILED)}   # one series asked, one series read
         assert tasks[task_of(FAILED)].state == "failed"
@@ -92,13 +103,7 @@ async def test_a_dispatcher_finds_a_task_request_gone_from_the_stream_in_the_log
     """What a retry of a task no dispatcher has a record of needs (Dispatcher.handle_retry): its request."""
     dispatcher = Dispatcher(bus, await ProgressStore.open(bus.js), LocalBlobStore(data_dir / "blobs"),
                             CaduceusConfig, 15.0, {})
-    database_url = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
-    async with running(settings_for(nats_url, database_url, data_dir)) as service:
-        while "events_retention_days" not in service.health_details():
-            await asyncio.sleep(0.05)
-        await publish_story(bus)
-        await wait_caught_up(bus, service.engine)
-        await expire_events(bus, await bus.last_seq(subjects.EVENTS_STREAM))
+    async with story_in_the_log_only(bus, nats_url, data_dir):
         found = await dispatcher.find_request(task_of(FAILED))
         assert found is not None and found.type == "dispatch.requested" and found.series_uid == FAILED
     # No bookkeeper, and nothing on the stream: not found, and no error.
