@@ -60,6 +60,7 @@ class Outcome:
     failed_sop_uids: list[str]
     error: str  # empty on success
     reencoded: int = 0  # of `sent`: went out as Implicit VR Little Endian (see reencode)
+    refused_by_peer: bool = False  # the destination does not take some files as they are
 
 
 class Dispatcher:
@@ -217,7 +218,8 @@ class Dispatcher:
         missing = sorted(set(todo) - set(result.delivered))
         error = _describe_failure(result, len(todo), destination) if missing else ""
         return Outcome(len(result.delivered), result.warnings, skipped,
-                       [manifest.instances[i].sop_uid for i in missing], error, result.reencoded)
+                       [manifest.instances[i].sop_uid for i in missing], error, result.reencoded,
+                       result.refused_by_peer)
 
     async def _manifest(self, request: DispatchRequested) -> Manifest:
         try:
@@ -360,7 +362,7 @@ class Dispatcher:
         await self.bus.publish(self._follow_up(current, delivery, "alert.raised", AlertRaised(
             severity="error", source=ACTOR,
             message=f"dispatch of task {record.task_id} to '{request.target}' failed after {attempt} "
-                    f"attempt(s): {outcome.error}. Files kept; {_what_to_do(outcome.error, record.task_id)}")))
+                    f"attempt(s): {outcome.error}. Files kept; {_what_to_do(outcome.refused_by_peer, record.task_id)}")))
         await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error, "failed"))
         self.count("tasks_failed")
         log.error("task %s failed after %d attempt(s)", record.task_id, attempt, extra=ctx)
@@ -392,12 +394,8 @@ def _describe_failure(result: SendResult, todo: int, destination: Destination) -
     return f"{', '.join(parts) or 'incomplete'} [{len(result.delivered)}/{todo} sent to {destination.describe()}]"
 
 
-# Refusals that a retry alone will meet again: the peer does not take these files as they are.
-_NOT_ACCEPTED = ("accepted none of the proposed presentation contexts", "has been accepted by the peer")
-
-
-def _what_to_do(error: str, task_id: str) -> str:
-    if any(phrase in error for phrase in _NOT_ACCEPTED):
+def _what_to_do(refused_by_peer: bool, task_id: str) -> str:
+    if refused_by_peer:
         return (f"the destination does not accept these SOP classes / transfer syntaxes, so a retry alone "
                 f"fails again: change what the destination accepts (or the rule), then "
                 f"`caduceus retry {task_id}`.")

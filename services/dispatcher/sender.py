@@ -76,6 +76,7 @@ class SendResult:
     delivered: list[int] = field(default_factory=list)
     warnings: int = 0
     reencoded: int = 0  # delivered as Implicit VR Little Endian, the peer refusing their own syntax
+    refused_by_peer: bool = False  # the peer accepted no context for some file: a retry alone fails again
     failed: dict[int, str] = field(default_factory=dict)  # manifest index -> reason
     errors: list[str] = field(default_factory=list)  # association-level problems
 
@@ -83,6 +84,7 @@ class SendResult:
         self.delivered += other.delivered
         self.warnings += other.warnings
         self.reencoded += other.reencoded
+        self.refused_by_peer |= other.refused_by_peer
         self.failed.update(other.failed)
         self.errors += other.errors
 
@@ -165,11 +167,15 @@ def _association_error(assoc: Association, dest: Destination) -> str:
     if assoc.is_rejected:
         why = getattr(assoc, "caduceus_rejection", "")
         return f"association rejected by {dest.describe()}" + (f": {why}" if why else "")
-    if assoc.rejected_contexts and not assoc.accepted_contexts:
+    if _refused_every_context(assoc):
         return f"{dest.describe()} accepted none of the proposed presentation contexts ({_refusals(assoc)})"
     if assoc.is_aborted:
         return f"association aborted by {dest.describe()}"
     return f"association with {dest.describe()} ended unexpectedly"
+
+
+def _refused_every_context(assoc: Association) -> bool:
+    return bool(assoc.rejected_contexts) and not assoc.accepted_contexts
 
 
 def _connect_problem(dest: Destination, timeout: float = 3.0) -> str:
@@ -238,6 +244,7 @@ def _send_on_association(dest: Destination, items: list[SendItem], result: SendR
         return None
     if not assoc.is_established:
         result.errors.append(_association_error(assoc, dest))
+        result.refused_by_peer |= _refused_every_context(assoc)
         return None
     left = list(items)
     try:
@@ -296,7 +303,11 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
         if assoc.is_established:
             assoc.abort()  # established but out of data transfer: do not keep trying on it
         return False
-    except (ValueError, reencode.ReencodeError) as exc:  # no accepted context fits / re-encoding failed
+    except ValueError as exc:  # no accepted context fits this file
+        result.failed[item.index] = str(exc)
+        result.refused_by_peer = True
+        return True
+    except reencode.ReencodeError as exc:
         result.failed[item.index] = str(exc)
         return True
     except RuntimeError:
