@@ -1,10 +1,8 @@
 """What the configured rules would decide for a set of tags (`caduceus rule test` without --filter).
 
-It follows the router's decision (docs/rules.md, "Decision"), per trigger: enabled rules in name
-order; a matching `discard` rule discards the batch and ends the evaluation; `fallback` rules are
-evaluated only when no other rule matched; nothing matched means discarded, except that a series
-is left to the study decision while enabled study rules exist. A rule that fails at run time does
-not match.
+The rules are evaluated exactly as the router does (shared/rule_order.py); this module only
+explains the result: which rules matched, which were disabled or not evaluated, and the decision.
+A series is left to the study decision while enabled study rules exist (as the router does).
 """
 
 from __future__ import annotations
@@ -12,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.config.model import CaduceusConfig, Rule
-from shared.rules import RuleResult, compile_rule
+from shared.rule_order import evaluate_in_order
+from shared.rules import RuleResult
 
 
 @dataclass
@@ -32,28 +31,22 @@ class Preview:
 
 
 def preview(config: CaduceusConfig, tags: dict[str, str], trigger: str) -> Preview:
+    order = evaluate_in_order(config, trigger, tags)
+    results = {name: result for name, _, result in order.evaluated}
     rules = [(name, rule) for name, rule in sorted(config.rules.items()) if rule.trigger == trigger]
-    lines: list[RuleLine] = []
-    matched: list[tuple[str, Rule]] = []
-    discarded_by = ""
-    for fallback in (False, True):
-        for name, rule in rules:
-            if rule.fallback != fallback:
-                continue
-            if rule.disabled:
-                lines.append(RuleLine(name, rule, None, "disabled"))
-            elif discarded_by:
-                lines.append(RuleLine(name, rule, None, f"not evaluated: rule {discarded_by} discarded the batch"))
-            elif fallback and matched:
-                lines.append(RuleLine(name, rule, None, "not evaluated: fallback, and another rule matched"))
-            else:
-                result = compile_rule(rule.filter).evaluate(tags)
-                lines.append(RuleLine(name, rule, result))
-                if result.matched and rule.action == "discard":
-                    discarded_by = name
-                elif result.matched:
-                    matched.append((name, rule))
-    return Preview(trigger, lines, *_decision(config, trigger, matched, discarded_by))
+    lines = [RuleLine(name, rule, results.get(name),
+                      "" if name in results else _why_not_evaluated(rule, order.discard_rule))
+             for fallback in (False, True) for name, rule in rules if rule.fallback == fallback]
+    return Preview(trigger, lines, *_decision(config, trigger, order.matched, order.discard_rule or ""))
+
+
+def _why_not_evaluated(rule: Rule, discard_rule: str | None) -> str:
+    """The note for a rule the evaluation did not reach."""
+    if rule.disabled:
+        return "disabled"
+    if discard_rule:
+        return f"not evaluated: rule {discard_rule} discarded the batch"
+    return "not evaluated: fallback, and another rule matched"
 
 
 def _decision(config: CaduceusConfig, trigger: str, matched: list[tuple[str, Rule]],

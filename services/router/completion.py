@@ -28,39 +28,16 @@ from typing import Literal
 
 from services.router.state import Batch
 from shared.config.model import CaduceusConfig, Rule
-from shared.rules import (
-    CompiledRule,
-    RuleResult,
-    RuleSyntaxError,
-    SeriesList,
-    compile_rule,
-    compile_series_list,
-)
+from shared.rule_order import enabled_rules, evaluate
+from shared.rules import RuleSyntaxError, SeriesList, compile_series_list
 
 StudyTrigger = Literal["quiet", "required_series", "forced", "force_timeout"]
 ForceAction = Literal["proceed", "discard", "ignore"]
 
 
-def enabled_rules(config: CaduceusConfig, trigger: str) -> list[tuple[str, Rule]]:
-    return [(name, rule) for name, rule in sorted(config.rules.items())
-            if not rule.disabled and rule.trigger == trigger]
-
-
-@lru_cache(maxsize=512)
-def compiled(filter_expr: str) -> CompiledRule:
-    return compile_rule(filter_expr)
-
-
 @lru_cache(maxsize=256)
 def compiled_series_list(expression: str) -> SeriesList:
     return compile_series_list(expression)
-
-
-def evaluate(rule: Rule, tags: dict[str, str]) -> RuleResult:
-    try:
-        return compiled(rule.filter).evaluate(tags)
-    except RuleSyntaxError as exc:  # validated at config apply; an old stored rule may still fail
-        return RuleResult(matched=False, error=f"syntax: {exc}")
 
 
 def _matches(rule: Rule, tags: dict[str, str]) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.router.completion import enabled_rules, evaluate
 from shared.config.model import CaduceusConfig, Rule
 from shared.events import (
     DispatchRequested,
@@ -38,6 +37,7 @@ from shared.events import (
     deterministic_event_id,
     make_event,
 )
+from shared.rule_order import enabled_rules, evaluate_in_order
 
 ACTOR = "router"
 
@@ -78,10 +78,14 @@ def decide(completed: Event, config: CaduceusConfig) -> list[Event]:
         return _forced_without_rules(batch)
     events: list[Event] = []
     evaluations: list[RuleEvaluation] = []
-    matched: list[tuple[str, Rule]] = []
-    discard_rule = _evaluate_group(batch, config, False, events, evaluations, matched)
-    if not matched and discard_rule is None:
-        discard_rule = _evaluate_group(batch, config, True, events, evaluations, matched)
+    order = evaluate_in_order(config, batch.level, batch.tags)
+    for name, rule, result in order.evaluated:
+        evaluations.append(RuleEvaluation(rule=name, matched=result.matched, error=result.error,
+                                          missing_tags=result.missing_tags))
+        if result.error:
+            events.append(_event(batch, "rule.failed", RuleFailed(rule=name, filter=rule.filter,
+                                                                  error=result.error), name))
+    matched, discard_rule = order.matched, order.discard_rule
     matched_names = [name for name, _ in matched] + ([discard_rule] if discard_rule else [])
     if not matched_names and batch.level == "series" and enabled_rules(config, "study"):
         # Study rules decide these images when the study completes: not discarded here.
@@ -101,26 +105,6 @@ def decide(completed: Event, config: CaduceusConfig) -> list[Event]:
     reason = f"matched {', '.join(matched_names)}"
     events.append(_decided(batch, evaluations, matched_names, tasks, False, reason))
     return events
-
-
-def _evaluate_group(batch: _Batch, config: CaduceusConfig, fallback: bool, events: list[Event],
-                    evaluations: list[RuleEvaluation], matched: list[tuple[str, Rule]]) -> str | None:
-    """Evaluate the (non-)fallback rules; returns the name of a matching discard rule."""
-    for name, rule in enabled_rules(config, batch.level):
-        if rule.fallback != fallback:
-            continue
-        result = evaluate(rule, batch.tags)
-        evaluations.append(RuleEvaluation(rule=name, matched=result.matched, error=result.error,
-                                          missing_tags=result.missing_tags))
-        if result.error:
-            events.append(_event(batch, "rule.failed", RuleFailed(rule=name, filter=rule.filter,
-                                                                  error=result.error), name))
-        if not result.matched:
-            continue
-        if rule.action == "discard":
-            return name
-        matched.append((name, rule))
-    return None
 
 
 def _event(batch: _Batch, type_: str, payload: Any, *id_parts: str, task_id: str | None = None) -> Event:

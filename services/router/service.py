@@ -26,7 +26,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from services.router.completion import StudyDue, enabled_rules, series_due_at, study_due
+from services.router.completion import StudyDue, series_due_at, study_due
 from services.router.decide import decide
 from services.router.state import Batch, RouterState
 from shared import subjects
@@ -41,6 +41,7 @@ from shared.events import (
     utcnow,
 )
 from shared.manifest import Manifest, ManifestInstance, write_manifest
+from shared.rule_order import enabled_rules
 from shared.runtime import Service
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,62 @@
+"""Which rules a batch is evaluated against, and in which order (docs/rules.md, "Decision").
+
+Shared by the router, which decides, and `caduceus rule test`, which shows what it would decide:
+per trigger, the enabled rules in name order; a matching `discard` rule ends the evaluation;
+`fallback` rules are evaluated only when no other rule matched. A rule that fails at run time (or
+whose stored filter no longer compiles) does not match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from shared.config.model import CaduceusConfig, Rule
+from shared.rules import CompiledRule, RuleResult, RuleSyntaxError, compile_rule
+
+
+def enabled_rules(config: CaduceusConfig, trigger: str) -> list[tuple[str, Rule]]:
+    return [(name, rule) for name, rule in sorted(config.rules.items())
+            if not rule.disabled and rule.trigger == trigger]
+
+
+@lru_cache(maxsize=512)
+def compiled(filter_expr: str) -> CompiledRule:
+    return compile_rule(filter_expr)
+
+
+def evaluate(rule: Rule, tags: dict[str, str]) -> RuleResult:
+    try:
+        return compiled(rule.filter).evaluate(tags)
+    except RuleSyntaxError as exc:  # validated at config apply; an old stored rule may still fail
+        return RuleResult(matched=False, error=f"syntax: {exc}")
+
+
+@dataclass
+class RuleOrder:
+    evaluated: list[tuple[str, Rule, RuleResult]] = field(default_factory=list)  # in evaluation order
+    matched: list[tuple[str, Rule]] = field(default_factory=list)  # matching rules other than discard
+    discard_rule: str | None = None  # the matching discard rule that ended the evaluation
+
+
+def evaluate_in_order(config: CaduceusConfig, trigger: str, tags: dict[str, str]) -> RuleOrder:
+    order = RuleOrder()
+    _evaluate_group(config, trigger, tags, False, order)
+    if not order.matched and order.discard_rule is None:
+        _evaluate_group(config, trigger, tags, True, order)
+    return order
+
+
+def _evaluate_group(config: CaduceusConfig, trigger: str, tags: dict[str, str], fallback: bool,
+                    order: RuleOrder) -> None:
+    for name, rule in enabled_rules(config, trigger):
+        if rule.fallback != fallback:
+            continue
+        result = evaluate(rule, tags)
+        order.evaluated.append((name, rule, result))
+        if not result.matched:
+            continue
+        if rule.action == "discard":
+            order.discard_rule = name
+            return
+        order.matched.append((name, rule))
