@@ -34,7 +34,7 @@ from shared.subjects import BOOKKEEPER_EVENTS, EVENTS_PREFIX
 EXIT_NOTHING = 1
 
 # Dispatch event type -> the task state it leaves behind.
-STATES = {"dispatch.requested": "queued", "dispatch.attempt_failed": "retrying", "dispatch.failed": "failed",
+STATES = {"dispatch.requested": "queued", "dispatch.started": "sending", "dispatch.attempt_failed": "retrying", "dispatch.failed": "failed",
           "dispatch.completed": "completed", "dispatch.retry_requested": "retry requested"}
 
 
@@ -134,6 +134,10 @@ def fold_task_event(tasks: dict[str, TaskView], event: Event) -> None:
         return
     view = tasks.get(task_id)
     if view is None or event.type not in STATES:
+        return
+    if event.type == "dispatch.started":
+        if view.state not in ("completed", "failed"):  # a late copy does not undo an outcome
+            view.state = STATES[event.type]
         return
     view.state = STATES[event.type]
     view.error = str(event.payload.get("error", "")) if event.type != "dispatch.completed" else ""

@@ -122,7 +122,7 @@ def render(report: HealthReport, nats: dict[str, object] | None = None, work: Wo
                          f"{'  ' + details if details else ''}{marker if i == 0 else ''}")
     if work is not None:
         tasks = work.tasks_by_state
-        counts = ", ".join(f"{tasks.get(state, 0)} {state}" for state in ("error", "retrying", "queued", "done"))
+        counts = ", ".join(f"{tasks.get(state, 0)} {state}" for state in ("error", "retrying", "sending", "queued", "done"))
         lines += ["", f"TASKS  {counts}  (bookkeeper's projection; `caduceus tasks`)"]
     lines += ["", "STREAMS", f"  {'name':<8} {'messages':>10} {'bytes':>14} {'first':>8} {'last':>8} {'consumers':>9} "
                              f"{'kept':>8}"]

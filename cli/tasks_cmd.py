@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 
 from cli.connection import add_connection_arguments, with_bookkeeper
-from shared.bookkeeper_client import BookkeeperClient, TaskRecord
-
-STATES = ("queued", "retrying", "done", "error")
+from shared.bookkeeper_client import TASK_STATES, BookkeeperClient, TaskRecord
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("tasks", help="list dispatch/processing tasks (e.g. the failed ones: --state error)",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--state", choices=STATES, help="only tasks in this state")
+    parser.add_argument("--state", choices=TASK_STATES, help="only tasks in this state")
     parser.add_argument("--series", dest="series_uid", metavar="UID", help="only this series' tasks")
     parser.add_argument("--target", help="only tasks for this target")
     parser.add_argument("--limit", type=int, default=50, help="newest first, at most this many (default 50)")

@@ -89,6 +89,10 @@ class SeriesRecord(_Record):
     last_event_at: datetime
 
 
+# What the bookkeeper's tasks view says of a task, in the order its life usually takes.
+TASK_STATES = ("queued", "sending", "retrying", "done", "error")
+
+
 class TaskRecord(_Record):
     task_id: str
     kind: str
@@ -97,7 +101,7 @@ class TaskRecord(_Record):
     rule: str | None = None
     target: str | None = None
     priority: str | None = None
-    state: str  # queued / retrying / done / error
+    state: str  # one of TASK_STATES
     attempts: int = 0
     last_error: str | None = None
     created_at: datetime

@@ -285,6 +285,16 @@ class DispatchRetryRequested(BaseModel):
     reason: str = ""
 
 
+class DispatchStarted(BaseModel):
+    task_id: str
+    target: str
+    attempt: int  # the attempt this send is, counted as in dispatch.attempt_failed
+    delivery: int  # JetStream's delivery count of the carrying message: > 1 after a crash or a stop
+    instance: str  # the dispatcher instance that sends
+    to_send: int  # instances the target has not confirmed yet
+    already_sent: int  # instances confirmed by earlier attempts
+
+
 class DispatchAttemptFailed(BaseModel):
     task_id: str
     target: str
@@ -367,6 +377,7 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "rule.failed": RuleFailed,
     "dispatch.requested": DispatchRequested,
     "dispatch.retry_requested": DispatchRetryRequested,
+    "dispatch.started": DispatchStarted,
     "dispatch.attempt_failed": DispatchAttemptFailed,
     "dispatch.completed": DispatchCompleted,
     "dispatch.failed": DispatchFailed,

@@ -297,6 +297,10 @@ def task_on_event(row: Row, ev: StoredEvent) -> Row:
         new["target"] = p.get("target") or new["target"]
         new["series_uid"] = new["series_uid"] or ev.series_uid
         new["study_uid"] = new["study_uid"] or ev.study_uid
+    elif t == "dispatch.started":
+        if row["state"] in ("done", "error"):
+            return row  # a late copy from a dispatcher that was cut off: the outcome stands
+        new["state"] = "sending"
     elif t == "dispatch.attempt_failed":
         new["state"] = "retrying"
         new["attempts"] = max(new["attempts"], int(p.get("attempt") or 0))

@@ -32,6 +32,7 @@ from shared.events import (
     DispatchFailed,
     DispatchRequested,
     DispatchRetryRequested,
+    DispatchStarted,
     Event,
     deterministic_event_id,
 )
@@ -66,8 +67,9 @@ class Outcome:
 class Dispatcher:
     def __init__(self, bus: Bus, progress: ProgressStore, store: BlobStore,
                  config: Callable[[], CaduceusConfig], keep_alive_seconds: float,
-                 counters: dict[str, int]) -> None:
+                 counters: dict[str, int], instance: str = ACTOR) -> None:
         self.bus = bus
+        self.instance = instance  # named in dispatch.started, so that a task shows who sends it
         self.progress = progress
         self.store = store
         self.config = config
@@ -186,7 +188,7 @@ class Dispatcher:
         log.info("task %s attempt %d", record.task_id, attempt, extra=ctx)
         try:
             async with delivery.keep_alive(every=self.keep_alive_seconds):
-                outcome = await self.attempt(record)
+                outcome = await self.attempt(record, delivery)
         except asyncio.CancelledError:
             # Shutdown cut the send short (confirmed instances are already recorded): hand the
             # task back now rather than after the ack wait.
@@ -199,7 +201,7 @@ class Dispatcher:
         else:
             await self._failed_attempt(delivery, record, outcome)
 
-    async def attempt(self, record: ProgressRecord) -> Outcome:
+    async def attempt(self, record: ProgressRecord, delivery: Delivery) -> Outcome:
         request = DispatchRequested.model_validate(record.request_event().payload)
         try:
             manifest = await self._manifest(request)
@@ -211,6 +213,7 @@ class Dispatcher:
         skipped = len(manifest.instances) - len(todo)
         if not todo:
             return Outcome(0, 0, skipped, [], "")
+        await self._started(record, delivery, request, len(todo), skipped)
         try:
             result = await self._send(record.task_id, manifest, todo, destination, self._parallel(request))
         except AttemptError as exc:
@@ -317,6 +320,15 @@ class Dispatcher:
         event.causation_id = delivery.event.event_id
         event.event_id = deterministic_event_id(type_, record.task_id, str(record.generation), *id_parts)
         return event
+
+    async def _started(self, record: ProgressRecord, delivery: Delivery, request: DispatchRequested,
+                       to_send: int, already_sent: int) -> None:
+        # One per delivery of an attempt: a send resumed after a crash is a new fact, with its own id.
+        attempt = record.attempts + 1
+        await self.bus.publish(self._follow_up(record, delivery, "dispatch.started", DispatchStarted(
+            task_id=record.task_id, target=request.target, attempt=attempt, delivery=delivery.attempt,
+            instance=self.instance, to_send=to_send, already_sent=already_sent),
+            str(attempt), str(delivery.attempt)))
 
     async def _completed(self, delivery: Delivery, record: ProgressRecord, outcome: Outcome,
                          duration: float) -> None:

@@ -55,7 +55,8 @@ class DispatcherService(Service):
         store: BlobStore = open_blob_store(self.settings.blob_store, self.settings.data_dir, self.bus.js)
         ack_wait = self.settings.dispatch_ack_wait_seconds
         self.dispatcher = Dispatcher(self.bus, progress, store, lambda: self.config,
-                                     keep_alive_seconds=max(0.5, ack_wait / 3), counters=self.counters)
+                                     keep_alive_seconds=max(0.5, ack_wait / 3), counters=self.counters,
+                                     instance=self.instance)
         durables = [dataclasses.replace(d, ack_wait=ack_wait, max_ack_pending=100)
                     for d in (DISPATCHER_URGENT, DISPATCHER_NORMAL)]
         self.spawn(self._pull_loop(durables))

@@ -99,6 +99,9 @@ async def test_target_down_fails_after_attempts_then_cli_retry_delivers(
     retry = (await events_of(bus, "dispatch.retry_requested", task_id))[0]
     assert retry.actor == f"user:{getpass.getuser()}" and retry.payload["reason"] == "PACS is back"
     assert completed[0].payload["sent"] == 5 and completed[0].payload["attempt"] == 1
+    started = await events_of(bus, "dispatch.started", task_id)
+    assert [e.payload["attempt"] for e in started] == [1, 2, 3, 1]
+    assert {e.payload["instance"] for e in started} == {started[0].payload["instance"]}
     assert completed[0].causation_id == retry.event_id
     assert peer.sop_uids() == {i.sop_uid for i in manifest.instances}
     # A completed task is not retried again.
@@ -143,6 +146,12 @@ async def test_kill_9_mid_send_second_dispatcher_resumes(tmp_path: Path, bus: Bu
     assert completed.payload["sent"] + completed.payload["skipped_already_sent"] == count
     assert completed.payload["sent"] < count
     assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances}
+    # The history shows both sends of attempt 1: the one cut off and the one that resumed it.
+    started = await events_of(bus, "dispatch.started", task_id)
+    assert [(e.payload["attempt"], e.payload["delivery"]) for e in started] == [(1, 1), (1, 2)]
+    assert started[0].payload["to_send"] == count and started[0].payload["already_sent"] == 0
+    assert started[1].payload["already_sent"] == completed.payload["skipped_already_sent"]
+    assert started[0].payload["instance"] != started[1].payload["instance"]
 
 
 COMPRESSED_AND_OTHER_SYNTAXES = ["JPEG2000.dcm", "SC_rgb_rle_32bit.dcm", "JPEG-lossy.dcm", "rtplan.dcm",
