@@ -306,7 +306,7 @@ def summarize_profile(path: Path, top: int = 10) -> str:
                 incl_counts[frame] += count
     lines = [f"{path.stem}: {busy_total} busy samples of {total} (waiting leaves left out); % of busy samples:"]
     lines += [f"   self {100 * c / busy_total:5.1f}%  {f}" for f, c in self_counts.most_common(top)]
-    skip = ("Service.main", "run_service", "_run_handler")
+    skip = ("Service.main", "run_service", "run_handler")
     incl = [(f, c) for f, c in incl_counts.most_common() if not f.startswith(skip)]
     lines += [f"   incl {100 * c / busy_total:5.1f}%  {f}" for f, c in incl[:top]]
     return "\n".join(lines)

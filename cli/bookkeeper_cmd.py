@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from typing import Any
 
 from cli.connection import add_connection_arguments, with_bookkeeper
 from shared.bookkeeper_client import BookkeeperClient, EventRecord, SeriesHistoryResponse
-from shared.settings import load_settings
+from shared.settings import cli_data_dir, load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                   "(opens the database directly; the bookkeeper may be stopped)")
     rebuild.add_argument("--database-url", help="SQLAlchemy URL (default: CADUCEUS_DATABASE_URL or the "
                          "SQLite file in the data dir)")
+    rebuild.add_argument("--data-dir", help="data dir whose bookkeeper.sqlite to rebuild (default: "
+                         "CADUCEUS_DATA_DIR, else ./caduceus-data)")
     rebuild.set_defaults(func=cmd_rebuild)
 
     events = commands.add_parser("events", help="list events from the audit log")
@@ -45,11 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 # ------------------------------------------------------------------ rebuild
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    # Imported here: only this command needs the service's database code.
-    from services.bookkeeper.rebuild import rebuild_database
-
-    url = args.database_url or load_settings().resolved_database_url()
-    counts = rebuild_database(url)
+    # The service's own entry point does the work: the CLI does not import a service's code.
+    url = args.database_url or load_settings().model_copy(
+        update={"data_dir": cli_data_dir(args.data_dir)}).resolved_database_url()
+    done = subprocess.run([sys.executable, "-m", "services.bookkeeper", "rebuild", "--database-url", url],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        return 1  # the reason is on stderr already
+    counts: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
     total = sum(counts.values())
     detail = ", ".join(f"{stream}: {n}" for stream, n in sorted(counts.items())) or "empty log"
     print(f"rebuilt projections from {total} events ({detail})")

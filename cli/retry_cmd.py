@@ -33,9 +33,10 @@ from shared.subjects import BOOKKEEPER_EVENTS, EVENTS_PREFIX
 
 EXIT_NOTHING = 1
 
-# Dispatch event type -> the task state it leaves behind.
-STATES = {"dispatch.requested": "queued", "dispatch.started": "sending", "dispatch.attempt_failed": "retrying", "dispatch.failed": "failed",
-          "dispatch.completed": "completed", "dispatch.retry_requested": "retry requested"}
+# Dispatch event type -> the task state it leaves behind (the names of the bookkeeper's tasks view,
+# shared.bookkeeper_client.TASK_STATES).
+STATES = {"dispatch.requested": "queued", "dispatch.started": "sending", "dispatch.attempt_failed": "retrying",
+          "dispatch.failed": "error", "dispatch.completed": "done", "dispatch.retry_requested": "queued"}
 
 
 @dataclass
@@ -136,7 +137,7 @@ def fold_task_event(tasks: dict[str, TaskView], event: Event) -> None:
     if view is None or event.type not in STATES:
         return
     if event.type == "dispatch.started":
-        if view.state not in ("completed", "failed"):  # a late copy does not undo an outcome
+        if view.state not in ("done", "error"):  # a late copy does not undo an outcome
             view.state = STATES[event.type]
         return
     view.state = STATES[event.type]
@@ -149,12 +150,12 @@ def _choose(tasks: dict[str, TaskView], task_ids: list[str], series: str | None)
         view = tasks.get(task_id)
         if view is None:
             print(f"caduceus retry: no dispatch task {task_id}", file=sys.stderr)
-        elif view.state == "completed":
-            print(f"task {task_id} already completed; nothing to retry", file=sys.stderr)
+        elif view.state == "done":
+            print(f"task {task_id} already completed (done); nothing to retry", file=sys.stderr)
         else:
             chosen.append(view)
     if series:
-        failed = [v for v in tasks.values() if v.request.series_uid == series and v.state == "failed"]
+        failed = [v for v in tasks.values() if v.request.series_uid == series and v.state == "error"]
         if not failed:
             print(f"caduceus retry: no failed dispatch task for series {series}", file=sys.stderr)
         chosen += [v for v in failed if v not in chosen]

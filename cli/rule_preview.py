@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.config.model import CaduceusConfig, Rule
-from shared.rule_order import evaluate_in_order
+from shared.rule_order import RuleOrder, evaluate_in_order
 from shared.rules import RuleResult
 
 
@@ -37,7 +37,7 @@ def preview(config: CaduceusConfig, tags: dict[str, str], trigger: str) -> Previ
     lines = [RuleLine(name, rule, results.get(name),
                       "" if name in results else _why_not_evaluated(rule, order.discard_rule))
              for fallback in (False, True) for name, rule in rules if rule.fallback == fallback]
-    return Preview(trigger, lines, *_decision(config, trigger, order.matched, order.discard_rule or ""))
+    return Preview(trigger, lines, *_decision(config, trigger, order))
 
 
 def _why_not_evaluated(rule: Rule, discard_rule: str | None) -> str:
@@ -49,14 +49,14 @@ def _why_not_evaluated(rule: Rule, discard_rule: str | None) -> str:
     return "not evaluated: fallback, and another rule matched"
 
 
-def _decision(config: CaduceusConfig, trigger: str, matched: list[tuple[str, Rule]],
-              discarded_by: str) -> tuple[str, bool]:
-    if discarded_by:
-        return f"discarded by rule {discarded_by} (files kept, recoverable)", False
+def _decision(config: CaduceusConfig, trigger: str, order: RuleOrder) -> tuple[str, bool]:
+    matched = order.matched
+    if order.discard_rule:
+        return f"discarded by rule {order.discard_rule} (files kept, recoverable)", False
     if matched:
         return "; ".join(f"{rule.action} -> {', '.join(rule.targets + rule.modules) or '-'} (rule {name}, "
                          f"{rule.priority})" for name, rule in matched), True
-    if trigger == "series" and any(r.trigger == "study" and not r.disabled for r in config.rules.values()):
+    if order.left_to_study_rules(config, trigger):
         return "no series rule matched: left to the study decision", False
     return "no rule matched: discarded (files kept, recoverable)", False
 

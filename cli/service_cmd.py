@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import runpy
 
-SERVICES = ("receiver", "router", "processor", "dispatcher", "cleaner", "bookkeeper", "ui")
+from shared.health import EXPECTED_SERVICES as SERVICES
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -49,7 +49,7 @@ from shared.config.model import CaduceusConfig, ConfigError
 from shared.config.state import fold, read_all
 from shared.health import EXPECTED_SERVICES
 from shared.natsserver import EmbeddedNats, free_port
-from shared.settings import UP_STATE_FILE, Settings, up_state
+from shared.settings import UP_STATE_FILE, Settings, cli_data_dir, up_state
 
 log = logging.getLogger("caduceus.up")
 
@@ -58,7 +58,7 @@ EXIT_START_FAILED = 1
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("up", help="start NATS (embedded) and every service, supervised")
-    parser.add_argument("--data-dir", default=os.environ.get("CADUCEUS_DATA_DIR", "./caduceus-data"),
+    parser.add_argument("--data-dir", default=str(cli_data_dir()),
                         help="blobs, NATS store, SQLite, logs (default $CADUCEUS_DATA_DIR or ./caduceus-data)")
     parser.add_argument("--config", type=Path, default=None, help="apply this YAML/JSON configuration first")
     # String defaults: argparse converts them as it would a command-line value (and says so if bad).

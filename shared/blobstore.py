@@ -139,10 +139,6 @@ class LocalBlobStore:
         except FileNotFoundError:
             raise BlobNotFound(key) from None
 
-    def sync_dir(self, key: str) -> None:
-        """fsync the directory holding `key`, making its rename durable."""
-        fsync_directory(self.path(key).parent)
-
     async def put(self, key: str, data: bytes) -> BlobInfo:
         return self.put_sync(key, data)
 

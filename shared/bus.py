@@ -151,10 +151,6 @@ class Bus:
     async def publish_many(self, events: Iterable[Event], *, timeout: float = 10.0) -> list[int]:
         return list(await asyncio.gather(*(self.publish(e, timeout=timeout) for e in events)))
 
-    def make(self, type: str, payload: Any, **fields: Any) -> Event:
-        from shared.events import make_event
-        return make_event(type, self.actor, payload, **fields)
-
     # ------------------------------------------------------------ reading
 
     async def last_seq(self, stream: str) -> int:

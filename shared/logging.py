@@ -46,8 +46,3 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     # pynetdicom is chatty at INFO (one line per PDU); its warnings still come through.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("nats").setLevel(logging.WARNING)
-
-
-def ctx(**fields: Any) -> dict[str, Any]:
-    """`log.info("...", extra=ctx(series_uid=..., study_uid=...))`"""
-    return {k: v for k, v in fields.items() if v is not None}

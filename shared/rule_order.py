@@ -38,6 +38,11 @@ class RuleOrder:
     matched: list[tuple[str, Rule]] = field(default_factory=list)  # matching rules other than discard
     discard_rule: str | None = None  # the matching discard rule that ended the evaluation
 
+    def left_to_study_rules(self, config: CaduceusConfig, trigger: str) -> bool:
+        """A series no series rule took is not discarded while study rules exist: they decide it later."""
+        return (trigger == "series" and not self.matched and self.discard_rule is None
+                and bool(enabled_rules(config, "study")))
+
 
 def evaluate_in_order(config: CaduceusConfig, trigger: str, tags: dict[str, str]) -> RuleOrder:
     order = RuleOrder()

@@ -1,7 +1,9 @@
 """The small base every service runs on.
 
 A service subclasses `Service`, sets `name`, and implements `setup()` (declare durables, start
-servers) and, if it pulls work, registers consumers with `self.consume(durable, handler)`.
+servers) and, if it pulls work, registers consumers with `self.consume(durable, handler)`, or runs
+a pull loop of its own (the dispatcher polls two durables at once; the bookkeeper stores batches)
+and hands each message to `self.run_handler(handler, msg, limiter)` for the same ack decisions.
 `Service.main()` then: connects to NATS, declares streams, follows the configuration, publishes
 `service.started`, runs the consumers and a heartbeat, and on SIGTERM/SIGINT stops pulling, lets
 in-flight handlers finish (or naks them), publishes `service.stopped` and drains the connection.
@@ -236,13 +238,13 @@ class Service:
                 continue
             for msg in msgs:
                 await limiter.acquire()
-                task = asyncio.create_task(self._run_handler(handler, msg, limiter))
+                task = asyncio.create_task(self.run_handler(handler, msg, limiter))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
             if concurrency == 1 and self._inflight:
                 await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
-    async def _run_handler(self, handler: Handler, msg: Msg, limiter: asyncio.Semaphore) -> None:
+    async def run_handler(self, handler: Handler, msg: Msg, limiter: asyncio.Semaphore) -> None:
         try:
             delivery = Delivery(msg)
         except Exception as exc:  # noqa: BLE001 - unreadable message: never block the consumer on it

@@ -146,12 +146,12 @@ BOOKKEEPER_CONFIG = Durable(CONFIG_STREAM, "bookkeeper-config", (f"{CONFIG_PREFI
 
 DISPATCHER_URGENT = Durable(EVENTS_STREAM, "dispatcher-urgent",
                             (event_subject("dispatch.requested", "urgent"),),
-                            ack_wait=120, description="urgent DICOM/SFTP/... sends")
+                            ack_wait=60, max_ack_pending=100, description="urgent DICOM sends")
 DISPATCHER_NORMAL = Durable(EVENTS_STREAM, "dispatcher-normal",
                             (event_subject("dispatch.requested", "normal"),
                              event_subject("dispatch.requested", "offpeak"),
                              event_subject("dispatch.retry_requested")),
-                            ack_wait=120, description="normal and off-peak sends, manual retries")
+                            ack_wait=60, max_ack_pending=100, description="normal and off-peak sends, manual retries")
 
 PROCESSOR_WORK = Durable(EVENTS_STREAM, "processor",
                          (f"{EVENTS_PREFIX}.process.requested.>",),

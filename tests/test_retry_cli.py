@@ -55,8 +55,8 @@ async def story_in_the_log_only(bus: Bus, nats_url: str,
 async def test_without_a_bookkeeper_the_stream_is_read(bus: Bus) -> None:
     await publish_story(bus)
     tasks = await retry_cmd.read_tasks(bus, [], FAILED)
-    assert tasks[task_of(FAILED)].state == "failed"
-    assert tasks[task_of(DONE)].state == "completed"   # the stream is read whole
+    assert tasks[task_of(FAILED)].state == "error"
+    assert tasks[task_of(DONE)].state == "done"   # the stream is read whole
     chosen = retry_cmd._choose(tasks, [], FAILED)
     assert [view.request.payload["task_id"] for view in chosen] == [task_of(FAILED)]
 
@@ -66,10 +66,10 @@ async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
     async with story_in_the_log_only(bus, nats_url, data_dir) as (service, last):
         tasks = await retry_cmd.read_tasks(bus, [], FAILED)
         assert set(tasks) == {task_of(FAILED)}   # one series asked, one series read
-        assert tasks[task_of(FAILED)].state == "failed"
+        assert tasks[task_of(FAILED)].state == "error"
         assert tasks[task_of(FAILED)].error == "connection refused"
         tasks = await retry_cmd.read_tasks(bus, [task_of(DONE)], None)
-        assert tasks[task_of(DONE)].state == "completed"
+        assert tasks[task_of(DONE)].state == "done"
 
         # Events the bookkeeper has not stored yet come from the stream's tail; one it stored
         # meanwhile comes from both and is folded once.
@@ -85,7 +85,7 @@ async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
 
         monkeypatch.setattr(retry_cmd, "_bookkeeper_stored_until", stored_until_before)
         tasks = await retry_cmd.read_tasks(bus, [], FAILED)
-        assert tasks[task_of(FAILED)].state == "retry requested"
+        assert tasks[task_of(FAILED)].state == "queued"
 
         from_log = retry_cmd._dispatch_events_from_bookkeeper
 
@@ -95,7 +95,7 @@ async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
 
         monkeypatch.setattr(retry_cmd, "_dispatch_events_from_bookkeeper", not_stored_yet)
         tasks = await retry_cmd.read_tasks(bus, [], FAILED)
-        assert tasks[task_of(FAILED)].state == "retry requested"
+        assert tasks[task_of(FAILED)].state == "queued"
 
 
 async def test_a_dispatcher_finds_a_task_request_gone_from_the_stream_in_the_log(

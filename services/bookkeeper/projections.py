@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
-SERIES_DONE_STATES = ("complete", "routed", "discarded", "dispatched", "error")
 TASK_CREATING_TYPES = ("dispatch.requested", "process.requested", "notification.requested")
 TASK_KINDS = {"dispatch.requested": "dispatch", "process.requested": "process",
               "notification.requested": "notification"}

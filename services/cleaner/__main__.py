@@ -1,4 +1,7 @@
+"""`python -m services.cleaner`"""
+
 from services.cleaner.service import CleanerService
 from shared.runtime import run_service
 
-run_service(CleanerService)
+if __name__ == "__main__":
+    run_service(CleanerService)

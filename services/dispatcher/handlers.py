@@ -127,7 +127,8 @@ class Dispatcher:
             # original request, should it still come, finds another carrier and is acknowledged.
             request = await self.find_request(retry.task_id)
             if request is None:
-                log.error("retry requested for unknown task %s", retry.task_id)
+                log.error("retry requested for unknown task %s", retry.task_id,
+                          extra={"task_id": retry.task_id, "series_uid": delivery.event.series_uid})
                 await delivery.term()
                 return
             record = await self.progress.ensure(request, carrier=carrier)

@@ -57,8 +57,7 @@ class DispatcherService(Service):
         self.dispatcher = Dispatcher(self.bus, progress, store, lambda: self.config,
                                      keep_alive_seconds=max(0.5, ack_wait / 3), counters=self.counters,
                                      instance=self.instance)
-        durables = [dataclasses.replace(d, ack_wait=ack_wait, max_ack_pending=100)
-                    for d in (DISPATCHER_URGENT, DISPATCHER_NORMAL)]
+        durables = [dataclasses.replace(d, ack_wait=ack_wait) for d in (DISPATCHER_URGENT, DISPATCHER_NORMAL)]
         self.spawn(self._pull_loop(durables))
         self.spawn(self._keep_held_alive(max(0.5, ack_wait / 3)))
 
@@ -91,7 +90,7 @@ class DispatcherService(Service):
                     if msg is not None:
                         await msg.nak()  # stopping: let another dispatcher have it now
                     continue
-                task = asyncio.create_task(self._run_handler(self.dispatcher.handle, msg, limiter))
+                task = asyncio.create_task(self.run_handler(self.dispatcher.handle, msg, limiter))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
         finally:

@@ -1,4 +1,7 @@
+"""`python -m services.processor`"""
+
 from services.processor.service import ProcessorService
 from shared.runtime import run_service
 
-run_service(ProcessorService)
+if __name__ == "__main__":
+    run_service(ProcessorService)

@@ -121,9 +121,6 @@ class BoundedServer(ThreadedAssociationServer):
         others = self.others.hosts() if self.others is not None else []
         return self._local_hosts() + others
 
-    def open_connections(self) -> int:
-        return len(self._open_by_host())
-
     def _make_room(self, open_now: int) -> bool:
         """End idle connections (waiting > IDLE_GRACE_SECONDS, longest waiting first, ours or the
         workers') until one more connection fits under maximum_associations, and wait (briefly)

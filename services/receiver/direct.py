@@ -173,7 +173,6 @@ class DirectStore:
         self.dul = assoc.dul
         self.accept = accept
         self.store = store
-        self.original_read = self.dul._read_pdu_data
         self.message: _Message | None = None
         self.passthrough = False  # pynetdicom's DIMSE owns the current message
 

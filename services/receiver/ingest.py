@@ -328,7 +328,7 @@ class Ingest:
         try:
             tags = header.result() if header else identified_tags(data, settings.extract_tags)
         except TagExtractionError as exc:
-            return self._quarantine(assoc, data, str(exc), request_sop_uid)
+            return self.quarantine(assoc, data, str(exc), request_sop_uid)
         if timer:
             mark = timer.mark("tags", mark)
         ctx = _log_context(tags, request_sop_uid)
@@ -384,7 +384,7 @@ class Ingest:
             try:
                 tags, sha256 = header.result()
             except TagExtractionError as exc:
-                return self._quarantine(assoc, data, str(exc), request_sop_uid)
+                return self.quarantine(assoc, data, str(exc), request_sop_uid)
             if timer:
                 mark = timer.mark("tags", mark)
             ctx = _log_context(tags, request_sop_uid)
@@ -576,7 +576,7 @@ class Ingest:
         self._publish_quietly(event)
         return STATUS_OUT_OF_RESOURCES
 
-    def _quarantine(self, assoc: AssociationInfo, data: bytes, reason: str, sop_uid: str) -> int:
+    def quarantine(self, assoc: AssociationInfo, data: bytes, reason: str, sop_uid: str) -> int:
         assoc.failed += 1
         assoc.error_comment = reason
         key: str | None = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), uuid.uuid4().hex)

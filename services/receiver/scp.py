@@ -342,7 +342,8 @@ class StorageSCP:
             status = self.ingest.store(info, data, request.transfer_syntax_uid, request.sop_instance_uid,
                                        mark=mark)
         except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
-            log.exception("unexpected error while storing an instance")
+            log.exception("unexpected error while storing an instance",
+                          extra={"sop_uid": request.sop_instance_uid, "association_id": info.association_id})
             info.failed += 1
             status = STATUS_OUT_OF_RESOURCES
         finally:
@@ -356,13 +357,14 @@ class StorageSCP:
             data = part10.encoded_dataset(event)
         except Exception as exc:  # noqa: BLE001 - file meta could not be built: keep the raw dataset
             raw = _raw_dataset(event)
-            return self.ingest._quarantine(info, raw, f"no file meta could be built: {exc}", request_sop_uid)
+            return self.ingest.quarantine(info, raw, f"no file meta could be built: {exc}", request_sop_uid)
         if info.timer:
             mark = info.timer.mark("encode", mark)
         try:
             return self.ingest.store(info, data, str(event.context.transfer_syntax), request_sop_uid, mark=mark)
         except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
-            log.exception("unexpected error while storing an instance")
+            log.exception("unexpected error while storing an instance",
+                          extra={"sop_uid": request_sop_uid, "association_id": info.association_id})
             info.failed += 1
             return STATUS_OUT_OF_RESOURCES
 

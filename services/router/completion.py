@@ -56,10 +56,6 @@ def series_due_at(batch: Batch, config: CaduceusConfig) -> datetime:
     return batch.last_arrival + timedelta(seconds=series_quiet_seconds(batch, config))
 
 
-def series_due(batch: Batch, config: CaduceusConfig, now: datetime) -> bool:
-    return now >= series_due_at(batch, config)
-
-
 @dataclass(frozen=True)
 class StudyDue:
     trigger: StudyTrigger

@@ -37,7 +37,7 @@ from shared.events import (
     deterministic_event_id,
     make_event,
 )
-from shared.rule_order import enabled_rules, evaluate_in_order
+from shared.rule_order import evaluate_in_order
 
 ACTOR = "router"
 
@@ -87,8 +87,7 @@ def decide(completed: Event, config: CaduceusConfig) -> list[Event]:
                                                                   error=result.error), name))
     matched, discard_rule = order.matched, order.discard_rule
     matched_names = [name for name, _ in matched] + ([discard_rule] if discard_rule else [])
-    if not matched_names and batch.level == "series" and enabled_rules(config, "study"):
-        # Study rules decide these images when the study completes: not discarded here.
+    if order.left_to_study_rules(config, batch.level):
         reason = "no series rule matched; left to the study rules"
         events.append(_decided(batch, evaluations, [], [], False, reason))
         return events

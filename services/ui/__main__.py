@@ -1,4 +1,7 @@
+"""`python -m services.ui`"""
+
 from services.ui.service import UiService
 from shared.runtime import run_service
 
-run_service(UiService)
+if __name__ == "__main__":
+    run_service(UiService)

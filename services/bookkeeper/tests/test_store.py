@@ -98,6 +98,15 @@ def test_cli_rebuild_accepts_plain_postgres_url(engine: Engine, database_url: st
     assert projection_snapshot(engine) == live
 
 
+def test_cli_rebuild_refuses_a_database_without_an_audit_log(tmp_path: Path) -> None:
+    # A mistyped --data-dir must not get a new, empty database and a report of "0 events".
+    missing = tmp_path / "typo" / "bookkeeper.sqlite"
+    out = subprocess.run([sys.executable, "-m", "cli.main", "bookkeeper", "rebuild", "--data-dir", str(missing.parent)],
+                         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and f"no bookkeeper database at {missing}" in out.stderr, out
+    assert not missing.parent.exists()
+
+
 def test_an_event_the_database_refuses_does_not_stop_the_log(engine: Engine, database_url: str) -> None:
     recs = records(4)
     # A lone surrogate cannot be encoded for either database.
