@@ -41,13 +41,14 @@ from typing import Any
 
 from bench.common import make_series, set_aside, stage_files, start_nats, start_storescp, storescu
 from services.dispatcher.sender import Destination, SendItem, send_items
-from services.dispatcher.service import DispatcherService, DispatcherSettings
+from services.dispatcher.service import DispatcherService
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig
 from shared.config.state import fold, plan_changes, read_all
 from shared.events import DispatchRequested, Event, make_event
 from shared.manifest import Manifest
+from shared.settings import Settings
 from shared.subjects import event_subject
 
 STORESCP_AET = "STORESCP"
@@ -134,7 +135,7 @@ class ServiceRun:
                                              "called_aet": STORESCP_AET}}}
         current = fold(await read_all(self.bus))
         await self.bus.publish_many(plan_changes(current, CaduceusConfig.parse(document), actor="bench"))
-        settings = DispatcherSettings(nats_url=self.nats.url, data_dir=self.store_root.parent,
+        settings = Settings(nats_url=self.nats.url, data_dir=self.store_root.parent,
                                       heartbeat_seconds=30)
         self.service = DispatcherService(settings)
         self.task = asyncio.create_task(self.service.run())

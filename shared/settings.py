@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,8 +45,29 @@ class Settings(BaseSettings):
     receiver_worker_hung_seconds: float = Field(default=60, ge=5, le=3600)
     # One journal directory per receiver process (the supervisor: main, its workers: w1, w2, ...).
     receiver_journal_slot: str = Field(default="main", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    # Receiver processes behind the DICOM port: `auto` (2 on 2+ cores) or a number (services/receiver/workers.py).
+    receiver_workers: str = "auto"
+    # How long the receiver waits for JetStream to store an event it must have before answering.
+    receiver_publish_timeout: float = Field(default=5.0, gt=0, le=300)
+    # The receiver's GIL switch interval (services/receiver/__main__.py says why it is short).
+    receiver_switch_interval: float = Field(default=0.0005, gt=0, le=1)
+    # Redelivery after a crashed dispatcher happens after ack_wait; a live one sends in_progress
+    # every third of it, so a long send is never handed to a second process.
+    dispatch_ack_wait_seconds: float = Field(default=60.0, ge=1, le=3600)
+    # Tasks one dispatcher process runs at once: one dead destination must not hold up the others.
+    dispatch_concurrency: int = Field(default=4, ge=1, le=64)
+    # At least one of every N pulls goes to normal work first, so urgent work cannot starve it.
+    dispatch_normal_every: int = Field(default=4, ge=1, le=100)
     # Name of this process instance (several dispatchers may run): defaults to <service>-<host>-<pid>.
     instance: str = ""
+
+    @field_validator("receiver_workers")
+    @classmethod
+    def _workers_auto_or_count(cls, value: str) -> str:
+        text = value.strip().lower()
+        if text != "auto" and not (text.isdigit() and 1 <= int(text) <= 99):
+            raise ValueError("must be `auto` or a number of processes from 1 to 99")
+        return text
 
     @property
     def log_max_bytes(self) -> int:

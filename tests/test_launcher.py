@@ -128,6 +128,23 @@ def test_up_refuses_an_invalid_config_and_starts_nothing(tmp_path: Path) -> None
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("CADUCEUS_RECEIVER_WORKERS", "two", "must be `auto` or a number of processes from 1 to 99"),
+    ("CADUCEUS_DISPATCH_CONCURRENCY", "0", "greater than or equal to 1"),
+    ("CADUCEUS_RECEIVER_PUBLISH_TIMEOUT", "soon", "valid number"),
+])
+def test_up_refuses_an_invalid_process_setting_and_starts_nothing(tmp_path: Path, variable: str, value: str,
+                                                                   message: str) -> None:
+    # Before, a bad receiver setting only showed as a receiver crashing again and again.
+    result = subprocess.run([sys.executable, "-m", "cli.main", "up", "--data-dir", str(tmp_path / "d"),
+                             "--nats-port", str(free_port())],
+                            env={**cli_env(), variable: value}, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert "invalid CADUCEUS_* environment setting" in result.stderr and message in result.stderr
+    assert variable.removeprefix("CADUCEUS_").lower() in result.stderr
+    assert not (tmp_path / "d" / "nats").exists()
+
+
 def test_status_exits_nonzero_when_services_are_missing(nats_url: str, tmp_path: Path) -> None:
     env = cli_env({"CADUCEUS_NATS_URL": nats_url})
     result = subprocess.run([sys.executable, "-m", "cli.main", "status", "--json"], env=env, cwd=REPO,

@@ -25,24 +25,12 @@ LONG_POLL_SECONDS = 1.0
 PREFERRED_GRACE_SECONDS = 0.02
 
 
-class DispatcherSettings(Settings):
-    """Process settings of a dispatcher (CADUCEUS_DISPATCH_* environment variables)."""
-
-    # Redelivery after a crashed dispatcher happens after ack_wait; a live one sends in_progress
-    # every third of it, so a long send is never handed to a second process.
-    dispatch_ack_wait_seconds: float = 60.0
-    # Tasks one process runs at once: one dead destination must not hold up the others.
-    dispatch_concurrency: int = 4
-    # At least one of every N pulls goes to normal work first, so urgent work cannot starve it.
-    dispatch_normal_every: int = 4
-
-
 class DispatcherService(Service):
     name = "dispatcher"
-    settings: DispatcherSettings
+    settings: Settings
 
-    def __init__(self, settings: DispatcherSettings | None = None) -> None:
-        super().__init__(settings or DispatcherSettings())
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__(settings or Settings())
         self.dispatcher: Dispatcher
         self._subs: list[JetStreamContext.PullSubscription] = []
         # Per durable: a fetch in progress (and when it started), or a message fetched and not yet
@@ -83,7 +71,7 @@ class DispatcherService(Service):
             while not self.stopping.is_set():
                 await limiter.acquire()
                 turn += 1
-                order = subs if turn % max(1, self.settings.dispatch_normal_every) else subs[::-1]
+                order = subs if turn % self.settings.dispatch_normal_every else subs[::-1]
                 msg = await self._fetch_first(order)
                 if msg is None or self.stopping.is_set():
                     limiter.release()

@@ -1,11 +1,11 @@
 """`python -m services.receiver`: the DICOM C-STORE SCP."""
 
-import os
 import sys
 
 from services.receiver.service import ReceiverService
 from services.receiver.workers import channel_fd, run_worker
 from shared.runtime import run_service
+from shared.settings import Settings
 
 if __name__ == "__main__":
     # How long a thread waiting for the GIL waits at most while another runs Python (Python's
@@ -13,7 +13,7 @@ if __name__ == "__main__":
     # request to read, while the journal applier or the NATS loop holds the GIL: with 5 ms it waits
     # in a convoy. 0.5 ms: MR ingest 2.3-2.7 s instead of 3.3-3.9 s for 2000 images, CT not slower
     # (docs/performance.md, session 5).
-    sys.setswitchinterval(float(os.environ.get("CADUCEUS_RECEIVER_SWITCH_INTERVAL", "0.0005")))
+    sys.setswitchinterval(Settings().receiver_switch_interval)
     fd = channel_fd()
     if fd is not None:
         run_worker(fd)  # one of the supervisor's worker processes (services/receiver/workers.py)

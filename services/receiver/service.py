@@ -70,7 +70,7 @@ async def build_scp(settings: Settings, bus: Bus, settings_item: Callable[[], Se
     bridge = ThreadBridge(loop)
     publisher = ThreadPublisher(bus, loop)
     await publisher.start()
-    publish_timeout = float(os.environ.get("CADUCEUS_RECEIVER_PUBLISH_TIMEOUT", "5"))
+    publish_timeout = settings.receiver_publish_timeout
     use_fastpath = os.environ.get("CADUCEUS_RECEIVER_FASTPATH", "1") != "0"
     store = open_blob_store(settings.blob_store, settings.data_dir, bus.js)
     writer: BlobWriter

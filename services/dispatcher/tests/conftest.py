@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from services.dispatcher.service import DispatcherService, DispatcherSettings
+from services.dispatcher.service import DispatcherService
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus, replay
 from shared.config.model import CaduceusConfig
 from shared.config.state import fold, plan_changes, read_all
 from shared.events import DispatchRequested, Event, make_event
 from shared.manifest import Manifest
+from shared.settings import Settings
 from tests.harness import dicom_target
 
 REPO = Path(__file__).resolve().parents[3]
@@ -78,8 +79,8 @@ async def wait_events(bus: Bus, type_: str, task_id: str | None = None, count: i
         await asyncio.sleep(0.1)
 
 
-def dispatcher_settings(nats_url: str, data_dir: Path, **extra: Any) -> DispatcherSettings:
-    return DispatcherSettings(nats_url=nats_url, data_dir=data_dir, heartbeat_seconds=1,
+def dispatcher_settings(nats_url: str, data_dir: Path, **extra: Any) -> Settings:
+    return Settings(nats_url=nats_url, data_dir=data_dir, heartbeat_seconds=1,
                               dispatch_ack_wait_seconds=extra.pop("dispatch_ack_wait_seconds", 5), **extra)
 
 
