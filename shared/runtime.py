@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import signal
@@ -42,7 +43,17 @@ from shared.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("caduceus")
-VERSION = "0.1.0"
+
+
+def _version() -> str:
+    """The installed caduceus version, named in service.started (a source tree run in place has none)."""
+    try:
+        return importlib.metadata.version("caduceus")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()
 
 
 class Delivery:
@@ -108,6 +119,7 @@ class Service:
         self.bus: Bus
         self.config_follower: ConfigFollower
         self.stopping = asyncio.Event()
+        self.stop_reason = "stopped"
         self.started_at = time.monotonic()
         self._tasks: list[asyncio.Task[Any]] = []
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -178,7 +190,7 @@ class Service:
         await self.teardown()
         with contextlib.suppress(Exception):
             await self.publish(make_event("service.stopped", self.name, ServiceStopped(
-                service=self.name, instance=self.instance, reason=getattr(self, "stop_reason", "stopped"))))
+                service=self.name, instance=self.instance, reason=self.stop_reason)))
         await forget_instance(self.bus, self.name, self.instance)
         await self.config_follower.stop()
         await self.bus.close()

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from shared.rules import RuleSyntaxError, compile_rule, compile_series_list
+from shared.rules import RuleSyntaxError, compile_rule
+from shared.series_list import compile_series_list
 
 TAGS = {
     "Modality": "CT", "SliceThickness": "1.25", "SeriesDescription": "Head Axial 1.25mm",

@@ -29,7 +29,8 @@ from typing import Literal
 from services.router.state import Batch
 from shared.config.model import CaduceusConfig, Rule
 from shared.rule_order import enabled_rules, evaluate
-from shared.rules import RuleSyntaxError, SeriesList, compile_series_list
+from shared.rules import RuleSyntaxError
+from shared.series_list import SeriesList, compile_series_list
 
 StudyTrigger = Literal["quiet", "required_series", "forced", "force_timeout"]
 ForceAction = Literal["proceed", "discard", "ignore"]

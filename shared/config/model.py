@@ -183,7 +183,8 @@ class CaduceusConfig(BaseModel):
         return config
 
     def check_references(self) -> None:
-        from shared.rules import RuleSyntaxError, compile_rule, compile_series_list
+        from shared.rules import RuleSyntaxError, compile_rule
+        from shared.series_list import compile_series_list
 
         problems: list[str] = []
         for kind in ("targets", "rules", "modules"):
