@@ -41,27 +41,14 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class EventRecord(_Record):
-    """One row of the audit log."""
+class EventRecord(Event):
+    """One row of the audit log: the envelope as published, and where and when it was stored."""
 
     id: int
     event_id: str
-    stream: str
-    stream_seq: int
-    type: str
-    schema_version: int
-    occurred_at: datetime
-    recorded_at: datetime
-    actor: str
-    correlation_id: str | None = None
-    causation_id: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    sop_uid: str | None = None
-    task_id: str | None = None
-    config_kind: str | None = None
-    config_name: str | None = None
-    payload: dict[str, Any] = Field(default_factory=dict)
+    stream: str  # type: ignore[assignment]  # always known for a stored event
+    stream_seq: int  # type: ignore[assignment]
+    recorded_at: datetime  # type: ignore[assignment]
 
     def to_event(self) -> Event:
         """The event as it was published (with its stream position)."""
