@@ -7,7 +7,10 @@ Explicit VR Little Endian would then fail at every attempt and end in the error 
 such file is also proposed as Implicit VR Little Endian, and, only when the peer accepted that
 and not the file's own syntax, its data set is re-encoded on the way out: the same elements and
 values, the same pixel bytes, only the VR fields dropped (and deflate undone). DCMTK's storescu
-does the same. Compressed syntaxes (JPEG, JPEG 2000, RLE...) are never converted: that would
+does the same. Values are copied as the file holds them, never decoded and encoded again: in
+little endian a value's bytes do not depend on the VR being explicit, and text must keep its exact
+bytes (a patient name in a character set the file misdeclares would otherwise be rewritten).
+Only sequences are rebuilt, since their items carry VR fields of their own. Compressed syntaxes (JPEG, JPEG 2000, RLE...) are never converted: that would
 decode pixel data, lossy ones would lose more, and that is not a router's decision to make.
 
 Memory stays bounded for large files: the pixel data of a plain (not deflated) file are copied
@@ -26,17 +29,21 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.charset import default_encoding
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_data_element
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 FALLBACK_SYNTAX = str(ImplicitVRLittleEndian)
 CONVERTIBLE_SYNTAXES = frozenset({str(ExplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian)})
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
-DEFER_BYTES = 1 << 20  # values above this stay in the file while the rest is decoded
+DEFER_BYTES = 1 << 20  # values above this stay in the file while the rest is read
+# Text VRs pad an odd-length value with a space; the others (UI, binary) with a NUL byte.
+SPACE_PADDED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
+                              "UC", "UR", "UT"})
 
 
 class ReencodeError(Exception):
@@ -83,12 +90,11 @@ def implicit_data_set(path: Path, transfer_syntax_uid: str) -> Iterator[DataSetS
         whole = _implicit_bytes(dataset, path)
         yield DataSetStream(len(whole), path.name, [(BytesIO(whole), len(whole))])
         return
-    charset = dataset.get("SpecificCharacterSet", default_encoding)
-    tail = _split_off_after_pixel_data(dataset, path)
+    tail = _split_off_after_pixel_data(dataset)
     pad = pixel.length % 2  # an odd length is invalid DICOM; peers abort on odd PDV lengths
     head = _implicit_bytes(dataset, path) + struct.pack("<HHI", PIXEL_DATA >> 16, PIXEL_DATA & 0xFFFF,
                                                         pixel.length + pad)
-    after = b"\0" * pad + _implicit_bytes(tail, path, charset)
+    after = b"\0" * pad + _implicit_bytes(tail, path)
     with open(path, "rb") as source:
         source.seek(pixel.value_tell)
         yield DataSetStream(len(head) + pixel.length + len(after), path.name,
@@ -96,13 +102,27 @@ def implicit_data_set(path: Path, transfer_syntax_uid: str) -> Iterator[DataSetS
 
 
 def decoded(path: Path) -> Dataset:
-    """The whole file decoded in memory, odd-length values padded: for pynetdicom's own conversion."""
+    """The file as an Implicit VR Little Endian data set in memory, for pynetdicom's own sender.
+
+    Read back from the bytes of `implicit_data_set`, so pynetdicom, which sees its encoding is
+    already the one to send, writes every value as it stands.
+    """
+    with implicit_data_set(path, read_file_meta_syntax(path)) as stream:
+        data = b"".join(iter(lambda: stream.read(1 << 20), b""))
     try:
-        dataset = dcmread(path)
-        dataset.walk(_pad_odd_binary_value)
+        dataset = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for data it cannot read
+        raise ReencodeError(f"cannot read {path.name} back after re-encoding it: {exc}") from exc
+    return dataset
+
+
+def read_file_meta_syntax(path: Path) -> str:
+    try:
+        return str(dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta.TransferSyntaxUID)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a file it cannot read
         raise ReencodeError(f"cannot read {path.name} to re-encode it: {exc}") from exc
-    return dataset
 
 
 def _pixel_data_in_file(dataset: Dataset) -> RawDataElement | None:
@@ -116,32 +136,52 @@ def _pixel_data_in_file(dataset: Dataset) -> RawDataElement | None:
     return element
 
 
-def _split_off_after_pixel_data(dataset: Dataset, path: Path) -> Dataset:
+def _split_off_after_pixel_data(dataset: Dataset) -> Dataset:
     """Remove the pixel data and what follows it (e.g. trailing padding); returns what followed."""
     tail = Dataset()
-    try:
-        for tag in [t for t in dataset.keys() if t > PIXEL_DATA]:
-            tail.add(dataset[tag])  # decoded here, with the data set's own encoding and character set
-            del dataset[tag]
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for values it cannot read
-        raise ReencodeError(f"cannot read {path.name} to re-encode it: {exc}") from exc
+    for tag in [t for t in dataset.keys() if t > PIXEL_DATA]:
+        tail[tag] = dataset.get_item(tag)  # still raw: its bytes are copied, not decoded
+        del dataset[tag]
     del dataset[PIXEL_DATA]
     return tail
 
 
-def _pad_odd_binary_value(_: Dataset, element: DataElement) -> None:
-    """Pad an odd-length binary value (invalid DICOM) as DCMTK's senders do; pydicom writes it as it is."""
-    if isinstance(element.value, bytes) and len(element.value) % 2:
-        element.value += b"\0"
-
-
-def _implicit_bytes(dataset: Dataset, path: Path, charset: str | list[str] = default_encoding) -> bytes:
-    out = DicomBytesIO()
-    out.is_implicit_VR = True
-    out.is_little_endian = True
+def _implicit_bytes(dataset: Dataset, path: Path) -> bytes:
+    out = BytesIO()
     try:
-        dataset.walk(_pad_odd_binary_value)
-        write_dataset(out, dataset, charset)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for values it cannot write
+        _write_implicit(dataset, out)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for values it cannot read or write
         raise ReencodeError(f"cannot re-encode {path.name} as Implicit VR Little Endian: {exc}") from exc
     return out.getvalue()
+
+
+def _write_implicit(dataset: Dataset, out: BinaryIO) -> None:
+    for tag in sorted(dataset.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # group lengths (retired) would be wrong once the VR fields are gone
+        element = dataset.get_item(tag)
+        header = struct.pack("<HH", tag.group, tag.element)
+        if isinstance(element, RawDataElement) and not _holds_items(element):
+            value = element.value or b""
+            if len(value) % 2:  # invalid DICOM, padded as DCMTK's senders do
+                value += b" " if element.VR in SPACE_PADDED_VRS else b"\0"
+            out.write(header + struct.pack("<I", len(value)) + value)
+        elif dataset[tag].VR == "SQ":
+            items = BytesIO()
+            for item in dataset[tag].value:
+                body = BytesIO()
+                _write_implicit(item, body)
+                items.write(struct.pack("<HHI", 0xFFFE, 0xE000, body.tell()) + body.getvalue())
+            out.write(header + struct.pack("<I", items.tell()) + items.getvalue())
+        else:
+            # Decoded before it came here (not by this module): pydicom encodes it.
+            buffer = DicomBytesIO()
+            buffer.is_implicit_VR = True
+            buffer.is_little_endian = True
+            write_data_element(buffer, dataset[tag], dataset.get("SpecificCharacterSet", default_encoding))
+            out.write(buffer.getvalue())
+
+
+def _holds_items(element: RawDataElement) -> bool:
+    """A sequence, or a value of undefined length (an encapsulated or UN sequence): items with VR fields."""
+    return element.VR == "SQ" or element.length == UNDEFINED_LENGTH

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 
 from bench.synthetic import write_series
 from services.dispatcher import reencode
+from services.dispatcher.reencode import PIXEL_DATA
 from services.dispatcher.sender import MAX_CONTEXTS, Destination, SendItem, context_groups, send_items
 from tests.e2e.dicomfiles import real_world_files, same_dataset
 from tests.peers import StoreScp, make_series
@@ -72,6 +74,62 @@ def test_small_and_deflated_files_keep_every_value(name: str) -> None:
     for tag in original.keys():
         if not tag.is_private:  # private values come back as UN bytes: no dictionary for their VR
             assert copy[tag].value == original[tag].value, tag
+
+
+def _raw_values(dataset: Dataset) -> dict[str, bytes]:
+    """Every value's bytes as stored, sequences item by item, keyed by tag path."""
+    values: dict[str, bytes] = {}
+    for tag in dataset.keys():
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for number, item in enumerate(element.value):
+                values.update({f"{tag}[{number}]{key}": value for key, value in _raw_values(item).items()})
+        else:
+            values[str(tag)] = dataset.get_item(tag).value if tag != PIXEL_DATA else b"pixels"
+    return values
+
+
+def _with_raw_text(tmp_path: Path, charset: str, replacements: dict[bytes, bytes], size: int) -> Path:
+    """An Explicit VR LE file whose text values hold bytes pydicom would not write (swapped in after)."""
+    [path] = write_series(tmp_path, 1, size=size)
+    ds = dcmread(path)
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = "PLACEHOLDER_NAME"
+    ds.SeriesDescription = "PLACEHOLDER_DESC"
+    item = Dataset()
+    item.CodeMeaning = "PLACEHOLDER_ITEM"
+    item.CodeValue = "123"
+    ds.ProcedureCodeSequence = [item]
+    ds.save_as(path)
+    data = path.read_bytes()
+    for placeholder, value in replacements.items():
+        assert len(value) <= len(placeholder) and data.count(placeholder) == 1
+        data = data.replace(placeholder, value.ljust(len(placeholder)))
+    path.write_bytes(data)
+    return path
+
+
+TEXT_CASES = {
+    # Latin-1 bytes under a UTF-8 label (common from older modalities): not valid UTF-8.
+    "ISO_IR 192": {b"PLACEHOLDER_NAME": b"M\xfcller^J\xf6rg", b"PLACEHOLDER_DESC": b"Desc\xc3 head",
+                   b"PLACEHOLDER_ITEM": b"\xff\xfe item"},
+    # Valid ISO 2022 IR 87 with escapes pydicom would write differently (a leading ESC ( B).
+    "\\ISO 2022 IR 87": {b"PLACEHOLDER_NAME": b"\x1b(BYamada^Taro", b"PLACEHOLDER_DESC": b"\x1b$B;3ED\x1b(B head",
+                          b"PLACEHOLDER_ITEM": b"code meaning"},
+}
+
+
+@pytest.mark.parametrize("size", [64, 1024])  # in memory, and with the pixel data streamed from the file
+@pytest.mark.parametrize("charset", sorted(TEXT_CASES))
+def test_text_values_keep_their_exact_bytes(tmp_path: Path, charset: str, size: int) -> None:
+    path = _with_raw_text(tmp_path, charset, TEXT_CASES[charset], size)
+    original = _raw_values(dcmread(path))
+    streamed = _reencoded(path)
+    assert _raw_values(read_dataset(BytesIO(streamed), is_implicit_VR=True, is_little_endian=True)) == original
+    for value in TEXT_CASES[charset].values():
+        assert value in streamed
+    # pynetdicom's own sender (CADUCEUS_DISPATCH_FASTPATH=0) gets the same bytes.
+    assert encode(reencode.decoded(path), True, True) == streamed
 
 
 def test_a_file_that_cannot_be_read_is_a_reencode_error(tmp_path: Path) -> None:
