@@ -56,6 +56,15 @@ def test_valid_config_parses_and_normalises_single_target() -> None:
      "EVENTS stream for 14.0 days, and retention must leave 7 days beyond that; set it to at least 21.1"),
     ({"settings": {"dispatch_retries": 100, "dispatch_retry_max_wait_seconds": 86400}},
      "settings.events_retention_days: 90 days is too short: a dispatch task's retry waits (100 retries"),
+    # Values a sender or peer would refuse at every association (found by an interoperability review).
+    ({"settings": {"allowed_hosts": ["localhost"]}}, "'localhost' is not an IP address or CIDR network"),
+    ({"settings": {"allowed_hosts": ["10.0.0.0/33"]}}, "'10.0.0.0/33' is not an IP address or CIDR network"),
+    ({"settings": {"allowed_calling_aets": ["A" * 17]}}, "longer than 16 characters"),
+    ({"settings": {"allowed_calling_aets": ["CT\\1"]}}, "other than a backslash"),
+    ({"settings": {"ae_title": "   "}}, "settings.ae_title"),
+    ({"settings": {"max_pdu": 1}}, "must be 0 (unlimited) or at least 4096"),
+    ({"targets": {"t": {"type": "dicom", "host": "x", "port": 104, "called_aet": "PACS\tX"}}},
+     "targets.t.called_aet"),
 ])
 def test_invalid_configs_are_rejected_with_a_pointed_message(change: dict, message: str) -> None:
     raw = {**VALID, **change}
@@ -100,3 +109,13 @@ def test_retention_long_enough_for_the_waits_is_accepted() -> None:
     # the defaults: a day for the off-peak window plus five retries capped at an hour each
     wait, why = CaduceusConfig.parse({}).longest_stream_wait_seconds()
     assert wait == 86400 + 60 + 120 + 240 + 480 + 960 and "retry" in why
+
+
+def test_items_an_older_version_stored_still_fold() -> None:
+    # Checks added later apply to what is applied, not to what the CONFIG stream already holds:
+    # otherwise every service would fall back to an empty configuration after an upgrade.
+    stored = {("settings", "settings"): {"allowed_hosts": ["localhost", "10.0.0.0/8"], "max_pdu": 1},
+              ("targets", "t"): {"type": "dicom", "host": "x", "port": 104, "called_aet": "A" * 16}}
+    config = CaduceusConfig.from_items(stored)
+    assert config.settings.allowed_hosts == ["localhost", "10.0.0.0/8"] and config.settings.max_pdu == 1
+    assert CaduceusConfig.parse({"settings": {"allowed_hosts": ["10.0.0.0/8", "::1"], "max_pdu": 4096}})

@@ -6,11 +6,20 @@ Every item may carry `owner` and `description`.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shared.subjects import DEFAULT_EVENTS_RETENTION_DAYS
 
@@ -44,6 +53,29 @@ class ConfigError(ValueError):
     """A configuration that cannot be applied; the message says which item and why."""
 
 
+# DCMTK refuses to negotiate a maximum PDU below this (ASC_MINIMUMPDUSIZE); pynetdicom fails below 8.
+MIN_PDU = 4096
+# Validation context of a configuration being applied (CaduceusConfig.parse). Checks added after a
+# release apply only then: items already stored on the CONFIG stream, which an older version
+# accepted, must still fold, or every service would fall back to an empty configuration.
+NEW_INPUT = {"new_input": True}
+
+
+def _new_input(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("new_input"))
+
+
+def check_ae_title(value: str) -> str:
+    """An AE title as PS3.5 allows it: 1-16 characters, no backslash or control character, not blank."""
+    if not value.strip():
+        raise ValueError("an AE title cannot be empty or only spaces")
+    if len(value) > 16:
+        raise ValueError(f"AE title {value!r} is longer than 16 characters")
+    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
+        raise ValueError(f"AE title {value!r} may hold only printable ASCII characters other than a backslash")
+    return value
+
+
 class Item(BaseModel):
     model_config = ConfigDict(extra="forbid")
     owner: str = ""
@@ -63,6 +95,35 @@ class SettingsItem(Item):
         default=0, ge=0, le=232,
         description="open connections one peer address may hold at the receiver (0 = no per-host limit)")
     min_free_space_mb: int = Field(default=500, ge=0, le=10**9)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str, info: ValidationInfo) -> str:
+        return check_ae_title(value) if _new_input(info) else value
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _calling_aets(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return [check_ae_title(aet) for aet in value] if _new_input(info) else value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for entry in value if _new_input(info) else []:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                # Names are not resolved: the receiver compares the peer's address only.
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network (e.g. 10.1.2.3 or "
+                                 "10.1.0.0/16); host names are not accepted") from None
+        return value
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _max_pdu(cls, value: int, info: ValidationInfo) -> int:
+        if _new_input(info) and 0 < value < MIN_PDU:
+            raise ValueError(f"must be 0 (unlimited) or at least {MIN_PDU}: senders refuse a smaller maximum PDU")
+        return value
     extract_tags: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTRACT_TAGS))
     tls_certificate: str = ""
     tls_key: str = ""
@@ -104,6 +165,11 @@ class DicomTarget(Item):
     calling_aet: str = Field(default="CADUCEUS", min_length=1, max_length=16)
     tls: TlsConfig | None = None
     parallel_associations: int | None = Field(default=None, ge=1, le=16)
+
+    @field_validator("called_aet", "calling_aet")
+    @classmethod
+    def _ae_titles(cls, value: str, info: ValidationInfo) -> str:
+        return check_ae_title(value) if _new_input(info) else value
 
 
 Target = Annotated[DicomTarget, Field(discriminator="type")]
@@ -176,7 +242,7 @@ class CaduceusConfig(BaseModel):
             raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))} "
                               f"(expected {', '.join(KINDS)})")
         try:
-            config = cls.model_validate(raw)
+            config = cls.model_validate(raw, context=NEW_INPUT)
         except ValidationError as exc:
             raise ConfigError(_explain(exc)) from None
         config.check_references()
