@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shared.bus import Bus
@@ -119,3 +121,16 @@ def test_items_an_older_version_stored_still_fold() -> None:
     config = CaduceusConfig.from_items(stored)
     assert config.settings.allowed_hosts == ["localhost", "10.0.0.0/8"] and config.settings.max_pdu == 1
     assert CaduceusConfig.parse({"settings": {"allowed_hosts": ["10.0.0.0/8", "::1"], "max_pdu": 4096}})
+
+
+def test_tls_files_this_host_cannot_read_are_warned_about(tmp_path: Path) -> None:
+    cert = tmp_path / "server.pem"
+    cert.write_text("x")
+    config = CaduceusConfig.parse({
+        "settings": {"tls_certificate": str(cert), "tls_key": str(tmp_path / "gone.key")},
+        "targets": {"pacs": {"host": "h", "port": 104, "called_aet": "PACS", "tls": {"ca": str(tmp_path)}}}})
+    assert config.warnings() == [
+        f"settings.tls_key: {tmp_path / 'gone.key'} is not a readable file on this host; it must be one where "
+        "the receiver or dispatcher runs, or their TLS will not work",
+        f"targets.pacs.tls.ca: {tmp_path} is not a readable file on this host; it must be one where "
+        "the receiver or dispatcher runs, or their TLS will not work"]

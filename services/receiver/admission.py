@@ -90,6 +90,9 @@ class BoundedServer(ThreadedAssociationServer):
     per_host_limit = 0
     # Connections that worker processes hold, counted with ours (the supervisor of workers.py).
     others: OtherConnections | None = None
+    # Set when TLS is configured but its files could not be loaded: every connection is closed
+    # (never served without the TLS the settings ask for) until the settings or files are fixed.
+    tls_broken = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lock = threading.Lock()
@@ -203,6 +206,12 @@ class BoundedServer(ThreadedAssociationServer):
 
     def _secured(self, request: socket.socket, client_address: Any) -> socket.socket | None:
         """The connection, after the TLS handshake if TLS is on; None if the handshake failed."""
+        if self.tls_broken:
+            log.warning("connection from %s closed: TLS is configured but not usable (%s)", client_address[0],
+                        self.tls_broken)
+            self.shutdown_request(request)
+            self.handshake_failed(client_address)
+            return None
         context = self.ssl_context
         if not context:
             return request

@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from shared.events import (
 log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 512
+TLS_RETRY_SECONDS = 10.0  # how often TLS files that failed to load are tried again
 
 # Storage: pynetdicom's unrestricted storage negotiation (build_ae) accepts every storage-like
 # context (a storage SOP class, a private or an unknown one) with the first transfer syntax the
@@ -113,16 +115,32 @@ def direct_enabled() -> bool:
     return os.environ.get("CADUCEUS_RECEIVER_DIRECT", "1") != "0"
 
 
+class TlsSetupError(Exception):
+    """The TLS files of the settings cannot be loaded; the message names the file and the reason."""
+
+
 def ssl_context_for(settings: SettingsItem) -> ssl.SSLContext | None:
     if not settings.tls_certificate:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_certificate, settings.tls_key or None)
+    key_note = f" with key {settings.tls_key}" if settings.tls_key else ""
+    try:
+        context.load_cert_chain(settings.tls_certificate, settings.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(f"settings.tls_certificate {settings.tls_certificate}{key_note}: "
+                            f"{_reason(exc)}") from exc
     if settings.tls_ca:
         # A CA configured means: only peers with a certificate it signed may connect.
-        context.load_verify_locations(settings.tls_ca)
+        try:
+            context.load_verify_locations(settings.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSetupError(f"settings.tls_ca {settings.tls_ca}: {_reason(exc)}") from exc
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 class StorageSCP:
@@ -141,6 +159,8 @@ class StorageSCP:
         self.open_associations = 0
         self.associations_accepted = 0   # ever, in this process
         self.idle_trim: IdleTrim | None = None
+        self.tls_error = ""  # why the configured TLS is not in force (connections closed, or old TLS kept)
+        self._tls_tried = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -180,8 +200,21 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         self._tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
+        try:
+            context = ssl_context_for(settings)
+        except TlsSetupError as exc:
+            if not issubclass(server_class, BoundedServer):
+                raise
+            # Listening and refusing keeps the process up (no restart loop) and its heartbeat
+            # saying why; a corrected file or setting takes effect without a restart.
+            context = None
+            self.tls_error = str(exc)
+            log.error("TLS is configured but cannot be set up; every connection is closed until it is "
+                      "fixed: %s", exc)
         server = ae.make_server((self.host, self.port), evt_handlers=handlers,  # type: ignore[arg-type]
-                                ssl_context=ssl_context_for(settings), server_class=server_class)
+                                ssl_context=context, server_class=server_class)
+        if isinstance(server, BoundedServer):
+            server.tls_broken = self.tls_error
         # socketserver listens with a backlog of 5: a burst of senders (a PACS pushing a worklist's
         # studies at once) would see connect timeouts; re-listening on Linux raises it in place.
         assert server.socket is not None
@@ -204,6 +237,13 @@ class StorageSCP:
         return self.open_associations > 0 or (
             applier is not None and applier.journal.stats()["journal_unapplied"] > 0)
 
+    def retry_tls(self) -> None:
+        """Load the TLS files again while they fail, so that a fixed file takes effect without a restart."""
+        now = time.monotonic()
+        if self.tls_error and now - self._tls_tried >= TLS_RETRY_SECONDS:
+            self._tls_tried = now
+            self.apply_settings(self.settings())
+
     def apply_settings(self, settings: SettingsItem) -> None:
         """Live configuration: AE title, max PDU and TLS apply to the next association."""
         server = self.server
@@ -214,13 +254,22 @@ class StorageSCP:
         if isinstance(server, BoundedServer):
             server.per_host_limit = settings.max_connections_per_host
         tls_key = (settings.tls_certificate, settings.tls_key, settings.tls_ca)
-        if tls_key != self._tls_key:
+        if tls_key != self._tls_key or self.tls_error:
             try:
                 server.ssl_context = ssl_context_for(settings)
-                self._tls_key = tls_key
-                log.info("TLS settings changed: %s", "enabled" if settings.tls_certificate else "disabled")
-            except (OSError, ssl.SSLError) as exc:
-                log.error("TLS settings not applied, keeping the previous ones: %s", exc)
+            except TlsSetupError as exc:
+                kept = "every connection is still closed" if isinstance(server, BoundedServer) \
+                    and server.tls_broken else "keeping the previous ones"
+                error = f"{exc} ({kept})"
+                if error != self.tls_error:  # retried every few seconds: say it once
+                    log.error("TLS settings not applied, %s: %s", kept, exc)
+                self.tls_error = error
+                return
+            self._tls_key = tls_key
+            self.tls_error = ""
+            if isinstance(server, BoundedServer):
+                server.tls_broken = ""
+            log.info("TLS settings changed: %s", "enabled" if settings.tls_certificate else "disabled")
 
     def stop(self) -> None:
         """Stop accepting, then abort what is still open (senders retry unacknowledged instances)."""

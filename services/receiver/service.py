@@ -7,6 +7,7 @@ the service's asyncio loop (the one NATS connection) and waits for the JetStream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -19,12 +20,12 @@ from services.receiver.applier import DecideAgain, JournalApplier, PublishBatch,
 from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
 from services.receiver.journal import MEMORY_BYTES, Journal, JournalError, slot_directory
 from services.receiver.receipt import Duplicate, Receipt, decide_again
-from services.receiver.scp import StorageSCP
+from services.receiver.scp import TLS_RETRY_SECONDS, StorageSCP
 from services.receiver.workers import RoutingServer, WorkerPool, process_count, worker_count
 from shared.blobstore import BlobInfo, LocalBlobStore, NatsObjectBlobStore, open_blob_store
 from shared.bus import Bus, ThreadPublisher
 from shared.config.model import CaduceusConfig, SettingsItem
-from shared.events import Event
+from shared.events import AlertRaised, Event, make_event
 from shared.runtime import Service
 from shared.settings import Settings
 
@@ -206,6 +207,30 @@ class ReceiverService(Service):
         log.info("DICOM storage SCP listening", extra={"data": {
             "host": self.settings.dicom_host, "port": port, "ae_title": self._settings().ae_title,
             "processes": workers}})
+        self.spawn(self._watch_tls(port))
+
+    async def _watch_tls(self, port: int) -> None:
+        """Retry TLS files that failed to load, and raise an alert each time the reason changes."""
+        reported = ""
+        while not self.stopping.is_set():
+            scp = self.scp
+            if scp is not None:
+                await asyncio.to_thread(scp.retry_tls)
+                if scp.tls_error and scp.tls_error != reported:
+                    await self._publish_quietly(make_event("alert.raised", self.name, AlertRaised(
+                        severity="error", source=self.name,
+                        message=f"DICOM port {port}: TLS is configured but not in force: {scp.tls_error}. "
+                                "Fix the file or settings.tls_*; it is tried again every "
+                                f"{TLS_RETRY_SECONDS:.0f} s")))
+                reported = scp.tls_error
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), TLS_RETRY_SECONDS)
+
+    async def _publish_quietly(self, event: Event) -> None:
+        try:
+            await self.bus.publish(event)
+        except Exception as exc:  # noqa: BLE001 - the log line and the heartbeat still say it
+            log.warning("could not publish %s: %s", event.type, exc)
 
     def _settings(self) -> SettingsItem:
         return self.config.settings
@@ -226,6 +251,8 @@ class ReceiverService(Service):
         details: dict[str, Any] = dict(self.counters)
         if self.scp is not None:
             details["open_associations"] = self.scp.active_associations()
+            if self.scp.tls_error:
+                details["tls_error"] = self.scp.tls_error
             details.update(self.scp.admission_counts())
             details.update(self.scp.memory_counts())
         if self.scp is not None and self.scp.ingest.journal is not None:

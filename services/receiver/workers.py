@@ -468,6 +468,7 @@ async def _report_until(scp: Any, channel: socket.socket, stop: asyncio.Event) -
         server = scp.server
         if isinstance(server, HandedOverServer):
             server.reconcile()
+        await asyncio.to_thread(scp.retry_tls)
         counts = {"open_associations": scp.active_associations(), **scp.memory_counts()}
         if scp.ingest.journal is not None:
             counts.update(scp.ingest.journal.details())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from typing import Annotated, Any, Literal
 
@@ -294,7 +295,19 @@ class CaduceusConfig(BaseModel):
                 if tag not in extracted and tag not in compiled.unknown_tags:
                     found.append(f"rules.{name}.filter: {tag} is not in settings.extract_tags, so the router "
                                  f"always sees it empty; add it there if the rule needs it")
-        return found
+        return found + self._tls_file_warnings()
+
+    def _tls_file_warnings(self) -> list[str]:
+        # Only a warning: the configuration may be applied from another host than the services'.
+        files = [(f"settings.{field}", getattr(self.settings, field))
+                 for field in ("tls_certificate", "tls_key", "tls_ca")]
+        for name, target in self.targets.items():
+            if target.tls is not None:
+                files += [(f"targets.{name}.tls.{field}", getattr(target.tls, field))
+                          for field in ("certificate", "key", "ca")]
+        return [f"{where}: {path} is not a readable file on this host; it must be one where the "
+                "receiver or dispatcher runs, or their TLS will not work"
+                for where, path in files if path and not (os.path.isfile(path) and os.access(path, os.R_OK))]
 
     def longest_stream_wait_seconds(self) -> tuple[float, str]:
         """The longest an event may have to stay on the EVENTS stream under this configuration, and why.

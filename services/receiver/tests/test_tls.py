@@ -7,8 +7,9 @@ import socket
 import time
 from pathlib import Path
 
-from bench.common import Peer, storescu
-from services.receiver.tests.helpers import apply_settings, wait_events
+from bench.common import Peer, start_receiver, storescu
+from services.receiver.scp import TLS_RETRY_SECONDS
+from services.receiver.tests.helpers import apply_settings, read_events, wait_events
 from shared.bus import Bus
 from tests.peers import closed_by_peer, make_tls_files, open_connections
 
@@ -88,3 +89,38 @@ async def test_failed_handshakes_end_at_once_and_free_their_slots(receiver: Peer
     secure = await asyncio.to_thread(storescu, receiver.port, series5, extra=[
         "+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca)], timeout=60)
     assert secure.returncode == 0, secure.output
+
+
+async def test_unreadable_tls_files_close_every_connection_until_fixed(nats_url: str, data_dir: Path, bus: Bus,
+                                                                       series5: Path, tmp_path: Path) -> None:
+    """TLS configured with files that are not there (yet): the receiver stays up and listening but
+    serves nobody, neither in plain TCP nor otherwise, says why in an alert and its heartbeat, and
+    starts serving TLS once the files appear, without a restart. It used to exit at start, and
+    the supervisor restarted it in a loop with the DICOM port closed."""
+    ready = make_tls_files(tmp_path / "made")
+    later = tmp_path / "installed-later"
+    await apply_settings(bus, tls_certificate=str(later / ready.server_cert.name),
+                         tls_key=str(later / ready.server_key.name), tls_ca=str(later / ready.ca.name))
+    peer = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log")
+    try:
+        [alert] = await wait_events(bus, "alert.raised", 1)
+        assert "TLS is configured but not in force" in alert.payload["message"]
+        assert f"settings.tls_certificate {later / ready.server_cert.name}" in alert.payload["message"]
+        plain = await asyncio.to_thread(storescu, peer.port, series5)
+        assert plain.returncode != 0 and peer.process is not None and peer.process.poll() is None
+        assert await read_events(bus, "image.received") == []
+
+        (tmp_path / "made").rename(later)
+        deadline = time.monotonic() + 3 * TLS_RETRY_SECONDS
+        while True:
+            secure = await asyncio.to_thread(storescu, peer.port, series5, extra=[
+                "+tls", str(later / ready.client_key.name), str(later / ready.client_cert.name),
+                "+cf", str(later / ready.ca.name)], timeout=60)
+            if secure.returncode == 0:
+                break
+            assert time.monotonic() < deadline, secure.output
+            await asyncio.sleep(1)
+        assert len({e.sop_uid for e in await wait_events(bus, "image.received", 5)}) == 5
+        assert peer.process is not None and peer.process.poll() is None
+    finally:
+        peer.stop()
