@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event as DicomEvent
-from pynetdicom.presentation import VerificationPresentationContexts
+from pynetdicom.presentation import PresentationContext, VerificationPresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from services.receiver import direct, fastpath, part10, timing
@@ -46,7 +47,7 @@ TLS_RETRY_SECONDS = 10.0  # how often TLS files that failed to load are tried ag
 
 # Storage: pynetdicom's unrestricted storage negotiation (build_ae) accepts every storage-like
 # context (a storage SOP class, a private or an unknown one) with the first transfer syntax the
-# sender proposes, never transcoded, without consulting the supported contexts. This list is what
+# sender proposes (after prefer_explicit_little_endian), never transcoded, without consulting the supported contexts. This list is what
 # the Verification context accepts.
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2",          # implicit VR little endian
@@ -117,6 +118,22 @@ def direct_enabled() -> bool:
 
 class TlsSetupError(Exception):
     """The TLS files of the settings cannot be loaded; the message names the file and the reason."""
+
+
+def prefer_explicit_little_endian(contexts: list[PresentationContext]) -> None:
+    """Put Explicit VR Little Endian first in each proposed context that offers it.
+
+    pynetdicom accepts a storage context with the first syntax it lists. A sender that lists
+    several in one context can send any of them; DCMTK's storescp and Orthanc then take Explicit VR
+    Little Endian, which keeps private elements' VRs (Implicit VR loses them for every later hop)
+    and does not ask the sender to compress what it may be unable to (storescu -xs failed so). A
+    context without it keeps the sender's order: a compressed file offered alone stays as it is.
+    """
+    for context in contexts:
+        syntaxes = list(context.transfer_syntax)
+        if len(syntaxes) > 1 and syntaxes[0] != ExplicitVRLittleEndian and ExplicitVRLittleEndian in syntaxes:
+            syntaxes.remove(ExplicitVRLittleEndian)
+            context.transfer_syntax = [ExplicitVRLittleEndian, *syntaxes]
 
 
 def ssl_context_for(settings: SettingsItem) -> ssl.SSLContext | None:
@@ -326,8 +343,9 @@ class StorageSCP:
         peer_host = str(assoc.requestor.address)
         refusal = check_association(self.settings(), calling, called, peer_host)
         if refusal is None:
+            prefer_explicit_little_endian(request.presentation_context_definition_list)
             return
-        log.warning("association rejected: %s", refusal.reason)
+        log.warning("association rejected: %s (from %s, %s)", refusal.reason, peer_host, calling)
         assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER, refusal.diagnostic)
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is out and the
         # peer closed, otherwise the server shuts the socket first and the peer sees an abort.

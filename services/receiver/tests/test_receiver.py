@@ -12,7 +12,15 @@ import pydicom
 import pytest
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+)
 from pynetdicom import AE, _config
 
 from bench.common import Peer, echoscu, make_series, start_receiver, storescu
@@ -267,6 +275,29 @@ async def test_hostile_uids_stored_safely(receiver: Peer, bus: Bus, data_dir: Pa
     path = (data_dir / "blobs" / key).resolve()
     assert (data_dir / "blobs").resolve() in path.parents and path.is_file()
     assert not Path("/etc/...dcm").exists()
+
+
+def _negotiate(port: int, proposals: list[list[str]]) -> list[str]:
+    """The transfer syntax accepted for each proposed CT Image Storage context (one per proposal)."""
+    ae = AE(ae_title="PROPOSER")
+    for syntaxes in proposals:
+        ae.add_requested_context(CTImageStorage, syntaxes)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CADUCEUS")
+    try:
+        assert assoc.is_established
+        return [str(cx.transfer_syntax[0]) for cx in sorted(assoc.accepted_contexts, key=lambda c: c.context_id or 0)]
+    finally:
+        assoc.release()
+
+
+async def test_explicit_little_endian_is_preferred_when_a_context_offers_it(receiver: Peer) -> None:
+    accepted = await asyncio.to_thread(_negotiate, receiver.port, [
+        [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian],  # pynetdicom's default order
+        [JPEGLosslessSV1, ExplicitVRLittleEndian, ImplicitVRLittleEndian],      # storescu -xs
+        [JPEG2000Lossless, ImplicitVRLittleEndian],                             # no Explicit LE: sender's order
+        [JPEGBaseline8Bit],                                                     # a compressed file alone
+    ])
+    assert accepted == [ExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit]
 
 
 async def test_charset_files(receiver: Peer, bus: Bus, tmp_path: Path) -> None:
