@@ -49,7 +49,7 @@ class TaskView:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("retry", help="send failed dispatch tasks again",
                             description="Ask the dispatchers to send failed tasks again (resets their attempt "
-                                        "count; instances the target already confirmed are not re-sent).")
+                                        "count; instances the target already confirmed are not re-sent, unless the target now names another peer).")
     parser.add_argument("task_ids", nargs="*", metavar="TASK_ID", help="task id(s) to retry")
     parser.add_argument("--series", metavar="UID", help="retry every failed dispatch task of this series")
     parser.add_argument("--comment", default="", help="why (kept in the event)")

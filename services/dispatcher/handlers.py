@@ -209,6 +209,12 @@ class Dispatcher:
             destination = self._destination(request)
         except AttemptError as exc:
             return Outcome(0, 0, 0, [], str(exc))
+        previous_peer = record.delivered_to
+        record = await self.progress.deliver_to(record.task_id, destination.peer()) or record
+        if previous_peer and previous_peer != destination.peer():
+            log.warning("task %s: target %s now points at %s, not %s; every instance is sent there",
+                        record.task_id, request.target, destination.peer(), previous_peer,
+                        extra=_log_context(record))
         delivered = record.delivered_set()
         todo = [i for i in range(len(manifest.instances)) if i not in delivered]
         skipped = len(manifest.instances) - len(todo)

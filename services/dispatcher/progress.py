@@ -74,6 +74,9 @@ class ProgressRecord(BaseModel):
     generation: int = 0  # +1 per manual retry; part of the ids of the events an attempt publishes
     carrier: str = ""  # event id of the message that runs the task (the request, or a manual retry)
     delivered: str = ""  # Bitmap of manifest indexes the target confirmed (success or warning status)
+    # Which peer (called AE@host:port) `delivered` counts for: a target repointed at another peer
+    # gets the whole task again. Empty in records written before this was kept.
+    delivered_to: str = ""
     warnings: int = 0
     last_error: str = ""
 
@@ -161,6 +164,20 @@ class ProgressStore:
         record = await self.mutate(task_id, create)
         assert record is not None
         return record
+
+    async def deliver_to(self, task_id: str, peer: str) -> ProgressRecord | None:
+        """Make `peer` the one the delivered instances count for; a different one forgets them."""
+
+        def point(record: ProgressRecord | None) -> ProgressRecord | None:
+            if record is None or record.delivered_to == peer:
+                return None
+            if record.delivered_to:
+                record.delivered = ""
+                record.warnings = 0
+            record.delivered_to = peer
+            return record
+
+        return await self.mutate(task_id, point)
 
     async def add_delivered(self, task_id: str, indexes: Iterable[int], warnings: int) -> None:
         indexes = list(indexes)

@@ -59,7 +59,11 @@ class Destination:
     tls: TlsConfig | None = None
 
     def describe(self) -> str:
-        return f"{self.called_aet}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+        return self.peer() + (" (TLS)" if self.tls else "")
+
+    def peer(self) -> str:
+        """Which peer this is, whatever the connection details: the identity delivered instances count for."""
+        return f"{self.called_aet}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,28 @@ async def test_kill_9_mid_send_second_dispatcher_resumes(tmp_path: Path, bus: Bu
     assert started[0].payload["instance"] != started[1].payload["instance"]
 
 
+async def test_a_target_repointed_at_another_peer_gets_the_whole_task(tmp_path: Path, bus: Bus, nats_url: str,
+                                                                        data_dir: Path, blob_store: LocalBlobStore,
+                                                                        storescp: StoreScp) -> None:
+    # Four of five instances were confirmed by the peer the target named before (an old archive);
+    # after `config apply` repoints it, a retry must not count them as delivered to the new one.
+    files = make_series(tmp_path / "series", 5)
+    manifest, key = await stage_files(blob_store, files)
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
+    request = await request_dispatch(bus, manifest, key, "pacs")
+    task_id = request.task_id or ""
+    progress = await ProgressStore.open(bus.js)
+    await progress.ensure(request)
+    await progress.deliver_to(task_id, "OLDPACS@127.0.0.1:1")
+    await progress.add_delivered(task_id, [1, 2, 3, 4], warnings=0)
+    async with running_dispatcher(nats_url, data_dir):
+        completed = (await wait_events(bus, "dispatch.completed", task_id))[0]
+    assert completed.payload["sent"] == 5 and completed.payload["skipped_already_sent"] == 0
+    assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances}
+    record = await progress.get(task_id)
+    assert record is not None and record.delivered_to == f"{storescp.aet}@127.0.0.1:{storescp.port}"
+
+
 COMPRESSED_AND_OTHER_SYNTAXES = ["JPEG2000.dcm", "SC_rgb_rle_32bit.dcm", "JPEG-lossy.dcm", "rtplan.dcm",
                                  "SC_rgb_small_odd_big_endian.dcm"]
 # Deflated, but its deflate stream has an odd length (PS3.5 A.5 wants it padded): sent as stored,
