@@ -315,6 +315,9 @@ class DispatchCompleted(BaseModel):
     attempt: int
     duration_seconds: float
     reencoded: int = 0  # of `sent`: re-encoded as Implicit VR Little Endian for this peer
+    # Instances whose stored copy was replaced by another (a re-send with other content) after
+    # this task was routed: not sent here, since their new copy is routed by its own decision.
+    changed_since_routed: list[str] = Field(default_factory=list)
 
 
 class DispatchFailed(BaseModel):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +48,7 @@ from .sender import Destination, SendItem, SendResult, send_items
 log = logging.getLogger(__name__)
 ACTOR = "dispatcher"
 FLUSH_SECONDS = 0.5  # how often confirmed instances are written to the progress record
+HASH_BLOCK_BYTES = 1 << 20
 
 
 class AttemptError(Exception):
@@ -62,6 +64,7 @@ class Outcome:
     error: str  # empty on success
     reencoded: int = 0  # of `sent`: went out as Implicit VR Little Endian (see reencode)
     refused_by_peer: bool = False  # the destination does not take some files as they are
+    changed_sop_uids: list[str] = field(default_factory=list)  # replaced in the blob store since routed
 
 
 class Dispatcher:
@@ -222,14 +225,19 @@ class Dispatcher:
             return Outcome(0, 0, skipped, [], "")
         await self._started(record, delivery, request, len(todo), skipped)
         try:
-            result = await self._send(record.task_id, manifest, todo, destination, self._parallel(request))
+            result, changed = await self._send(record.task_id, manifest, todo, destination, self._parallel(request))
         except AttemptError as exc:
             return Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in todo], str(exc))
-        missing = sorted(set(todo) - set(result.delivered))
-        error = _describe_failure(result, len(todo), destination) if missing else ""
+        changed_uids = [manifest.instances[i].sop_uid for i in sorted(changed)]
+        if changed_uids:
+            log.warning("task %s: %d instance(s) were replaced by other content after the task was routed; "
+                        "not sent to %s (their new copies are routed on their own)", record.task_id,
+                        len(changed_uids), request.target, extra=_log_context(record))
+        missing = sorted(set(todo) - set(result.delivered) - changed)
+        error = _describe_failure(result, len(todo) - len(changed), destination) if missing else ""
         return Outcome(len(result.delivered), result.warnings, skipped,
                        [manifest.instances[i].sop_uid for i in missing], error, result.reencoded,
-                       result.refused_by_peer)
+                       result.refused_by_peer, changed_uids)
 
     async def _manifest(self, request: DispatchRequested) -> Manifest:
         try:
@@ -260,7 +268,8 @@ class Dispatcher:
         return self.config().settings.dispatch_parallel_associations
 
     async def _send(self, task_id: str, manifest: Manifest, todo: list[int], destination: Destination,
-                    parallel: int) -> SendResult:
+                    parallel: int) -> tuple[SendResult, set[int]]:
+        """Send the `todo` instances; also returns those whose stored bytes are no longer the ones routed."""
         confirmed: list[tuple[int, int]] = []  # appended by the sender threads (list.append is atomic)
         abort = threading.Event()
 
@@ -277,6 +286,8 @@ class Dispatcher:
                     raise AttemptError(f"blob {instance.blob_key} unavailable: {exc}") from exc
                 items.append(SendItem(index, instance.sop_uid, instance.sop_class_uid,
                                       instance.transfer_syntax_uid, path))
+            changed = await asyncio.to_thread(_changed_since_routed, manifest, items)
+            items = [item for item in items if item.index not in changed]
             chunks = [items[i::parallel] for i in range(min(parallel, len(items)))]
             sent = asyncio.Event()
             flusher = asyncio.create_task(self._flush_loop(task_id, confirmed, sent))
@@ -299,7 +310,7 @@ class Dispatcher:
         for result in results:
             total.merge(result)
         self.count("instances_sent", len(total.delivered))
-        return total
+        return total, changed
 
     async def _flush_loop(self, task_id: str, confirmed: list[tuple[int, int]], sent: asyncio.Event) -> None:
         while not sent.is_set():
@@ -345,7 +356,14 @@ class Dispatcher:
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.completed", DispatchCompleted(
             task_id=record.task_id, target=request.target, sent=outcome.sent, warnings=current.warnings,
             skipped_already_sent=outcome.skipped, attempt=attempt, duration_seconds=round(duration, 3),
-            reencoded=outcome.reencoded)))
+            reencoded=outcome.reencoded, changed_since_routed=outcome.changed_sop_uids)))
+        if outcome.changed_sop_uids:
+            await self.bus.publish(self._follow_up(current, delivery, "alert.raised", AlertRaised(
+                severity="warning", source=ACTOR,
+                message=f"task {record.task_id} to '{request.target}': {len(outcome.changed_sop_uids)} instance(s) "
+                        "were re-sent with other content after this task was routed, so their stored copy is no "
+                        "longer the one routed here; they were not sent (the new copies are routed by their own "
+                        f"decision; `caduceus bookkeeper events --task {record.task_id} --type dispatch.completed` lists them)"), "changed"))
         await self.progress.mutate(record.task_id, _record_outcome(attempt - 1, "", "completed"))
         self.count("tasks_completed")
         log.info("task %s delivered to %s: %d sent (%d re-encoded), %d already there, %d warnings",
@@ -387,6 +405,23 @@ class Dispatcher:
         log.error("task %s failed after %d attempt(s)", record.task_id, attempt, extra=ctx)
         await delivery.term()
 
+
+
+def _changed_since_routed(manifest: Manifest, items: list[SendItem]) -> set[int]:
+    """Manifest indexes whose file no longer holds the bytes the router saw (sha256 of the manifest).
+
+    A blob is keyed by SOP Instance UID and a re-send with other content replaces it; a task that
+    waited (retries, off-peak) would otherwise send content its rule never matched.
+    """
+    changed = set()
+    for item in items:
+        digest = hashlib.sha256()
+        with open(item.path, "rb") as source:
+            for block in iter(lambda: source.read(HASH_BLOCK_BYTES), b""):
+                digest.update(block)
+        if digest.hexdigest() != manifest.instances[item.index].sha256:
+            changed.add(item.index)
+    return changed
 
 
 def _record_outcome(attempts: int, error: str, state: TaskState | None = None,

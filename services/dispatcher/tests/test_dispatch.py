@@ -176,6 +176,27 @@ async def test_a_target_repointed_at_another_peer_gets_the_whole_task(tmp_path: 
     assert record is not None and record.delivered_to == f"{storescp.aet}@127.0.0.1:{storescp.port}"
 
 
+async def test_an_instance_replaced_after_routing_is_not_sent_as_routed(tmp_path: Path, bus: Bus, nats_url: str,
+                                                                        data_dir: Path, blob_store: LocalBlobStore,
+                                                                        storescp: StoreScp) -> None:
+    # A sender re-sent one instance with other content while the task waited: its blob now holds
+    # bytes this task's rule never matched (another rule may send them elsewhere). They stay home.
+    files = make_series(tmp_path / "series", 5)
+    manifest, key = await stage_files(blob_store, files)
+    changed = manifest.instances[2]
+    other = make_series(tmp_path / "other", 1)[0].read_bytes()
+    await blob_store.put(changed.blob_key, other)
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
+    request = await request_dispatch(bus, manifest, key, "pacs")
+    task_id = request.task_id or ""
+    async with running_dispatcher(nats_url, data_dir):
+        completed = (await wait_events(bus, "dispatch.completed", task_id))[0]
+    assert completed.payload["changed_since_routed"] == [changed.sop_uid] and completed.payload["sent"] == 4
+    assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances} - {changed.sop_uid}
+    [alert] = await events_of(bus, "alert.raised", task_id)
+    assert alert.payload["severity"] == "warning" and "re-sent with other content" in alert.payload["message"]
+
+
 COMPRESSED_AND_OTHER_SYNTAXES = ["JPEG2000.dcm", "SC_rgb_rle_32bit.dcm", "JPEG-lossy.dcm", "rtplan.dcm",
                                  "SC_rgb_small_odd_big_endian.dcm"]
 # Deflated, but its deflate stream has an odd length (PS3.5 A.5 wants it padded): sent as stored,
