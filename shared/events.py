@@ -152,7 +152,9 @@ class ImageReceived(BaseModel):
     peer_host: str
     peer_port: int
     association_id: str
-    duplicate: Literal["new", "identical", "replaced"] = "new"
+    # superseded: a replay after a crash found a later copy of the instance already stored; this
+    # one's file was not written (routers ignore it).
+    duplicate: Literal["new", "identical", "replaced", "superseded"] = "new"
     tags: dict[str, str] = Field(default_factory=dict)
 
 

@@ -36,8 +36,10 @@ thread applies them as if just received.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import queue
 import struct
 import threading
@@ -287,9 +289,15 @@ class JournalApplier:
                 event, event_json, write = outcome
                 if write:
                     key = str(event.payload["blob_key"])
-                    if not self._write_file(key, self.journal.read_data(record), record.attachment is None, event):
-                        return False
-                    self._written(key)
+                    data = self.journal.read_data(record)
+                    replayed = record.attachment is None
+                    if replayed and self._superseded(key, data, event):
+                        event, event_json = _as_superseded(event), None
+                    else:
+                        if not self._write_file(key, data, replayed, event):
+                            return False
+                        self._stamp(key, event)
+                        self._written(key)
                 applied.append((event, event_json))
             self.journal.release(record)
         done = self._publish(applied)
@@ -359,6 +367,35 @@ class JournalApplier:
         except (BlobError, OSError):  # missing (BlobNotFound) or unreadable
             return None
 
+    def _superseded(self, key: str, data: bytes, event: Event) -> bool:
+        """Whether the blob holds another copy of this instance, received after this one.
+
+        Two receiver processes may each accept a copy of one SOP instance; when the one that took
+        the earlier copy crashed before writing it, its replay comes after the later copy's file
+        (found in the field by a loss-hunting review: the older copy overwrote the newer one).
+        A blob file's modification time is its copy's receipt time (`_stamp`).
+        """
+        if self.store is None or event.occurred_at is None:
+            return False
+        path = self.store.path(key)
+        try:
+            newer = path.stat().st_mtime_ns > _nanoseconds(event.occurred_at)
+        except OSError:
+            return False
+        if not newer or self.store.get_sync(key) == data:
+            return False
+        log.warning("journal: a later copy of this instance is already stored; this older one is "
+                    "published as superseded and its file not written", extra={
+                        "series_uid": event.series_uid, "sop_uid": event.sop_uid})
+        return True
+
+    def _stamp(self, key: str, event: Event) -> None:
+        """Set the blob file's modification time to its copy's receipt time (see `_superseded`)."""
+        if self.store is not None and event.occurred_at is not None:
+            stamp = _nanoseconds(event.occurred_at)
+            with contextlib.suppress(OSError):  # only the ordering check loses by it
+                os.utime(self.store.path(key), ns=(stamp, stamp))
+
     def _put_file(self, key: str, data: bytes, replayed: bool) -> None:
         """Every blob file this thread writes goes through here: the next checkpoint syncs them."""
         self._files_to_sync = True
@@ -420,3 +457,11 @@ class JournalApplier:
         except OSError as exc:
             log.error("journal checkpoint failed (the records stay in the journal): %s", exc)
         self._last_checkpoint = time.monotonic()
+
+
+def _nanoseconds(moment: datetime) -> int:
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def _as_superseded(event: Event) -> Event:
+    return event.model_copy(update={"payload": {**event.payload, "duplicate": "superseded"}})

@@ -19,7 +19,7 @@ from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
 from shared.events import Event, ImageReceived, make_event, new_event_id
 
 ACTOR = "receiver"
-Duplicate = Literal["new", "identical", "replaced"]
+Duplicate = Literal["new", "identical", "replaced", "superseded"]
 
 
 class Association(Protocol):

@@ -152,6 +152,8 @@ class RouterState:
     def _image(self, event: Event, seq: int) -> None:
         if not (event.series_uid and event.study_uid and event.sop_uid):
             return
+        if event.payload.get("duplicate") == "superseded":
+            return  # a later copy was stored first and is routed; this one's bytes are not in the store
         instance = Instance(event.sop_uid, event.series_uid, event.study_uid, seq, event.event_id,
                             event.recorded_at or event.occurred_at or utcnow(),
                             ImageReceived.model_validate(event.payload))

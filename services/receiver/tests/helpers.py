@@ -16,9 +16,13 @@ from shared.config.state import fold, plan_changes, read_all
 from shared.events import Event
 
 
-async def apply_settings(bus: Bus, **settings: Any) -> None:
+async def apply_settings(bus: Bus, *, unchecked: bool = False, **settings: Any) -> None:
+    """Publish settings as `config apply` would; `unchecked`: without the checks only new input
+    gets (values outside what senders accept, for tests of the receiver's own limits)."""
     current = fold(await read_all(bus))
-    desired = CaduceusConfig.parse({"settings": settings})
+    document = {"settings": settings}
+    desired = CaduceusConfig.from_items({("settings", "settings"): settings}) if unchecked \
+        else CaduceusConfig.parse(document)
     for event in plan_changes(current, desired, actor="test"):
         await bus.publish(event)
     await asyncio.sleep(0.3)  # the receiver's config follower applies it

@@ -354,6 +354,50 @@ def test_received_records_replay_with_their_recorded_verdicts(tmp_path: Path) ->
     journal.close()
 
 
+@pytest.mark.parametrize("stored_copy", ["later", "earlier"])
+def test_a_replay_does_not_overwrite_a_copy_received_after_it(tmp_path: Path, stored_copy: str) -> None:
+    """Two receiver processes each accepted a copy of one instance; the one that took the earlier
+    copy was killed before writing it. Its replay must not put the older bytes over the later
+    copy (a loss-hunting review found it did), yet must still replace an older file."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    journal = _journal(tmp_path / "journal")
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    replayed_copy = _instance(7)
+    other_copy = replayed_copy.replace(b"P1", b"P2")
+    receipt, record = _receive(dead, replayed_copy)
+    dead.decide(record, _decision(receipt, replayed_copy, "new"))
+    journal.close()
+    key = instance_key(extract_tags(replayed_copy, []))
+    store.put_sync(key, other_copy)  # by the other process: stamped a second after or before the receipt
+    received_ns = int(receipt.occurred_at.timestamp()) * 10**9 + receipt.occurred_at.microsecond * 1000
+    stamp = received_ns + (10**9 if stored_copy == "later" else -(10**9))
+    os.utime(store.path(key), ns=(stamp, stamp))
+
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
+    applier.adopt(journal.open())
+    events: list[Event] = []
+    publish_into = applier.publish_batch
+
+    def publish(items: list[tuple[Event, bytes | None]], timeout: float) -> list[Future[int]]:
+        events.extend(event for event, _ in items)
+        return publish_into(items, timeout)
+
+    applier.publish_batch = publish
+    applier.start()
+    assert applier.wait_idle(10)
+    applier.stop()
+    [event] = events
+    assert event.event_id == receipt.event_id
+    if stored_copy == "later":
+        assert store.get_sync(key) == other_copy and event.payload["duplicate"] == "superseded"
+    else:
+        assert store.get_sync(key) == replayed_copy and event.payload["duplicate"] == "new"
+        assert store.path(key).stat().st_mtime_ns == received_ns  # stamped with its receipt time
+    journal.close()
+
+
 def test_a_received_record_whose_decision_was_lost_is_decided_again(tmp_path: Path) -> None:
     """A power cut can lose the D record (it has no fdatasync of its own) after the sender heard
     success: the instance is decided again from its bytes; an unreadable one is skipped."""

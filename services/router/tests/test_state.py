@@ -61,3 +61,18 @@ def test_resent_instance_latest_wins_and_checkpoint_moves_on() -> None:
     assert state.checkpoint() == 5            # the study batch still holds it
     state.studies.clear()                     # what the tick does when no study rule is enabled
     assert state.checkpoint() == 9
+
+
+def test_a_superseded_copy_neither_replaces_the_stored_one_nor_opens_a_batch() -> None:
+    # A replay after a receiver crash publishes an older copy after a later one that is stored:
+    # the batch keeps the stored copy, and on its own the old copy opens nothing to route.
+    state = RouterState()
+    stored = image(1, "a")
+    state.apply(stored)
+    stale = image(2, "a")
+    stale.payload["duplicate"] = "superseded"
+    state.apply(stale)
+    assert state.series["1.1"].instances["a"].event_id == stored.event_id
+    alone = RouterState()
+    alone.apply(stale)
+    assert alone.series == {} and alone.last_seq == 2
