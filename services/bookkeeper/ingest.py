@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from sqlalchemy import Engine
 
+from services.bookkeeper.incarnation import StreamReplaced
 from services.bookkeeper.store import BatchResult, Record, record_from_event, record_unreadable, write_batch
 from shared import subjects
 from shared.bus import Bus
@@ -73,7 +74,8 @@ class Ingestor:
 
     def __init__(self, bus: Bus, engine: Engine, durable: subjects.Durable, stats: IngestStats,
                  stopping: asyncio.Event, floor: Callable[[], dict[str, float]], batch: int = BATCH,
-                 linger: float = LINGER_SECONDS) -> None:
+                 linger: float = LINGER_SECONDS,
+                 on_replaced: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.bus = bus
         self.engine = engine
         self.durable = durable
@@ -84,6 +86,7 @@ class Ingestor:
         self.linger = linger
         self.backoff = 0.0
         self.sub: Any = None
+        self.on_replaced = on_replaced  # the service archives the stream's earlier incarnation
 
     async def run(self) -> None:
         await self.bus.declare_durable(self.durable)
@@ -150,6 +153,12 @@ class Ingestor:
         started = time.monotonic()
         try:
             result = await asyncio.to_thread(write_batch, self.engine, records, self.floor())
+        except StreamReplaced as exc:
+            if self.on_replaced is not None:
+                with contextlib.suppress(Exception):  # (if it failed, the redelivery finds out again)
+                    await self.on_replaced(exc.stream)
+            await self._failed(msgs, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - database down or failing: nothing is acked
             await self._failed(msgs, exc)
             return

@@ -119,6 +119,16 @@ class CursorRow(SQLModel, table=True):
     last_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
+class StreamRow(SQLModel, table=True):
+    """The incarnation of each stream the log follows: a stream of the same name created anew (a
+    lost or replaced NATS store) restarts its sequences, and the old events are then archived."""
+
+    __tablename__ = "streams"
+
+    stream: str = Field(sa_column=Column(Text, primary_key=True))
+    created_at: datetime = Field(sa_column=Column(UtcDateTime(), nullable=False))
+
+
 class SeriesRow(SQLModel, table=True):
     __tablename__ = "series"
     __table_args__ = (
@@ -221,6 +231,7 @@ def table(model: type[SQLModel]) -> Any:
 EVENTS = table(EventRow)
 DUPLICATES = table(DuplicateRow)
 CURSORS = table(CursorRow)
+STREAMS = table(StreamRow)
 SERIES = table(SeriesRow)
 TASKS = table(TaskRow)
 CONFIG_ITEMS = table(ConfigItemRow)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from services.bookkeeper.db import create_db_engine, upgrade
+from services.bookkeeper.incarnation import follow_incarnation
 from services.bookkeeper.ingest import BATCH, Ingestor, IngestStats
 from services.bookkeeper.retention import (
     OldestNeeded,
@@ -65,13 +66,32 @@ class BookkeeperService(Service):
         self.rpc = RpcServer(self.bus.nc, self.engine, self.ingest_stats.as_dict)
         await self.rpc.start()
         for durable in DURABLES:
+            await self._follow_incarnation(durable.stream)
+        for durable in DURABLES:
             ingestor = Ingestor(self.bus, self.engine, durable, self.ingest_stats, self.stopping,
-                                lambda: self.floors, batch=self.batch)
+                                lambda: self.floors, batch=self.batch, on_replaced=self._replaced)
             self.ingestors.append(ingestor)
             # Not spawned (shutdown would cancel it): see INGEST_STOP_SECONDS.
             self.ingesting.append(asyncio.create_task(ingestor.run()))
         self.spawn(self._gap_watch())
         self.spawn(self._retention_watch())
+
+    async def _follow_incarnation(self, stream: str, conflict: bool = False) -> None:
+        info = await self.bus.js.stream_info(stream)
+        if info.created is None:
+            return  # (every server with JetStream reports it; without it there is nothing to compare)
+        archive = await asyncio.to_thread(follow_incarnation, self.engine, stream, info.created,
+                                          int(info.state.last_seq), conflict)
+        if archive is not None:
+            await self.bus.publish(make_event("alert.raised", self.name, AlertRaised(
+                severity="warning", source=self.name,
+                message=f"the {stream} stream was created anew (its store was lost or replaced): the audit log "
+                        f"keeps its earlier events as stream '{archive}' (histories still show them) and "
+                        f"follows the new stream from its start. Work that was waiting in the old stream "
+                        "(open series, tasks) is not in the new one: check `caduceus tasks` and the senders")))
+
+    async def _replaced(self, stream: str) -> None:
+        await self._follow_incarnation(stream, conflict=True)
 
     def on_config(self, config: CaduceusConfig) -> None:
         self.retention_changed.set()

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from services.bookkeeper.db import is_transient
+from services.bookkeeper.incarnation import StreamReplaced
 from services.bookkeeper.models import DUPLICATES, EVENTS
 from services.bookkeeper.projector import advance, clean, dialect_insert
 from shared.events import Event
@@ -56,6 +57,10 @@ def record_unreadable(raw: bytes, msg_id: str | None, event_type: str | None, st
     return Record(stream, stream_seq, row)
 
 
+# Ids of messages stored in place of an event (not readable, or refused by the database).
+SET_ASIDE_IDS = ("unreadable:", "unstorable:")
+
+
 def write_batch(engine: Engine, records: list[Record], floors: dict[str, float] | None = None) -> BatchResult:
     """Insert the records (existing event_ids and sequences are left alone), then advance projections.
 
@@ -66,7 +71,7 @@ def write_batch(engine: Engine, records: list[Record], floors: dict[str, float] 
     try:
         return _write(engine, records, floors)
     except Exception as exc:
-        if is_transient(exc):
+        if is_transient(exc) or isinstance(exc, StreamReplaced):
             raise
         log.error("batch of %d refused by the database (%s); writing one by one", len(records), exc)
     result = BatchResult()
@@ -104,8 +109,13 @@ def _write(engine: Engine, records: list[Record], floors: dict[str, float] | Non
         for stream in streams:
             mine = [r for r in records if r.stream == stream]
             seqs = [r.stream_seq for r in mine]
-            present = set(conn.execute(select(EVENTS.c.stream_seq).where(
-                EVENTS.c.stream == stream, EVENTS.c.stream_seq.in_(seqs))).scalars())
+            present: dict[int, str] = dict(conn.execute(select(EVENTS.c.stream_seq, EVENTS.c.event_id).where(
+                EVENTS.c.stream == stream, EVENTS.c.stream_seq.in_(seqs))).tuples().all())
+            for r in mine:
+                stored_id = present.get(r.stream_seq)
+                if stored_id is not None and stored_id != r.row["event_id"] \
+                        and not stored_id.startswith(SET_ASIDE_IDS) and not r.row["event_id"].startswith(SET_ASIDE_IDS):
+                    raise StreamReplaced(stream, r.stream_seq)  # rolls the batch back
             # Stored under another sequence already: the event_id was published twice.
             dups = [{"stream": stream, "stream_seq": r.stream_seq, "event_id": r.row["event_id"],
                      "recorded_at": r.row["recorded_at"]} for r in mine if r.stream_seq not in present]

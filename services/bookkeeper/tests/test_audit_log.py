@@ -24,7 +24,8 @@ from services.bookkeeper.tests.scenario import (
     wait_caught_up,
 )
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import Bus, replay
+from shared.events import Event
 
 
 def event_ids_and_counts(url: str) -> tuple[list[str], int, int]:
@@ -194,3 +195,35 @@ async def test_events_published_while_it_stops_do_not_stall_the_next_bookkeeper(
             await asyncio.sleep(0.05)
     async with running(settings) as service:
         await wait_caught_up(bus, service.engine, timeout=20)  # well inside the 60 s ack wait
+
+
+async def test_a_stream_created_anew_is_stored_from_its_start_and_the_old_one_archived(
+        bus: Bus, nats_url: str, database_url: str, data_dir: Path) -> None:
+    # The NATS store was wiped (or NATS moved) while the database was kept: EVENTS starts again at
+    # sequence 1. Its events used to meet the old rows' sequences and were dropped as "stored".
+    settings = settings_for(nats_url, database_url, data_dir)
+    old, new = mixed_events(images=3), mixed_events(images=2)
+    await bus.publish_many(old)
+    async with running(settings) as service:
+        await wait_caught_up(bus, service.engine)
+    await bus.js.delete_stream(subjects.EVENTS_STREAM)
+    await bus.declare_streams()
+    await bus.publish_many(new)
+    async with running(settings) as service:
+        await wait_caught_up(bus, service.engine)
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            streams: dict[str, str] = dict(conn.execute(select(EVENTS.c.event_id, EVENTS.c.stream)).tuples().all())
+    finally:
+        engine.dispose()
+    domain = [e for e in new if not e.type.startswith("config.")]  # (CONFIG was kept)
+    assert {streams[e.event_id] for e in domain} == {subjects.EVENTS_STREAM}
+    archived = {streams[e.event_id] for e in old if not e.type.startswith("config.")}
+    assert len(archived) == 1 and archived.pop().startswith(f"{subjects.EVENTS_STREAM}~")
+    alerts = [e for e in await read_stream(bus) if e.type == "alert.raised"]
+    assert any("EVENTS stream was created anew" in a.payload["message"] for a in alerts)
+
+
+async def read_stream(bus: Bus) -> list[Event]:
+    return [event async for event in replay(bus, f"{subjects.EVENTS_PREFIX}.>")]
