@@ -9,6 +9,7 @@ import sys
 from cli import (
     bookkeeper_cmd,
     config_cmd,
+    reroute_cmd,
     retry_cmd,
     rule_cmd,
     service_cmd,
@@ -20,8 +21,8 @@ from cli import (
 from cli.connection import EXIT_UNREACHABLE
 from shared.settings import NoCaduceusFound
 
-COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, tasks_cmd, retry_cmd, study_cmd,
-                   bookkeeper_cmd]
+COMMAND_MODULES = [up_cmd, service_cmd, status_cmd, config_cmd, rule_cmd, tasks_cmd, retry_cmd, reroute_cmd,
+                   study_cmd, bookkeeper_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -346,6 +346,16 @@ class NotificationRequested(BaseModel):
     message: str
 
 
+class RouteRequested(BaseModel):
+    """Decide a completed batch again under the rules in force now (`caduceus reroute`)."""
+
+    batch_id: str  # the batch the new decision is made for: `<original>~<request>`, so its tasks are new
+    original_batch_id: str
+    completed_type: Literal["series.completed", "study.completed"]
+    completed: dict[str, Any]  # the payload of the original completion event (manifest, tags, sender)
+    reason: str = ""
+
+
 class SeriesDiscarded(BaseModel):
     batch_id: str
     manifest_key: str
@@ -378,6 +388,7 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "series.discarded": SeriesDiscarded,
     "study.completed": StudyCompleted,
     "study.complete_requested": StudyCompleteRequested,
+    "route.requested": RouteRequested,
     "route.decided": RouteDecided,
     "rule.failed": RuleFailed,
     "dispatch.requested": DispatchRequested,

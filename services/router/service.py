@@ -47,7 +47,7 @@ from shared.runtime import Service
 log = logging.getLogger(__name__)
 
 FOLDED_TYPES = ("image.received", "series.completed", "study.completed", "study.complete_requested",
-                "route.decided")
+                "route.requested", "route.decided")
 TICK_SECONDS = 1.0
 MIN_TICK_SECONDS = 0.05   # many series falling due one after another are checked together
 POLL_SECONDS = 0.25

@@ -22,6 +22,7 @@ from shared.events import (
     Event,
     ImageReceived,
     RouteDecided,
+    RouteRequested,
     SeriesCompleted,
     StudyCompleted,
     deterministic_event_id,
@@ -145,6 +146,8 @@ class RouterState:
             if study is not None:
                 study.force_requested = True
                 study.force_request_event_id = event.event_id
+        elif event.type == "route.requested":
+            self._reroute(event, seq)
         elif event.type == "route.decided":
             self.pending.pop(RouteDecided.model_validate(event.payload).batch_id, None)
         self.last_seq = max(self.last_seq, seq)
@@ -163,6 +166,20 @@ class RouterState:
             if batch is None:
                 batch = batches[uid] = Batch(level, uid, event.study_uid, seq)  # type: ignore[arg-type]
             batch.add(instance)
+
+    def _reroute(self, event: Event, seq: int) -> None:
+        """A batch to decide again: as if it completed now, under its new batch id."""
+        request = RouteRequested.model_validate(event.payload)
+        payload = {**request.completed, "batch_id": request.batch_id}
+        level: Level = "series" if request.completed_type == "series.completed" else "study"
+        if level == "study":
+            payload["action"] = "proceed"  # asked for: a force timeout's discard/ignore does not stand
+        completed = Event(event_id=event.event_id, type=request.completed_type, actor=event.actor,
+                          occurred_at=event.occurred_at, correlation_id=request.batch_id,
+                          study_uid=event.study_uid, series_uid=event.series_uid, payload=payload)
+        completed.stream_seq = seq
+        completed.typed_payload()  # a request whose payload does not fit is refused here, before anything changes
+        self.pending[request.batch_id] = PendingDecision(level, request.batch_id, completed, seq)
 
     def _closed(self, level: Level, event: Event, last_seq: int) -> None:
         batches = self.series if level == "series" else self.studies
