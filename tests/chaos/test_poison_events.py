@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 # Every event type some service folds or pulls (router, dispatcher, processor), plus one nobody knows.
 CONSUMED = ("image.received", "series.completed", "study.completed", "study.complete_requested",
-            "route.decided", "dispatch.requested", "dispatch.retry_requested", "process.requested",
+            "route.requested", "route.decided", "dispatch.requested", "dispatch.retry_requested", "process.requested",
             "no.such.type")
 POISON_SERIES = "1.2.826.0.1.3680043.8.498.999"
 
