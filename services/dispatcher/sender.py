@@ -129,10 +129,22 @@ def presentation_contexts(items: Sequence[SendItem]) -> list[PresentationContext
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca or None)
+    """The client side of a target's TLS; OSError naming the file when one cannot be loaded."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"TLS ca {tls.ca}: {_file_reason(exc)}") from exc
     if tls.certificate:
-        context.load_cert_chain(tls.certificate, tls.key or None)
+        try:
+            context.load_cert_chain(tls.certificate, tls.key or None)
+        except (OSError, ssl.SSLError) as exc:
+            key = f" with key {tls.key}" if tls.key else ""
+            raise OSError(f"TLS certificate {tls.certificate}{key}: {_file_reason(exc)}") from exc
     return context
+
+
+def _file_reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def _on_connection_open(event: evt.Event) -> None:
@@ -174,7 +186,7 @@ def _association_error(assoc: Association, dest: Destination) -> str:
     if _refused_every_context(assoc):
         return f"{dest.describe()} accepted none of the proposed presentation contexts ({_refusals(assoc)})"
     if assoc.is_aborted:
-        return f"association aborted by {dest.describe()}"
+        return f"association aborted by {dest.describe()}{_tls_problem(dest)}"
     return f"association with {dest.describe()} ended unexpectedly"
 
 
@@ -189,13 +201,48 @@ def _connect_problem(dest: Destination, timeout: float = 3.0) -> str:
     """
     try:
         with socket.create_connection((dest.host, dest.port), timeout=timeout):
-            return " (it accepted a connection on a second try)"
+            pass
     except TimeoutError:
         return f": no answer within {timeout:g} s"
     except socket.gaierror as exc:
         return f": cannot resolve host {dest.host!r} ({exc.strerror})"
     except OSError as exc:
         return f": {exc.strerror or exc}"
+    return _tls_problem(dest, timeout) or " (it accepted a connection on a second try)"
+
+
+def _tls_problem(dest: Destination, timeout: float = 3.0) -> str:
+    """Why TLS with the peer fails (certificate not trusted, name mismatch, a plain DICOM peer, a
+    client certificate it requires), found by one handshake and a short read; "" if nothing shows.
+
+    pynetdicom logs these as tracebacks; the task's error should name the cause.
+    """
+    if dest.tls is None:
+        return ""
+    try:
+        context = tls_context(dest.tls)
+        raw = socket.create_connection((dest.host, dest.port), timeout=timeout)
+    except OSError:
+        return ""  # the connection itself (or a TLS file) is the problem: said elsewhere
+    with raw:
+        try:
+            secured = context.wrap_socket(raw, server_hostname=dest.host)
+        except ssl.SSLCertVerificationError as exc:
+            return f": TLS: the peer's certificate is not accepted ({exc.verify_message})"
+        except ssl.SSLError as exc:
+            plain_peer = isinstance(exc, ssl.SSLEOFError) or "WRONG_VERSION_NUMBER" in str(exc)
+            return f": TLS handshake failed: {exc.reason or exc}" + (" (is the peer using TLS?)" if plain_peer else "")
+        except OSError as exc:  # a timeout or a closed connection: no TLS server answered
+            return f": TLS handshake failed: {exc.strerror or exc or 'no answer'} (is the peer using TLS?)"
+        with secured:
+            try:
+                secured.settimeout(0.5)  # a peer that wants a client certificate says so right away
+                secured.recv(1)
+            except ssl.SSLError as exc:
+                return f": TLS: the peer ended the connection: {exc.reason or exc}"
+            except OSError:
+                pass  # (a timeout: the peer waits for our request, as it should)
+    return ""
 
 
 def _refusals(assoc: Association) -> str:

@@ -309,6 +309,34 @@ async def test_tls_target_with_client_certificate(tmp_path: Path, bus: Bus, nats
     assert peer.sop_uids() == {i.sop_uid for i in manifest.instances}
 
 
+async def test_tls_setup_mistakes_are_named_in_the_task_error(tmp_path: Path, bus: Bus, nats_url: str,
+                                                               data_dir: Path, blob_store: LocalBlobStore,
+                                                               storescp_factory: Callable[..., StoreScp]) -> None:
+    # The common ways a TLS target is set up wrong; each used to read "could not connect ... (it
+    # accepted a connection on a second try)" or "association aborted", the cause only in a traceback.
+    tls, other = make_tls_files(tmp_path / "tls"), make_tls_files(tmp_path / "other-ca")
+    secure = storescp_factory(extra_args=StoreScp.tls_args(tls))
+    plain = storescp_factory()
+    files = make_series(tmp_path / "series", 1)
+    manifest, key = await stage_files(blob_store, files)
+    client = {"certificate": str(tls.client_cert), "key": str(tls.client_key)}
+    targets = {
+        "untrusted": dicom_target(secure.port, secure.aet, tls={**client, "ca": str(other.ca)}),
+        "not-tls": dicom_target(plain.port, plain.aet, tls={**client, "ca": str(tls.ca)}),
+        "no-client-cert": dicom_target(secure.port, secure.aet, tls={"ca": str(tls.ca)}),
+        "missing-ca": dicom_target(secure.port, secure.aet, tls={**client, "ca": str(tmp_path / "gone.pem")}),
+    }
+    expected = {"untrusted": "TLS: the peer's certificate is not accepted (",
+                "not-tls": "TLS handshake failed:", "no-client-cert": "CERTIFICATE_REQUIRED",
+                "missing-ca": f"TLS ca {tmp_path / 'gone.pem'}: No such file or directory"}
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 1}, "targets": targets})
+    async with running_dispatcher(nats_url, data_dir):
+        for target, words in expected.items():
+            request = await request_dispatch(bus, manifest, key, target)
+            [failed] = await wait_events(bus, "dispatch.failed", request.task_id)
+            assert words in failed.payload["error"], (target, failed.payload["error"])
+
+
 async def test_retry_of_a_waiting_task_resets_its_attempts(tmp_path: Path, bus: Bus, nats_url: str,
                                                            data_dir: Path, blob_store: LocalBlobStore,
                                                            storescp_factory: Callable[..., StoreScp]) -> None:
