@@ -221,7 +221,8 @@ class BoundedServer(ThreadedAssociationServer):
             secured.settimeout(None)  # as accept() returned it: pynetdicom waits with select()
             return secured
         except (OSError, ValueError) as exc:
-            log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+            hint = " (is the peer using TLS?)" if "WRONG_VERSION_NUMBER" in str(exc) or "HTTP_REQUEST" in str(exc) else ""
+            log.warning("TLS handshake with %s failed: %s%s", client_address[0], exc, hint)
             self.shutdown_request(request)
             self.handshake_failed(client_address)
             return None
