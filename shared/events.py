@@ -293,6 +293,7 @@ class DispatchStarted(BaseModel):
     attempt: int  # the attempt this send is, counted as in dispatch.attempt_failed
     delivery: int  # JetStream's delivery count of the carrying message: > 1 after a crash or a stop
     instance: str  # the dispatcher instance that sends
+    destination: str = ""  # where to, as configured now: CALLED_AET@host:port (TLS); `host: sender` resolved
     to_send: int  # instances the target has not confirmed yet
     already_sent: int  # instances confirmed by earlier attempts
 

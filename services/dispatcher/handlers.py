@@ -223,7 +223,7 @@ class Dispatcher:
         skipped = len(manifest.instances) - len(todo)
         if not todo:
             return Outcome(0, 0, skipped, [], "")
-        await self._started(record, delivery, request, len(todo), skipped)
+        await self._started(record, delivery, request, destination, len(todo), skipped)
         try:
             result, changed = await self._send(record.task_id, manifest, todo, destination, self._parallel(request))
         except AttemptError as exc:
@@ -340,12 +340,13 @@ class Dispatcher:
         return event
 
     async def _started(self, record: ProgressRecord, delivery: Delivery, request: DispatchRequested,
-                       to_send: int, already_sent: int) -> None:
+                       destination: Destination, to_send: int, already_sent: int) -> None:
         # One per delivery of an attempt: a send resumed after a crash is a new fact, with its own id.
         attempt = record.attempts + 1
         await self.bus.publish(self._follow_up(record, delivery, "dispatch.started", DispatchStarted(
             task_id=record.task_id, target=request.target, attempt=attempt, delivery=delivery.attempt,
-            instance=self.instance, to_send=to_send, already_sent=already_sent),
+            instance=self.instance, destination=destination.describe(), to_send=to_send,
+            already_sent=already_sent),
             str(attempt), str(delivery.attempt)))
 
     async def _completed(self, delivery: Delivery, record: ProgressRecord, outcome: Outcome,

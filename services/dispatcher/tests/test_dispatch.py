@@ -152,6 +152,7 @@ async def test_kill_9_mid_send_second_dispatcher_resumes(tmp_path: Path, bus: Bu
     assert started[0].payload["to_send"] == count and started[0].payload["already_sent"] == 0
     assert started[1].payload["already_sent"] == completed.payload["skipped_already_sent"]
     assert started[0].payload["instance"] != started[1].payload["instance"]
+    assert {e.payload["destination"] for e in started} == {f"{storescp.aet}@127.0.0.1:{storescp.port}"}
 
 
 async def test_a_target_repointed_at_another_peer_gets_the_whole_task(tmp_path: Path, bus: Bus, nats_url: str,
