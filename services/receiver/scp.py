@@ -47,8 +47,8 @@ TLS_RETRY_SECONDS = 10.0  # how often TLS files that failed to load are tried ag
 
 # Storage: pynetdicom's unrestricted storage negotiation (build_ae) accepts every storage-like
 # context (a storage SOP class, a private or an unknown one) with the first transfer syntax the
-# sender proposes (after prefer_explicit_little_endian), never transcoded, without consulting the supported contexts. This list is what
-# the Verification context accepts.
+# sender proposes (after prefer_explicit_little_endian), never transcoded, without consulting the
+# supported contexts. This list is what the Verification context accepts.
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2",          # implicit VR little endian
     "1.2.840.10008.1.2.1",        # explicit VR little endian
