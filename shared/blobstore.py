@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +60,16 @@ def start_writeback(fd: int) -> None:
     if LIBC is None or not hasattr(LIBC, "sync_file_range"):
         return
     LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
+
+
+def receipt_stamp(received_at: datetime) -> int:
+    """The modification time (ns) an instance's blob file gets: its copy's receipt time.
+
+    The receiver stamps every instance file it writes on a local store; the router records the
+    stamp in the manifest; so a later reader tells, with one stat, that a file still holds the copy
+    it expects (the dispatcher; a journal replay deciding which copy is newer).
+    """
+    return int(received_at.timestamp()) * 1_000_000_000 + received_at.microsecond * 1000
 
 
 def safe_segment(value: str) -> str:

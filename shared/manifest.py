@@ -21,6 +21,9 @@ class ManifestInstance(BaseModel):
     sha256: str
     size: int
     stream_seq: int
+    # shared.blobstore.receipt_stamp of the copy routed: a local blob file with this modification
+    # time holds it (0: unknown, e.g. an older manifest; then only its sha256 tells).
+    received_stamp: int = 0
 
 
 class Manifest(BaseModel):

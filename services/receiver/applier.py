@@ -52,7 +52,7 @@ from typing import Any
 
 from services.receiver.journal import Journal, JournalError, JournalRecord
 from services.receiver.receipt import Duplicate, Receipt
-from shared.blobstore import BlobError, LocalBlobStore, blob_key
+from shared.blobstore import BlobError, LocalBlobStore, blob_key, receipt_stamp
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -379,7 +379,7 @@ class JournalApplier:
             return False
         path = self.store.path(key)
         try:
-            newer = path.stat().st_mtime_ns > _nanoseconds(event.occurred_at)
+            newer = path.stat().st_mtime_ns > receipt_stamp(event.occurred_at)
         except OSError:
             return False
         if not newer or self.store.get_sync(key) == data:
@@ -392,7 +392,7 @@ class JournalApplier:
     def _stamp(self, key: str, event: Event) -> None:
         """Set the blob file's modification time to its copy's receipt time (see `_superseded`)."""
         if self.store is not None and event.occurred_at is not None:
-            stamp = _nanoseconds(event.occurred_at)
+            stamp = receipt_stamp(event.occurred_at)
             with contextlib.suppress(OSError):  # only the ordering check loses by it
                 os.utime(self.store.path(key), ns=(stamp, stamp))
 
@@ -457,10 +457,6 @@ class JournalApplier:
         except OSError as exc:
             log.error("journal checkpoint failed (the records stay in the journal): %s", exc)
         self._last_checkpoint = time.monotonic()
-
-
-def _nanoseconds(moment: datetime) -> int:
-    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
 
 
 def _as_superseded(event: Event) -> Event:

@@ -46,7 +46,14 @@ from services.receiver.receipt import (
     received_event,
 )
 from services.receiver.timing import PhaseTimer
-from shared.blobstore import BlobInfo, LocalBlobStore, blob_key, fsync_directory, start_writeback
+from shared.blobstore import (
+    BlobInfo,
+    LocalBlobStore,
+    blob_key,
+    fsync_directory,
+    receipt_stamp,
+    start_writeback,
+)
 from shared.config.model import SettingsItem
 from shared.dicomtags import ExtractedTags, TagExtractionError
 from shared.events import Event, ImageQuarantined, ImageRejected, make_event
@@ -208,6 +215,12 @@ class UnsyncedWrite:
         self.fd: int | None = fd
         self.directories = directories
         self.fsync = fsync
+
+    def stamp(self, received_at: datetime) -> None:
+        """Give the file its copy's receipt time (shared.blobstore.receipt_stamp)."""
+        if self.fd is not None:
+            stamp = receipt_stamp(received_at)
+            os.utime(self.fd, ns=(stamp, stamp))
 
     def make_durable(self) -> None:
         """Flush file and directories to disk (once); raises what fsync raised."""
@@ -449,6 +462,7 @@ class Ingest:
         published = self.publish(event, self.publish_timeout)
         if write is not None:
             try:
+                write.stamp(event.occurred_at)
                 write.make_durable()
             except Exception as exc:  # noqa: BLE001 - not durable means not accepted
                 log.error("blob write failed for %s after image.received was published: %s", key, exc, extra=ctx)
@@ -489,6 +503,7 @@ class Ingest:
         try:
             failure = "blob store write failed"
             if write is not None:
+                write.stamp(event.occurred_at)
                 write.make_durable()
             failure = "could not journal the event"
             if journal_synced is not None:

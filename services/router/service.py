@@ -30,7 +30,7 @@ from services.router.completion import StudyDue, series_due_at, study_due
 from services.router.decide import decide
 from services.router.state import Batch, RouterState
 from shared import subjects
-from shared.blobstore import BlobStore, open_blob_store
+from shared.blobstore import BlobStore, open_blob_store, receipt_stamp
 from shared.bus import event_from_msg
 from shared.events import (
     AlertRaised,
@@ -295,7 +295,8 @@ class RouterService(Service):
             instances=[ManifestInstance(
                 sop_uid=i.sop_uid, series_uid=i.series_uid, study_uid=i.study_uid, blob_key=i.received.blob_key,
                 sop_class_uid=i.received.sop_class_uid, transfer_syntax_uid=i.received.transfer_syntax_uid,
-                sha256=i.received.sha256, size=i.received.size, stream_seq=i.stream_seq)
+                sha256=i.received.sha256, size=i.received.size, stream_seq=i.stream_seq,
+                received_stamp=receipt_stamp(i.received_at))
                 for i in batch.ordered()])
         return await write_manifest(self.blobs, manifest)
 

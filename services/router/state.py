@@ -45,6 +45,7 @@ class Instance:
     event_id: str
     arrived_at: datetime
     received: ImageReceived
+    received_at: datetime  # the receiver's receipt time of this copy (the event's occurred_at)
 
 
 @dataclass
@@ -159,7 +160,7 @@ class RouterState:
             return  # a later copy was stored first and is routed; this one's bytes are not in the store
         instance = Instance(event.sop_uid, event.series_uid, event.study_uid, seq, event.event_id,
                             event.recorded_at or event.occurred_at or utcnow(),
-                            ImageReceived.model_validate(event.payload))
+                            ImageReceived.model_validate(event.payload), event.occurred_at or utcnow())
         for level, batches, uid in (("series", self.series, event.series_uid),
                                     ("study", self.studies, event.study_uid)):
             batch = batches.get(uid)

@@ -9,17 +9,21 @@ dispatch.completed). The loop must stop when the send is over even without the c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from pathlib import Path
 
 import pytest
 
 from services.dispatcher import handlers
-from services.dispatcher.handlers import Dispatcher
+from services.dispatcher.handlers import Dispatcher, _changed_since_routed
 from services.dispatcher.progress import ProgressStore
+from services.dispatcher.sender import SendItem
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig
 from shared.events import DispatchRequested, make_event
+from shared.manifest import Manifest, ManifestInstance
 
 
 async def test_flush_loop_stops_on_its_event_without_a_cancel(bus: Bus, blob_store: LocalBlobStore,
@@ -42,3 +46,21 @@ async def test_flush_loop_stops_on_its_event_without_a_cancel(bus: Bus, blob_sto
     record = await progress.get("flush-task")
     assert record is not None
     assert sorted(i for i in range(3) if i in record.delivered_set()) == [0, 2] and record.warnings == 1
+
+
+def test_a_file_with_the_routed_copys_stamp_is_not_read_again(tmp_path: Path) -> None:
+    # The receiver stamps each blob with its copy's receipt time and the manifest carries it: one
+    # stat tells the file is unchanged; only a file without it is hashed (and caught if replaced).
+    path = tmp_path / "a.dcm"
+    path.write_bytes(b"routed bytes")
+    stamp = path.stat().st_mtime_ns
+    def entry(sop_uid: str, sha256: str, received_stamp: int = 0) -> ManifestInstance:
+        return ManifestInstance(sop_uid=sop_uid, series_uid="1", study_uid="1", blob_key="k", sop_class_uid="1.2",
+                                transfer_syntax_uid="1.2", sha256=sha256, size=12, stream_seq=1,
+                                received_stamp=received_stamp)
+
+    manifest = Manifest(batch_id="b", level="series", study_uid="1", series_uids=["1"], instances=[
+        entry("stamped", "not the hash", stamp), entry("unstamped", hashlib.sha256(b"routed bytes").hexdigest()),
+        entry("replaced", "0" * 64, stamp + 1)])
+    items = [SendItem(i, m.sop_uid, "1.2", "1.2", path) for i, m in enumerate(manifest.instances)]
+    assert _changed_since_routed(manifest, items) == {2}

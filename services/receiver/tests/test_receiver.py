@@ -27,6 +27,7 @@ from bench.common import Peer, echoscu, make_series, start_receiver, storescu
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import Journal, slot_directory
 from services.receiver.tests.helpers import apply_settings, blob_files, read_events, wait_events
+from shared.blobstore import receipt_stamp
 from shared.bus import Bus
 from shared.events import make_event
 from shared.natsserver import EmbeddedNats
@@ -56,6 +57,8 @@ async def test_store_series_blobs_and_events(receiver: Peer, bus: Bus, series5: 
         assert payload["tags"]["Modality"] == "CT" and payload["tags"]["SOPInstanceUID"] == event.sop_uid
         blob = data_dir / "blobs" / payload["blob_key"]
         assert blob.stat().st_size == payload["size"]
+        # Stamped with its copy's receipt time (before its event went out).
+        assert blob.stat().st_mtime_ns == receipt_stamp(event.occurred_at)
         assert blob.read_bytes()[128:132] == b"DICM"
     accepted = await read_events(bus, "association.accepted")
     ended = await wait_events(bus, "association.ended", 1)
@@ -380,3 +383,4 @@ async def test_journal_of_a_former_worker_is_applied_and_removed(nats_url: str, 
         assert slot_directory(data_dir, "main").is_dir()
     finally:
         receiver.stop()
+
