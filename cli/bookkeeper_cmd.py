@@ -96,8 +96,9 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ formatting
 
-SUMMARY_FIELDS = ("severity", "message", "target", "rule", "reason", "error", "attempt", "attempts", "sent", "instance_count",
-                  "matched_rules", "discarded", "trigger", "calling_aet", "duplicate", "service", "kind", "name")
+SUMMARY_FIELDS = ("severity", "message", "target", "destination", "rule", "reason", "error", "attempt", "attempts", "sent",
+                  "changed_since_routed", "instance_count", "matched_rules", "discarded", "trigger", "calling_aet",
+                  "duplicate", "service", "kind", "name")
 
 
 def summarize(payload: dict[str, Any]) -> str:
