@@ -61,10 +61,10 @@ async def _reroute(args: argparse.Namespace, url: str) -> int:
         request = reroute_event(completed, bus.actor, args.comment)
         await bus.publish(request)
         payload = RouteRequested.model_validate(request.payload)
-        uid = args.series or args.study
+        follow = (f"`caduceus bookkeeper history {args.series}` and `caduceus tasks --series {args.series}`"
+                  if args.series else f"`caduceus bookkeeper events --study {args.study} --newest`")
         print(f"reroute requested: batch {payload.original_batch_id} is decided again under the current rules "
-              f"as batch {payload.batch_id}; `caduceus bookkeeper history {uid}` and `caduceus tasks "
-              f"--series {uid}` show the outcome")
+              f"as batch {payload.batch_id}; the outcome: {follow}")
         return 0
     except BookkeeperError as exc:
         print(f"caduceus reroute: {exc} (the audit log is where completed batches are found)", file=sys.stderr)
