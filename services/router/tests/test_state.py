@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.router.state import RouterState, batch_id_for
-from shared.events import Event, ImageReceived, RouteDecided, SeriesCompleted, make_event
+from shared.events import Event, ImageReceived, RouteDecided, RouteRequested, SeriesCompleted, make_event
 
 
 def image(seq: int, sop: str, series: str = "1.1") -> Event:
@@ -76,3 +76,21 @@ def test_a_superseded_copy_neither_replaces_the_stored_one_nor_opens_a_batch() -
     alone = RouterState()
     alone.apply(stale)
     assert alone.series == {} and alone.last_seq == 2
+
+
+def test_a_reroute_request_becomes_a_pending_decision_under_a_new_batch_id() -> None:
+    # `caduceus reroute --study`: the study's force timeout had discarded it; asked again, the
+    # rules are evaluated (action proceed), for the new batch id the request names.
+    completed = {"batch_id": "b1", "manifest_key": "m", "series_uids": ["1.1"], "instance_count": 2,
+                 "trigger": "force_timeout", "action": "discard", "calling_aet": "A", "peer_host": "h"}
+    request = make_event("route.requested", "user:admin", RouteRequested(
+        batch_id="b1~r1", original_batch_id="b1", completed_type="study.completed", completed=completed),
+        study_uid="1")
+    request.stream_seq = 9
+    state = RouterState()
+    state.apply(request)
+    pending = state.pending["b1~r1"]
+    assert pending.level == "study" and pending.first_seq == 9
+    assert pending.completed_event.payload["action"] == "proceed"
+    assert pending.completed_event.payload["batch_id"] == "b1~r1"
+    assert pending.completed_event.event_id == request.event_id  # the decision's causation
