@@ -22,7 +22,7 @@ from cli.connection import (
     default_actor,
 )
 from shared.bookkeeper_client import BookkeeperClient, BookkeeperError, EventRecord
-from shared.events import Event, RouteRequested, make_event
+from shared.events import Event, RouteRequested, make_event, new_event_id
 
 EXIT_NOTHING = 1
 
@@ -83,11 +83,10 @@ async def _last_completed(client: BookkeeperClient, series: str | None, study: s
 
 def reroute_event(completed: EventRecord, actor: str, comment: str) -> Event:
     original = str(completed.payload["batch_id"])
-    request = make_event("route.requested", actor, RouteRequested(
-        batch_id="", original_batch_id=original, completed_type=completed.type,  # type: ignore[arg-type]
+    event_id = new_event_id()
+    batch_id = f"{original}~{event_id[:12]}"  # names the request, so each reroute's tasks are its own
+    return make_event("route.requested", actor, RouteRequested(
+        batch_id=batch_id, original_batch_id=original, completed_type=completed.type,  # type: ignore[arg-type]
         completed=completed.payload, reason=comment),
-        study_uid=completed.study_uid, series_uid=completed.series_uid, causation_id=completed.event_id)
-    # The new batch id names the request, so each reroute's tasks are its own.
-    request.payload["batch_id"] = f"{original}~{request.event_id[:12]}"
-    request.correlation_id = request.payload["batch_id"]
-    return request
+        event_id=event_id, study_uid=completed.study_uid, series_uid=completed.series_uid,
+        causation_id=completed.event_id, correlation_id=batch_id)

@@ -214,7 +214,8 @@ class Dispatcher:
         except AttemptError as exc:
             return Outcome(0, 0, 0, [], str(exc))
         previous_peer = record.delivered_to
-        record = await self.progress.deliver_to(record.task_id, destination.peer()) or record
+        if previous_peer != destination.peer():  # (the usual case, the same peer, needs no KV round trip)
+            record = await self.progress.deliver_to(record.task_id, destination.peer()) or record
         if previous_peer and previous_peer != destination.peer():
             log.warning("task %s: target %s now points at %s, not %s; every instance is sent there",
                         record.task_id, request.target, destination.peer(), previous_peer,

@@ -375,7 +375,7 @@ class JournalApplier:
         (found in the field by a loss-hunting review: the older copy overwrote the newer one).
         A blob file's modification time is its copy's receipt time (`_stamp`).
         """
-        if self.store is None or event.occurred_at is None:
+        if self.store is None:
             return False
         path = self.store.path(key)
         try:
@@ -391,7 +391,7 @@ class JournalApplier:
 
     def _stamp(self, key: str, event: Event) -> None:
         """Set the blob file's modification time to its copy's receipt time (see `_superseded`)."""
-        if self.store is not None and event.occurred_at is not None:
+        if self.store is not None:
             stamp = receipt_stamp(event.occurred_at)
             with contextlib.suppress(OSError):  # only the ordering check loses by it
                 os.utime(self.store.path(key), ns=(stamp, stamp))
