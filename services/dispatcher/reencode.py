@@ -101,13 +101,13 @@ def implicit_data_set(path: Path, transfer_syntax_uid: str) -> Iterator[DataSetS
                             [(BytesIO(head), len(head)), (source, pixel.length), (BytesIO(after), len(after))])
 
 
-def decoded(path: Path) -> Dataset:
+def decoded(path: Path, transfer_syntax_uid: str) -> Dataset:
     """The file as an Implicit VR Little Endian data set in memory, for pynetdicom's own sender.
 
     Read back from the bytes of `implicit_data_set`, so pynetdicom, which sees its encoding is
     already the one to send, writes every value as it stands.
     """
-    with implicit_data_set(path, read_file_meta_syntax(path)) as stream:
+    with implicit_data_set(path, transfer_syntax_uid) as stream:
         data = b"".join(iter(lambda: stream.read(1 << 20), b""))
     try:
         dataset = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
@@ -116,13 +116,6 @@ def decoded(path: Path) -> Dataset:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for data it cannot read
         raise ReencodeError(f"cannot read {path.name} back after re-encoding it: {exc}") from exc
     return dataset
-
-
-def read_file_meta_syntax(path: Path) -> str:
-    try:
-        return str(dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta.TransferSyntaxUID)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a file it cannot read
-        raise ReencodeError(f"cannot read {path.name} to re-encode it: {exc}") from exc
 
 
 def _pixel_data_in_file(dataset: Dataset) -> RawDataElement | None:

@@ -342,8 +342,8 @@ def _c_store(assoc: Association, path: Path) -> cstore.Stored:
         meta = cstore.read_file_meta(path)
         if reencode.fallback_syntax(meta.transfer_syntax_uid) is None:
             raise
-    # pynetdicom converts a decoded data set to an accepted uncompressed syntax itself (in memory).
-    return cstore.Stored(_status_of(assoc.send_c_store(reencode.decoded(path))), True)
+    # The data set re-encoded as Implicit VR Little Endian in memory (reencode.decoded), which pynetdicom sends as is.
+    return cstore.Stored(_status_of(assoc.send_c_store(reencode.decoded(path, meta.transfer_syntax_uid))), True)
 
 
 def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
