@@ -28,7 +28,7 @@ from typing import Any
 import regex as _regex  # the `regex` module supports a match timeout, `re` does not
 
 MAX_EXPRESSION_LENGTH = 4000
-MAX_VALUE_LENGTH = 100_000       # longest string/list any operation may produce
+MAX_VALUE_LENGTH = 100_000       # most characters/items any string or list (all its contents) may hold
 MAX_INT_BITS = 4096              # bigger integers are refused (no arithmetic bombs)
 MAX_CONSTANT = 10**18            # largest integer literal
 MAX_PATTERN_LENGTH = 500         # longest regular expression
@@ -82,7 +82,9 @@ def _icontains(value: Any, sub: Any) -> bool:
 
 
 def _safe_str(value: Any = "") -> str:
-    # str() of our own values (str, numbers, bools, None, tuples/lists of them) is harmless.
+    # str() of our own values (str, numbers, bools, None, tuples/lists of them) is harmless once
+    # their size is bounded (a character becomes at most 10 in str() of a container).
+    _check_size(value)
     return _check_size(str(value))
 
 
@@ -94,6 +96,14 @@ def _safe_int(value: Any = 0, base: Any = None) -> int:
     return _check_size(result)
 
 
+def _safe_sum(values: Any, start: Any = 0) -> Any:
+    # Numbers only: sum() of lists or tuples copies the growing result once per item (quadratic).
+    items = list(values)
+    if not all(isinstance(v, int | float) for v in [start, *items]):
+        raise RuleRuntimeError("sum() adds numbers only")
+    return sum(items, start)
+
+
 def _safe_round(value: Any, ndigits: Any = None) -> Any:
     if ndigits is not None and (not isinstance(ndigits, int) or abs(ndigits) > 100):
         raise RuleRuntimeError("round(): ndigits must be an integer between -100 and 100")
@@ -101,7 +111,7 @@ def _safe_round(value: Any, ndigits: Any = None) -> Any:
 
 
 FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "len": len, "min": min, "max": max, "any": any, "all": all, "sum": sum,
+    "len": len, "min": min, "max": max, "any": any, "all": all, "sum": _safe_sum,
     "round": _safe_round, "float": float, "int": _safe_int, "str": _safe_str, "abs": abs,
     "bool": bool, "chr": chr, "ord": ord, "sorted": sorted,
     "regex": _regex_search, "search": _regex_search, "match": _regex_fullmatch,
@@ -457,9 +467,19 @@ def _compiled_pattern(pattern: str) -> Any:
         raise RuleRuntimeError(f"invalid regular expression: {exc}") from None
 
 
+def _weight(value: Any) -> int:
+    """Characters and items a value holds, counting every reference: what str() or a comparison of
+    it walks through. ['x' * 99999] * 100000 is short as a list but 10 GB as text."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple | frozenset):
+        return len(value) + sum(_weight(item) for item in value)
+    return 1
+
+
 def _check_size(value: Any) -> Any:
-    if isinstance(value, str | list | tuple) and len(value) > MAX_VALUE_LENGTH:
-        raise RuleRuntimeError(f"value too long ({len(value)} > {MAX_VALUE_LENGTH})")
+    if isinstance(value, str | list | tuple | frozenset) and _weight(value) > MAX_VALUE_LENGTH:
+        raise RuleRuntimeError(f"value too long ({_weight(value)} > {MAX_VALUE_LENGTH})")
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
         raise RuleRuntimeError("number too large")
     return value
@@ -504,7 +524,7 @@ class _Evaluator:
         if op is ast.Mult:
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(count, int):
-                    if len(seq) * max(count, 0) > MAX_VALUE_LENGTH:
+                    if _weight(seq) * max(count, 0) > MAX_VALUE_LENGTH:
                         raise RuleRuntimeError("repetition result too long")
             return _check_size(left * right)
         if op is ast.Mod and not (isinstance(left, int | float) and isinstance(right, int | float)):
@@ -599,8 +619,8 @@ def _call_string_method(target: Any, name: str, args: list[Any]) -> Any:
             raise RuleRuntimeError("replace() result too long")
     elif name == "zfill" and args and isinstance(args[0], int) and args[0] > MAX_VALUE_LENGTH:
         raise RuleRuntimeError("zfill() width too large")
-    elif name == "join" and args and isinstance(args[0], list | tuple | frozenset):
-        items = list(args[0])
+    elif name == "join" and args and isinstance(args[0], str | list | tuple | frozenset):
+        items = list(args[0])  # a string joins its characters
         total = sum(len(i) for i in items if isinstance(i, str)) + len(target) * max(0, len(items) - 1)
         if total > MAX_VALUE_LENGTH:
             raise RuleRuntimeError("join() result too long")

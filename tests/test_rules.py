@@ -140,6 +140,11 @@ RUNTIME_ERRORS = [
     ("int('9' * 1000) * int('9' * 1000) * int('9' * 1000) > 1", "too large"),
     ("regex(1, @Modality@)", "must be text"),
     ("@SeriesNumber@[10] == 'x'", "IndexError"),
+    # A list holds at most MAX_VALUE_LENGTH characters in all, not MAX_VALUE_LENGTH long strings:
+    # str() of ['x' * 99999] * 100000 would be 10 GB.
+    ("len(['x' * 1000] * 1000) == 1000", "repetition result too long"),
+    ("len(('x' * 1000).join('y' * 1000)) > 0", "join() result too long"),
+    ("len(sum([[1]] * 1000, [])) == 1000", "sum() adds numbers only"),   # quadratic on lists
 ]
 
 
