@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import difflib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,6 +34,7 @@ MAX_INT_BITS = 4096              # bigger integers are refused (no arithmetic bo
 MAX_CONSTANT = 10**18            # largest integer literal
 MAX_PATTERN_LENGTH = 500         # longest regular expression
 REGEX_TIMEOUT_SECONDS = 0.25     # catastrophic backtracking ends as a run-time error
+RULE_TIMEOUT_SECONDS = 1.0       # one evaluation in all: many regexes just under their timeout
 
 
 class RuleSyntaxError(ValueError):
@@ -62,14 +64,14 @@ class RuleResult:
 
 # ------------------------------------------------------------------ whitelists
 
-def _regex_search(pattern: Any, value: Any) -> bool:
+def _regex_search(pattern: Any, value: Any, *, timeout: float = REGEX_TIMEOUT_SECONDS) -> bool:
     return _compiled_pattern(_need_str(pattern, "regex pattern")).search(
-        _need_str(value, "regex value"), timeout=REGEX_TIMEOUT_SECONDS) is not None
+        _need_str(value, "regex value"), timeout=timeout) is not None
 
 
-def _regex_fullmatch(pattern: Any, value: Any) -> bool:
+def _regex_fullmatch(pattern: Any, value: Any, *, timeout: float = REGEX_TIMEOUT_SECONDS) -> bool:
     return _compiled_pattern(_need_str(pattern, "match pattern")).fullmatch(
-        _need_str(value, "match value"), timeout=REGEX_TIMEOUT_SECONDS) is not None
+        _need_str(value, "match value"), timeout=timeout) is not None
 
 
 def _contains(value: Any, sub: Any) -> bool:
@@ -489,12 +491,16 @@ class _Evaluator:
     def __init__(self, tags: dict[str, str], at_tags: dict[str, str]) -> None:
         self.tags = tags
         self.at_tags = at_tags
+        # The router evaluates rules on its event loop: a rule may not hold it for long.
+        self.deadline = time.monotonic() + RULE_TIMEOUT_SECONDS
 
     def tag(self, keyword: str) -> str:
         value = self.tags.get(keyword)
         return "" if value is None else str(value)
 
     def eval(self, node: ast.expr) -> Any:
+        if time.monotonic() > self.deadline:
+            raise RuleRuntimeError(f"rule took longer than {RULE_TIMEOUT_SECONDS:g} s")
         method = getattr(self, f"_{type(node).__name__}", None)
         if method is None:  # cannot happen after _check; refuse rather than guess
             raise RuleRuntimeError(f"{type(node).__name__} is not allowed")
@@ -599,6 +605,9 @@ class _Evaluator:
         if isinstance(func, ast.Name):
             if func.id not in FUNCTIONS:
                 raise RuleRuntimeError(f"function '{func.id}' is not allowed")
+            if func.id in PATTERN_FUNCTIONS:
+                remaining = max(0.001, self.deadline - time.monotonic())
+                return FUNCTIONS[func.id](*args, timeout=min(REGEX_TIMEOUT_SECONDS, remaining))
             return _check_size(FUNCTIONS[func.id](*args))
         assert isinstance(func, ast.Attribute)
         target = self.eval(func.value)
