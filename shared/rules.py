@@ -134,6 +134,11 @@ STRING_METHODS = frozenset({
 
 _BINARY_OPS: dict[type[ast.operator], str] = {
     ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%",
+    # mercure rules are Python, where (a == b) | (c == d) works: existing rules use & and |.
+    ast.BitAnd: "&", ast.BitOr: "|", ast.BitXor: "^",
+}
+_BIT_OPS: dict[type[ast.operator], Callable[[int, int], int]] = {
+    ast.BitAnd: lambda a, b: a & b, ast.BitOr: lambda a, b: a | b, ast.BitXor: lambda a, b: a ^ b,
 }
 _COMPARE_OPS: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
     ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
@@ -527,6 +532,12 @@ class _Evaluator:
     def _BinOp(self, node: ast.BinOp) -> Any:
         left, right = self.eval(node.left), self.eval(node.right)
         op = type(node.op)
+        if op in _BIT_OPS:
+            # Between booleans (and integers, which cannot grow here); a set or string is refused.
+            if not (isinstance(left, int) and isinstance(right, int)):
+                raise RuleRuntimeError(f"'{_BINARY_OPS[op]}' needs True/False or integers, got "
+                                       f"{type(left).__name__} and {type(right).__name__}")
+            return _BIT_OPS[op](left, right)
         if op is ast.Mult:
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(count, int):

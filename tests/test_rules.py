@@ -49,6 +49,9 @@ VALID = [
     ("'CT' if @Modality@ == 'CT' else 'other'", True),
     ("@Modality@ == 'CT' and\n  @SeriesNumber@ == '3'", True),
     ("'@' in 'a@b'", True),
+    # mercure eval()s rules as Python, where & and | between comparisons work; its own example:
+    ("('Tr' in @Modality@) | (@Modality@ == 'CT')", True),
+    ("(@Modality@ == 'CT') & ('Head' in @SeriesDescription@) & (6 & 3 == 2) & (True ^ False)", True),
     ("'Kopf' not in @SeriesDescription@ and 'Über' != 'Uber'", True),
 ]
 
@@ -140,6 +143,7 @@ RUNTIME_ERRORS = [
     ("int('9' * 1000) * int('9' * 1000) * int('9' * 1000) > 1", "too large"),
     ("regex(1, @Modality@)", "must be text"),
     ("@SeriesNumber@[10] == 'x'", "IndexError"),
+    ("@Modality@ == 'CT' | @Modality@ == 'MR'", "needs True/False or integers"),   # binds like Python's
     # A list holds at most MAX_VALUE_LENGTH characters in all, not MAX_VALUE_LENGTH long strings:
     # str() of ['x' * 99999] * 100000 would be 10 GB.
     ("len(['x' * 1000] * 1000) == 1000", "repetition result too long"),
