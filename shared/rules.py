@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ast
 import difflib
+import io
 import math
 import time
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -426,6 +428,19 @@ class CompiledRule:
             return RuleResult(False, missing, f"{type(exc).__name__}: {exc}", used)
 
 
+def _blank_comments(expr: str) -> str:
+    """Blank out '# ...' comments: once the lines are joined, a comment would swallow the rest."""
+    lines = io.StringIO(expr).readlines()
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(expr).readline):
+            if token.type == tokenize.COMMENT:
+                (row, start), (_, end) = token.start, token.end
+                lines[row - 1] = lines[row - 1][:start] + " " * (end - start) + lines[row - 1][end:]
+    except (tokenize.TokenError, SyntaxError):
+        return expr  # unbalanced brackets or quotes: the parser reports them
+    return "".join(lines)
+
+
 def compile_rule(expr: str) -> CompiledRule:
     """Parse and check a rule; raise RuleSyntaxError with the offending part if it is not allowed."""
     if not isinstance(expr, str):
@@ -433,7 +448,7 @@ def compile_rule(expr: str) -> CompiledRule:
     if len(expr) > MAX_EXPRESSION_LENGTH:
         raise RuleSyntaxError(f"rule is too long ({len(expr)} characters, limit {MAX_EXPRESSION_LENGTH})")
     # Line breaks (from YAML block scalars) are spaces here, so columns refer to one flat line.
-    flat = expr.replace("\r\n", "  ").replace("\n", " ").replace("\r", " ").replace("\t", " ").strip()
+    flat = _blank_comments(expr).replace("\r\n", "  ").replace("\n", " ").replace("\r", " ").replace("\t", " ").strip()
     if not flat:
         raise RuleSyntaxError("rule is empty")
     source, at_tags = _rewrite_at_tags(flat)

@@ -49,6 +49,9 @@ VALID = [
     ("'CT' if @Modality@ == 'CT' else 'other'", True),
     ("@Modality@ == 'CT' and\n  @SeriesNumber@ == '3'", True),
     ("'@' in 'a@b'", True),
+    # A comment ends at the end of its line (rules of several lines come from YAML block scalars).
+    ("@Modality@ == 'MR'  # MR only\nor @Modality@ == 'CT'  # and CT\n", True),
+    ("'#' in 'a#b' # a comment", True),
     # mercure eval()s rules as Python, where & and | between comparisons work; its own example:
     ("('Tr' in @Modality@) | (@Modality@ == 'CT')", True),
     ("(@Modality@ == 'CT') & ('Head' in @SeriesDescription@) & (6 & 3 == 2) & (True ^ False)", True),
