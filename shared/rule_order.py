@@ -2,7 +2,7 @@
 
 Shared by the router, which decides, and `caduceus rule test`, which shows what it would decide:
 per trigger, the enabled rules in name order; a matching `discard` rule ends the evaluation;
-`fallback` rules are evaluated only when no other rule matched. A rule that fails at run time (or
+`fallback` rules are evaluated only when no other rule matched (for a series, no study rule either). A rule that fails at run time (or
 whose stored filter no longer compiles) does not match.
 """
 
@@ -47,9 +47,16 @@ class RuleOrder:
 def evaluate_in_order(config: CaduceusConfig, trigger: str, tags: dict[str, str]) -> RuleOrder:
     order = RuleOrder()
     _evaluate_group(config, trigger, tags, False, order)
-    if not order.matched and order.discard_rule is None:
+    if not order.matched and order.discard_rule is None and not _taken_by_a_study_rule(config, trigger, tags):
         _evaluate_group(config, trigger, tags, True, order)
     return order
+
+
+def _taken_by_a_study_rule(config: CaduceusConfig, trigger: str, tags: dict[str, str]) -> bool:
+    """A series a study rule matches was matched (mercure evaluates all rules on each series): no
+    series fallback for it. The study rules are evaluated for real, and reported, at the study."""
+    return trigger == "series" and any(not rule.fallback and evaluate(rule, tags).matched
+                                       for _, rule in enabled_rules(config, "study"))
 
 
 def _evaluate_group(config: CaduceusConfig, trigger: str, tags: dict[str, str], fallback: bool,
