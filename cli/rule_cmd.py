@@ -34,7 +34,7 @@ from cli.connection import (
 from cli.rule_preview import preview, render
 from shared.config.model import DEFAULT_EXTRACT_TAGS, CaduceusConfig
 from shared.config.state import fold, read_all
-from shared.rules import CompiledRule, RuleResult, RuleSyntaxError, compile_rule
+from shared.rules import ASSOCIATION_TAGS, CompiledRule, RuleResult, RuleSyntaxError, compile_rule
 
 EXIT_MATCH, EXIT_NO_MATCH, EXIT_ERROR = 0, 1, 2
 
@@ -141,7 +141,7 @@ def _print_syntax_error(expr: str, exc: RuleSyntaxError) -> None:
 def _not_extracted_by_default(rule: CompiledRule) -> list[str]:
     return [f"{tag} is not in the default settings.extract_tags: the router sees it (else empty) only if "
             f"the configuration adds it" for tag in rule.tags
-            if tag not in DEFAULT_EXTRACT_TAGS and tag not in rule.unknown_tags]
+            if tag not in DEFAULT_EXTRACT_TAGS and tag not in rule.unknown_tags and tag not in ASSOCIATION_TAGS]
 
 
 def _print_result(result: RuleResult, origin: str, warnings: list[str]) -> None:

@@ -39,6 +39,15 @@ REGEX_TIMEOUT_SECONDS = 0.25     # catastrophic backtracking ends as a run-time 
 RULE_TIMEOUT_SECONDS = 1.0       # one evaluation in all: many regexes just under their timeout
 
 
+# Not DICOM elements but facts of the association, added to every instance's tags by the receiver
+# under mercure's names, so that mercure rules routing by sender keep working.
+ASSOCIATION_TAGS = ("SenderAET", "ReceiverAET", "SenderAddress")
+
+
+def association_tags(calling_aet: str, called_aet: str, peer_host: str) -> dict[str, str]:
+    return dict(zip(ASSOCIATION_TAGS, (calling_aet, called_aet, peer_host), strict=True))
+
+
 class RuleSyntaxError(ValueError):
     """A rule that cannot be compiled; the message says where and why."""
 
@@ -383,7 +392,7 @@ def _known_keywords() -> set[str]:
 
 @lru_cache(maxsize=1)
 def _keywords() -> frozenset[str]:
-    return frozenset(_known_keywords())
+    return frozenset(_known_keywords()) | frozenset(ASSOCIATION_TAGS)
 
 
 def _unknown_keywords(tags: set[str]) -> list[str]:

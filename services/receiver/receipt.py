@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 from shared.blobstore import blob_key
 from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
 from shared.events import Event, ImageReceived, make_event, new_event_id
+from shared.rules import association_tags
 
 ACTOR = "receiver"
 Duplicate = Literal["new", "identical", "replaced", "superseded"]
@@ -85,7 +86,8 @@ def received_event(receipt: Receipt, tags: ExtractedTags, key: str, size: int, s
         sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid or receipt.context_ts,
         blob_key=key, size=size, sha256=sha256, calling_aet=receipt.calling_aet,
         called_aet=receipt.called_aet, peer_host=receipt.peer_host, peer_port=receipt.peer_port,
-        association_id=receipt.association_id, duplicate=duplicate, tags=tags.tags),
+        association_id=receipt.association_id, duplicate=duplicate,
+        tags={**tags.tags, **association_tags(receipt.calling_aet, receipt.called_aet, receipt.peer_host)}),
         event_id=receipt.event_id, occurred_at=receipt.occurred_at,
         study_uid=tags.study_uid, series_uid=tags.series_uid, sop_uid=tags.sop_uid)
 

@@ -281,9 +281,9 @@ class CaduceusConfig(BaseModel):
     def warnings(self) -> list[str]:
         """Valid but probably not meant: a rule naming a tag that is no DICOM keyword, or one the
         receiver does not extract (rules see only settings.extract_tags; any other tag is empty)."""
-        from shared.rules import RuleSyntaxError, compile_rule
+        from shared.rules import ASSOCIATION_TAGS, RuleSyntaxError, compile_rule
 
-        extracted = set(self.settings.extract_tags)
+        extracted = set(self.settings.extract_tags) | set(ASSOCIATION_TAGS)
         found: list[str] = []
         for name, rule in self.rules.items():
             try:
