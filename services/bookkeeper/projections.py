@@ -150,7 +150,11 @@ def _apply_route_decided(state: ProjectionState, ev: StoredEvent) -> None:
     if ev.series_uid:
         targets = [ev.series_uid] if ev.series_uid in state.series else []
     else:
-        targets = sorted(uid for uid, row in state.series.items() if row.get("study_uid") == ev.study_uid)
+        # A study decision speaks for the series no series rule took: a series with tasks of its
+        # own keeps the status they give it (a study no study rule matched is not "discarded"
+        # for a CT series a series rule already delivered).
+        targets = sorted(uid for uid, row in state.series.items()
+                         if row.get("study_uid") == ev.study_uid and not row.get("tasks_total"))
     for uid in targets:
         state.put_series(series_on_route_decided(state.series[uid], ev))
     for ref in ev.payload.get("tasks") or []:
