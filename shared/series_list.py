@@ -1,8 +1,10 @@
 """Study completion by series list: `'Axial T2' and ('Sag T1 GRE' or 'Sag T1 TSE')`.
 
 A rule's `study_required_series` names the series descriptions a study needs before it counts as complete.
-Quoted names combine with and / or / not and parentheses, nothing else; each name matches a
-received series description case-insensitively. Parsed with `ast`, evaluated by walking the tree.
+Quoted names combine with and / or / not and parentheses, nothing else; a name is present when a
+received series description contains it, case-insensitively: mercure's notation, whose names "can be
+substrings of the full names", so that its lists complete here too ('T2' is there once 'Axial T2
+FLAIR' arrived). Parsed with `ast`, evaluated by walking the tree.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ class SeriesList:
 
     def satisfied(self, received: Any) -> bool:
         """True when the received series descriptions fulfil the expression (case-insensitive)."""
-        have = {str(name).strip().casefold() for name in received}
+        have = [str(name).casefold() for name in received]
         return bool(self._eval(self._tree.body, have))
 
-    def _eval(self, node: ast.expr, have: set[str]) -> bool:
+    def _eval(self, node: ast.expr, have: list[str]) -> bool:
         if isinstance(node, ast.Constant):
-            return str(node.value).strip().casefold() in have
+            wanted = str(node.value).strip().casefold()
+            return any(wanted in description for description in have)
         if isinstance(node, ast.UnaryOp):
             return not self._eval(node.operand, have)
         assert isinstance(node, ast.BoolOp)

@@ -199,8 +199,11 @@ def test_series_list() -> None:
     assert required.names == ["Axial T2", "Sag T1 GRE", "Sag T1 TSE"]
     assert required.satisfied(["axial t2", "SAG T1 TSE", "Localizer"])
     assert not required.satisfied(["Axial T2"])
-    assert not required.satisfied(["Axial T2 FLAIR", "Sag T1 GRE"])   # exact names, not substrings
+    # As in mercure, a name may be part of the description: lists written for mercure complete here.
+    assert required.satisfied(["Axial T2 FLAIR", "sag t1 gre fs"])
+    assert not required.satisfied(["Axial T1", "Sag T1 GRE"])
     assert compile_series_list("'A' and not 'B'").satisfied(["a"])
+    assert not compile_series_list("'Axial' and not 'FLAIR'").satisfied(["Axial T2", "Sag FLAIR"])
     for bad in ("'A' + 'B'", "A and B", "'A' and len('x')", "", "'A' and"):
         with pytest.raises(RuleSyntaxError):
             compile_series_list(bad)
