@@ -7,7 +7,7 @@ match (tasks would be created), 1 no match (discarded), 2 error (syntax error, r
 the rule, unreadable input, unknown series or rule).
 
 Tag sources:
-- `--tags FILE.json`: a JSON object keyword -> value (values are turned into strings);
+- `--tags FILE.json`: a JSON object keyword -> value (values are turned into strings, a list into its values joined by backslashes, as the receiver extracts multi-valued elements);
 - `--file x.dcm`: the DICOM file's tags, read without pixel data (shared/dicomtags.py);
 - `--series UID`: the tags of the series' first `image.received` event (what the router
   evaluates), asked from the bookkeeper; when no bookkeeper answers, read from the EVENTS stream.
@@ -178,7 +178,16 @@ def _tags_from_json(path: Path) -> dict[str, str]:
         raise SourceError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a JSON object of tag keyword -> value")
-    return {str(k): "" if v is None else str(v) for k, v in data.items()}
+    return {str(k): _tag_value(v) for k, v in data.items()}
+
+
+def _tag_value(value: object) -> str:
+    # As the receiver extracts them: a multi-valued element is its values joined by backslashes.
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "\\".join(_tag_value(item) for item in value)
+    return str(value)
 
 
 def _tags_from_dicom(path: Path, keywords: list[str]) -> dict[str, str]:

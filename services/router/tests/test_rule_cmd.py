@@ -38,6 +38,13 @@ def test_rule_test_with_tags_file(tags_file: Path, expr: str, code: int, expecte
     assert "Modality" in out or "PatientWeight" in out or "SeriesNumber" in out
 
 
+def test_rule_test_tags_file_lists_are_multi_values(tmp_path: Path) -> None:
+    path = tmp_path / "tags.json"
+    path.write_text(json.dumps({"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "PatientName": None}))
+    expr = "@ImageType@ == 'ORIGINAL\\\\PRIMARY\\\\AXIAL' and @PatientName@ == ''"
+    assert main(["rule", "test", "--filter", expr, "--tags", str(path)]) == 0
+
+
 def test_rule_test_syntax_error_points_at_the_problem(tags_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rule", "test", "--filter", "@Modality@ == 'CT' and ().__class__", "--tags", str(tags_file)]) == 2
     err = capsys.readouterr().err
