@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 SUPPORTED_PYNETDICOM = ("3.0",)
 IDLE_WAIT = 0.05  # upper bound for a select() when nothing happens (timers are checked then)
 RECV_CHUNK = 1 << 20
+# A read waiting for the rest of a PDU checks this often whether to give up (_wait_readable).
+RECV_WAIT = 0.2
 
 
 def supported() -> bool:
@@ -100,6 +102,7 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     while received < nr_bytes:
         if received == len(buffer):
             buffer.extend(bytes(min(len(buffer), nr_bytes - received)))
+        _wait_readable(self)
         with memoryview(buffer) as view:
             count = self.socket.recv_into(view[received:], min(len(buffer) - received, RECV_CHUNK))
         if count == 0:
@@ -108,6 +111,32 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     if received < len(buffer):
         del buffer[received:]
     return buffer
+
+
+def _wait_readable(assoc_socket: Any) -> None:
+    """Block until the peer's socket has data, or raise TimeoutError (the caller's "connection
+    closed") once the association is given up while the peer stalls inside a PDU.
+
+    Why: a peer that sends part of a PDU (a header claiming more than follows, half an
+    A-ASSOCIATE-RQ) and holds the connection open would otherwise keep the DUL thread in a
+    blocking recv for good: neither the ARTIM timer (A-ASSOCIATE-RQ not complete in time, or the
+    admission's eviction of idle connections), nor the network timeout, nor a kill could end it,
+    and the association thread waits for that DUL forever. Enough such connections took every
+    slot of the receiver, for as long as their peers liked.
+    """
+    sock = assoc_socket.socket
+    if sock is None or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+        return  # no socket: recv_into fails as before; TLS: decrypted bytes already waiting
+    dul = assoc_socket.assoc.dul
+    while True:
+        try:
+            ready, _, _ = select.select([sock], [], [], RECV_WAIT)
+        except (OSError, ValueError):
+            return  # the socket went away: recv_into reports it
+        if ready:
+            return
+        if dul._kill_thread or dul.artim_timer.expired or dul.idle_timer_expired():
+            raise TimeoutError("the peer stopped sending in the middle of a PDU")
 
 
 def _wait(dul: Any, wake_r: socket.socket) -> bool:
@@ -155,6 +184,10 @@ def _dul_reactor(dul: Any, wake_r: socket.socket, wake_w: socket.socket,
                 dul.event_queue.put("Evt18")
             try:
                 if dul._process_recv_primitive():
+                    pass
+                elif not dul.event_queue.empty():
+                    # The state machine first: a new connection's Evt5 starts ARTIM (Sta2), which
+                    # bounds the wait for its A-ASSOCIATE-RQ even when the peer stalls inside it.
                     pass
                 elif readable and dul.state_machine.current_state != "Sta13":
                     dul._read_pdu_data()  # what _is_transport_event does once its select agrees

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.e2e.dicomfiles import dataset_bytes
 from tests.harness import Caduceus, StoreResult, echoscu, pid_alive, settings_doc, storescu, wait_for
-from tests.peers import make_series, open_connections
+from tests.peers import associate_rq, make_series, open_connections
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -124,20 +124,6 @@ def hostile_files(out: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 
 # ---------------------------------------------------------------- raw PDUs
-
-def _item(item_type: int, payload: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(payload)) + payload
-
-
-def associate_rq(called: str = "CADUCEUS", calling: str = "HOSTILE") -> bytes:
-    """A valid A-ASSOCIATE-RQ proposing Verification (PS3.8 9.3.2)."""
-    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1") +
-                    _item(0x40, b"1.2.840.10008.1.2"))
-    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4"))
-    body = (struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\0" * 32 +
-            _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
-    return struct.pack(">BBI", 0x01, 0, len(body)) + body
-
 
 def _raw_send(port: int, data: bytes, hold: float = 0.5) -> bytes:
     """Send `data`, wait a moment, return whatever the receiver answered (b'' if it just closed)."""

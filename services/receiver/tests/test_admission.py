@@ -20,7 +20,7 @@ from services.receiver.admission import HEADROOM, IDLE_GRACE_SECONDS
 from services.receiver.tests.helpers import apply_settings
 from services.receiver.workers import WORKERS_ENV
 from shared.bus import Bus
-from tests.peers import closed_by_peer, open_connections
+from tests.peers import associate_rq, closed_by_peer, open_connections
 
 MAXIMUM_ASSOCIATIONS = 200  # services/receiver/scp.py build_ae
 LIMIT = MAXIMUM_ASSOCIATIONS + HEADROOM
@@ -127,6 +127,27 @@ async def test_held_idle_connections_make_room_for_a_real_sender(receiver: Peer)
         closed = [sock for sock in flood if closed_by_peer(sock)]
         # the 20 over the limit at accept, plus the ones ended to make room (not the others)
         assert len(flood) - LIMIT < len(closed) < len(flood) - LIMIT + HEADROOM + 5, len(closed)
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+async def test_connections_stalled_inside_their_a_associate_rq_make_room(receiver: Peer) -> None:
+    # Slow-loris inside a PDU: each connection sends the header of an A-ASSOCIATE-RQ and part of its
+    # body, then holds the connection open. The receiver's reader waits for the rest of the PDU.
+    request = associate_rq()
+
+    def send_part(sock: socket.socket, n: int) -> None:
+        sock.send(request[:len(request) // 2])
+
+    flood = await asyncio.to_thread(open_connections, receiver.port, LIMIT + 20, 30, send_part)
+    try:
+        assert len(flood) >= LIMIT
+        await asyncio.sleep(IDLE_GRACE_SECONDS + 1)
+        started = time.monotonic()
+        status = await asyncio.to_thread(_echo_from, receiver.port, "127.0.0.1")
+        assert status == 0, "C-ECHO refused while half-sent A-ASSOCIATE-RQs held every slot"
+        assert time.monotonic() - started < 5
     finally:
         for sock in flood:
             sock.close()
