@@ -9,6 +9,7 @@ the event of a record that is applied twice is the same event, and JetStream dro
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,6 +62,12 @@ class Receipt:
 def identified_tags(data: bytes, keywords: list[str]) -> ExtractedTags:
     """The instance's tags; TagExtractionError (quarantine) if it is unreadable or lacks one of the
     three UIDs it is filed under."""
+    if _file_meta_in_data_set(data):
+        # Read on, they would be taken for part of the File Meta this receiver wrote: the stored
+        # file and its event would claim their transfer syntax (or SOP Instance UID), not the
+        # one negotiated.
+        raise TagExtractionError("the data set contains File Meta elements (group 0002), "
+                                 "which only a file's header may hold")
     tags = extract_tags(data, keywords)
     missing = [name for name, value in (("StudyInstanceUID", tags.study_uid),
                                         ("SeriesInstanceUID", tags.series_uid),
@@ -68,6 +75,15 @@ def identified_tags(data: bytes, keywords: list[str]) -> ExtractedTags:
     if missing:
         raise TagExtractionError(f"required element(s) missing: {', '.join(missing)}")
     return tags
+
+
+def _file_meta_in_data_set(data: bytes) -> bool:
+    """Whether the data set behind the File Meta group (as this receiver writes it: the group
+    length first) starts with another group 0002 element."""
+    if len(data) < 144 or data[128:136] != b"DICM\x02\x00\x00\x00":
+        return False
+    start = 144 + struct.unpack_from("<I", data, 140)[0]
+    return data[start:start + 2] == b"\x02\x00"
 
 
 def instance_key(tags: ExtractedTags) -> str:

@@ -165,6 +165,37 @@ async def test_garbage_and_truncated_are_quarantined(receiver: Peer, bus: Bus, s
     assert blob_files(data_dir) == []
 
 
+def _send_ct_datasets(port: int, datasets: list[Dataset]) -> list[int]:
+    """pynetdicom SCU encoding each data set as it is (group 0002 elements included)."""
+    ae = AE(ae_title="RAWSCU")
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        ae.add_requested_context(CTImageStorage, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CADUCEUS")
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    assoc.release()
+    return statuses
+
+
+async def test_file_meta_elements_inside_the_data_set_are_quarantined(receiver: Peer, bus: Bus, series5: Path,
+                                                                     data_dir: Path) -> None:
+    # The sender's data set starts with group 0002 elements (File Meta, not allowed in a data set):
+    # behind the receiver's own File Meta they read as part of it, so the stored file and its event
+    # claimed JPEG Baseline for the uncompressed explicit VR data negotiated, and another SOP
+    # Instance UID in its File Meta.
+    good = pydicom.dcmread(sorted(series5.iterdir())[0])
+    lying = pydicom.dcmread(sorted(series5.iterdir())[1])
+    lying.add_new(0x00020003, "UI", "1.2.3")
+    lying.add_new(0x00020010, "UI", JPEGBaseline8Bit)
+    statuses = await asyncio.to_thread(_send_ct_datasets, receiver.port, [lying, good])
+    assert statuses == [0xC000, 0x0000]
+    quarantined = await wait_events(bus, "image.quarantined", 1)
+    assert "0002" in quarantined[0].payload["reason"], quarantined[0].payload
+    received = await wait_events(bus, "image.received", 1)
+    assert [e.payload["transfer_syntax_uid"] for e in received] == [good.file_meta.TransferSyntaxUID]
+    assert len(blob_files(data_dir)) == 1
+
+
 @pytest.mark.parametrize("journal_max_kb", ["0", "1"], ids=["event-acknowledged", "event-journaled"])
 async def test_direct_path_stores_from_a_staged_temp_file_and_leaves_none(
         nats_url: str, bus: Bus, data_dir: Path, series5: Path, tmp_path: Path, journal_max_kb: str) -> None:
