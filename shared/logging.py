@@ -45,4 +45,8 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # pynetdicom is chatty at INFO (one line per PDU); its warnings still come through.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # ...except the warning for each UID in a proposed presentation context that is not a transfer
+    # syntax it knows: how many there are is the peer's choice (one A-ASSOCIATE-RQ of 60 KB wrote
+    # 28,200 lines, 6.9 MB, into the receiver's log, whose rotation then drops the older logs).
+    logging.getLogger("pynetdicom.presentation").setLevel(logging.ERROR)
     logging.getLogger("nats").setLevel(logging.WARNING)

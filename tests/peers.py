@@ -97,10 +97,10 @@ def pdu_item(item_type: int, payload: bytes) -> bytes:
     return struct.pack(">BBH", item_type, 0, len(payload)) + payload
 
 
-def associate_rq(called: str = "CADUCEUS", calling: str = "HOSTILE") -> bytes:
-    """A valid A-ASSOCIATE-RQ proposing Verification (PS3.8 9.3.2)."""
-    context = pdu_item(0x20, bytes([1, 0, 0, 0]) + pdu_item(0x30, b"1.2.840.10008.1.1") +
-                       pdu_item(0x40, b"1.2.840.10008.1.2"))
+def associate_rq(called: str = "CADUCEUS", calling: str = "HOSTILE", contexts: bytes | None = None) -> bytes:
+    """A valid A-ASSOCIATE-RQ proposing Verification (PS3.8 9.3.2), or the given context items."""
+    context = contexts if contexts is not None else pdu_item(
+        0x20, bytes([1, 0, 0, 0]) + pdu_item(0x30, b"1.2.840.10008.1.1") + pdu_item(0x40, b"1.2.840.10008.1.2"))
     user = pdu_item(0x50, pdu_item(0x51, struct.pack(">I", 16384)) + pdu_item(0x52, b"1.2.3.4"))
     body = (struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\0" * 32 +
             pdu_item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)

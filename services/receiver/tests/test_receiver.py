@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pydicom
@@ -32,6 +33,7 @@ from shared.bus import Bus
 from shared.events import make_event
 from shared.natsserver import EmbeddedNats
 from tests.harness import storescu_background, wait_for
+from tests.peers import associate_rq, pdu_item
 
 OUT_OF_RESOURCES = re.compile(r"(?i)out ?of ?resources|a700")
 
@@ -163,6 +165,24 @@ async def test_garbage_and_truncated_are_quarantined(receiver: Peer, bus: Bus, s
     assert len(kept) == 2
     assert {p.stat().st_size for p in kept} == {q.payload["size"] for q in quarantined}
     assert blob_files(data_dir) == []
+
+
+async def test_a_request_full_of_unknown_transfer_syntaxes_does_not_flood_the_log(receiver: Peer) -> None:
+    # 300 presentation contexts of 50 UIDs each that are no transfer syntax: pynetdicom warns once
+    # per UID (twice, in fact), so one 60 KB A-ASSOCIATE-RQ wrote 28,200 log lines (6.9 MB).
+    contexts = b"".join(
+        pdu_item(0x20, bytes([(2 * i + 1) & 0xFF, 0, 0, 0]) + pdu_item(0x30, CTImageStorage.encode())
+                 + b"".join(pdu_item(0x40, b"1.2.840.10008.1.2.%d" % j) for j in range(50)))
+        for i in range(300))
+    request = associate_rq(contexts=contexts)
+    assert receiver.log_path is not None
+    before = receiver.log_path.stat().st_size
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.settimeout(10)
+        assert sock.recv(1)[:1] in (b"\x02", b"\x03")  # accepted or rejected: an answer either way
+    assert (await asyncio.to_thread(echoscu, receiver.port)).returncode == 0
+    assert receiver.log_path.stat().st_size - before < 64 * 1024
 
 
 def _send_ct_datasets(port: int, datasets: list[Dataset]) -> list[int]:
