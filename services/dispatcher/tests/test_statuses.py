@@ -4,14 +4,19 @@ only what the peer has not confirmed. The peer is a pynetdicom Storage SCP answe
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from bench.common import stage_files
+from services.dispatcher import sender
+from services.dispatcher.sender import Destination, SendItem, send_items
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
 from shared.natsserver import free_port
@@ -78,3 +83,54 @@ async def test_warning_is_delivered_failure_is_retried_alone(tmp_path: Path, bus
                                  "attempt": 2}
     # The peer got every instance once, and the refused one a second time.
     assert sorted(scripted_scp.received) == sorted([i.sop_uid for i in manifest.instances] + [refused])
+
+
+class HangingScp(ScriptedScp):
+    """Never answers the C-STORE of the instances in `hang` (the handler blocks until released)."""
+
+    def __init__(self, hang: set[str]) -> None:
+        self.hang = hang
+        self.release = threading.Event()
+        super().__init__()
+
+    def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
+        if uid in self.hang:
+            self.hang.discard(uid)  # once
+            self.release.wait(60)
+        return super()._on_store(event)
+
+
+def test_a_destination_that_never_answers_a_c_store_times_out_and_the_rest_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The C-STORE response never comes: the send must end (DIMSE timeout, here 1 s instead of
+    # 120 s), abort that association, count the instance as failed for this attempt (its retry
+    # sends it) and deliver the others on a new association.
+    files = make_series(tmp_path / "series", 4)
+    items = []
+    for index, path in enumerate(files):
+        ds = dcmread(path, stop_before_pixels=True)
+        items.append(SendItem(index, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                              str(ds.file_meta.TransferSyntaxUID), path))
+    scp = HangingScp({items[1].sop_uid})
+    original = sender._associate
+
+    def associate_with_short_dimse_timeout(dest: Destination, group: Any) -> Any:
+        assoc = original(dest, group)
+        assoc.dimse_timeout = 1.0
+        return assoc
+
+    monkeypatch.setattr(sender, "_associate", associate_with_short_dimse_timeout)
+    try:
+        started = time.monotonic()
+        result = send_items(Destination("127.0.0.1", scp.port, "SCRIPTED", "CADUCEUS"), items,
+                            lambda index, status: None, threading.Event())
+        assert time.monotonic() - started < 10
+        assert sorted(result.delivered) == [0, 2, 3] and list(result.failed) == [1], result
+        # The retry delivers it.
+        again = send_items(Destination("127.0.0.1", scp.port, "SCRIPTED", "CADUCEUS"), [items[1]],
+                           lambda index, status: None, threading.Event())
+        assert again.delivered == [1], again
+    finally:
+        scp.release.set()
+        scp.server.shutdown()

@@ -280,6 +280,44 @@ def test_garbage_raises(data: bytes) -> None:
         extract_tags(data, DEFAULT_EXTRACT_TAGS)
 
 
+def _explicit(group: int, element: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    size = len(value) if length is None else length
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2sHI", group, element, vr, 0, size) + value
+    return struct.pack("<HH2sH", group, element, vr, size) + value
+
+
+_IDENTITY = b"".join(_explicit(0x0008, e, b"UI", v) for e, v in ((0x0016, b"1.2.840.10008.5.1.4.1.1.2\0"),
+                                                                 (0x0018, b"1.2.3.4.5\0")))
+_UIDS = _explicit(0x0020, 0x000D, b"UI", b"1.2.3\0") + _explicit(0x0020, 0x000E, b"UI", b"1.2.3.4\0")
+_OPEN_SEQUENCE = (_explicit(0x0040, 0xA730, b"SQ", b"", 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+                  + _explicit(0x0040, 0xA040, b"CS", b"TEXT"))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("case, body, syntax", [
+    ("sequence and item never end", _IDENTITY + _UIDS + _OPEN_SEQUENCE, ExplicitVRLittleEndian),
+    ("sequence never ends, identity inside", _IDENTITY + _OPEN_SEQUENCE + _UIDS, ExplicitVRLittleEndian),
+    ("item claims more than the data", _IDENTITY + _UIDS + _explicit(0x0040, 0xA730, b"SQ", b"", 0xFFFFFFFF)
+     + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFF00) + b"x" * 20, ExplicitVRLittleEndian),
+    ("length 0xFFFFFFF0 in a small file", _IDENTITY + _UIDS + _explicit(0x0029, 0x1001, b"OB", b"x" * 10, 0xFFFFFFF0),
+     ExplicitVRLittleEndian),
+    ("pixel data claiming 2 GB", _IDENTITY + _UIDS + _explicit(0x7FE0, 0x0010, b"OW", b"x" * 10, 0x80000000),
+     ExplicitVRLittleEndian),
+    ("deflate claimed, not deflated", _IDENTITY + _UIDS, "1.2.840.10008.1.2.1.99"),
+])
+def test_hostile_structures_are_refused(case: str, body: bytes, syntax: str, fast: bool) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
+    meta.MediaStorageSOPInstanceUID = UID("1.2.3.4.5")
+    meta.TransferSyntaxUID = UID(syntax)
+    buffer = io.BytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, meta)  # type: ignore[arg-type]
+    with pytest.raises(TagExtractionError):
+        extract_tags(buffer.getvalue() + body, DEFAULT_EXTRACT_TAGS, fast=fast)
+
+
 # ---------------------------------------------------------------- fast reader vs pydicom
 
 _DIFF_KEYWORDS = [*DEFAULT_EXTRACT_TAGS, "(0019,10A1)", "ImagePositionPatient", "WindowCenter",
