@@ -38,6 +38,12 @@ from services.receiver import part10
 log = logging.getLogger(__name__)
 
 P_DATA_TF = 0x04
+# The largest PDU read outside data transfer (A-ASSOCIATE-RQ, A-RELEASE, A-ABORT, and P-DATA-TF
+# before an association exists). pynetdicom reads such a PDU whole and copies it twice while
+# decoding: a 200 MB A-ASSOCIATE-RQ from an unknown peer cost 600 MB of RSS, a P-DATA-TF before
+# association 880 MB (kept). A real A-ASSOCIATE-RQ is a few KB: 128 contexts with several transfer
+# syntaxes each and a 64 KB user identity stay well under this.
+MAX_CONTROL_PDU = 1 << 20
 C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
 # Handlers bound to these would expect to see every PDU/message pass through pynetdicom.
@@ -218,6 +224,11 @@ class DirectStore:
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             log.error("unknown PDU type received 0x%02X", pdu_type)
             dul.event_queue.put("Evt19")
+            return
+        if length > MAX_CONTROL_PDU and not (pdu_type == P_DATA_TF and self.assoc.is_established):
+            log.error("PDU of type 0x%02X claiming %d bytes refused (at most %d outside data transfer)",
+                      pdu_type, length, MAX_CONTROL_PDU)
+            dul.event_queue.put("Evt19")  # invalid PDU: the state machine aborts, the body is never read
             return
         try:
             body = dul.socket.recv(length)

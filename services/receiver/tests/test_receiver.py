@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import socket
+import struct
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 from pydicom.data import get_charset_files
@@ -183,6 +186,35 @@ async def test_a_request_full_of_unknown_transfer_syntaxes_does_not_flood_the_lo
         assert sock.recv(1)[:1] in (b"\x02", b"\x03")  # accepted or rejected: an answer either way
     assert (await asyncio.to_thread(echoscu, receiver.port)).returncode == 0
     assert receiver.log_path.stat().st_size - before < 64 * 1024
+
+
+@pytest.mark.parametrize("pdu_type", [0x01, 0x04], ids=["a-associate-rq", "p-data-before-association"])
+async def test_a_huge_pdu_outside_data_transfer_is_refused_before_its_body_is_read(receiver: Peer,
+                                                                                  pdu_type: int) -> None:
+    # An unknown peer announces a 64 MB A-ASSOCIATE-RQ (or P-DATA-TF before any association) and
+    # sends it: pynetdicom read it whole and copied it twice (200 MB cost 600-900 MB of RSS).
+    assert receiver.process is not None
+    process = psutil.Process(receiver.process.pid)
+    before = sum(p.memory_info().rss for p in [process, *process.children()])
+
+    def attack() -> bytes:
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">BBI", pdu_type, 0, 64 << 20))
+            sock.settimeout(1)
+            with contextlib.suppress(OSError):  # refused: the receiver stops reading (or closes)
+                for _ in range(8):
+                    sock.sendall(b"\x10\x00" * (1 << 19))
+            sock.settimeout(3)
+            try:
+                return sock.recv(10)
+            except TimeoutError:
+                return b"(no answer: still reading)"
+
+    answer = await asyncio.to_thread(attack)
+    assert answer[:1] == b"\x07" or answer == b"", answer  # A-ABORT, or closed
+    after = sum(p.memory_info().rss for p in [process, *process.children()])
+    assert after - before < 32 << 20, f"{(after - before) >> 20} MB more"
+    assert (await asyncio.to_thread(echoscu, receiver.port)).returncode == 0
 
 
 def _send_ct_datasets(port: int, datasets: list[Dataset]) -> list[int]:
