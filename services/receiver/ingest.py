@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from services.receiver import part10
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import JournalError
 from services.receiver.receipt import (
@@ -302,6 +303,11 @@ class Ingest:
                mark: int, alone: bool) -> int:
         timer, mark = assoc.timer, mark or time.perf_counter_ns()
         settings = self.settings()
+        data, dropped = part10.without_file_meta_elements(data, context_ts)
+        if dropped:
+            log.warning("dropped %d bytes of File Meta elements (group 0002) that %s put into its data set",
+                        dropped, assoc.calling_aet,
+                        extra={"sop_uid": request_sop_uid, "association_id": assoc.association_id})
         if not self._enough_space(settings):
             return self._reject(assoc, "free space below min_free_space_mb "
                                 f"({settings.min_free_space_mb} MB)", request_sop_uid)

@@ -65,3 +65,41 @@ def encoded_dataset(event: Any) -> bytes:
     except (ValueError, UnicodeError):
         return bytes(event.encoded_dataset(include_meta=True))
     return b"".join((PREAMBLE, meta, request.DataSet.getbuffer()))
+
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+# Little endian syntaxes whose data set is not deflated: element headers can be read as they are.
+_NOT_LITTLE_ENDIAN_PLAIN = ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                       b"UT", b"UV"))
+
+
+def without_file_meta_elements(data: bytes, transfer_syntax_uid: str) -> tuple[bytes, int]:
+    """The file without group 0002 elements that the sender put at the start of its data set, and
+    how many bytes they took (0: the file as it was).
+
+    A data set may not hold File Meta elements, but some senders write a whole Part 10 header into
+    it. Read on behind the File Meta this receiver writes, they would be taken for part of it (a
+    wrong transfer syntax or SOP Instance UID in the file and its event). DCMTK's storescp and
+    Orthanc drop them and keep the image; so does this. What cannot be walked here (a deflated or
+    big endian data set, an undefined length) is left for the header reader to refuse.
+    """
+    if len(data) < 144 or data[128:136] != b"DICM\x02\x00\x00\x00" or transfer_syntax_uid in _NOT_LITTLE_ENDIAN_PLAIN:
+        return data, 0
+    start = 144 + struct.unpack_from("<I", data, 140)[0]
+    if data[start:start + 2] != b"\x02\x00":
+        return data, 0
+    implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
+    end = start
+    while data[end:end + 2] == b"\x02\x00":
+        length_end = end + 8 if implicit or data[end + 4:end + 6] not in _LONG_VRS else end + 12
+        if length_end > len(data):
+            return data, 0
+        if implicit or length_end == end + 12:
+            length = struct.unpack_from("<I", data, length_end - 4)[0]
+        else:
+            length = struct.unpack_from("<H", data, end + 6)[0]
+        if length == 0xFFFFFFFF or length_end + length > len(data):
+            return data, 0
+        end = length_end + length
+    return data[:start] + data[end:], end - start
