@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 ACTOR = "dispatcher"
 FLUSH_SECONDS = 0.5  # how often confirmed instances are written to the progress record
 HASH_BLOCK_BYTES = 1 << 20
+# Before the one association that takes over from parallel ones the peer refused: time for the peer
+# to see them end (a limit that still counts them would refuse that one too).
+ONE_ASSOCIATION_PAUSE_SECONDS = 1.0
 
 
 class AttemptError(Exception):
@@ -290,12 +293,10 @@ class Dispatcher:
                                       instance.transfer_syntax_uid, path))
             changed = await asyncio.to_thread(_changed_since_routed, manifest, items)
             items = [item for item in items if item.index not in changed]
-            chunks = [items[i::parallel] for i in range(min(parallel, len(items)))]
             sent = asyncio.Event()
             flusher = asyncio.create_task(self._flush_loop(task_id, confirmed, sent))
             try:
-                results = await asyncio.gather(*(
-                    asyncio.to_thread(send_items, destination, chunk, on_delivered, abort) for chunk in chunks))
+                total = await _send_parallel(destination, items, parallel, on_delivered, abort, task_id)
             except asyncio.CancelledError:
                 abort.set()  # the threads stop after their current instance
                 raise
@@ -308,9 +309,6 @@ class Dispatcher:
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
                 await asyncio.shield(self._flush(task_id, confirmed))
-        total = SendResult()
-        for result in results:
-            total.merge(result)
         self.count("instances_sent", len(total.delivered))
         return total, changed
 
@@ -408,6 +406,31 @@ class Dispatcher:
         log.error("task %s failed after %d attempt(s)", record.task_id, attempt, extra=ctx)
         await delivery.term()
 
+
+
+async def _send_parallel(destination: Destination, items: list[SendItem], parallel: int,
+                         on_delivered: Callable[[int, int], None], abort: threading.Event,
+                         task_id: str) -> SendResult:
+    """Send over up to `parallel` associations, each with its share of the items.
+
+    A peer that limits associations per caller rejects those above its limit (or leaves them
+    unanswered until the ACSE timeout); their shares then go over one association once the others
+    are done, rather than failing at every attempt until the task runs out of retries.
+    """
+    chunks = [items[i::parallel] for i in range(min(parallel, len(items)))]
+    total = SendResult()
+    for result in await asyncio.gather(*(
+            asyncio.to_thread(send_items, destination, chunk, on_delivered, abort) for chunk in chunks)):
+        total.merge(result)
+    tried = set(total.delivered) | set(total.failed)
+    unsent = [item for item in items if item.index not in tried]
+    if len(chunks) > 1 and unsent and not abort.is_set():
+        log.warning("task %s: %d instance(s) not sent over %d parallel associations to %s (%s); "
+                    "sending them over one", task_id, len(unsent), len(chunks), destination.describe(),
+                    "; ".join(dict.fromkeys(total.errors)) or "association ended", extra={"task_id": task_id})
+        await asyncio.sleep(ONE_ASSOCIATION_PAUSE_SECONDS)
+        total.merge(await asyncio.to_thread(send_items, destination, unsent, on_delivered, abort))
+    return total
 
 
 def _changed_since_routed(manifest: Manifest, items: list[SendItem]) -> set[int]:

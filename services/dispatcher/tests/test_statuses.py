@@ -36,12 +36,14 @@ from .conftest import (
 class ScriptedScp:
     """Answers each SOP Instance UID with the next status of its script, 0x0000 when none is left."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_associations: int = 10, store_seconds: float = 0.0) -> None:
         self.port = free_port()
         self.script: dict[str, list[int]] = {}
         self.received: list[str] = []
         self.lock = threading.Lock()
+        self.store_seconds = store_seconds
         ae = AE(ae_title="SCRIPTED")
+        ae.maximum_associations = max_associations  # more are rejected: transient, local limit exceeded
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
@@ -50,6 +52,7 @@ class ScriptedScp:
 
     def _on_store(self, event: evt.Event) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
+        time.sleep(self.store_seconds)
         with self.lock:
             self.received.append(uid)
             statuses = self.script.get(uid)
@@ -133,4 +136,24 @@ def test_a_destination_that_never_answers_a_c_store_times_out_and_the_rest_goes_
         assert again.delivered == [1], again
     finally:
         scp.release.set()
+        scp.server.shutdown()
+
+
+async def test_a_peer_taking_fewer_parallel_associations_still_gets_the_whole_series(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore) -> None:
+    # A PACS that limits associations per caller (here to 1) rejects the others as "local limit
+    # exceeded" (transient): their share of the series must go over the association it accepted,
+    # not fail at every attempt while the task runs out of retries.
+    scp = ScriptedScp(max_associations=1, store_seconds=0.2)
+    try:
+        files = make_series(tmp_path / "series", 8)
+        manifest, key = await stage_files(blob_store, files)
+        await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 1}, "targets": {
+            "scripted": dicom_target(scp.port, "SCRIPTED", parallel_associations=4)}})
+        async with running_dispatcher(nats_url, data_dir):
+            request = await request_dispatch(bus, manifest, key, "scripted")
+            done = await wait_events(bus, "dispatch.completed", request.task_id, timeout=30)
+        assert done[0].payload["sent"] == 8
+        assert sorted(scp.received) == sorted(i.sop_uid for i in manifest.instances)
+    finally:
         scp.server.shutdown()
