@@ -44,10 +44,15 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 _config.LOG_HANDLER_LEVEL = "none"
 
 SUCCESS = 0x0000
-# Statuses that mean the peer stored the instance, with a remark worth a log line.
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
 MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted one
+
+
+def is_warning(status: int) -> bool:
+    """The peer stored the instance, with a remark worth a log line: the storage warnings (Bxxx:
+    B000 coercion, B006 elements discarded, B007 data set does not match the SOP class) and the
+    general ones of PS3.7 Annex C (0001, 0107 attribute list error, 0116 value out of range)."""
+    return status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
 
 
 @dataclass(frozen=True)
@@ -372,7 +377,7 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
     if status is None:
         result.failed[item.index] = "no C-STORE response (association aborted while sending)"
         return True
-    if status == SUCCESS or status in WARNING_STATUSES:
+    if status == SUCCESS or is_warning(status):
         if status != SUCCESS:
             result.warnings += 1
             log.warning("C-STORE warning 0x%04X for %s", status, item.sop_uid,

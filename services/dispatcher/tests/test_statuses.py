@@ -157,3 +157,21 @@ async def test_a_peer_taking_fewer_parallel_associations_still_gets_the_whole_se
         assert sorted(scp.received) == sorted(i.sop_uid for i in manifest.instances)
     finally:
         scp.server.shutdown()
+
+
+async def test_every_warning_status_counts_as_delivered(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
+                                                        blob_store: LocalBlobStore, scripted_scp: ScriptedScp) -> None:
+    # PS3.7 Annex C: besides the storage warnings (B000, B006, B007) a peer may answer the general
+    # warnings 0107 (attribute list error) and 0116 (attribute value out of range), or another Bxxx.
+    # The peer stored the instance: sending it again would not change its answer.
+    files = make_series(tmp_path / "series", 4)
+    manifest, key = await stage_files(blob_store, files)
+    scripted_scp.script = {instance.sop_uid: [status] for instance, status in
+                           zip(manifest.instances, (0x0107, 0x0116, 0xB00A, 0xB007), strict=True)}
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 1},
+                             "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "scripted")
+        completed = (await wait_events(bus, "dispatch.completed", request.task_id, timeout=15))[0]
+    assert completed.payload["sent"] == 4 and completed.payload["warnings"] == 4
+    assert await events_of(bus, "dispatch.attempt_failed", request.task_id) == []
