@@ -261,6 +261,8 @@ def association_finished(assoc: Any) -> bool:
         return True
     if assoc.dul.idle_timer_expired():
         log.error("network timeout reached")
+        # Read by the dispatcher's error message: the abort is ours, not the peer's.
+        assoc.caduceus_aborted_because = f"nothing received from the peer for {assoc.network_timeout:g} s"
         assoc.abort()
         assoc.kill()
         return True

@@ -267,13 +267,19 @@ def _status(assoc: Any, response: Any, message_id: int) -> int | None:
         # pynetdicom's reaction: an abort or a closed connection is already known; else a timeout.
         if assoc.is_established and not assoc.acse.is_aborted():
             log.error("no C-STORE response within the DIMSE timeout; aborting the association")
-            assoc.abort()
+            aborted_because(assoc, f"no C-STORE response within {assoc.dimse_timeout:g} s")
         return None
     if not isinstance(response, C_STORE) or response.MessageIDBeingRespondedTo != message_id \
             or response.Status is None:
         # Out of step with the peer: nothing later on this association can be trusted.
         log.error("unexpected DIMSE message instead of the C-STORE response to message %d: %s",
                   message_id, type(response).__name__)
-        assoc.abort()
+        aborted_because(assoc, f"the peer answered {type(response).__name__} instead of the C-STORE response")
         return None
     return int(response.Status)
+
+
+def aborted_because(assoc: Any, reason: str) -> None:
+    """Abort from our side, noting why: the task's error must not blame the peer for our abort."""
+    assoc.caduceus_aborted_because = reason
+    assoc.abort()

@@ -46,6 +46,7 @@ _config.LOG_HANDLER_LEVEL = "none"
 SUCCESS = 0x0000
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
 MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted one
+DIMSE_TIMEOUT = 120  # seconds to wait for a C-STORE response (and for anything from the peer)
 
 
 def is_warning(status: int) -> bool:
@@ -166,8 +167,8 @@ def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
     ae.maximum_pdu_size = 0
     ae.connection_timeout = 10
     ae.acse_timeout = 30
-    ae.dimse_timeout = 120
-    ae.network_timeout = 120
+    ae.dimse_timeout = DIMSE_TIMEOUT
+    ae.network_timeout = DIMSE_TIMEOUT
     tls_args = (tls_context(dest.tls), dest.host) if dest.tls else None
     return ae.associate(dest.host, dest.port, ae_title=dest.called_aet, tls_args=tls_args,
                         evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open),
@@ -190,6 +191,9 @@ def _association_error(assoc: Association, dest: Destination) -> str:
         return f"association rejected by {dest.describe()}" + (f": {why}" if why else "")
     if _refused_every_context(assoc):
         return f"{dest.describe()} accepted none of the proposed presentation contexts ({_refusals(assoc)})"
+    ours = getattr(assoc, "caduceus_aborted_because", "")
+    if ours:
+        return f"association with {dest.describe()} aborted by caduceus: {ours}"
     if assoc.is_aborted:
         return f"association aborted by {dest.describe()}{_tls_problem(dest)}"
     return f"association with {dest.describe()} ended unexpectedly"
@@ -375,7 +379,8 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
         return True
     status = stored.status
     if status is None:
-        result.failed[item.index] = "no C-STORE response (association aborted while sending)"
+        result.failed[item.index] = getattr(assoc, "caduceus_aborted_because", "") \
+            or "no C-STORE response (association aborted while sending)"
         return True
     if status == SUCCESS or is_warning(status):
         if status != SUCCESS:

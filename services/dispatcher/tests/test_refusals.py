@@ -6,10 +6,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from services.dispatcher import sender
 from services.dispatcher.sender import Destination, SendItem, send_items
+from shared.natsserver import free_port
 from tests.peers import Orthanc, StoreScp, make_series
 
 
@@ -49,3 +54,27 @@ def test_unreachable_peer_says_how(tmp_path: Path, storescp_factory: Callable[..
     result = send_items(Destination("127.0.0.1", peer.port, peer.aet, "CADUCEUS"),
                         _items(make_series(tmp_path / "s", 1)), lambda index, status: None, threading.Event())
     assert result.errors == [f"could not connect to STORESCP@127.0.0.1:{peer.port}: Connection refused"]
+
+
+def test_a_peer_that_never_answers_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PACS that takes the data and never answers: the dispatcher aborts after the DIMSE timeout.
+    # The error must say so; "aborted by the peer" sends the admin looking for an abort in the
+    # PACS's log that never happened.
+    monkeypatch.setattr(sender, "DIMSE_TIMEOUT", 1)
+    release = threading.Event()
+    ae = AE(ae_title="SILENT")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: release.wait(30) and 0)])
+    assert server is not None
+    try:
+        result = send_items(Destination("127.0.0.1", port, "SILENT", "CADUCEUS"),
+                            _items(make_series(tmp_path / "s", 1)), lambda index, status: None, threading.Event())
+    finally:
+        release.set()
+        server.shutdown()
+    # (The network timeout, as long, may notice the silence first.)
+    reason = result.failed[0]
+    assert reason in ("no C-STORE response within 1 s", "nothing received from the peer for 1 s")
+    assert result.errors == [f"association with SILENT@127.0.0.1:{port} aborted by caduceus: {reason}"]
