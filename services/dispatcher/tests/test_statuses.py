@@ -29,6 +29,7 @@ from .conftest import (
     events_of,
     request_dispatch,
     running_dispatcher,
+    start_dispatcher_process,
     wait_events,
 )
 
@@ -175,3 +176,27 @@ async def test_every_warning_status_counts_as_delivered(tmp_path: Path, bus: Bus
         completed = (await wait_events(bus, "dispatch.completed", request.task_id, timeout=15))[0]
     assert completed.payload["sent"] == 4 and completed.payload["warnings"] == 4
     assert await events_of(bus, "dispatch.attempt_failed", request.task_id) == []
+
+
+async def test_two_dispatchers_send_each_task_once(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
+                                                   blob_store: LocalBlobStore, scripted_scp: ScriptedScp) -> None:
+    # Two dispatcher processes on the same durables, in the normal case (nobody dies): every task
+    # is started once, by one of them, and the peer receives every instance once per task.
+    scripted_scp.store_seconds = 0.01
+    files = make_series(tmp_path / "series", 3)
+    manifest, key = await stage_files(blob_store, files)
+    await apply_config(bus, {"settings": FAST_RETRIES,
+                             "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
+    processes = [start_dispatcher_process(nats_url, data_dir, tmp_path / f"dispatcher-{n}.log") for n in (1, 2)]
+    try:
+        tasks = [(await request_dispatch(bus, manifest, key, "scripted")).task_id or "" for _ in range(24)]
+        await wait_events(bus, "dispatch.completed", count=len(tasks), timeout=60)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+    started = await events_of(bus, "dispatch.started")
+    assert sorted(e.payload["task_id"] for e in started) == sorted(tasks)
+    assert len({e.payload["instance"] for e in started}) == 2, "one dispatcher did all the work: test proves little"
+    assert len(scripted_scp.received) == len(tasks) * len(files)
