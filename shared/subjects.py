@@ -144,14 +144,20 @@ BOOKKEEPER_EVENTS = Durable(EVENTS_STREAM, "bookkeeper-events", (f"{EVENTS_PREFI
 BOOKKEEPER_CONFIG = Durable(CONFIG_STREAM, "bookkeeper-config", (f"{CONFIG_PREFIX}.>",),
                             description="audit log: every configuration event")
 
+# A task waiting for its next attempt or the off-peak window is a message NAKed with a delay, which
+# JetStream counts as pending: the limit must hold every task that may be waiting at once (with 100,
+# a night of off-peak copies or a PACS down for an hour stopped every other send and manual retry).
+# How much runs at once is the dispatcher's own limit (CADUCEUS_DISPATCH_CONCURRENCY).
+DISPATCH_MAX_ACK_PENDING = 100_000
 DISPATCHER_URGENT = Durable(EVENTS_STREAM, "dispatcher-urgent",
                             (event_subject("dispatch.requested", "urgent"),),
-                            ack_wait=60, max_ack_pending=100, description="urgent DICOM sends")
+                            ack_wait=60, max_ack_pending=DISPATCH_MAX_ACK_PENDING, description="urgent DICOM sends")
 DISPATCHER_NORMAL = Durable(EVENTS_STREAM, "dispatcher-normal",
                             (event_subject("dispatch.requested", "normal"),
                              event_subject("dispatch.requested", "offpeak"),
                              event_subject("dispatch.retry_requested")),
-                            ack_wait=60, max_ack_pending=100, description="normal and off-peak sends, manual retries")
+                            ack_wait=60, max_ack_pending=DISPATCH_MAX_ACK_PENDING,
+                            description="normal and off-peak sends, manual retries")
 
 PROCESSOR_WORK = Durable(EVENTS_STREAM, "processor",
                          (f"{EVENTS_PREFIX}.process.requested.>",),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -101,3 +102,25 @@ async def test_idle_dispatcher_starts_urgent_and_normal_work_at_once(
             waits[priority].append((completed.occurred_at - requested.occurred_at).total_seconds() - busy)
     # Polled one after the other, urgent work waited 0.21-0.25 s here behind normal's long poll.
     assert statistics.median(waits["urgent"]) < 0.1 and statistics.median(waits["normal"]) < 0.1, waits
+
+
+async def test_many_waiting_tasks_do_not_hold_back_new_work(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
+                                                            blob_store: LocalBlobStore, storescp: StoreScp) -> None:
+    # A task waiting for the off-peak window (or for its next attempt) is a message JetStream counts
+    # as pending. A night's research copies (one task per series) used to fill the normal durable's
+    # max_ack_pending (100): from then on no normal task or manual retry was delivered until the window.
+    files = make_series(tmp_path / "series", 1)
+    manifest, key = await stage_files(blob_store, files)
+    now = datetime.now().astimezone()
+    start = f"{(now.hour * 60 + now.minute - 2) % 1440 // 60:02d}:{(now.minute - 2) % 60:02d}"
+    end = f"{(now.hour * 60 + now.minute - 1) % 1440 // 60:02d}:{(now.minute - 1) % 60:02d}"
+    await apply_pacs_config(bus, storescp.port, storescp.aet, offpeak_start=start, offpeak_end=end)
+    async with running_dispatcher(nats_url, data_dir):
+        for _ in range(120):
+            await request_dispatch(bus, manifest, key, "pacs", priority="offpeak")
+        deadline = time.monotonic() + 30
+        while (await bus.js.consumer_info("EVENTS", "dispatcher-normal")).num_ack_pending < 100:
+            assert time.monotonic() < deadline, "the off-peak tasks were not taken"
+            await asyncio.sleep(0.2)
+        normal = await request_dispatch(bus, manifest, key, "pacs")
+        await wait_events(bus, "dispatch.completed", normal.task_id, timeout=20)
