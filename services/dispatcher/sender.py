@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,8 @@ _config.LOG_HANDLER_LEVEL = "none"
 SUCCESS = 0x0000
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
 MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted one
-DIMSE_TIMEOUT = 120  # seconds to wait for a C-STORE response (and for anything from the peer)
+DIMSE_TIMEOUT = 120  # seconds to wait for a C-STORE response
+NETWORK_TIMEOUT = 120  # seconds the peer may stay silent while nothing is being sent to it
 
 
 def is_warning(status: int) -> bool:
@@ -158,6 +160,12 @@ def _on_connection_open(event: evt.Event) -> None:
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # pynetdicom leaves the socket blocking without a timeout: a write to a peer that stopped
+        # reading would block for good, holding the write lock the A-ABORT of the network timeout
+        # waits for. A write that makes no progress for that long fails instead (the connection
+        # counts as closed).
+        seconds = int(event.assoc.network_timeout or NETWORK_TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, 0))
     event.assoc.caduceus_connected = True  # type: ignore[attr-defined]  # tells "refused/unreachable" from "aborted by the peer"
 
 
@@ -168,7 +176,7 @@ def _associate(dest: Destination, items: Sequence[SendItem]) -> Association:
     ae.connection_timeout = 10
     ae.acse_timeout = 30
     ae.dimse_timeout = DIMSE_TIMEOUT
-    ae.network_timeout = DIMSE_TIMEOUT
+    ae.network_timeout = NETWORK_TIMEOUT
     tls_args = (tls_context(dest.tls), dest.host) if dest.tls else None
     return ae.associate(dest.host, dest.port, ae_title=dest.called_aet, tls_args=tls_args,
                         evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open),

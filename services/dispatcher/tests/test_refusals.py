@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -78,3 +81,32 @@ def test_a_peer_that_never_answers_is_named_as_such(tmp_path: Path, monkeypatch:
     reason = result.failed[0]
     assert reason in ("no C-STORE response within 1 s", "nothing received from the peer for 1 s")
     assert result.errors == [f"association with SILENT@127.0.0.1:{port} aborted by caduceus: {reason}"]
+
+
+def test_a_peer_that_stops_reading_mid_instance_fails_the_attempt(
+        tmp_path: Path, storescp: StoreScp, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PACS process that freezes (here SIGSTOP) while a large data set is on its way: the socket's
+    # buffers fill and the write blocks. The network timeout must end the association; the blocked
+    # write used to hold the socket's lock forever, so the A-ABORT waited behind it and the task
+    # stayed "sending" (the dispatcher keeping its message alive) until someone restarted it.
+    monkeypatch.setattr(sender, "NETWORK_TIMEOUT", 1)
+    monkeypatch.setattr(sender, "DIMSE_TIMEOUT", 3)  # (the response to the cut-off request is waited for)
+    small = _items(make_series(tmp_path / "small", 1))
+    large = _items(make_series(tmp_path / "large", 1, size=4096))  # 32 MB: more than any socket buffer
+    items = [small[0], SendItem(1, *dataclasses.astuple(large[0])[1:])]
+    assert storescp.process is not None
+
+    def freeze_after_first(index: int, status: int) -> None:
+        os.killpg(storescp.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+
+    done: list[sender.SendResult] = []
+    thread = threading.Thread(target=lambda: done.append(send_items(
+        Destination("127.0.0.1", storescp.port, storescp.aet, "CADUCEUS"), items, freeze_after_first,
+        threading.Event())), daemon=True)
+    try:
+        thread.start()
+        thread.join(30)
+    finally:
+        os.killpg(storescp.process.pid, signal.SIGCONT)
+    assert done, "the send never ended"
+    assert done[0].delivered == [0] and 1 in done[0].failed
