@@ -63,6 +63,10 @@ def _install_write_lock(assoc: Any, sock: Any) -> None:
     def locked_write(data: bytes | bytearray) -> None:
         with write_lock:
             original_write(data)
+        # The network timeout is for a silent peer; one taking a large data set (minutes over a slow
+        # link) has nothing to say until it is complete, and only counts as silent once it stops
+        # taking bytes (then writes block and the timer runs out as before).
+        assoc.dul._idle_timer.restart()
 
     sock.send = locked_write
     assoc.caduceus_write = locked_write

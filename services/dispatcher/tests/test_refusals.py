@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,6 +84,57 @@ def test_a_peer_that_never_answers_is_named_as_such(tmp_path: Path, monkeypatch:
     reason = result.failed[0]
     assert reason in ("no C-STORE response within 1 s", "nothing received from the peer for 1 s")
     assert result.errors == [f"association with SILENT@127.0.0.1:{port} aborted by caduceus: {reason}"]
+
+
+class ThrottledProxy:
+    """A TCP relay to `port` that forwards what the client sends at `rate` bytes/s: a slow WAN link."""
+
+    def __init__(self, port: int, rate: int) -> None:
+        self.target, self.rate = port, rate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                server = socket.create_connection(("127.0.0.1", self.target))
+                threading.Thread(target=self._relay, args=(client, server, self.rate), daemon=True).start()
+                threading.Thread(target=self._relay, args=(server, client, 0), daemon=True).start()
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket, rate: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 14):
+                sink.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_instance_that_takes_longer_than_the_network_timeout_to_send_is_delivered(
+        tmp_path: Path, storescp: StoreScp, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A large instance (tomosynthesis, whole-slide, long cine) over a slow link: while its data set
+    # is still being written the peer has nothing to say. The network timeout is for a silent peer,
+    # not a busy link: it used to abort the send at the same point at every attempt.
+    monkeypatch.setattr(sender, "NETWORK_TIMEOUT", 1)
+    proxy = ThrottledProxy(storescp.port, rate=4 << 20)
+    try:
+        items = _items(make_series(tmp_path / "s", 1, size=2560))  # ~13 MB: ~3 s through the proxy
+        started = time.monotonic()
+        result = send_items(Destination("127.0.0.1", proxy.port, storescp.aet, "CADUCEUS"), items,
+                            lambda index, status: None, threading.Event())
+    finally:
+        proxy.close()
+    assert time.monotonic() - started > 2, "the link was not slow: test proves nothing"
+    assert (result.delivered, result.failed, result.errors) == ([0], {}, [])
 
 
 def test_a_peer_that_stops_reading_mid_instance_fails_the_attempt(
