@@ -191,6 +191,7 @@ def _next_message_id(assoc: Any) -> int:
 class Stored:
     status: int | None  # None: no response came
     reencoded: bool  # sent as Implicit VR Little Endian instead of the file's own syntax
+    comment: str = ""  # the response's Error Comment (0000,0902), if the peer sent one
 
 
 def send_c_store(assoc: Any, path: Path) -> Stored:
@@ -217,7 +218,8 @@ def send_c_store(assoc: Any, path: Path) -> Stored:
                 size = os.fstat(file.fileno()).st_size - meta.offset
             message_id = _send_request(assoc, context.context_id, meta, data, size, path.name)
     _, response = assoc.dimse.get_msg(block=True)
-    return Stored(_status(assoc, response, message_id), reencoded)
+    status = _status(assoc, response, message_id)
+    return Stored(status, reencoded, str(response.ErrorComment or "") if status is not None else "")
 
 
 def _context_for(assoc: Any, meta: FileMeta) -> tuple[Any, bool]:

@@ -31,6 +31,7 @@ from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from shared.config.model import TlsConfig
 
@@ -354,13 +355,17 @@ def _c_store(assoc: Association, path: Path) -> cstore.Stored:
         return cstore.send_c_store(assoc, path)
     _settle_reactor(assoc)
     try:
-        return cstore.Stored(_status_of(assoc.send_c_store(path)), False)
+        return _stored(assoc.send_c_store(path), False)
     except ValueError:
         meta = cstore.read_file_meta(path)
         if reencode.fallback_syntax(meta.transfer_syntax_uid) is None:
             raise
     # The data set re-encoded as Implicit VR Little Endian in memory (reencode.decoded), which pynetdicom sends as is.
-    return cstore.Stored(_status_of(assoc.send_c_store(reencode.decoded(path, meta.transfer_syntax_uid))), True)
+    return _stored(assoc.send_c_store(reencode.decoded(path, meta.transfer_syntax_uid)), True)
+
+
+def _stored(response: Dataset, reencoded: bool) -> cstore.Stored:
+    return cstore.Stored(_status_of(response), reencoded, str(response.get("ErrorComment", "")))
 
 
 def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
@@ -399,5 +404,11 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
         result.reencoded += stored.reencoded
         on_delivered(item.index, status)
         return True
-    result.failed[item.index] = f"C-STORE status 0x{status:04X}"
+    result.failed[item.index] = _refusal(status, stored.comment)
     return True
+
+
+def _refusal(status: int, comment: str) -> str:
+    """A failure status with its meaning (PS3.4 B.2.3, PS3.7 C) and the peer's own words."""
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[1]
+    return f"C-STORE status 0x{status:04X}" + (f" ({meaning})" if meaning else "") + (f": {comment}" if comment else "")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -43,6 +44,7 @@ class ScriptedScp:
         self.received: list[str] = []
         self.lock = threading.Lock()
         self.store_seconds = store_seconds
+        self.comments: dict[str, str] = {}  # SOP Instance UID -> Error Comment sent with its status
         ae = AE(ae_title="SCRIPTED")
         ae.maximum_associations = max_associations  # more are rejected: transient, local limit exceeded
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
@@ -51,13 +53,19 @@ class ScriptedScp:
         assert server is not None
         self.server = server
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
         time.sleep(self.store_seconds)
         with self.lock:
             self.received.append(uid)
             statuses = self.script.get(uid)
-            return statuses.pop(0) if statuses else 0x0000
+            status = statuses.pop(0) if statuses else 0x0000
+        if uid not in self.comments:
+            return status
+        answer = Dataset()
+        answer.Status = status
+        answer.ErrorComment = self.comments[uid]
+        return answer
 
 
 @pytest.fixture
@@ -200,3 +208,22 @@ async def test_two_dispatchers_send_each_task_once(tmp_path: Path, bus: Bus, nat
     assert sorted(e.payload["task_id"] for e in started) == sorted(tasks)
     assert len({e.payload["instance"] for e in started}) == 2, "one dispatcher did all the work: test proves little"
     assert len(scripted_scp.received) == len(tasks) * len(files)
+
+
+async def test_a_refusal_says_what_the_status_means_and_what_the_peer_commented(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        scripted_scp: ScriptedScp) -> None:
+    # "C-STORE status 0xA900" alone sends the admin to the standard; the peer's Error Comment
+    # (0000,0902) usually says what it did not like.
+    files = make_series(tmp_path / "series", 2)
+    manifest, key = await stage_files(blob_store, files)
+    refused = manifest.instances[1].sop_uid
+    scripted_scp.script = {refused: [0xA900]}
+    scripted_scp.comments = {refused: "Patient ID missing"}
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 1},
+                             "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "scripted")
+        [failed] = await wait_events(bus, "dispatch.failed", request.task_id, timeout=15)
+    assert "1 instance(s) refused (C-STORE status 0xA900 (Data Set Does Not Match SOP Class): " \
+           "Patient ID missing)" in failed.payload["error"], failed.payload["error"]
