@@ -71,8 +71,12 @@ def _batch(completed: Event) -> _Batch:
                   st.peer_host, st.action, completed, envelope)
 
 
-def decide(completed: Event, config: CaduceusConfig) -> list[Event]:
-    """The events for a `series.completed` / `study.completed` event; `route.decided` is last."""
+def decide(completed: Event, config: CaduceusConfig, rerouted: bool = False) -> list[Event]:
+    """The events for a `series.completed` / `study.completed` event; `route.decided` is last.
+
+    `rerouted`: the batch is decided again on request (`route.requested`). No study decision
+    follows that, so a series no series rule takes is discarded rather than left to the study rules.
+    """
     batch = _batch(completed)
     if batch.action != "proceed":
         return _forced_without_rules(batch)
@@ -87,12 +91,15 @@ def decide(completed: Event, config: CaduceusConfig) -> list[Event]:
                                                                   error=result.error), name))
     matched, discard_rule = order.matched, order.discard_rule
     matched_names = [name for name, _ in matched] + ([discard_rule] if discard_rule else [])
-    if order.left_to_study_rules(config, batch.level):
+    left_to_study = order.left_to_study_rules(config, batch.level)
+    if left_to_study and not rerouted:
         reason = "no series rule matched; left to the study rules"
         events.append(_decided(batch, evaluations, [], [], False, reason))
         return events
     if discard_rule is not None or not matched:
         reason = f"discarded by rule '{discard_rule}'" if discard_rule else "no rule matched"
+        if left_to_study:
+            reason = "no series rule matched (study rules decide whole studies: caduceus reroute --study)"
         events.append(_discarded(batch, reason))
         events.append(_decided(batch, evaluations, matched_names, [], True, reason))
         return events

@@ -253,7 +253,7 @@ class RouterService(Service):
             if batch_id in self.decided:
                 continue
             completed = pending.completed_event
-            events = decide(completed, self.config)
+            events = decide(completed, self.config, rerouted=pending.rerouted)
             # route.decided goes last: once it is stored the batch counts as decided.
             await self.bus.publish_many(events[:-1])
             await self.publish(events[-1])

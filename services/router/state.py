@@ -125,6 +125,7 @@ class PendingDecision:
     batch_id: str
     completed_event: Event
     first_seq: int
+    rerouted: bool = False  # asked for by route.requested (decide.decide's `rerouted`)
 
 
 class RouterState:
@@ -180,7 +181,7 @@ class RouterState:
                           study_uid=event.study_uid, series_uid=event.series_uid, payload=payload)
         completed.stream_seq = seq
         completed.typed_payload()  # a request whose payload does not fit is refused here, before anything changes
-        self.pending[request.batch_id] = PendingDecision(level, request.batch_id, completed, seq)
+        self.pending[request.batch_id] = PendingDecision(level, request.batch_id, completed, seq, rerouted=True)
 
     def _closed(self, level: Level, event: Event, last_seq: int) -> None:
         batches = self.series if level == "series" else self.studies

@@ -25,7 +25,7 @@ from services.router.tests.helpers import (
 from shared import subjects
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
-from shared.events import Event, RouteDecided, SeriesCompleted, StudyCompleted, make_event
+from shared.events import Event, RouteDecided, RouteRequested, SeriesCompleted, StudyCompleted, make_event
 from shared.manifest import read_manifest
 
 
@@ -311,3 +311,26 @@ async def test_an_idle_router_moves_its_checkpoint_to_the_streams_head(
         await asyncio.sleep(1.5)
         assert not router.state.series and not router.state.pending
     assert len(of_type(await published(bus), "route.decided")) == 1
+
+
+async def test_a_rerouted_series_is_not_left_to_study_rules(bus: Bus, nats_url: str, data_dir: Path,
+                                                            store: LocalBlobStore) -> None:
+    """A series discarded while no rule existed, rerouted once only a study rule matches it: no study
+    decision follows a reroute (its study batch was dropped, or decided, long ago), so leaving the
+    series to the study rules put it in 'routed' with no task: neither delivered nor discarded."""
+    await apply_config(bus, {"settings": FAST, "targets": TARGETS, "rules": {}})
+    async with running_router(nats_url, data_dir):
+        await send_series(bus, store, "9.1", "9.1.1", 2, {"Modality": "MR"})
+        events = await wait_for(bus, lambda ev: len(of_type(ev, "route.decided")) == 1)
+        [completed] = of_type(events, "series.completed")
+        await apply_config(bus, {"settings": FAST, "targets": TARGETS, "rules": {
+            "mr-study": {"filter": "@Modality@ == 'MR'", "trigger": "study", "targets": ["pacs"]}}})
+        batch_id = f"{completed.payload['batch_id']}~r1"  # what `caduceus reroute --series` asks
+        await bus.publish(make_event("route.requested", "user:admin", RouteRequested(
+            batch_id=batch_id, original_batch_id=completed.payload["batch_id"], completed_type="series.completed",
+            completed=completed.payload), study_uid="9.1", series_uid="9.1.1", causation_id=completed.event_id))
+        events = await wait_for(bus, lambda ev: len(decided(ev, batch_id)) == 1)
+    [again] = decided(events, batch_id)
+    assert again.discarded and not again.tasks
+    assert [e.payload["batch_id"] for e in of_type(events, "series.discarded")][-1] == batch_id
+    assert "--study" in again.reason
