@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -44,7 +45,7 @@ from shared.subjects import EVENTS_STREAM, event_subject
 
 from .progress import ProgressRecord, ProgressStore, TaskState
 from .schedule import attempt_delay, seconds_until_offpeak
-from .sender import Destination, SendItem, SendResult, send_items
+from .sender import Destination, SendItem, SendResult, file_id, send_items
 
 log = logging.getLogger(__name__)
 ACTOR = "dispatcher"
@@ -291,8 +292,7 @@ class Dispatcher:
                     raise AttemptError(f"blob {instance.blob_key} unavailable: {exc}") from exc
                 items.append(SendItem(index, instance.sop_uid, instance.sop_class_uid,
                                       instance.transfer_syntax_uid, path))
-            changed = await asyncio.to_thread(_changed_since_routed, manifest, items)
-            items = [item for item in items if item.index not in changed]
+            items, changed = await asyncio.to_thread(_check_routed, manifest, items)
             sent = asyncio.Event()
             flusher = asyncio.create_task(self._flush_loop(task_id, confirmed, sent))
             try:
@@ -310,7 +310,7 @@ class Dispatcher:
                     await flusher
                 await asyncio.shield(self._flush(task_id, confirmed))
         self.count("instances_sent", len(total.delivered))
-        return total, changed
+        return total, changed | set(total.changed)
 
     async def _flush_loop(self, task_id: str, confirmed: list[tuple[int, int]], sent: asyncio.Event) -> None:
         while not sent.is_set():
@@ -407,7 +407,6 @@ class Dispatcher:
         await delivery.term()
 
 
-
 async def _send_parallel(destination: Destination, items: list[SendItem], parallel: int,
                          on_delivered: Callable[[int, int], None], abort: threading.Event,
                          task_id: str) -> SendResult:
@@ -422,7 +421,7 @@ async def _send_parallel(destination: Destination, items: list[SendItem], parall
     for result in await asyncio.gather(*(
             asyncio.to_thread(send_items, destination, chunk, on_delivered, abort) for chunk in chunks)):
         total.merge(result)
-    tried = set(total.delivered) | set(total.failed)
+    tried = set(total.delivered) | set(total.failed) | set(total.changed)
     unsent = [item for item in items if item.index not in tried]
     if len(chunks) > 1 and unsent and not abort.is_set():
         log.warning("task %s: %d instance(s) not sent over %d parallel associations to %s (%s); "
@@ -433,25 +432,30 @@ async def _send_parallel(destination: Destination, items: list[SendItem], parall
     return total
 
 
-def _changed_since_routed(manifest: Manifest, items: list[SendItem]) -> set[int]:
-    """Manifest indexes whose file no longer holds the bytes the router saw (sha256 of the manifest).
+def _check_routed(manifest: Manifest, items: list[SendItem]) -> tuple[list[SendItem], set[int]]:
+    """The items whose file still holds the bytes the router saw, each tied to that very file
+    (`SendItem.file_id`: the sender skips it should the file be replaced before it goes out), and
+    the manifest indexes of those whose file no longer does.
 
     A blob is keyed by SOP Instance UID and a re-send with other content replaces it; a task that
-    waited (retries, off-peak) would otherwise send content its rule never matched.
+    waited (retries, off-peak), or is still sending a large series, would otherwise send content its
+    rule never matched.
     """
-    changed = set()
+    routed, changed = [], set()
     for item in items:
         instance = manifest.instances[item.index]
-        with contextlib.suppress(OSError):
-            if instance.received_stamp and os.stat(item.path).st_mtime_ns == instance.received_stamp:
-                continue  # the receiver's stamp of the routed copy: no need to read the file
-        digest = hashlib.sha256()
         with open(item.path, "rb") as source:
-            for block in iter(lambda: source.read(HASH_BLOCK_BYTES), b""):
-                digest.update(block)
-        if digest.hexdigest() != instance.sha256:
-            changed.add(item.index)
-    return changed
+            stat = os.fstat(source.fileno())
+            if not (instance.received_stamp and stat.st_mtime_ns == instance.received_stamp):
+                # Not the receiver's stamp of the routed copy: the bytes decide.
+                digest = hashlib.sha256()
+                for block in iter(lambda: source.read(HASH_BLOCK_BYTES), b""):
+                    digest.update(block)
+                if digest.hexdigest() != instance.sha256:
+                    changed.add(item.index)
+                    continue
+        routed.append(dataclasses.replace(item, file_id=file_id(stat)))
+    return routed, changed
 
 
 def _record_outcome(attempts: int, error: str, state: TaskState | None = None,

@@ -16,6 +16,7 @@ pynetdicom's own loops and `send_c_store` (with `STORE_SEND_CHUNKED_DATASET`) ar
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -75,6 +76,15 @@ class Destination:
         return f"{self.called_aet}@{self.host}:{self.port}"
 
 
+FileId = tuple[int, int, int, int]
+
+
+def file_id(stat: os.stat_result) -> FileId:
+    """Which file this is: a re-send replaces a blob with a new file (temp file + rename), and the
+    receiver stamps each with its own receipt time, so an inode number reused is told apart too."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 @dataclass(frozen=True)
 class SendItem:
     index: int  # position in the manifest
@@ -82,6 +92,9 @@ class SendItem:
     sop_class_uid: str
     transfer_syntax_uid: str
     path: Path
+    # The file found to hold the routed copy (handlers._check_routed); another file at `path` when
+    # the instance's turn comes means a re-send replaced it meanwhile: it is not sent.
+    file_id: FileId | None = None
 
 
 @dataclass
@@ -92,9 +105,11 @@ class SendResult:
     refused_by_peer: bool = False  # the peer accepted no context for some file: a retry alone fails again
     failed: dict[int, str] = field(default_factory=dict)  # manifest index -> reason
     errors: list[str] = field(default_factory=list)  # association-level problems
+    changed: list[int] = field(default_factory=list)  # replaced by another file before their turn: not sent
 
     def merge(self, other: SendResult) -> None:
         self.delivered += other.delivered
+        self.changed += other.changed
         self.warnings += other.warnings
         self.reencoded += other.reencoded
         self.refused_by_peer |= other.refused_by_peer
@@ -368,8 +383,18 @@ def _stored(response: Dataset, reencoded: bool) -> cstore.Stored:
     return cstore.Stored(_status_of(response), reencoded, str(response.get("ErrorComment", "")))
 
 
+def _replaced(item: SendItem) -> bool:
+    try:
+        return file_id(os.stat(item.path)) != item.file_id
+    except OSError:
+        return False  # gone or unreadable: the send fails and says why
+
+
 def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
     """Send one instance and record its outcome; False if it never went out (association gone)."""
+    if item.file_id is not None and _replaced(item):
+        result.changed.append(item.index)
+        return True
     try:
         stored = _c_store(assoc, item.path)
     except cstore.NotSent:

@@ -9,12 +9,15 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
+import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
 
 from bench.common import stage_files
+from services.dispatcher import handlers
 from services.dispatcher.progress import ProgressStore
 from services.dispatcher.service import DispatcherService
 from shared.blobstore import LocalBlobStore
@@ -196,6 +199,33 @@ async def test_an_instance_replaced_after_routing_is_not_sent_as_routed(tmp_path
     assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances} - {changed.sop_uid}
     [alert] = await events_of(bus, "alert.raised", task_id)
     assert alert.payload["severity"] == "warning" and "re-sent with other content" in alert.payload["message"]
+
+
+async def test_an_instance_replaced_while_its_task_sends_is_not_sent_as_routed(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore, storescp: StoreScp,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check that the files still hold the routed copies runs before the first instance goes
+    # out; a large series then takes minutes to send. A re-send that replaces a file meanwhile
+    # must not go out under this task's decision either.
+    files = make_series(tmp_path / "series", 5)
+    manifest, key = await stage_files(blob_store, files)
+    changed = manifest.instances[3]
+    other = make_series(tmp_path / "other", 1)[0].read_bytes()
+    check = handlers._check_routed
+
+    def check_then_replaced(*args: Any) -> Any:
+        outcome = check(*args)
+        blob_store.put_sync(changed.blob_key, other)  # the re-send lands right after the check
+        return outcome
+
+    monkeypatch.setattr(handlers, check.__name__, check_then_replaced)
+    await apply_pacs_config(bus, storescp.port, storescp.aet)
+    request = await request_dispatch(bus, manifest, key, "pacs")
+    task_id = request.task_id or ""
+    async with running_dispatcher(nats_url, data_dir):
+        completed = (await wait_events(bus, "dispatch.completed", task_id))[0]
+    assert storescp.sop_uids() == {i.sop_uid for i in manifest.instances} - {changed.sop_uid}
+    assert completed.payload["changed_since_routed"] == [changed.sop_uid] and completed.payload["sent"] == 4
 
 
 COMPRESSED_AND_OTHER_SYNTAXES = ["JPEG2000.dcm", "SC_rgb_rle_32bit.dcm", "JPEG-lossy.dcm", "rtplan.dcm",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.dispatcher import handlers
-from services.dispatcher.handlers import Dispatcher, _changed_since_routed
+from services.dispatcher.handlers import Dispatcher, _check_routed
 from services.dispatcher.progress import ProgressStore
 from services.dispatcher.sender import SendItem
 from shared.blobstore import LocalBlobStore
@@ -63,4 +63,6 @@ def test_a_file_with_the_routed_copys_stamp_is_not_read_again(tmp_path: Path) ->
         entry("stamped", "not the hash", stamp), entry("unstamped", hashlib.sha256(b"routed bytes").hexdigest()),
         entry("replaced", "0" * 64, stamp + 1)])
     items = [SendItem(i, m.sop_uid, "1.2", "1.2", path) for i, m in enumerate(manifest.instances)]
-    assert _changed_since_routed(manifest, items) == {2}
+    routed, changed = _check_routed(manifest, items)
+    assert changed == {2} and [item.index for item in routed] == [0, 1]
+    assert all(item.file_id is not None for item in routed)
