@@ -224,8 +224,12 @@ def new_series(ev: StoredEvent) -> Row:
 
 
 def series_on_image(row: Row | None, ev: StoredEvent) -> Row:
-    new = dict(row) if row else new_series(ev)
     p = ev.payload
+    if row and p.get("duplicate") == "superseded":
+        # An older copy a journal replay did not store, published after the later copy: the router
+        # ignores it (no batch opens), so the series is not receiving again.
+        return _touch(dict(row), ev)
+    new = dict(row) if row else new_series(ev)
     tags: dict[str, Any] = p.get("tags") or {}
     new["study_uid"] = ev.study_uid or new["study_uid"]
     new["patient_id"] = tags.get("PatientID") or new["patient_id"]

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 from services.bookkeeper.db import open_database
 from services.bookkeeper.models import CURSORS, DUPLICATES, EVENTS, SERIES
 from services.bookkeeper.store import Record, advance_all, record_from_event, record_unreadable, write_batch
-from services.bookkeeper.tests.scenario import image, projection_snapshot
+from services.bookkeeper.tests.scenario import image, projection_snapshot, series_events
 
 REPO = Path(__file__).resolve().parents[3]
 STUDY, SERIES_UID = "1.2.3.4", "1.2.3.4.5"
@@ -136,3 +136,16 @@ def test_an_event_the_projection_cannot_store_is_skipped_live_and_in_rebuild(eng
     assert live["services"] == []
     rebuild_database(database_url)
     assert projection_snapshot(engine) == live
+
+
+def test_a_superseded_copy_does_not_reopen_its_series(engine: Engine) -> None:
+    # A receiver's journal replay publishes an older copy after a later one was stored (and routed,
+    # and sent) as `duplicate: superseded`; the router ignores it and opens no batch. The series
+    # view said "receiving" for good.
+    events = series_events(STUDY, SERIES_UID, 2, "done")
+    stale = image(STUDY, SERIES_UID, 0)
+    stale.payload["duplicate"] = "superseded"
+    write_batch(engine, [record_from_event(e, "EVENTS", n + 1, None) for n, e in enumerate([*events, stale])])
+    with engine.connect() as conn:
+        series = conn.execute(select(SERIES)).one()
+    assert series.status == "dispatched" and series.instance_count == 2
