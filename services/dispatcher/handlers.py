@@ -45,12 +45,11 @@ from shared.subjects import EVENTS_STREAM, event_subject
 
 from .progress import ProgressRecord, ProgressStore, TaskState
 from .schedule import attempt_delay, seconds_until_offpeak
-from .sender import Destination, SendItem, SendResult, file_id, send_items
+from .sender import HASH_BLOCK_BYTES, Destination, SendItem, SendResult, file_id, send_items
 
 log = logging.getLogger(__name__)
 ACTOR = "dispatcher"
 FLUSH_SECONDS = 0.5  # how often confirmed instances are written to the progress record
-HASH_BLOCK_BYTES = 1 << 20
 # Before the one association that takes over from parallel ones the peer refused: time for the peer
 # to see them end (a limit that still counts them would refuse that one too).
 ONE_ASSOCIATION_PAUSE_SECONDS = 1.0
@@ -454,7 +453,7 @@ def _check_routed(manifest: Manifest, items: list[SendItem]) -> tuple[list[SendI
                 if digest.hexdigest() != instance.sha256:
                     changed.add(item.index)
                     continue
-        routed.append(dataclasses.replace(item, file_id=file_id(stat)))
+        routed.append(dataclasses.replace(item, file_id=file_id(stat), sha256=instance.sha256))
     return routed, changed
 
 

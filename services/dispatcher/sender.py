@@ -15,6 +15,7 @@ pynetdicom's own loops and `send_c_store` (with `STORE_SEND_CHUNKED_DATASET`) ar
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -49,6 +50,7 @@ _config.LOG_HANDLER_LEVEL = "none"
 SUCCESS = 0x0000
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
 MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted one
+HASH_BLOCK_BYTES = 1 << 20
 DIMSE_TIMEOUT = 120  # seconds to wait for a C-STORE response
 NETWORK_TIMEOUT = 120  # seconds the peer may stay silent while nothing is being sent to it
 
@@ -92,9 +94,11 @@ class SendItem:
     sop_class_uid: str
     transfer_syntax_uid: str
     path: Path
-    # The file found to hold the routed copy (handlers._check_routed); another file at `path` when
-    # the instance's turn comes means a re-send replaced it meanwhile: it is not sent.
+    # The file found to hold the routed copy (handlers._check_routed) and that copy's sha256: another
+    # file at `path` with other bytes when the instance's turn comes means a re-send replaced it
+    # meanwhile: it is not sent.
     file_id: FileId | None = None
+    sha256: str = ""
 
 
 @dataclass
@@ -385,9 +389,20 @@ def _stored(response: Dataset, reencoded: bool) -> cstore.Stored:
 
 def _replaced(item: SendItem) -> bool:
     try:
-        return file_id(os.stat(item.path)) != item.file_id
+        if file_id(os.stat(item.path)) == item.file_id:
+            return False
+        # Another file: the same bytes written again (a receiver's journal replay) still go out.
+        return not item.sha256 or file_sha256(item.path) != item.sha256
     except OSError:
         return False  # gone or unreadable: the send fails and says why
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:

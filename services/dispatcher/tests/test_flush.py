@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from services.dispatcher import handlers
+from services.dispatcher import handlers, sender
 from services.dispatcher.handlers import Dispatcher, _check_routed
 from services.dispatcher.progress import ProgressStore
 from services.dispatcher.sender import SendItem
@@ -66,3 +67,22 @@ def test_a_file_with_the_routed_copys_stamp_is_not_read_again(tmp_path: Path) ->
     routed, changed = _check_routed(manifest, items)
     assert changed == {2} and [item.index for item in routed] == [0, 1]
     assert all(item.file_id is not None for item in routed)
+
+
+def test_the_sender_skips_a_file_replaced_with_other_bytes_after_the_check(tmp_path: Path) -> None:
+    path = tmp_path / "a.dcm"
+    path.write_bytes(b"routed bytes")
+    manifest = Manifest(batch_id="b", level="series", study_uid="1", series_uids=["1"], instances=[ManifestInstance(
+        sop_uid="a", series_uid="1", study_uid="1", blob_key="k", sop_class_uid="1.2", transfer_syntax_uid="1.2",
+        sha256=hashlib.sha256(b"routed bytes").hexdigest(), size=12, stream_seq=1)])
+    [item], _ = _check_routed(manifest, [SendItem(0, "a", "1.2", "1.2", path)])
+    assert not sender._replaced(item)
+
+    def replace(data: bytes) -> None:  # as the receiver writes: a temp file renamed over the blob
+        (tmp_path / "new").write_bytes(data)
+        os.replace(tmp_path / "new", path)
+
+    replace(b"routed bytes")  # the same bytes again (a journal replay): still the routed copy
+    assert not sender._replaced(item)
+    replace(b"a re-send's other bytes")
+    assert sender._replaced(item)

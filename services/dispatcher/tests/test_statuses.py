@@ -105,7 +105,7 @@ class HangingScp(ScriptedScp):
         self.release = threading.Event()
         super().__init__()
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
         if uid in self.hang:
             self.hang.discard(uid)  # once
