@@ -23,12 +23,15 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from shared import subjects
@@ -110,8 +113,17 @@ def retry_delay(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
     return float(min(cap, base * (2 ** max(0, attempt - 1))))
 
 
+# How often a service that follows EVENTS checks that the stream is still the one it started on.
+STREAM_CHECK_SECONDS = 10.0
+EXIT_STREAM_REPLACED = 75  # EX_TEMPFAIL: stopped to be started again (see Service._watch_events_stream)
+
+
 class Service:
     name: str = "service"
+    # Reads EVENTS through durable consumers, KV state or a replay position (router, dispatcher,
+    # bookkeeper, processor): all of it lives in the NATS store, so when the stream is created anew
+    # under the running service it stops to be started again (_watch_events_stream).
+    follows_events: bool = False
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
@@ -120,6 +132,7 @@ class Service:
         self.config_follower: ConfigFollower
         self.stopping = asyncio.Event()
         self.stop_reason = "stopped"
+        self.exit_code = 0  # main() exits with it: non-zero asks whoever supervises for a restart
         self.started_at = time.monotonic()
         self._tasks: list[asyncio.Task[Any]] = []
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -153,6 +166,8 @@ class Service:
             asyncio.run(self.run())
         except KeyboardInterrupt:
             pass
+        if self.exit_code:
+            sys.exit(self.exit_code)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,11 +178,14 @@ class Service:
         self.config_follower = ConfigFollower(self.bus, on_change=self.on_config)
         await self.config_follower.start()
         await self.config_follower.wait_ready()
+        events_created = await self._events_created() if self.follows_events else None
         await self.setup()
         await self.publish(make_event("service.started", self.name, ServiceStarted(
             service=self.name, instance=self.instance, pid=os.getpid(), host=socket.gethostname(),
             version=VERSION)))
         self._tasks.append(asyncio.create_task(self._heartbeat()))
+        if self.follows_events:
+            self.spawn(self._watch_events_stream(events_created))
         log.info("%s started", self.name, extra={"data": {"instance": self.instance}})
         await self.stopping.wait()
         await self._shutdown()
@@ -203,6 +221,45 @@ class Service:
         task = asyncio.ensure_future(coro)
         self._tasks.append(task)
         return task
+
+    async def _events_created(self) -> datetime | None:
+        """The EVENTS stream's creation time: which incarnation of it this process follows."""
+        return (await self.bus.js.stream_info(subjects.EVENTS_STREAM)).created
+
+    async def _watch_events_stream(self, created: datetime | None) -> None:
+        """Stop, to be started again, once the EVENTS stream is gone or was created anew.
+
+        A NATS store lost or replaced under running services takes the durable consumers, the KV
+        buckets (router checkpoint, dispatch progress) and the stream positions with it: pulls then
+        failed for good and the router waited for sequences the new stream would reach only much
+        later, so images accepted after the streams were declared again were neither routed nor
+        sent, while every heartbeat looked healthy (found by a loss-hunting review). A fresh start
+        declares everything again and follows the new stream from its start (the bookkeeper keeps
+        the old one's rows, services/bookkeeper/incarnation.py).
+        """
+        missing = 0
+        while not self.stopping.is_set():
+            await asyncio.sleep(STREAM_CHECK_SECONDS)
+            try:
+                now: datetime | None = await self._events_created()
+            except NotFoundError:
+                # Gone (the next start declares it), unless a restarting server has not loaded its
+                # streams yet: only when it is still missing at the next check.
+                missing += 1
+                if missing < 2:
+                    continue
+                now = None
+            except Exception:  # noqa: BLE001 - NATS unreachable for now: nothing to conclude
+                continue
+            else:
+                missing = 0
+            if now is not None and now == created:
+                continue
+            log.error("the EVENTS stream was %s since this process started (NATS store lost or replaced): "
+                      "stopping to start again on the new one", "created anew" if now else "removed")
+            self.exit_code = EXIT_STREAM_REPLACED
+            self.request_stop("the EVENTS stream was created anew (or removed): starting again to follow it")
+            return
 
     async def _heartbeat(self) -> None:
         interval = self.settings.heartbeat_seconds

@@ -10,7 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from shared import subjects
+import pytest
+
+from shared import runtime, subjects
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, SettingsItem
 from shared.config.state import plan_changes
@@ -126,3 +128,29 @@ def test_sigterm_stops_a_service_process_cleanly(nats_url: str, tmp_path: Path) 
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()
+
+
+class EventsWorker(Worker):
+    follows_events = True
+
+
+async def test_a_service_following_events_starts_again_when_the_stream_is_created_anew(
+        nats_url: str, tmp_path: Path, bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NATS store lost under running services (a wiped volume, a NATS replaced), and the streams
+    declared again by the next process that connects: the durables, KV buckets and stream positions
+    went with the old store, and the services pulled and replayed in vain for good, so images
+    accepted afterwards were neither routed nor sent. A service that follows EVENTS stops with an
+    exit code that gets it started again (by `caduceus up`, systemd, a container policy)."""
+    monkeypatch.setattr(runtime, "STREAM_CHECK_SECONDS", 0.2, raising=False)
+    worker = EventsWorker(_settings(nats_url, tmp_path))
+    plain = Worker(_settings(nats_url, tmp_path / "plain"))
+    running = [asyncio.create_task(worker.run()), asyncio.create_task(plain.run())]
+    await asyncio.sleep(1.0)
+    assert not any(task.done() for task in running)  # the same stream all along: nothing to do
+    await bus.js.delete_stream(subjects.EVENTS_STREAM)
+    await bus.declare_streams()
+    await asyncio.wait_for(running[0], 10)
+    assert getattr(worker, "exit_code", 0) != 0 and "created anew" in worker.stop_reason
+    assert not running[1].done()  # (a service that reads no work from EVENTS carries on)
+    plain.request_stop("test done")
+    await running[1]

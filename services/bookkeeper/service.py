@@ -44,6 +44,7 @@ INGEST_STOP_SECONDS = 10.0
 
 class BookkeeperService(Service):
     name = "bookkeeper"
+    follows_events = True
 
     def __init__(self, settings: Settings | None = None, batch: int = BATCH) -> None:
         super().__init__(settings)

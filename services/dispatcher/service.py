@@ -27,6 +27,7 @@ PREFERRED_GRACE_SECONDS = 0.02
 
 class DispatcherService(Service):
     name = "dispatcher"
+    follows_events = True
     settings: Settings
 
     def __init__(self, settings: Settings | None = None) -> None:

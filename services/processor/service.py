@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 class ProcessorService(Service):
     name = "processor"
+    follows_events = True
     backlog_refresh_seconds = 5.0
 
     async def setup(self) -> None:

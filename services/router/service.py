@@ -57,6 +57,7 @@ IDLE_CHECKPOINT_SECONDS = 30.0   # how often a router with nothing open moves it
 
 class RouterService(Service):
     name = "router"
+    follows_events = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

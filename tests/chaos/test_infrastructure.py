@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 import urllib.error
@@ -96,6 +97,48 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
         print(f"RESULT nats restart: storescu accepted {len(first.accepted)}/400 in the association, "
               f"resent {len(first.failed)}; deliveries {sum(delivered.values())} for {len(delivered)} instances; "
               f"services crashed: {crashed}")
+    finally:
+        cad.kill_all()
+        if replacement is not None:
+            replacement.stop()
+
+
+def test_nats_store_lost_while_the_services_run(tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
+                                               storescp_factory: Callable[..., StoreScp]) -> None:
+    """NATS comes back with an empty store (a lost volume, a server replaced) while every service
+    keeps running; the next process that connects (here `caduceus status`) declares the streams
+    again and the operator applies the configuration again. Images sent after that must be routed
+    and delivered: the services that follow EVENTS lost their durables, KV buckets and positions
+    with the store, and pulled and replayed in vain, healthy by their heartbeats, for good."""
+    dest = storescp_factory(extra_args=["+uf"])
+    config = route_all_config(dest.port, dest.aet)
+    cad = caduceus_factory(config=config)
+    first = storescu(cad.dicom_port, make_series(tmp_path / "one", 5, size=64))
+    assert first.returncode == 0 and len(first.accepted) == 5
+    wait_for(lambda: set(storescp_deliveries(dest.files())) >= first.accepted, 60, "the first series delivered",
+             cad.logs)
+    replacement: EmbeddedNats | None = None
+    try:
+        os.kill(int(cad.state()["nats_pid"]), signal.SIGKILL)
+        time.sleep(1)
+        for store in (cad.data / "nats").iterdir():
+            if store.is_dir():
+                shutil.rmtree(store)
+        replacement = EmbeddedNats(cad.data / "nats", port=cad.nats_port,
+                                   log_file=cad.data / "logs" / "nats-restarted.log").start()
+        time.sleep(2)
+        cad.cli("status")
+        cad.apply_config(config)
+        files = make_series(tmp_path / "two", 5, size=64)
+        second = wait_for(lambda: (lambda r: r if r.returncode == 0 else None)(storescu(cad.dicom_port, files)),
+                          60, "the second series accepted", cad.logs, interval=2)
+        wait_for(lambda: set(storescp_deliveries(dest.files())) >= second.accepted, 120,
+                 "the second series delivered", cad.logs)
+        # The audit log follows the new stream too (the old one's rows archived).
+        wait_for(lambda: cad.query("select count(*) from events where stream = 'EVENTS' and type = 'image.received'"
+                                   )[0][0] == 5, 60, "the second series in the audit log", cad.logs)
+        restarted = {e.payload["service"] for e in cad.events("service.restarted")}
+        assert {"router", "dispatcher", "bookkeeper", "processor"} <= restarted, restarted
     finally:
         cad.kill_all()
         if replacement is not None:
