@@ -6,7 +6,9 @@ the enabled series rules whose filter matches the batch's first instance (mercur
 global value; per-rule values let a fast-lane rule complete its series early without changing
 everybody else's). Without a matching override the global value applies.
 
-Study (only when at least one enabled rule has trigger=study; otherwise study batches are dropped):
+Study (only when at least one enabled rule has trigger=study; otherwise study batches are dropped,
+except one with series that were left to the study rules: it completes at once and is decided,
+discarded for want of a rule, rather than leave those series undecided):
 - the rules that matter are the enabled study rules whose filter matches the study's first
   instance ("relevant rules");
 - a relevant rule with `study_required_series` waits for those series (mercure's

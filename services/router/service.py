@@ -281,6 +281,11 @@ class RouterService(Service):
         self._next_tick = max(earliest, next_tick)
         study_rules = enabled_rules(config, "study")
         for uid, batch in list(self.state.studies.items()):
+            if not study_rules and batch.awaited:
+                # Its series were left to study rules that are gone now: decided all the same (no
+                # rule matches: discarded, with its reason), not dropped with them undecided.
+                await self._complete_study(batch, StudyDue("quiet"))
+                continue
             if not study_rules:
                 del self.state.studies[uid]  # nobody routes studies: do not hold them (or the checkpoint)
                 continue

@@ -57,6 +57,9 @@ class Batch:
     instances: dict[str, Instance] = field(default_factory=dict)
     force_requested: bool = False
     force_request_event_id: str = ""
+    # A study batch some series of which were left to the study rules (a series decision with no
+    # task and no discard): it is decided even if the study rules are gone by then (service._tick).
+    awaited: bool = False
     # The completion check reads it for every open series, possibly several times a second.
     _last_arrival: datetime | None = field(default=None, repr=False, compare=False)
 
@@ -151,7 +154,12 @@ class RouterState:
         elif event.type == "route.requested":
             self._reroute(event, seq)
         elif event.type == "route.decided":
-            self.pending.pop(RouteDecided.model_validate(event.payload).batch_id, None)
+            decided = RouteDecided.model_validate(event.payload)
+            self.pending.pop(decided.batch_id, None)
+            if decided.trigger == "series" and not decided.tasks and not decided.discarded and event.study_uid:
+                study = self.studies.get(event.study_uid)
+                if study is not None:
+                    study.awaited = True
         self.last_seq = max(self.last_seq, seq)
 
     def _image(self, event: Event, seq: int) -> None:

@@ -334,3 +334,23 @@ async def test_a_rerouted_series_is_not_left_to_study_rules(bus: Bus, nats_url: 
     assert again.discarded and not again.tasks
     assert [e.payload["batch_id"] for e in of_type(events, "series.discarded")][-1] == batch_id
     assert "--study" in again.reason
+
+
+async def test_a_study_whose_series_were_left_to_study_rules_is_decided_when_those_rules_go(
+        bus: Bus, nats_url: str, data_dir: Path, store: LocalBlobStore) -> None:
+    """Its series were decided 'left to the study rules' (no task, not discarded); the study rule is
+    then removed. The open study batch was dropped without a word: its images neither delivered nor
+    discarded, and no study.completed for `caduceus reroute --study` to find."""
+    await apply_config(bus, {"settings": FAST, "targets": TARGETS, "rules": {
+        "mr-study": {"filter": "@Modality@ == 'MR'", "trigger": "study", "targets": ["pacs"],
+                     "study_required_series": "'never sent'"}}})
+    async with running_router(nats_url, data_dir):
+        await send_series(bus, store, "9.2", "9.2.1", 2, {"Modality": "MR", "SeriesDescription": "Axial T2"})
+        await wait_for(bus, lambda ev: len(of_type(ev, "route.decided")) == 1)
+        await apply_config(bus, {"settings": FAST, "targets": TARGETS, "rules": {}})
+        events = await wait_for(bus, lambda ev: len(of_type(ev, "route.decided")) == 2)
+    [study] = of_type(events, "study.completed")
+    assert study.study_uid == "9.2" and study.payload["series_uids"] == ["9.2.1"]
+    [discarded] = of_type(events, "series.discarded")
+    assert discarded.payload["batch_id"] == study.payload["batch_id"]
+    assert discarded.payload["reason"] == "no rule matched"
