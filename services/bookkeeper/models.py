@@ -67,6 +67,9 @@ class EventRow(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (
         UniqueConstraint("stream", "stream_seq", name="uq_events_stream_seq"),
+        # Unique per stream, not overall: an archived incarnation (`EVENTS~<created>`) may hold the
+        # ids the new one repeats (ids derived from stream sequences; migration 0005).
+        UniqueConstraint("stream", "event_id", name="uq_events_stream_event_id"),
         Index("ix_events_series_uid", "series_uid"),
         Index("ix_events_study_uid", "study_uid"),
         Index("ix_events_task_id", "task_id"),
@@ -76,7 +79,7 @@ class EventRow(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
-    event_id: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    event_id: str = Field(sa_column=Column(Text, nullable=False))
     stream: str = Field(sa_column=Column(Text, nullable=False))
     stream_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     type: str = Field(sa_column=Column(Text, nullable=False))

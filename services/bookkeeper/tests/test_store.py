@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
 
 from services.bookkeeper.db import open_database
+from services.bookkeeper.incarnation import follow_incarnation
 from services.bookkeeper.models import CURSORS, DUPLICATES, EVENTS, SERIES
 from services.bookkeeper.store import Record, advance_all, record_from_event, record_unreadable, write_batch
 from services.bookkeeper.tests.scenario import image, projection_snapshot, series_events
@@ -149,3 +151,21 @@ def test_a_superseded_copy_does_not_reopen_its_series(engine: Engine) -> None:
     with engine.connect() as conn:
         series = conn.execute(select(SERIES)).one()
     assert series.status == "dispatched" and series.instance_count == 2
+
+
+def test_the_new_incarnation_of_a_stream_is_stored_even_where_its_event_ids_repeat_the_old_ones(
+        engine: Engine) -> None:
+    # After a NATS store loss the router numbers batches from the new stream's sequences again, and
+    # its ids (batch, tasks, decisions) are derived from them: a series re-sent to the same position
+    # gets the very event ids of the archived incarnation. Those events were taken for duplicates of
+    # the archived rows, so the new decisions and tasks were missing from the log and its views.
+    old = records(3)
+    write_batch(engine, old)
+    assert follow_incarnation(engine, "EVENTS", datetime.now(UTC), last_seq=0, conflict=True)
+    write_batch(engine, old)  # the same ids at the same sequences, on the new stream
+    with engine.connect() as conn:
+        rows = conn.execute(select(EVENTS.c.stream, EVENTS.c.event_id)).all()
+        duplicates = conn.execute(select(DUPLICATES.c.stream_seq)).all()
+    current = sorted(event_id for stream, event_id in rows if stream == "EVENTS")
+    assert current == sorted(r.row["event_id"] for r in old) and not duplicates
+    assert cursor(engine) == 3
