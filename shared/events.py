@@ -298,6 +298,19 @@ class DispatchStarted(BaseModel):
     already_sent: int  # instances confirmed by earlier attempts
 
 
+# At most this many per-instance outcomes in one dispatch event (the rest are counted): a series
+# of thousands that a peer refuses whole must not make an event larger than NATS takes.
+MAX_INSTANCE_OUTCOMES = 500
+
+
+class InstanceOutcome(BaseModel):
+    """What happened to one instance that did not simply get 0x0000 (success) in an attempt."""
+
+    sop_uid: str
+    status: int | None = None  # the peer's C-STORE status; None: no response (never sent, aborted...)
+    reason: str  # the status's meaning and the peer's Error Comment, or why it was not sent
+
+
 class DispatchAttemptFailed(BaseModel):
     task_id: str
     target: str
@@ -307,6 +320,9 @@ class DispatchAttemptFailed(BaseModel):
     failed: int
     retry_in_seconds: float
     reencoded: int = 0  # of `sent`: re-encoded as Implicit VR Little Endian for this peer
+    # Each instance of this attempt that got a warning or failed; the others got 0x0000.
+    outcomes: list[InstanceOutcome] = Field(default_factory=list)
+    outcomes_omitted: int = 0  # beyond MAX_INSTANCE_OUTCOMES
 
 
 class DispatchCompleted(BaseModel):
@@ -321,6 +337,9 @@ class DispatchCompleted(BaseModel):
     # Instances whose stored copy was replaced by another (a re-send with other content) after
     # this task was routed: not sent here, since their new copy is routed by its own decision.
     changed_since_routed: list[str] = Field(default_factory=list)
+    # Each instance of this attempt stored with a warning status; the others got 0x0000.
+    outcomes: list[InstanceOutcome] = Field(default_factory=list)
+    outcomes_omitted: int = 0  # beyond MAX_INSTANCE_OUTCOMES
 
 
 class DispatchFailed(BaseModel):

@@ -29,6 +29,7 @@ from shared.bookkeeper_client import BookkeeperClient, BookkeeperError
 from shared.bus import Bus, replay
 from shared.config.model import CaduceusConfig, DicomTarget
 from shared.events import (
+    MAX_INSTANCE_OUTCOMES,
     AlertRaised,
     DispatchAttemptFailed,
     DispatchCompleted,
@@ -37,6 +38,7 @@ from shared.events import (
     DispatchRetryRequested,
     DispatchStarted,
     Event,
+    InstanceOutcome,
     deterministic_event_id,
 )
 from shared.manifest import Manifest, read_manifest
@@ -69,6 +71,8 @@ class Outcome:
     reencoded: int = 0  # of `sent`: went out as Implicit VR Little Endian (see reencode)
     refused_by_peer: bool = False  # the destination does not take some files as they are
     changed_sop_uids: list[str] = field(default_factory=list)  # replaced in the blob store since routed
+    instances: list[InstanceOutcome] = field(default_factory=list)  # warned or failed, one by one
+    instances_omitted: int = 0  # beyond MAX_INSTANCE_OUTCOMES
 
 
 class Dispatcher:
@@ -240,9 +244,11 @@ class Dispatcher:
                         len(changed_uids), request.target, extra=_log_context(record))
         missing = sorted(set(todo) - set(result.delivered) - changed)
         error = _describe_failure(result, len(todo) - len(changed), destination) if missing else ""
+        instances = _instance_outcomes(manifest, result)
         return Outcome(len(result.delivered), result.warnings, skipped,
                        [manifest.instances[i].sop_uid for i in missing], error, result.reencoded,
-                       result.refused_by_peer, changed_uids)
+                       result.refused_by_peer, changed_uids, instances[:MAX_INSTANCE_OUTCOMES],
+                       max(0, len(instances) - MAX_INSTANCE_OUTCOMES))
 
     async def _manifest(self, request: DispatchRequested) -> Manifest:
         try:
@@ -356,7 +362,8 @@ class Dispatcher:
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.completed", DispatchCompleted(
             task_id=record.task_id, target=request.target, sent=outcome.sent, warnings=current.warnings,
             skipped_already_sent=outcome.skipped, attempt=attempt, duration_seconds=round(duration, 3),
-            reencoded=outcome.reencoded, changed_since_routed=outcome.changed_sop_uids)))
+            reencoded=outcome.reencoded, changed_since_routed=outcome.changed_sop_uids,
+            outcomes=outcome.instances, outcomes_omitted=outcome.instances_omitted)))
         if outcome.changed_sop_uids:
             await self.bus.publish(self._follow_up(current, delivery, "alert.raised", AlertRaised(
                 severity="warning", source=ACTOR,
@@ -388,7 +395,8 @@ class Dispatcher:
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.attempt_failed", DispatchAttemptFailed(
             task_id=record.task_id, target=request.target, attempt=attempt, error=outcome.error,
             sent=outcome.sent, failed=len(outcome.failed_sop_uids), retry_in_seconds=delay,
-            reencoded=outcome.reencoded), str(attempt)))
+            reencoded=outcome.reencoded, outcomes=outcome.instances, outcomes_omitted=outcome.instances_omitted),
+            str(attempt)))
         if not last:
             await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error))
             await delivery.nak(delay=delay)
@@ -429,6 +437,14 @@ async def _send_parallel(destination: Destination, items: list[SendItem], parall
         await asyncio.sleep(ONE_ASSOCIATION_PAUSE_SECONDS)
         total.merge(await asyncio.to_thread(send_items, destination, unsent, on_delivered, abort))
     return total
+
+
+def _instance_outcomes(manifest: Manifest, result: SendResult) -> list[InstanceOutcome]:
+    """The instances of an attempt that got a warning or failed on their own, in manifest order.
+    Those never sent because the association failed are not listed: the attempt's error says why."""
+    return [InstanceOutcome(sop_uid=manifest.instances[index].sop_uid, status=result.statuses.get(index),
+                            reason=result.failed.get(index) or result.warned[index])
+            for index in sorted(set(result.failed) | set(result.warned))]
 
 
 def _check_routed(manifest: Manifest, items: list[SendItem]) -> tuple[list[SendItem], set[int]]:

@@ -110,10 +110,14 @@ class SendResult:
     failed: dict[int, str] = field(default_factory=dict)  # manifest index -> reason
     errors: list[str] = field(default_factory=list)  # association-level problems
     changed: list[int] = field(default_factory=list)  # replaced by another file before their turn: not sent
+    statuses: dict[int, int] = field(default_factory=dict)  # manifest index -> the peer's status, if not 0x0000
+    warned: dict[int, str] = field(default_factory=dict)  # manifest index -> the warning, for delivered ones
 
     def merge(self, other: SendResult) -> None:
         self.delivered += other.delivered
         self.changed += other.changed
+        self.statuses.update(other.statuses)
+        self.warned.update(other.warned)
         self.warnings += other.warnings
         self.reencoded += other.reencoded
         self.refused_by_peer |= other.refused_by_peer
@@ -435,20 +439,23 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
         result.failed[item.index] = getattr(assoc, "caduceus_aborted_because", "") \
             or "no C-STORE response (association aborted while sending)"
         return True
+    if status != SUCCESS:
+        result.statuses[item.index] = status
     if status == SUCCESS or is_warning(status):
         if status != SUCCESS:
             result.warnings += 1
-            log.warning("C-STORE warning 0x%04X for %s", status, item.sop_uid,
+            result.warned[item.index] = describe_status(status, stored.comment)
+            log.warning("C-STORE warning for %s: %s", item.sop_uid, result.warned[item.index],
                         extra={"sop_uid": item.sop_uid})
         result.delivered.append(item.index)
         result.reencoded += stored.reencoded
         on_delivered(item.index, status)
         return True
-    result.failed[item.index] = _refusal(status, stored.comment)
+    result.failed[item.index] = describe_status(status, stored.comment)
     return True
 
 
-def _refusal(status: int, comment: str) -> str:
-    """A failure status with its meaning (PS3.4 B.2.3, PS3.7 C) and the peer's own words."""
+def describe_status(status: int, comment: str) -> str:
+    """A warning or failure status with its meaning (PS3.4 B.2.3, PS3.7 C) and the peer's own words."""
     meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[1]
     return f"C-STORE status 0x{status:04X}" + (f" ({meaning})" if meaning else "") + (f": {comment}" if comment else "")

@@ -91,8 +91,13 @@ async def test_warning_is_delivered_failure_is_retried_alone(tmp_path: Path, bus
     assert len(attempts) == 1
     assert attempts[0].payload["sent"] == 3 and attempts[0].payload["failed"] == 1
     assert "0xA700" in attempts[0].payload["error"]
+    # Per-instance outcomes: the warned and the refused instance, each with its status and meaning.
+    outcomes = {o["sop_uid"]: o for o in attempts[0].payload["outcomes"]}
+    assert set(outcomes) == {warned, refused} and attempts[0].payload["outcomes_omitted"] == 0
+    assert outcomes[warned]["status"] == 0xB000 and "Coercion" in outcomes[warned]["reason"], outcomes
+    assert outcomes[refused]["status"] == 0xA700 and "0xA700" in outcomes[refused]["reason"], outcomes
     assert completed.payload == {**completed.payload, "sent": 1, "skipped_already_sent": 3, "warnings": 1,
-                                 "attempt": 2}
+                                 "attempt": 2, "outcomes": []}
     # The peer got every instance once, and the refused one a second time.
     assert sorted(scripted_scp.received) == sorted([i.sop_uid for i in manifest.instances] + [refused])
 
