@@ -1,4 +1,4 @@
-"""`caduceus retry TASK_ID...` / `caduceus retry --series UID`: send failed dispatch tasks again.
+"""`caduceus retry TASK_ID...` / `--series UID` / `--study UID`: send failed dispatch tasks again.
 
 Publishes one `dispatch.retry_requested` per task (actor `user:<name>`); a dispatcher resets the
 task's attempt counter and sends what the target has not confirmed yet. The state of each task is
@@ -52,14 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                         "count; instances the target already confirmed are not re-sent, unless the target now names another peer).")
     parser.add_argument("task_ids", nargs="*", metavar="TASK_ID", help="task id(s) to retry")
     parser.add_argument("--series", metavar="UID", help="retry every failed dispatch task of this series")
+    parser.add_argument("--study", metavar="UID", help="retry every failed dispatch task of this study: "
+                                                        "those of study rules and those of its series")
     parser.add_argument("--comment", default="", help="why (kept in the event)")
     add_connection_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.task_ids and not args.series:
-        print("caduceus retry: give TASK_ID(s) or --series UID", file=sys.stderr)
+    if not args.task_ids and not args.series and not args.study:
+        print("caduceus retry: give TASK_ID(s), --series UID or --study UID", file=sys.stderr)
         return 2
     url = cli_nats_url(args)
     try:
@@ -72,27 +74,28 @@ def run(args: argparse.Namespace) -> int:
 async def _retry(args: argparse.Namespace, url: str) -> int:
     bus = await connect_cli_bus(url, default_actor())
     try:
-        tasks = await read_tasks(bus, args.task_ids, args.series)
-        chosen = _choose(tasks, args.task_ids, args.series)
+        tasks = await read_tasks(bus, args.task_ids, args.series, args.study)
+        chosen = _choose(tasks, args.task_ids, args.series, args.study)
         if not chosen:
             return EXIT_NOTHING
         for view in chosen:
             await bus.publish(retry_event(view.request, bus.actor, args.comment))
             payload = view.request.payload
             print(f"retry requested: task {payload['task_id']} -> {payload.get('target')} "
-                  f"(series {view.request.series_uid}, was {view.state}"
+                  f"({_scope(view.request)}, was {view.state}"
                   f"{': ' + view.error if view.error else ''})")
         return 0
     finally:
         await bus.close()
 
 
-async def read_tasks(bus: Bus, task_ids: list[str], series: str | None) -> dict[str, TaskView]:
+async def read_tasks(bus: Bus, task_ids: list[str], series: str | None,
+                     study: str | None = None) -> dict[str, TaskView]:
     """The current state of the tasks asked for (and of others, when read from the stream)."""
     tasks: dict[str, TaskView] = {}
     try:
         stored_until = await _bookkeeper_stored_until(bus)
-        events = await _dispatch_events_from_bookkeeper(bus, task_ids, series)
+        events = await _dispatch_events_from_bookkeeper(bus, task_ids, series, study)
     except BookkeeperUnavailable:
         async for event in replay(bus, f"{EVENTS_PREFIX}.dispatch.>"):
             fold_task_event(tasks, event)
@@ -100,7 +103,8 @@ async def read_tasks(bus: Bus, task_ids: list[str], series: str | None) -> dict[
     # What the bookkeeper had not stored yet (a failure a moment ago) is on the stream's tail; an
     # event it stored meanwhile comes twice and counts once.
     async for event in replay(bus, f"{EVENTS_PREFIX}.dispatch.>", start_seq=stored_until + 1):
-        if event.series_uid == series or (event.payload.get("task_id") or event.task_id) in task_ids:
+        if (series and event.series_uid == series) or (study and event.study_uid == study) \
+                or (event.payload.get("task_id") or event.task_id) in task_ids:
             events.setdefault(event.event_id, event)
     for event in sorted(events.values(), key=lambda event: event.stream_seq or 0):
         fold_task_event(tasks, event)
@@ -116,9 +120,11 @@ async def _bookkeeper_stored_until(bus: Bus) -> int:
     return (info.ack_floor.stream_seq or 0) if info.ack_floor else 0
 
 
-async def _dispatch_events_from_bookkeeper(bus: Bus, task_ids: list[str], series: str | None) -> dict[str, Event]:
+async def _dispatch_events_from_bookkeeper(bus: Bus, task_ids: list[str], series: str | None,
+                                           study: str | None = None) -> dict[str, Event]:
     client = BookkeeperClient(bus, timeout=10)
-    queries = [{"task_id": task_id} for task_id in task_ids] + ([{"series_uid": series}] if series else [])
+    queries = [{"task_id": task_id} for task_id in task_ids] + ([{"series_uid": series}] if series else []) \
+        + ([{"study_uid": study}] if study else [])
     found: dict[str, Event] = {}
     for query in queries:
         for record in await client.all_events(type="dispatch.*", **query):
@@ -144,7 +150,8 @@ def fold_task_event(tasks: dict[str, TaskView], event: Event) -> None:
     view.error = str(event.payload.get("error", "")) if event.type != "dispatch.completed" else ""
 
 
-def _choose(tasks: dict[str, TaskView], task_ids: list[str], series: str | None) -> list[TaskView]:
+def _choose(tasks: dict[str, TaskView], task_ids: list[str], series: str | None,
+            study: str | None = None) -> list[TaskView]:
     chosen: list[TaskView] = []
     for task_id in task_ids:
         view = tasks.get(task_id)
@@ -159,7 +166,16 @@ def _choose(tasks: dict[str, TaskView], task_ids: list[str], series: str | None)
         if not failed:
             print(f"caduceus retry: no failed dispatch task for series {series}", file=sys.stderr)
         chosen += [v for v in failed if v not in chosen]
+    if study:
+        failed = [v for v in tasks.values() if v.request.study_uid == study and v.state == "error"]
+        if not failed:
+            print(f"caduceus retry: no failed dispatch task for study {study}", file=sys.stderr)
+        chosen += [v for v in failed if v not in chosen]
     return chosen
+
+
+def _scope(request: Event) -> str:
+    return f"series {request.series_uid}" if request.series_uid else f"study {request.study_uid}"
 
 
 def retry_event(request: Event, actor: str, comment: str) -> Event:

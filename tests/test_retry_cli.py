@@ -20,7 +20,7 @@ from shared import subjects
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig
-from shared.events import Event, deterministic_event_id
+from shared.events import DispatchFailed, DispatchRequested, Event, deterministic_event_id, make_event
 
 STUDY = "1.2.826.0.1.3680043.10.543.77"
 FAILED, DONE = f"{STUDY}.1", f"{STUDY}.2"
@@ -59,6 +59,37 @@ async def test_without_a_bookkeeper_the_stream_is_read(bus: Bus) -> None:
     assert tasks[task_of(DONE)].state == "done"   # the stream is read whole
     chosen = retry_cmd._choose(tasks, [], FAILED)
     assert [view.request.payload["task_id"] for view in chosen] == [task_of(FAILED)]
+
+
+def study_task_events() -> list[Event]:
+    """A study rule's dispatch task (no series UID) that failed."""
+    task_id = deterministic_event_id("batch-study", "rule-study", "pacs")
+    requested = make_event("dispatch.requested", "router", DispatchRequested(
+        task_id=task_id, rule="rule-study", target="pacs", manifest_key="manifests/study.json", instance_count=4),
+        task_id=task_id, study_uid=STUDY)
+    failed = requested.caused("dispatch.failed", "dispatcher", DispatchFailed(
+        task_id=task_id, target="pacs", attempts=3, error="connection refused"))
+    return [requested, failed]
+
+
+async def test_a_study_retries_its_study_tasks_and_those_of_its_series(bus: Bus, nats_url: str,
+                                                                     data_dir: Path) -> None:
+    study_task = study_task_events()[0].payload["task_id"]
+    await bus.publish_many(study_task_events())
+    # On the stream (no bookkeeper), and from the log (one running).
+    for reading in ("stream", "log"):
+        if reading == "stream":
+            await publish_story(bus)
+            tasks = await retry_cmd.read_tasks(bus, [], None, STUDY)
+        else:
+            database_url = f"sqlite:///{data_dir / 'bookkeeper.sqlite'}"
+            async with running(settings_for(nats_url, database_url, data_dir)) as service:
+                await wait_caught_up(bus, service.engine)
+                tasks = await retry_cmd.read_tasks(bus, [], None, STUDY)
+        chosen = retry_cmd._choose(tasks, [], None, STUDY)
+        assert sorted(view.request.payload["task_id"] for view in chosen) == sorted([study_task, task_of(FAILED)])
+        # --series alone does not reach a study rule's task.
+        assert [v.request.payload["task_id"] for v in retry_cmd._choose(tasks, [], FAILED)] == [task_of(FAILED)]
 
 
 async def test_tasks_whose_events_expired_from_the_stream_are_found_in_the_log(
