@@ -59,14 +59,19 @@ async def test_urgent_first_but_normal_not_starved(tmp_path: Path, bus: Bus, nat
     assert order == ["urgent", "urgent", "normal", "urgent", "urgent", "normal", "normal", "normal"]
 
 
+def closed_window() -> tuple[str, str]:
+    """A one-minute off-peak window that opened two minutes ago: closed now, opens in ~23 h 58 min."""
+    now = datetime.now().astimezone()
+    start = f"{(now.hour * 60 + now.minute - 2) % 1440 // 60:02d}:{(now.minute - 2) % 60:02d}"
+    end = f"{(now.hour * 60 + now.minute - 1) % 1440 // 60:02d}:{(now.minute - 1) % 60:02d}"
+    return start, end
+
+
 async def test_offpeak_task_waits_outside_the_window(tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path,
                                                      blob_store: LocalBlobStore, storescp: StoreScp) -> None:
     files = make_series(tmp_path / "series", 2)
     manifest, key = await stage_files(blob_store, files)
-    now = datetime.now().astimezone()
-    # A one-minute window that opened two minutes ago: closed now, opens again in ~23 h 58 min.
-    start = f"{(now.hour * 60 + now.minute - 2) % 1440 // 60:02d}:{(now.minute - 2) % 60:02d}"
-    end = f"{(now.hour * 60 + now.minute - 1) % 1440 // 60:02d}:{(now.minute - 1) % 60:02d}"
+    start, end = closed_window()
     await apply_pacs_config(bus, storescp.port, storescp.aet, offpeak_start=start, offpeak_end=end)
     async with running_dispatcher(nats_url, data_dir):
         waiting = await request_dispatch(bus, manifest, key, "pacs", priority="offpeak")
@@ -111,9 +116,7 @@ async def test_many_waiting_tasks_do_not_hold_back_new_work(tmp_path: Path, bus:
     # max_ack_pending (100): from then on no normal task or manual retry was delivered until the window.
     files = make_series(tmp_path / "series", 1)
     manifest, key = await stage_files(blob_store, files)
-    now = datetime.now().astimezone()
-    start = f"{(now.hour * 60 + now.minute - 2) % 1440 // 60:02d}:{(now.minute - 2) % 60:02d}"
-    end = f"{(now.hour * 60 + now.minute - 1) % 1440 // 60:02d}:{(now.minute - 1) % 60:02d}"
+    start, end = closed_window()
     await apply_pacs_config(bus, storescp.port, storescp.aet, offpeak_start=start, offpeak_end=end)
     async with running_dispatcher(nats_url, data_dir):
         for _ in range(120):
