@@ -89,9 +89,13 @@ def without_file_meta_elements(data: bytes, transfer_syntax_uid: str) -> tuple[b
     start = 144 + struct.unpack_from("<I", data, 140)[0]
     if data[start:start + 2] != b"\x02\x00":
         return data, 0
-    implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
     end = start
     while data[end:end + 2] == b"\x02\x00":
+        # File Meta is Explicit VR Little Endian whatever the negotiated syntax (PS3.10 7.1), and a
+        # sender that writes a Part 10 header into an implicit data set writes it so: an element
+        # with a VR is explicit (a group 0002 value is far shorter than the 0x4141 bytes two
+        # upper-case letters would make of an implicit length).
+        implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN and not _looks_like_vr(data[end + 4:end + 6])
         length_end = end + 8 if implicit or data[end + 4:end + 6] not in _LONG_VRS else end + 12
         if length_end > len(data):
             return data, 0
@@ -103,3 +107,7 @@ def without_file_meta_elements(data: bytes, transfer_syntax_uid: str) -> tuple[b
             return data, 0
         end = length_end + length
     return data[:start] + data[end:], end - start
+
+
+def _looks_like_vr(value: bytes) -> bool:
+    return len(value) == 2 and all(0x41 <= byte <= 0x5A for byte in value)

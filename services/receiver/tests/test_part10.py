@@ -67,3 +67,16 @@ def test_what_cannot_be_walked_is_left_as_it_is() -> None:
     deflated = _file("1.2.840.10008.1.2.1.99", b"\x02\x00\x10\x00UI\x02\x001\x00")
     for data, syntax in ((undefined, explicit), (truncated, explicit), (deflated, "1.2.840.10008.1.2.1.99")):
         assert without_file_meta_elements(data, syntax) == (data, 0)
+
+
+def test_explicit_file_meta_in_an_implicit_data_set_is_dropped_whole() -> None:
+    """A sender that writes a whole Part 10 file into the data set writes its File Meta as Explicit
+    VR Little Endian (PS3.10 7.1) whatever the negotiated syntax: read as implicit, '(0002,0000) UL'
+    gave a length of 0x44C55 and cut 281 KB out of the data set (or left the header in place)."""
+    implicit, explicit = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+    pixels: tuple[int, str, bytes | str] = (0x7FE00010, "OW", b"\x00" * 300_000)
+    clean = _file(implicit, _data_set(implicit, [PATIENT, pixels]))
+    injected = _data_set(explicit, [(0x00020000, "UL", 80), *INJECTED])
+    data, dropped = without_file_meta_elements(
+        _file(implicit, injected + _data_set(implicit, [PATIENT, pixels])), implicit)
+    assert (data == clean, dropped) == (True, len(injected))
