@@ -107,6 +107,10 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
         if count == 0:
             break
         received += count
+        if received < nr_bytes:
+            # The network timeout is for a silent peer: one still sending a large PDU (a whole
+            # instance in one P-DATA-TF over a slow link) is not, however long the PDU takes.
+            self.assoc.dul._idle_timer.restart()
     if received < len(buffer):
         del buffer[received:]
     return buffer

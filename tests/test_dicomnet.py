@@ -21,7 +21,8 @@ def test_a_read_stalled_inside_a_pdu_ends_when_the_association_is_given_up(give_
     artim, idle = Timer(30), Timer(120)
     artim.start()
     idle.start()
-    dul = SimpleNamespace(_kill_thread=False, artim_timer=artim, idle_timer_expired=lambda: idle.expired)
+    dul = SimpleNamespace(_kill_thread=False, artim_timer=artim, _idle_timer=idle,
+                          idle_timer_expired=lambda: idle.expired)
     assoc_socket = SimpleNamespace(socket=ours, assoc=SimpleNamespace(dul=dul))
     peer.sendall(b"x" * 10)
     outcome: list[object] = []
@@ -53,7 +54,8 @@ def test_a_read_stalled_inside_a_pdu_ends_when_the_association_is_given_up(give_
 
 def test_a_read_returns_what_arrives_and_stops_at_a_close() -> None:
     ours, peer = socket.socketpair()
-    dul = SimpleNamespace(_kill_thread=False, artim_timer=Timer(None), idle_timer_expired=lambda: False)
+    dul = SimpleNamespace(_kill_thread=False, artim_timer=Timer(None), _idle_timer=Timer(None),
+                          idle_timer_expired=lambda: False)
     assoc_socket = SimpleNamespace(socket=ours, assoc=SimpleNamespace(dul=dul))
     try:
         peer.sendall(b"a" * 3000)
@@ -62,3 +64,30 @@ def test_a_read_returns_what_arrives_and_stops_at_a_close() -> None:
         assert bytes(dicomnet._recv(assoc_socket, 10)) == b""  # closed: a short result, as before
     finally:
         ours.close()
+
+
+def test_a_pdu_still_arriving_is_not_cut_off_by_the_network_timeout() -> None:
+    # A large P-DATA-TF (max PDU 0 = unlimited: a sender may put a whole WSI or cine in one PDU) over
+    # a slow link takes longer than the network timeout while bytes keep coming. The timeout is for
+    # a silent peer: the read gave up at the first pause once the timer, started at the last whole
+    # PDU, ran out, and every retry of that instance failed the same way.
+    ours, peer = socket.socketpair()
+    idle = Timer(0.6)
+    idle.start()
+    dul = SimpleNamespace(_kill_thread=False, artim_timer=Timer(None), _idle_timer=idle,
+                          idle_timer_expired=lambda: idle.expired)
+    assoc_socket = SimpleNamespace(socket=ours, assoc=SimpleNamespace(dul=dul))
+
+    def trickle() -> None:
+        for _ in range(8):  # 2.4 s in all, a pause longer than RECV_WAIT between parts
+            peer.sendall(b"x" * 10)
+            time.sleep(0.3)
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        assert bytes(dicomnet._recv(assoc_socket, 80)) == b"x" * 80
+    finally:
+        sender.join()
+        ours.close()
+        peer.close()
