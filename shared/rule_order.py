@@ -44,18 +44,24 @@ class RuleOrder:
                 and bool(enabled_rules(config, "study")))
 
 
-def evaluate_in_order(config: CaduceusConfig, trigger: str, tags: dict[str, str]) -> RuleOrder:
+def evaluate_in_order(config: CaduceusConfig, trigger: str, tags: dict[str, str],
+                      study_tags: dict[str, str] | None = None) -> RuleOrder:
+    """`study_tags`: for a series, the tags its study's decision will see (the study's first
+    instance); without them the series' own."""
     order = RuleOrder()
     _evaluate_group(config, trigger, tags, False, order)
-    if not order.matched and order.discard_rule is None and not _taken_by_a_study_rule(config, trigger, tags):
+    taken = _taken_by_a_study_rule(config, trigger, tags if study_tags is None else study_tags)
+    if not order.matched and order.discard_rule is None and not taken:
         _evaluate_group(config, trigger, tags, True, order)
     return order
 
 
-def _taken_by_a_study_rule(config: CaduceusConfig, trigger: str, tags: dict[str, str]) -> bool:
-    """A series a study rule matches was matched (mercure evaluates all rules on each series): no
-    series fallback for it. The study rules are evaluated for real, and reported, at the study."""
-    return trigger == "series" and any(not rule.fallback and evaluate(rule, tags).matched
+def _taken_by_a_study_rule(config: CaduceusConfig, trigger: str, study_tags: dict[str, str]) -> bool:
+    """A series whose study a study rule will take was matched (mercure evaluates all rules on each
+    series): no series fallback for it. Judged on the tags the study decision sees, so that a
+    series the study rule will not take (a PT series in a study whose first instance is CT, under
+    `@Modality@ == 'PT'`) still gets its fallback."""
+    return trigger == "series" and any(not rule.fallback and evaluate(rule, study_tags).matched
                                        for _, rule in enabled_rules(config, "study"))
 
 

@@ -71,18 +71,20 @@ def _batch(completed: Event) -> _Batch:
                   st.peer_host, st.action, completed, envelope)
 
 
-def decide(completed: Event, config: CaduceusConfig, rerouted: bool = False) -> list[Event]:
+def decide(completed: Event, config: CaduceusConfig, rerouted: bool = False,
+           study_tags: dict[str, str] | None = None) -> list[Event]:
     """The events for a `series.completed` / `study.completed` event; `route.decided` is last.
 
     `rerouted`: the batch is decided again on request (`route.requested`). No study decision
     follows that, so a series no series rule takes is discarded rather than left to the study rules.
+    `study_tags`: a series batch's study's first instance (what the study decision will see).
     """
     batch = _batch(completed)
     if batch.action != "proceed":
         return _forced_without_rules(batch)
     events: list[Event] = []
     evaluations: list[RuleEvaluation] = []
-    order = evaluate_in_order(config, batch.level, batch.tags)
+    order = evaluate_in_order(config, batch.level, batch.tags, study_tags if batch.level == "series" else None)
     for name, rule, result in order.evaluated:
         evaluations.append(RuleEvaluation(rule=name, matched=result.matched, error=result.error,
                                           missing_tags=result.missing_tags))

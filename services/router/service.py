@@ -34,6 +34,7 @@ from shared.blobstore import BlobStore, open_blob_store, receipt_stamp
 from shared.bus import event_from_msg
 from shared.events import (
     AlertRaised,
+    Event,
     SeriesCompleted,
     StudyCompleted,
     deterministic_event_id,
@@ -249,12 +250,18 @@ class RouterService(Service):
 
     # ------------------------------------------------------------ deciding
 
+    def _study_tags(self, completed: Event) -> dict[str, str] | None:
+        """The tags the decision of a series' study will see: its study batch's first instance."""
+        study = self.state.studies.get(completed.study_uid or "") if completed.type == "series.completed" else None
+        return study.first.received.tags if study is not None and study.instances else None
+
     async def _decide_pending(self) -> None:
         for batch_id, pending in list(self.state.pending.items()):
             if batch_id in self.decided:
                 continue
             completed = pending.completed_event
-            events = decide(completed, self.config, rerouted=pending.rerouted)
+            events = decide(completed, self.config, rerouted=pending.rerouted,
+                            study_tags=self._study_tags(completed))
             # route.decided goes last: once it is stored the batch counts as decided.
             await self.bus.publish_many(events[:-1])
             await self.publish(events[-1])
