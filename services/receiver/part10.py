@@ -68,8 +68,9 @@ def encoded_dataset(event: Any) -> bytes:
 
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-# Little endian syntaxes whose data set is not deflated: element headers can be read as they are.
-_NOT_LITTLE_ENDIAN_PLAIN = ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99")
+# Syntaxes whose data set cannot be walked as little endian bytes: big endian, and the deflated
+# ones (Deflated Explicit VR Little Endian, JPIP Referenced Deflate).
+_NOT_LITTLE_ENDIAN_PLAIN = ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
                        b"UT", b"UV"))
 

@@ -36,7 +36,7 @@ def _file(syntax: str, data_set: bytes) -> bytes:
     return PREAMBLE + file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", syntax) + data_set
 
 
-def _data_set(syntax: str, elements: list[tuple[int, str, bytes | str]]) -> bytes:
+def _data_set(syntax: str, elements: list[tuple[int, str, bytes | str | int]]) -> bytes:
     with BytesIO() as out:
         fp = DicomFileLike(out)
         fp.is_little_endian, fp.is_implicit_VR = True, syntax == "1.2.840.10008.1.2"
@@ -47,8 +47,8 @@ def _data_set(syntax: str, elements: list[tuple[int, str, bytes | str]]) -> byte
         return out.getvalue()
 
 
-PATIENT: tuple[int, str, bytes | str] = (0x00100020, "LO", "ID1")
-INJECTED: list[tuple[int, str, bytes | str]] = [
+PATIENT: tuple[int, str, bytes | str | int] = (0x00100020, "LO", "ID1")
+INJECTED: list[tuple[int, str, bytes | str | int]] = [
     (0x00020001, "OB", b"\x00\x01"), (0x00020003, "UI", "1.2.3"), (0x00020010, "UI", "1.2.840.10008.1.2.4.50")]
 
 
@@ -74,7 +74,7 @@ def test_explicit_file_meta_in_an_implicit_data_set_is_dropped_whole() -> None:
     VR Little Endian (PS3.10 7.1) whatever the negotiated syntax: read as implicit, '(0002,0000) UL'
     gave a length of 0x44C55 and cut 281 KB out of the data set (or left the header in place)."""
     implicit, explicit = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
-    pixels: tuple[int, str, bytes | str] = (0x7FE00010, "OW", b"\x00" * 300_000)
+    pixels: tuple[int, str, bytes | str | int] = (0x7FE00010, "OW", b"\x00" * 300_000)
     clean = _file(implicit, _data_set(implicit, [PATIENT, pixels]))
     injected = _data_set(explicit, [(0x00020000, "UL", 80), *INJECTED])
     data, dropped = without_file_meta_elements(
