@@ -180,8 +180,7 @@ class BookkeeperService(Service):
             for task in late:
                 task.cancel()
             await asyncio.gather(*self.ingesting, return_exceptions=True)
-        for ingestor in self.ingestors:
-            await ingestor.close()
+        await asyncio.gather(*(ingestor.close() for ingestor in self.ingestors))
         if self.rpc is not None:
             await self.rpc.stop()
         self.engine.dispose()
