@@ -78,4 +78,5 @@ def test_store_path_smoke_prints_per_image_costs(tmp_path: Path) -> None:
         row = re.search(rf"^{re.escape(name)} +([\d.]+) us wall +([\d.]+) us user CPU", out, re.M)
         assert row, out
         assert float(row.group(1)) > 0
-    assert re.search(r"^ratio header / pydicom dcmread \(CPU\): \d+\.\d+", out, re.M), out
+    # (User CPU is counted in clock ticks: ten images may measure 0 for the reference, then "n/a".)
+    assert re.search(r"^ratio header / pydicom dcmread \(CPU\): (\d+\.\d+|n/a)", out, re.M), out
