@@ -47,7 +47,7 @@ from shared.subjects import EVENTS_STREAM, event_subject
 
 from .progress import ProgressRecord, ProgressStore, TaskState
 from .schedule import attempt_delay, seconds_until_offpeak
-from .sender import HASH_BLOCK_BYTES, Destination, SendItem, SendResult, file_id, send_items
+from .sender import Destination, SendItem, SendResult, file_id, send_items
 
 log = logging.getLogger(__name__)
 ACTOR = "dispatcher"
@@ -463,10 +463,7 @@ def _check_routed(manifest: Manifest, items: list[SendItem]) -> tuple[list[SendI
             stat = os.fstat(source.fileno())
             if not (instance.received_stamp and stat.st_mtime_ns == instance.received_stamp):
                 # Not the receiver's stamp of the routed copy: the bytes decide.
-                digest = hashlib.sha256()
-                for block in iter(lambda: source.read(HASH_BLOCK_BYTES), b""):
-                    digest.update(block)
-                if digest.hexdigest() != instance.sha256:
+                if hashlib.file_digest(source, "sha256").hexdigest() != instance.sha256:
                     changed.add(item.index)
                     continue
         routed.append(dataclasses.replace(item, file_id=file_id(stat), sha256=instance.sha256))

@@ -50,7 +50,6 @@ _config.LOG_HANDLER_LEVEL = "none"
 SUCCESS = 0x0000
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
 MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted one
-HASH_BLOCK_BYTES = 1 << 20
 DIMSE_TIMEOUT = 120  # seconds to wait for a C-STORE response
 NETWORK_TIMEOUT = 120  # seconds the peer may stay silent while nothing is being sent to it
 
@@ -104,7 +103,6 @@ class SendItem:
 @dataclass
 class SendResult:
     delivered: list[int] = field(default_factory=list)
-    warnings: int = 0
     reencoded: int = 0  # delivered as Implicit VR Little Endian, the peer refusing their own syntax
     refused_by_peer: bool = False  # the peer accepted no context for some file: a retry alone fails again
     failed: dict[int, str] = field(default_factory=dict)  # manifest index -> reason
@@ -113,12 +111,15 @@ class SendResult:
     statuses: dict[int, int] = field(default_factory=dict)  # manifest index -> the peer's status, if not 0x0000
     warned: dict[int, str] = field(default_factory=dict)  # manifest index -> the warning, for delivered ones
 
+    @property
+    def warnings(self) -> int:
+        return len(self.warned)
+
     def merge(self, other: SendResult) -> None:
         self.delivered += other.delivered
         self.changed += other.changed
         self.statuses.update(other.statuses)
         self.warned.update(other.warned)
-        self.warnings += other.warnings
         self.reencoded += other.reencoded
         self.refused_by_peer |= other.refused_by_peer
         self.failed.update(other.failed)
@@ -402,11 +403,8 @@ def _replaced(item: SendItem) -> bool:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as source:
-        for block in iter(lambda: source.read(HASH_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
@@ -443,7 +441,6 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
         result.statuses[item.index] = status
     if status == SUCCESS or is_warning(status):
         if status != SUCCESS:
-            result.warnings += 1
             result.warned[item.index] = describe_status(status, stored.comment)
             log.warning("C-STORE warning for %s: %s", item.sop_uid, result.warned[item.index],
                         extra={"sop_uid": item.sop_uid})
