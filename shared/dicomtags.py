@@ -350,6 +350,22 @@ def _element_header(data: bytes, pos: int, total: int, implicit: bool) -> tuple[
     return group << 16 | element, raw_vr.decode(), length, pos + 8
 
 
+def element_end(data: bytes, pos: int, implicit: bool) -> int | None:
+    """Where the element at `pos` ends, or None if that cannot be told from its header here (cut
+    short, an unknown VR, an undefined length, a value past the end of `data`). `implicit`: an
+    element without a VR is read as Implicit VR; one with a VR as explicit all the same."""
+    total = len(data)
+    if pos + 8 > total:
+        return None
+    try:
+        _, _, length, value_at = _element_header(data, pos, total, implicit and _looks_implicit(data, pos))
+    except _Unusual:
+        return None
+    if length == _UNDEFINED or value_at + length > total:
+        return None
+    return value_at + length
+
+
 def _looks_implicit(data: bytes, pos: int) -> bool:
     """pydicom's test (filereader._is_implicit_vr): a VR is two upper-case ASCII letters."""
     return not (0x40 < data[pos + 4] < 0x5B and 0x40 < data[pos + 5] < 0x5B)

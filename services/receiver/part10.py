@@ -13,6 +13,8 @@ from typing import Any
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from shared.dicomtags import element_end
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
 _UID_CHARS = frozenset("0123456789.")
 
@@ -71,8 +73,6 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # Syntaxes whose data set cannot be walked as little endian bytes: big endian, and the deflated
 # ones (Deflated Explicit VR Little Endian, JPIP Referenced Deflate).
 _NOT_LITTLE_ENDIAN_PLAIN = ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
-_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                       b"UT", b"UV"))
 
 
 def without_file_meta_elements(data: bytes, transfer_syntax_uid: str) -> tuple[bytes, int]:
@@ -90,25 +90,14 @@ def without_file_meta_elements(data: bytes, transfer_syntax_uid: str) -> tuple[b
     start = 144 + struct.unpack_from("<I", data, 140)[0]
     if data[start:start + 2] != b"\x02\x00":
         return data, 0
-    end = start
-    while data[end:end + 2] == b"\x02\x00":
-        # File Meta is Explicit VR Little Endian whatever the negotiated syntax (PS3.10 7.1), and a
-        # sender that writes a Part 10 header into an implicit data set writes it so: an element
-        # with a VR is explicit (a group 0002 value is far shorter than the 0x4141 bytes two
-        # upper-case letters would make of an implicit length).
-        implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN and not _looks_like_vr(data[end + 4:end + 6])
-        length_end = end + 8 if implicit or data[end + 4:end + 6] not in _LONG_VRS else end + 12
-        if length_end > len(data):
-            return data, 0
-        if implicit or length_end == end + 12:
-            length = struct.unpack_from("<I", data, length_end - 4)[0]
-        else:
-            length = struct.unpack_from("<H", data, end + 6)[0]
-        if length == 0xFFFFFFFF or length_end + length > len(data):
-            return data, 0
-        end = length_end + length
+    # File Meta is Explicit VR Little Endian whatever the negotiated syntax (PS3.10 7.1), and a
+    # sender that writes a Part 10 header into an implicit data set writes it so: an element with a
+    # VR is explicit (a group 0002 value is far shorter than the 0x4141 bytes two upper-case
+    # letters would make of an implicit length).
+    implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
+    end: int | None = start
+    while end is not None and data[end:end + 2] == b"\x02\x00":
+        end = element_end(data, end, implicit)
+    if end is None:
+        return data, 0
     return data[:start] + data[end:], end - start
-
-
-def _looks_like_vr(value: bytes) -> bool:
-    return len(value) == 2 and all(0x41 <= byte <= 0x5A for byte in value)
