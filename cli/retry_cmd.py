@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -162,16 +163,17 @@ def _choose(tasks: dict[str, TaskView], task_ids: list[str], series: str | None,
         else:
             chosen.append(view)
     if series:
-        failed = [v for v in tasks.values() if v.request.series_uid == series and v.state == "error"]
-        if not failed:
-            print(f"caduceus retry: no failed dispatch task for series {series}", file=sys.stderr)
-        chosen += [v for v in failed if v not in chosen]
+        chosen += [v for v in _failed(tasks, f"series {series}", lambda r: r.series_uid == series) if v not in chosen]
     if study:
-        failed = [v for v in tasks.values() if v.request.study_uid == study and v.state == "error"]
-        if not failed:
-            print(f"caduceus retry: no failed dispatch task for study {study}", file=sys.stderr)
-        chosen += [v for v in failed if v not in chosen]
+        chosen += [v for v in _failed(tasks, f"study {study}", lambda r: r.study_uid == study) if v not in chosen]
     return chosen
+
+
+def _failed(tasks: dict[str, TaskView], scope: str, belongs: Callable[[Event], bool]) -> list[TaskView]:
+    failed = [v for v in tasks.values() if v.state == "error" and belongs(v.request)]
+    if not failed:
+        print(f"caduceus retry: no failed dispatch task for {scope}", file=sys.stderr)
+    return failed
 
 
 def _scope(request: Event) -> str:
