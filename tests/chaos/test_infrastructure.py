@@ -17,7 +17,6 @@ import psycopg
 import pytest
 
 from conftest import POSTGRES_ADMIN_URL, tmpfs
-from shared.natsserver import EmbeddedNats
 from tests.harness import (
     Caduceus,
     assert_ledger,
@@ -65,22 +64,23 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
     cad = caduceus_factory(config=route_all_config(dest.port, dest.aet))
     nats_pid = int(cad.state()["nats_pid"])
     files = make_series(tmp_path / "in", 400, size=64)
-    replacement: EmbeddedNats | None = None
     try:
         running = storescu_background(cad.dicom_port, files, tmp_path / "storescu.log")
         wait_for(lambda: running.successes_so_far() >= 40, 60, "40 instances acknowledged", cad.logs, interval=0.02)
-        os.kill(nats_pid, signal.SIGKILL)
-        # Longer than the receiver's publish timeout (5 s). The instances are small, so the
-        # receiver's journal accepts them through the outage; their events follow once NATS is back.
+        # `caduceus up` restarts a nats-server that exits within seconds, so the outage is made
+        # longer than the receiver's publish timeout (5 s) by first freezing the server (a hung
+        # server: connections open, nothing answered), then killing it. The instances are small,
+        # so the receiver's journal accepts them through the outage; their events follow once
+        # the restarted server (same port, same JetStream store) is up.
+        os.kill(nats_pid, signal.SIGSTOP)
         time.sleep(8)
-        # The same server again: same port, same JetStream store directory.
-        replacement = EmbeddedNats(cad.data / "nats", port=cad.nats_port,
-                                   log_file=cad.data / "logs" / "nats-restarted.log").start()
+        os.kill(nats_pid, signal.SIGKILL)
         first = running.finish()
         assert len(first.accepted) == 400 and not first.failed, first.output[-2000:]
 
         cad.wait_healthy(timeout=90)
         assert cad.process is not None and cad.process.poll() is None, "caduceus up died with NATS"
+        assert cad.state()["nats_pid"] != nats_pid, "nats-server was not restarted by caduceus up"
         accepted = first.accepted | _resend_until_accepted(cad, files, first.failed)
 
         wait_for(lambda: set(storescp_deliveries(dest.files())) >= accepted, 120, "all 400 at storescp",
@@ -99,8 +99,6 @@ def test_nats_killed_and_restarted_mid_flow(tmp_path: Path, caduceus_factory: Ca
               f"services crashed: {crashed}")
     finally:
         cad.kill_all()
-        if replacement is not None:
-            replacement.stop()
 
 
 def test_nats_store_lost_while_the_services_run(tmp_path: Path, caduceus_factory: Callable[..., Caduceus],
@@ -117,16 +115,17 @@ def test_nats_store_lost_while_the_services_run(tmp_path: Path, caduceus_factory
     assert first.returncode == 0 and len(first.accepted) == 5
     wait_for(lambda: set(storescp_deliveries(dest.files())) >= first.accepted, 60, "the first series delivered",
              cad.logs)
-    replacement: EmbeddedNats | None = None
     try:
-        os.kill(int(cad.state()["nats_pid"]), signal.SIGKILL)
-        time.sleep(1)
+        # Frozen while its store is removed (a live server would notice), then killed: `caduceus up`
+        # restarts it within seconds, on an empty store.
+        nats_pid = int(cad.state()["nats_pid"])
+        os.kill(nats_pid, signal.SIGSTOP)
         for store in (cad.data / "nats").iterdir():
             if store.is_dir():
                 shutil.rmtree(store)
-        replacement = EmbeddedNats(cad.data / "nats", port=cad.nats_port,
-                                   log_file=cad.data / "logs" / "nats-restarted.log").start()
-        time.sleep(2)
+        os.kill(nats_pid, signal.SIGKILL)
+        wait_for(lambda: cad.state()["nats_pid"] != nats_pid and _nats_health(cad)[0] == 200, 60,
+                 "nats-server restarted on an empty store", cad.logs)
         cad.cli("status")
         cad.apply_config(config)
         files = make_series(tmp_path / "two", 5, size=64)
@@ -144,8 +143,6 @@ def test_nats_store_lost_while_the_services_run(tmp_path: Path, caduceus_factory
                  "the services following EVENTS started again", cad.logs)
     finally:
         cad.kill_all()
-        if replacement is not None:
-            replacement.stop()
 
 
 # ---------------------------------------------------------------- Postgres
