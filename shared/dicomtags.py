@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import mmap
 import os
 import re
 import struct
@@ -24,7 +25,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -49,6 +50,10 @@ IDENTITY_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", 
 TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "PN", "UC"}
 BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
 _HEX_TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
+
+
+# What the header readers walk: bytes, or a memory-mapped file (read in place).
+Data = bytes | mmap.mmap
 
 
 class TagExtractionError(ValueError):
@@ -335,7 +340,7 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _NOT_FAST_SYNTAXES = {ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 
 
-def _element_header(data: bytes, pos: int, total: int, implicit: bool) -> tuple[int, str | None, int, int]:
+def _element_header(data: Data, pos: int, total: int, implicit: bool) -> tuple[int, str | None, int, int]:
     """(tag, VR or None, value length, value offset) of the element at `pos`."""
     if implicit:
         group, element, length = _IMPLICIT.unpack_from(data, pos)
@@ -350,7 +355,7 @@ def _element_header(data: bytes, pos: int, total: int, implicit: bool) -> tuple[
     return group << 16 | element, raw_vr.decode(), length, pos + 8
 
 
-def element_end(data: bytes, pos: int, implicit: bool) -> int | None:
+def element_end(data: Data, pos: int, implicit: bool) -> int | None:
     """Where the element at `pos` ends, or None if that cannot be told from its header here (cut
     short, an unknown VR, an undefined length, a value past the end of `data`). `implicit`: an
     element without a VR is read as Implicit VR; one with a VR as explicit all the same."""
@@ -366,12 +371,12 @@ def element_end(data: bytes, pos: int, implicit: bool) -> int | None:
     return value_at + length
 
 
-def _looks_implicit(data: bytes, pos: int) -> bool:
+def _looks_implicit(data: Data, pos: int) -> bool:
     """pydicom's test (filereader._is_implicit_vr): a VR is two upper-case ASCII letters."""
     return not (0x40 < data[pos + 4] < 0x5B and 0x40 < data[pos + 5] < 0x5B)
 
 
-def _is_sequence(data: bytes, start: int, tag: int, vr: str | None) -> bool:
+def _is_sequence(data: Data, start: int, tag: int, vr: str | None) -> bool:
     """An undefined-length element is a sequence to skip the way pydicom decides it is one."""
     if vr is not None:
         return vr in ("SQ", "UN")
@@ -381,7 +386,7 @@ def _is_sequence(data: bytes, start: int, tag: int, vr: str | None) -> bool:
         return bool(data[start:start + 4] == b"\xfe\xff\x00\xe0")  # private: is an item next?
 
 
-def _skip_sequence(data: bytes, pos: int, total: int, implicit: bool) -> int:
+def _skip_sequence(data: Data, pos: int, total: int, implicit: bool) -> int:
     """Offset after the sequence delimiter of the undefined-length sequence whose value starts at `pos`."""
     while True:
         if pos + 8 > total:
@@ -401,7 +406,7 @@ def _skip_sequence(data: bytes, pos: int, total: int, implicit: bool) -> int:
         pos = _skip_item(data, pos, total, item_implicit)
 
 
-def _skip_item(data: bytes, pos: int, total: int, implicit: bool) -> int:
+def _skip_item(data: Data, pos: int, total: int, implicit: bool) -> int:
     """Offset after the item delimiter of the undefined-length item whose elements start at `pos`."""
     while True:
         if pos + 8 > total:
@@ -420,7 +425,7 @@ def _skip_item(data: bytes, pos: int, total: int, implicit: bool) -> int:
             pos = start + length
 
 
-def _read_file_meta(data: bytes, total: int) -> tuple[str, int]:
+def _read_file_meta(data: Data, total: int) -> tuple[str, int]:
     """(transfer syntax UID, offset of the dataset) of a Part 10 file; explicit VR LE by definition."""
     if total < 132 or data[128:132] != b"DICM":
         raise _Unusual("no preamble")
@@ -437,7 +442,7 @@ def _read_file_meta(data: bytes, total: int) -> tuple[str, int]:
     return transfer_syntax, pos
 
 
-def _fast_read(data: bytes, wanted: _Wanted) -> tuple[Dataset, str]:
+def _fast_read(data: Data, wanted: _Wanted) -> tuple[Dataset, str]:
     """The wanted elements of a little endian Part 10 file, as pydicom's reader would give them."""
     total = len(data)
     transfer_syntax, pos = _read_file_meta(data, total)
@@ -500,7 +505,7 @@ def _fast_read(data: bytes, wanted: _Wanted) -> tuple[Dataset, str]:
     if not found:
         raise _Unusual("none of the wanted elements")
     if pos < total:
-        _check_tail(io.BytesIO(data), pos, total, implicit, True)
+        _check_tail(io.BytesIO(data) if isinstance(data, bytes) else _readable(data), pos, total, implicit, True)
     ds = Dataset(found)
     # As pydicom's reader: text values are decoded with the dataset's original character set.
     charset = found.get(tags_by_number[0x00080005]) if 0x00080005 in tags_by_number else None
@@ -600,17 +605,48 @@ def _convert_text(raw: RawDataElement, charset: RawDataElement | None) -> tuple[
     return text, tuple(notes)
 
 
+class _MappedReader:
+    """A memory-mapped file read as a file object, without copying it: seekable past its end like
+    a file or a BytesIO (an mmap's own seek refuses that), which is how pydicom's reader and
+    _check_complete tell an element that runs past the end."""
+
+    def __init__(self, view: mmap.mmap) -> None:
+        self.view = view
+        self.pos = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self.view) if size is None or size < 0 else self.pos + size
+        data = self.view[self.pos:end]
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _readable(data: Data) -> BinaryIO:
+    return cast(BinaryIO, _MappedReader(data)) if isinstance(data, mmap.mmap) else io.BytesIO(data)
+
+
 def _read_with_pydicom(fileobj: BinaryIO, total: int, wanted: _Wanted) -> tuple[Dataset, str]:
     ds = _read_checked(fileobj, total, list(wanted.names))
     meta = getattr(ds, "file_meta", None)
     return ds, str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
 
 
-def extract_tags(source: bytes | bytearray | memoryview | str | Path,
+def extract_tags(source: bytes | bytearray | memoryview | mmap.mmap | str | Path,
                  keywords: Iterable[str] = (), *, fast: bool = True) -> ExtractedTags:
     """Read `keywords` (plus the identity UIDs) from a DICOM instance; see the module docstring.
 
-    `fast=False` reads with pydicom only (the reference the fast reader is tested against).
+    `fast=False` reads with pydicom only (the reference the fast reader is tested against). A
+    memory-mapped file (the receiver's spooled instances) is read in place, never copied.
     """
     wanted = _wanted_tags(keywords)
     fast_read = False
@@ -618,14 +654,14 @@ def extract_tags(source: bytes | bytearray | memoryview | str | Path,
         with open(source, "rb") as handle:
             ds, transfer_syntax = _read_with_pydicom(handle, os.fstat(handle.fileno()).st_size, wanted)
     else:
-        data = source if isinstance(source, bytes) else bytes(source)
+        data = source if isinstance(source, bytes | mmap.mmap) else bytes(source)
         try:
             if not fast:
                 raise _Unusual("pydicom requested")
             ds, transfer_syntax = _fast_read(data, wanted)
             fast_read = True
         except (_Unusual, struct.error, UnicodeDecodeError, IndexError):
-            ds, transfer_syntax = _read_with_pydicom(io.BytesIO(data), len(data), wanted)
+            ds, transfer_syntax = _read_with_pydicom(_readable(data), len(data), wanted)
     notes: list[str] = []
     tags: dict[str, str] = {}
     charset = ds._dict.get(BaseTag(0x00080005)) if fast_read else None

@@ -141,3 +141,33 @@ def _same_value(a: object, b: object) -> bool:
 def pixel_bytes(data: bytes | Path) -> bytes:
     handle = io.BytesIO(data) if isinstance(data, bytes) else data
     return bytes(pydicom.dcmread(handle).PixelData)
+
+
+BREAST_TOMOSYNTHESIS = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.13.1.3")
+
+
+def write_large_instance(path: Path, megabytes: int, *, study_uid: str | None = None) -> Path:
+    """A multi-frame instance of about `megabytes` MB, written in well under a second: its header
+    through pydicom, its pixel data (zeros, 16 bits, 1024x1024 frames) as a sparse extension.
+
+    Breast Tomosynthesis is not among the SOP classes storescu proposes by default: send it with
+    storescu's `-R` (propose the files' own classes)."""
+    template = dcmread(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+    ds = template.copy()
+    del ds.PixelData
+    del ds[0xFFFCFFFC]  # (data set trailing padding: it would come after the pixel data appended below)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = BREAST_TOMOSYNTHESIS
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
+    ds.Modality, ds.SeriesDescription = "MG", "TOMO"
+    ds.Rows = ds.Columns = 1024
+    ds.NumberOfFrames = frames = max(1, megabytes // 2)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.save_as(path, enforce_file_format=True)
+    length = frames * 1024 * 1024 * 2
+    with open(path, "r+b") as handle:
+        end = handle.seek(0, 2)
+        handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length))
+        handle.truncate(end + 12 + length)
+    return path

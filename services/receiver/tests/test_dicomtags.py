@@ -384,3 +384,38 @@ def test_fast_reader_skips_undefined_length_sequences() -> None:
     _fast_read(data, _wanted_tags(keywords))  # handled, not left to pydicom
     assert extract_tags(data, keywords) == extract_tags(data, keywords, fast=False)
     assert extract_tags(data, keywords).tags["ContentDescription"] == "after the sequences"
+
+
+def test_a_memory_mapped_file_reads_as_its_bytes(tmp_path: Path) -> None:
+    """The receiver's spooled instances are read through a memory map (never copied): same tags,
+    same errors, whole or cut, through the fast reader and its pydicom fallback."""
+    import mmap
+
+    for path in _all_pydicom_files():
+        data = path.read_bytes()
+        for cut in (len(data), len(data) - 3, 700):
+            variant = data[:cut]
+            if not variant:
+                continue
+            copy = tmp_path / "mapped.dcm"
+            copy.write_bytes(variant)
+            with open(copy, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                assert _outcome(view, True) == _outcome(variant, True), f"{path.name}[:{cut}]"  # type: ignore[arg-type]
+
+
+def test_a_memory_mapped_file_is_not_copied(tmp_path: Path) -> None:
+    import mmap
+    import tracemalloc
+
+    from tests.e2e.dicomfiles import write_large_instance
+
+    path = write_large_instance(tmp_path / "large.dcm", 64)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        tracemalloc.start()
+        try:
+            tags = extract_tags(view, DEFAULT_EXTRACT_TAGS)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert tags.tags["Modality"] == "MG" and tags.tags["NumberOfFrames"] == "32"
+    assert peak < 4 << 20, f"{peak >> 20} MB allocated to read the header of a 64 MB file"
