@@ -351,20 +351,23 @@ class JournalApplier:
         (and that copy's own record announces it)."""
         event = Event.from_json(record.meta[1:])
         key, sha256 = str(event.payload["blob_key"]), str(event.payload["sha256"])
-        data = self._read_local(key)
-        if data is None or hashlib.sha256(data).hexdigest() != sha256:
+        found = self._local_sha256(key)
+        if found != sha256:
             log.warning("journal record %d: not applied: the blob file it announces is %s", record.seq,
-                        "missing" if data is None else "another copy now",
+                        "missing" if found is None else "another copy now",
                         extra={"series_uid": event.series_uid, "sop_uid": event.sop_uid})
             return None
         return event, None, False
 
-    def _read_local(self, key: str) -> bytes | None:
+    def _local_sha256(self, key: str) -> str | None:
+        """sha256 of a blob file, read in chunks (a spooled instance's file may be GBs); None if
+        it is missing or unreadable."""
         if self.store is None:  # F records are written only with a local store
             return None
         try:
-            return self.store.get_sync(key)
-        except (BlobError, OSError):  # missing (BlobNotFound) or unreadable
+            with open(self.store.path(key), "rb") as handle:
+                return hashlib.file_digest(handle, "sha256").hexdigest()
+        except (BlobError, OSError):  # missing or unreadable
             return None
 
     def _superseded(self, key: str, data: bytes, event: Event) -> bool:

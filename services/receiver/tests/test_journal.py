@@ -576,3 +576,43 @@ def test_concurrent_journaled_stores_are_all_accepted_once(tmp_path: Path) -> No
 
 def _not_journaled(event: Event, timeout: float) -> Future[int]:
     raise AssertionError("every instance here is journaled")
+
+
+def test_a_replayed_filed_record_checks_a_large_file_without_reading_it_whole(tmp_path: Path) -> None:
+    """A spooled instance (services/receiver/spool.py) of hundreds of MB has an F record too: its
+    replay after a crash hashes the file it names in chunks, not as one bytes object."""
+    import tracemalloc
+
+    from tests.e2e.dicomfiles import write_large_instance
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    source = write_large_instance(tmp_path / "large.dcm", 64)
+    tags = extract_tags(source, [])
+    key = instance_key(tags)
+    store.path(key).parent.mkdir(parents=True)
+    os.replace(source, store.path(key))
+    with open(store.path(key), "rb") as handle:
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    event = received_event(Receipt.now(_Assoc(), "1.2.840.10008.1.2.1"), tags, key, store.path(key).stat().st_size,
+                           sha256, "new")
+    journal = _journal(tmp_path / "journal")
+    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    dead.sync(dead.file(event))
+    journal.close()
+
+    journal = Journal(tmp_path / "journal", segment_bytes=SEGMENT, max_bytes=8 * SEGMENT)
+    replayed = journal.open()
+    publisher = FlakyPublisher(0)
+    applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
+    applier.adopt(replayed)
+    tracemalloc.start()
+    try:
+        applier.start()
+        assert applier.wait_idle(10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    applier.stop()
+    journal.close()
+    assert publisher.stored == [event.event_id]
+    assert peak < 16 << 20, f"{peak >> 20} MB allocated to check a 64 MB file"
