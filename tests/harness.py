@@ -20,13 +20,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from pydicom import dcmread
@@ -186,6 +189,46 @@ def storescu_background(port: int, files: list[Path], log: Path, *, aet: str = "
 def echoscu(port: int, aet: str = "CADUCEUS") -> bool:
     done = subprocess.run([ECHOSCU, "-aec", aet, "127.0.0.1", str(port)], capture_output=True, timeout=30)
     return done.returncode == 0
+
+
+class PeakRss:
+    """Samples the RSS of a process and its children (the receiver's workers) every 5 ms: the peak
+    of their sum while `sampling()`."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.baseline = self._sample()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for process in [self.process, *self.process.children()]:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.005)
+
+    @contextmanager
+    def sampling(self) -> Iterator[PeakRss]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+    def report(self) -> str:
+        mb = 1024 * 1024
+        return f"receiver RSS {self.baseline / mb:.0f} MB before, peak {self.peak / mb:.0f} MB " \
+               f"(+{(self.peak - self.baseline) / mb:.0f} MB)"
 
 
 # ---------------------------------------------------------------- reading the streams

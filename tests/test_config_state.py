@@ -65,6 +65,11 @@ def test_valid_config_parses_and_normalises_single_target() -> None:
     ({"settings": {"allowed_calling_aets": ["CT\\1"]}}, "other than a backslash"),
     ({"settings": {"ae_title": "   "}}, "settings.ae_title"),
     ({"settings": {"max_pdu": 1}}, "must be 0 (unlimited) or at least 4096"),
+    # Large instances (services/receiver/spool.py): a threshold of 0 would spool every instance.
+    ({"settings": {"spool_threshold_mb": 0}}, "settings.spool_threshold_mb"),
+    ({"settings": {"spool_threshold_mb": 4097}}, "settings.spool_threshold_mb"),
+    ({"settings": {"max_instance_mb": -1}}, "settings.max_instance_mb"),
+    ({"settings": {"max_instance_mb": 10**6 + 1}}, "settings.max_instance_mb"),
     ({"targets": {"t": {"type": "dicom", "host": "x", "port": 104, "called_aet": "PACS\tX"}}},
      "targets.t.called_aet"),
 ])

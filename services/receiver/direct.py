@@ -20,6 +20,12 @@ message, a command this decoder cannot read, fragments out of order, UIDs that a
 handed to pynetdicom unchanged, PDV by PDV, from the start of that message, so pynetdicom's
 behaviour (including its protocol errors and aborts) is kept for everything else. Every PDU other
 than P-DATA-TF, and P-DATA-TF in any other state, takes pynetdicom's own route.
+
+Large data sets (services/receiver/spool.py): once a data set passes `LargeData.watch_at()` bytes
+(the spool threshold, or the maximum instance size), `LargeData.outgrown` takes over what was
+collected and gets every later fragment as it arrives (a spool file, or nowhere once refused); the
+store callback then receives that sink instead of the fragments. A P-DATA-TF PDU longer than
+STREAMED_PDU is read in pieces, so that an instance sent in one PDU is never held whole either.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import P_DATA
@@ -44,6 +50,14 @@ P_DATA_TF = 0x04
 # association 880 MB (kept). A real A-ASSOCIATE-RQ is a few KB: 128 contexts with several transfer
 # syntaxes each and a 64 KB user identity stay well under this.
 MAX_CONTROL_PDU = 1 << 20
+# P-DATA-TF PDUs longer than this are read and passed on in pieces of STREAM_PIECE (_read_streamed).
+# Senders use PDUs of 16-128 KB (DCMTK, dcm4che) up to a few MB; all of these are read whole.
+STREAMED_PDU = 4 << 20
+STREAM_PIECE = 1 << 20
+NEVER = 1 << 62
+# A data set is first measured against LargeData.watch_at() when it reaches this size (the
+# smallest spool threshold and maximum): CT and MR never do, and never pay for the question.
+FIRST_WATCH = 1 << 20
 C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
 # Handlers bound to these would expect to see every PDU/message pass through pynetdicom.
@@ -62,8 +76,23 @@ class StoreRequest:
     transfer_syntax_uid: str
 
 
-# The store callback: (association, request, data set fragments) -> (DIMSE status, error comment or "").
-StoreCallback = Callable[[Any, StoreRequest, list[memoryview]], tuple[int, str]]  # status, error comment
+class Sink(Protocol):
+    """Where the rest of a data set goes once it outgrew memory (a spool.Spool)."""
+
+    def write(self, fragment: memoryview) -> None: ...
+    def discard(self) -> None: ...
+
+
+class LargeData(Protocol):
+    """What the direct path asks about a growing data set (StorageSCP, services/receiver/spool.py)."""
+
+    def watch_at(self) -> int: ...
+    def outgrown(self, assoc: Any, request: StoreRequest, fragments: list[memoryview], size: int) -> Sink: ...
+
+
+# The store callback: (association, request, data set fragments, or the sink of a data set that
+# outgrew memory) -> (DIMSE status, error comment or "").
+StoreCallback = Callable[[Any, StoreRequest, "list[memoryview] | Sink"], tuple[int, str]]
 # Decides, once the command is known, whether the callback takes the message (else pynetdicom).
 AcceptCallback = Callable[[Any, StoreRequest], bool]
 
@@ -169,16 +198,21 @@ class _Message:
     command_done: bool = False
     request: StoreRequest | None = None
     data: list[memoryview] = field(default_factory=list)
+    size: int = 0  # of `data`
+    watch_at: int = FIRST_WATCH  # past this size, _outgrow asks LargeData what to do
+    sink: Sink | None = None  # where the data set goes once it did
 
 
 class DirectStore:
     """Per-association state of the direct path; `install()` wires it into a DUL."""
 
-    def __init__(self, assoc: Any, accept: AcceptCallback, store: StoreCallback) -> None:
+    def __init__(self, assoc: Any, accept: AcceptCallback, store: StoreCallback,
+                 large: LargeData | None = None) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
         self.accept = accept
         self.store = store
+        self.large = large
         self.message: _Message | None = None
         self.passthrough = False  # pynetdicom's DIMSE owns the current message
 
@@ -200,6 +234,9 @@ class DirectStore:
         if pdu_type != P_DATA_TF or dul.state_machine.current_state != "Sta6":
             self._pynetdicom_pdu(header, pdu_type, length)
             return
+        if length > STREAMED_PDU:
+            self._read_streamed(length)
+            return
         try:
             body = dul.socket.recv(length)
         except (OSError, TimeoutError):
@@ -217,6 +254,54 @@ class DirectStore:
             return
         for context_id, pdv in pdvs:
             self.on_pdv(context_id, pdv)
+
+    def _read_streamed(self, length: int) -> None:
+        """A P-DATA-TF PDU longer than STREAMED_PDU, read and passed on in pieces of at most
+        STREAM_PIECE: a long PDV becomes several fragments of its kind, only the last with the
+        "last fragment" bit it had, as a sender with smaller PDUs would have sent it.
+
+        Why: a sender may put a whole instance into one PDU (pynetdicom's SCU does when the
+        receiver offers an unlimited PDU size, caduceus's default `max_pdu`); read whole, it was
+        held whole, whatever the spool threshold. Unlike a PDU read whole, PDVs before a malformed
+        one are passed on before the association is aborted.
+        """
+        dul = self.dul
+        left = length
+        while left > 0:
+            header = self._recv_exactly(6) if left >= 6 else b""
+            if header is None:
+                dul.event_queue.put("Evt17")
+                return
+            item_length, context_id, control = struct.unpack(">IBB", header) if header else (0, 0, 0)
+            value_left = item_length - 2
+            if item_length < 2 or value_left > left - 6:  # (also: fewer than 6 bytes left for a header)
+                log.error("unable to decode the received P-DATA-TF PDU")
+                dul.event_queue.put("Evt19")  # as for a PDU read whole: invalid, the state machine aborts
+                return
+            left -= 6 + value_left
+            while True:
+                size = min(value_left, STREAM_PIECE)
+                piece = self._recv_exactly(size) if size else b""
+                if piece is None:
+                    dul.event_queue.put("Evt17")
+                    return
+                value_left -= size
+                flags = control if value_left == 0 else control & ~0x02
+                self.on_pdv(context_id, memoryview(bytes((flags,)) + piece))
+                dul._idle_timer.restart()  # a peer still sending a long PDU is not idle
+                if value_left == 0:
+                    break
+
+    def _recv_exactly(self, size: int) -> bytes | bytearray | None:
+        """`size` bytes from the peer, or None once the connection is gone."""
+        try:
+            data = self.dul.socket.recv(size)
+        except (OSError, TimeoutError):
+            return None
+        if len(data) != size:
+            log.error("connection closed before the entire PDU was received")
+            return None
+        return data  # type: ignore[no-any-return]
 
     def _pynetdicom_pdu(self, header: bytes, pdu_type: int, length: int) -> None:
         """The rest of pynetdicom's _read_pdu_data for a PDU whose header was already read."""
@@ -258,6 +343,9 @@ class DirectStore:
         is_command, is_last = bool(control & 0x01), bool(control & 0x02)
         message = self.message or _Message()
         self.message = message
+        if message.sink is not None:
+            self._to_sink(message, context_id, pdv, is_command, is_last)
+            return
         message.pdvs.append((context_id, pdv))
         if message.pdvs[0][0] != context_id:
             self._hand_over()
@@ -275,6 +363,40 @@ class DirectStore:
             self._hand_over()
             return
         message.data.append(pdv[1:])
+        message.size += len(pdv) - 1
+        if message.size > message.watch_at:
+            self._outgrow(message)
+        if is_last:
+            self.message = None
+            self._serve(message)
+
+    def _outgrow(self, message: _Message) -> None:
+        """The data set passed `watch_at`: if it is past `LargeData.watch_at()` too,
+        `LargeData.outgrown` takes what was collected, and from now on every fragment as it arrives."""
+        watch_at = self.large.watch_at() if self.large is not None else NEVER
+        if message.size <= watch_at:
+            message.watch_at = watch_at
+            return
+        assert self.large is not None and message.request is not None
+        message.sink = self.large.outgrown(self.assoc, message.request, message.data, message.size)
+        message.data, message.pdvs = [], []
+
+    def _to_sink(self, message: _Message, context_id: int, pdv: memoryview, is_command: bool,
+                 is_last: bool) -> None:
+        """A PDV of a data set that outgrew memory. What would otherwise go to pynetdicom (a
+        fragment on another context, a command fragment) cannot: the start of the message is no
+        longer held. Such a peer is broken or hostile, and the association is aborted."""
+        sink, request = message.sink, message.request
+        assert sink is not None and request is not None
+        if is_command or context_id != request.context_id:
+            log.error("%s inside a large data set: aborting the association",
+                      "a command fragment" if is_command else f"a fragment on context {context_id}",
+                      extra={"sop_uid": request.sop_instance_uid})
+            sink.discard()
+            self.message = None
+            self.dul.event_queue.put("Evt19")
+            return
+        sink.write(pdv[1:])
         if is_last:
             self.message = None
             self._serve(message)
@@ -297,7 +419,7 @@ class DirectStore:
     def _serve(self, message: _Message) -> None:
         request = message.request
         assert request is not None
-        status, comment = self.store(self.assoc, request, message.data)
+        status, comment = self.store(self.assoc, request, message.data if message.sink is None else message.sink)
         response = store_response(request.sop_class_uid, request.sop_instance_uid, request.message_id, status,
                                   comment)
         # Sent from the DUL thread, the only thread that writes this socket; the state stays Sta6,
@@ -340,10 +462,11 @@ def _split_pdvs(body: memoryview) -> list[tuple[int, memoryview]] | None:
     return pdvs or None
 
 
-def install(assoc: Any, accept: AcceptCallback, store: StoreCallback) -> DirectStore | None:
+def install(assoc: Any, accept: AcceptCallback, store: StoreCallback,
+            large: LargeData | None = None) -> DirectStore | None:
     """Wire the direct path into `assoc`'s DUL (before its thread starts); None if it cannot apply."""
     if any(assoc.get_handlers(event) for event in OBSERVER_EVENTS):
         return None
-    direct = DirectStore(assoc, accept, store)
+    direct = DirectStore(assoc, accept, store, large)
     assoc.dul._read_pdu_data = direct.read_pdu
     return direct

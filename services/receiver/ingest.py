@@ -46,6 +46,7 @@ from services.receiver.receipt import (
     instance_key,
     received_event,
 )
+from services.receiver.spool import Spool
 from services.receiver.timing import PhaseTimer
 from shared.blobstore import (
     BlobInfo,
@@ -68,6 +69,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 # From this size on, an instance stored by the only association at work has its sha256 and its
 # tags computed on helper threads while its own thread writes the file (_start_digest, _start_tags).
 HELPER_MIN_BYTES = 256 * 1024
+# How long a spooled instance waits for an older copy still in the journal to be written first.
+JOURNALED_COPY_WAIT_SECONDS = 5.0
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -263,6 +266,10 @@ def _log_context(tags: ExtractedTags, request_sop_uid: str) -> dict[str, str]:
     return ctx
 
 
+def _quarantine_key() -> str:
+    return blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), uuid.uuid4().hex)
+
+
 def _missing_parents(directory: Path, root: Path) -> list[Path]:
     missing = []
     while directory != root and not directory.exists():
@@ -372,6 +379,75 @@ class Ingest:
         finally:
             if write is not None:
                 write.close()  # after an unexpected error; nothing left to do otherwise
+
+    def store_spooled(self, assoc: AssociationInfo, spool: Spool, context_ts: str, request_sop_uid: str,
+                      mark: int = 0) -> int:
+        """An instance received into a spool file (services/receiver/spool.py): refused if the spool
+        was, else stored like a large instance's staged temp file. The spool is consumed either way
+        (placed under its key, moved to quarantine, or removed)."""
+        with self._storing_lock:
+            self._storing += 1
+        try:
+            return self._store_spooled(assoc, spool, context_ts, request_sop_uid, mark or time.perf_counter_ns())
+        finally:
+            spool.discard()  # unless placed or quarantined: then there is nothing left to remove
+            with self._storing_lock:
+                self._storing -= 1
+
+    def _store_spooled(self, assoc: AssociationInfo, spool: Spool, context_ts: str, request_sop_uid: str,
+                       mark: int) -> int:
+        spool.finish()  # (the free-space floor was checked while it was written, its own bytes counted)
+        if spool.refusal:
+            return self._reject(assoc, spool.refusal, request_sop_uid, spool.identity)
+        if spool.meta_error:
+            return self._quarantine_spooled(assoc, spool, f"no file meta could be built: {spool.meta_error}",
+                                            request_sop_uid)
+        assert isinstance(self.writer, LocalBlobWriter), "only a local store spools"
+        timer = assoc.timer
+        try:
+            with spool.mapped() as view:
+                tags = identified_tags(view, self.settings().extract_tags)
+        except TagExtractionError as exc:
+            return self._quarantine_spooled(assoc, spool, str(exc), request_sop_uid)
+        if timer:
+            mark = timer.mark("tags", mark)
+        ctx = _log_context(tags, request_sop_uid)
+        key = instance_key(tags)
+        if not self._no_journaled_copy(key):
+            return self._reject(assoc, "an earlier copy of this instance is still being stored", tags.sop_uid, tags)
+        path = self.writer.store.path(key)
+        try:
+            duplicate = spool.duplicate_of(path)
+            write = None if duplicate == "identical" else StagedFile(self.writer, *spool.take()).place(path)
+        except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
+            log.error("blob write failed for %s: %s", key, exc, extra=ctx)
+            return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
+        if timer:
+            mark = timer.mark("place", mark)
+        try:
+            event = received_event(Receipt.now(assoc, context_ts), tags, key, spool.size, spool.sha256, duplicate)
+            return self._finish(assoc, event, write, tags, ctx, mark)
+        finally:
+            if write is not None:
+                write.close()  # after an unexpected error; nothing left to do otherwise
+
+    def _no_journaled_copy(self, key: str) -> bool:
+        """Whether no copy of `key` waits in the journal (waiting for the applier up to
+        JOURNALED_COPY_WAIT_SECONDS).
+
+        A spooled instance's file is written here, not through the journal as a larger copy of a
+        journaled instance is (`_journal_decided`: its bytes would go into the journal); an older
+        copy still in the journal would be written after it, over it. The applier writes it
+        within about half a second, unless blob writes fail (then the sender retries later).
+        """
+        if self.journal is None:
+            return True
+        deadline = time.monotonic() + JOURNALED_COPY_WAIT_SECONDS
+        while self.journal.pending_sha256(key) is not None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _store_journaled(self, assoc: AssociationInfo, settings: SettingsItem, data: bytes, context_ts: str,
                          request_sop_uid: str, alone: bool, mark: int) -> int:
@@ -598,18 +674,32 @@ class Ingest:
         return STATUS_OUT_OF_RESOURCES
 
     def quarantine(self, assoc: AssociationInfo, data: bytes, reason: str, sop_uid: str) -> int:
-        assoc.failed += 1
-        assoc.error_comment = reason
-        key: str | None = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), uuid.uuid4().hex)
+        key: str | None = _quarantine_key()
         try:
             self.writer.put(key, data)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the sender still gets a failure and keeps its copy
             log.error("could not keep quarantined data: %s", exc)
             key = None
+        return self._quarantined(assoc, reason, sop_uid, key, len(data))
+
+    def _quarantine_spooled(self, assoc: AssociationInfo, spool: Spool, reason: str, sop_uid: str) -> int:
+        """Quarantine a spooled instance: its file is moved there (durably, as `quarantine` writes)."""
+        assert isinstance(self.writer, LocalBlobWriter)
+        key: str | None = _quarantine_key()
+        try:
+            StagedFile(self.writer, *spool.take()).place(self.writer.store.path(str(key))).make_durable()
+        except Exception as exc:  # noqa: BLE001 - the sender still gets a failure and keeps its copy
+            log.error("could not keep quarantined data: %s", exc)
+            key = None
+        return self._quarantined(assoc, reason, sop_uid, key, spool.size)
+
+    def _quarantined(self, assoc: AssociationInfo, reason: str, sop_uid: str, key: str | None, size: int) -> int:
+        assoc.failed += 1
+        assoc.error_comment = reason
         log.warning("quarantined instance from %s: %s", assoc.calling_aet, reason,
                     extra={"sop_uid": sop_uid, "blob_key": key})
         event = make_event("image.quarantined", ACTOR, ImageQuarantined(
-            reason=reason, blob_key=key, size=len(data), calling_aet=assoc.calling_aet,
+            reason=reason, blob_key=key, size=size, calling_aet=assoc.calling_aet,
             peer_host=assoc.peer_host, association_id=assoc.association_id,
             status=STATUS_CANNOT_UNDERSTAND), sop_uid=sop_uid or None)
         self._publish_quietly(event)

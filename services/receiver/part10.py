@@ -11,7 +11,9 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from shared.dicomtags import element_end
 
@@ -67,6 +69,17 @@ def encoded_dataset(event: Any) -> bytes:
     except (ValueError, UnicodeError):
         return bytes(event.encoded_dataset(include_meta=True))
     return b"".join((PREAMBLE, meta, request.DataSet.getbuffer()))
+
+
+def any_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """The File Meta group for any UIDs: `file_meta`, or pynetdicom's own encoding (through pydicom)
+    where that refuses them, as `encoded_dataset` does. Raises what pydicom raises."""
+    try:
+        return file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+    except (ValueError, UnicodeError):
+        return bytes(encode_file_meta(create_file_meta(
+            sop_class_uid=UID(sop_class_uid), sop_instance_uid=UID(sop_instance_uid),
+            transfer_syntax=UID(transfer_syntax_uid))))
 
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from shared.blobstore import blob_key
-from shared.dicomtags import ExtractedTags, TagExtractionError, extract_tags
+from shared.dicomtags import Data, ExtractedTags, TagExtractionError, extract_tags
 from shared.events import Event, ImageReceived, make_event, new_event_id
 from shared.rules import association_tags
 
@@ -59,7 +59,7 @@ class Receipt:
         return cls(**fields)
 
 
-def identified_tags(data: bytes, keywords: list[str]) -> ExtractedTags:
+def identified_tags(data: Data, keywords: list[str]) -> ExtractedTags:
     """The instance's tags; TagExtractionError (quarantine) if it is unreadable or lacks one of the
     three UIDs it is filed under."""
     if _file_meta_in_data_set(data):
@@ -77,7 +77,7 @@ def identified_tags(data: bytes, keywords: list[str]) -> ExtractedTags:
     return tags
 
 
-def _file_meta_in_data_set(data: bytes) -> bool:
+def _file_meta_in_data_set(data: Data) -> bool:
     """Whether the data set behind the File Meta group (as this receiver writes it: the group
     length first) starts with another group 0002 element."""
     if len(data) < 144 or data[128:136] != b"DICM\x02\x00\x00\x00":

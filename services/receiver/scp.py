@@ -28,8 +28,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from services.receiver import direct, fastpath, part10, timing
 from services.receiver.admission import BoundedServer
-from services.receiver.ingest import STATUS_OUT_OF_RESOURCES, AssociationInfo, Ingest
+from services.receiver.ingest import STATUS_OUT_OF_RESOURCES, AssociationInfo, Ingest, LocalBlobWriter
 from services.receiver.memory import IdleTrim
+from services.receiver.spool import DimseSink, Spool, Spooler, watch_dimse
 from services.receiver.timing import PhaseTimer
 from shared.config.model import SettingsItem
 from shared.events import (
@@ -178,6 +179,9 @@ class StorageSCP:
         self.idle_trim: IdleTrim | None = None
         self.tls_error = ""  # why the configured TLS is not in force (connections closed, or old TLS kept)
         self._tls_tried = 0.0
+        # Data sets that outgrow memory go to spool files of a local store (services/receiver/spool.py).
+        self.spooler = Spooler(ingest.writer.store if isinstance(ingest.writer, LocalBlobWriter) else None,
+                               settings)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -327,10 +331,11 @@ class StorageSCP:
             # Without it, the last segment of each response waits for the peer's delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc.acceptor.maximum_length = self.settings().max_pdu
+        watch_dimse(assoc, self.spooler, lambda spool: self._receiving(assoc, spool))
         if self.use_fastpath:
             fastpath.install(assoc)
             if direct_enabled():
-                direct.install(assoc, self._direct_accept, self._direct_store)
+                direct.install(assoc, self._direct_accept, self._direct_store, large=self)
 
     def _on_requested(self, event: DicomEvent) -> None:
         assoc: Any = event.assoc
@@ -397,17 +402,22 @@ class StorageSCP:
         return part10.plain_uid(request.transfer_syntax_uid)
 
     def _direct_store(self, assoc: Any, request: direct.StoreRequest,
-                      fragments: list[memoryview]) -> tuple[int, str]:
+                      fragments: list[memoryview] | direct.Sink) -> tuple[int, str]:
         info: AssociationInfo = assoc.caduceus_info
         timer = info.timer
         mark = timer.start_image() if timer else 0
         try:
-            data = b"".join((part10.PREAMBLE, part10.file_meta(
-                request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid), *fragments))
-            if timer:
-                mark = timer.mark("encode", mark)
-            status = self.ingest.store(info, data, request.transfer_syntax_uid, request.sop_instance_uid,
-                                       mark=mark)
+            if not isinstance(fragments, list):  # a large data set, in its spool (watch_at, outgrown)
+                assert isinstance(fragments, Spool)
+                status = self._store_spooled(assoc, info, fragments, request.transfer_syntax_uid,
+                                             request.sop_instance_uid, mark)
+            else:
+                data = b"".join((part10.PREAMBLE, part10.file_meta(
+                    request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid), *fragments))
+                if timer:
+                    mark = timer.mark("encode", mark)
+                status = self.ingest.store(info, data, request.transfer_syntax_uid, request.sop_instance_uid,
+                                           mark=mark)
         except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
             log.exception("unexpected error while storing an instance",
                           extra={"sop_uid": request.sop_instance_uid, "association_id": info.association_id})
@@ -418,8 +428,49 @@ class StorageSCP:
                 timer.end_image()
         return status, info.take_error_comment(status)
 
+    # Large data sets, on either path (services/receiver/spool.py).
+    def watch_at(self) -> int:
+        """direct.LargeData: the data set size from which it goes to a spool (or is refused)."""
+        return self.spooler.watch_at()
+
+    def outgrown(self, assoc: Any, request: direct.StoreRequest, fragments: list[memoryview], size: int) -> Spool:
+        """direct.LargeData: a data set passed `watch_at()`; it continues in a spool file."""
+        meta = part10.PREAMBLE + part10.file_meta(request.sop_class_uid, request.sop_instance_uid,
+                                                  request.transfer_syntax_uid)  # plain UIDs: _direct_accept
+        info: AssociationInfo = assoc.caduceus_info
+        spool = self.spooler.open(meta, fragments, size, request.transfer_syntax_uid, {
+            "sop_uid": request.sop_instance_uid, "association_id": info.association_id})
+        self._receiving(assoc, spool)
+        return spool
+
+    @staticmethod
+    def _receiving(assoc: Any, spool: Spool) -> None:
+        """Remember the spool of the instance `assoc` is receiving: removed if the association ends first."""
+        assoc.caduceus_receiving = spool
+
+    @staticmethod
+    def _abandon_receiving(assoc: Any) -> None:
+        spool: Spool | None = assoc.__dict__.pop("caduceus_receiving", None)
+        if spool is not None:
+            spool.discard()
+
+    def _store_spooled(self, assoc: Any, info: AssociationInfo, spool: Spool, context_ts: str, sop_uid: str,
+                       mark: int) -> int:
+        assoc.__dict__.pop("caduceus_receiving", None)  # complete: the store owns it now
+        return self.ingest.store_spooled(info, spool, context_ts, sop_uid, mark=mark)
+
     def _store(self, event: DicomEvent, info: AssociationInfo, mark: int) -> int:
         request_sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        sink = getattr(event.request, "_dataset_file", None)
+        if isinstance(sink, DimseSink):
+            try:
+                return self._store_spooled(event.assoc, info, sink.spool, str(event.context.transfer_syntax),
+                                           request_sop_uid, mark)
+            except Exception:  # a bug here must not turn into a success, nor lose the sender's copy
+                log.exception("unexpected error while storing an instance",
+                              extra={"sop_uid": request_sop_uid, "association_id": info.association_id})
+                info.failed += 1
+                return STATUS_OUT_OF_RESOURCES
         try:
             data = part10.encoded_dataset(event)
         except Exception as exc:  # noqa: BLE001 - file meta could not be built: keep the raw dataset
@@ -439,9 +490,11 @@ class StorageSCP:
         self._ended(event.assoc, "released")
 
     def _on_aborted(self, event: DicomEvent) -> None:
+        self._abandon_receiving(event.assoc)
         self._ended(event.assoc, "aborted")
 
     def _on_conn_close(self, event: DicomEvent) -> None:
+        self._abandon_receiving(event.assoc)  # an instance cut off mid-way: its spool file goes
         server = self.server
         if isinstance(server, BoundedServer):
             server.connection_closed(event.assoc)  # a worker tells the supervisor (workers.py)

@@ -96,6 +96,12 @@ class SettingsItem(Item):
         default=0, ge=0, le=232,
         description="open connections one peer address may hold at the receiver (0 = no per-host limit)")
     min_free_space_mb: int = Field(default=500, ge=0, le=10**9)
+    # Large instances (services/receiver/spool.py): a data set is held in memory up to
+    # spool_threshold_mb; beyond, it goes to a temp file of the blob store as it arrives. One above
+    # max_instance_mb is refused (0xA700) as soon as it passes it; 0 = no limit (then only
+    # min_free_space_mb stops an endless one).
+    spool_threshold_mb: int = Field(default=32, ge=1, le=4096)
+    max_instance_mb: int = Field(default=4096, ge=0, le=10**6, description="0 = no limit")
 
     @field_validator("ae_title")
     @classmethod

@@ -116,7 +116,8 @@ def _direct() -> tuple[direct.DirectStore, FakeAssoc, list[tuple[direct.StoreReq
     assoc = FakeAssoc()
     stored: list[tuple[direct.StoreRequest, bytes]] = []
 
-    def store(_assoc: Any, request: direct.StoreRequest, fragments: list[memoryview]) -> tuple[int, str]:
+    def store(_assoc: Any, request: direct.StoreRequest, fragments: list[memoryview] | direct.Sink) -> tuple[int, str]:
+        assert isinstance(fragments, list)
         stored.append((request, b"".join(fragments)))
         return 0x0000, ""
 
