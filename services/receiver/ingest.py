@@ -141,6 +141,19 @@ class LocalBlobWriter:
         except FileNotFoundError:
             return None
 
+    @staticmethod
+    def duplicate_of(path: Path, data: bytes) -> Duplicate:
+        """How `data` compares with the copy stored at `path`; the stored file is read only when
+        its size is the same (a stored copy may be a spooled instance of GBs)."""
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below; a missing file is the common case
+        except FileNotFoundError:
+            return "new"
+        with handle:
+            if os.fstat(handle.fileno()).st_size != len(data):
+                return "replaced"
+            return "identical" if handle.read() == data else "replaced"
+
     def free_bytes(self) -> int | None:
         return self.store.free_bytes()
 
@@ -533,7 +546,10 @@ class Ingest:
         pending = self.journal.pending_sha256(key) if self.journal is not None else None
         if pending is not None:  # a copy is in the journal, its file not yet written
             return "identical" if pending == sha256 else "replaced"
-        return duplicate_of(self.writer.read(key), data)
+        writer = self.writer
+        if isinstance(writer, LocalBlobWriter):
+            return writer.duplicate_of(writer.store.path(key), data)
+        return duplicate_of(writer.read(key), data)
 
     def _finish(self, assoc: AssociationInfo, event: Event, write: UnsyncedWrite | None,
                 tags: ExtractedTags, ctx: dict[str, str], mark: int) -> int:
@@ -648,10 +664,9 @@ class Ingest:
         """
         if isinstance(self.writer, LocalBlobWriter):
             path = self.writer.store.path(key)
-            existing = self.writer.read_path(path)
+            duplicate = self.writer.duplicate_of(path, data)
         else:
-            existing = self.writer.read(key)
-        duplicate = duplicate_of(existing, data)
+            duplicate = duplicate_of(self.writer.read(key), data)
         if duplicate == "identical":
             return duplicate, None
         if isinstance(self.writer, LocalBlobWriter):

@@ -582,3 +582,43 @@ def test_short_writes_are_continued_and_hashed_once(tmp_path: Path, monkeypatch:
     assert spool.path is not None and spool.path.read_bytes() == meta + data
     assert spool.sha256 == hashlib.sha256(meta + data).hexdigest()
     spool.discard()
+
+
+@pytest.mark.parametrize("journaled", [False, True], ids=["own-file", "journaled"])
+def test_a_small_copy_of_a_large_stored_instance_does_not_read_it_whole(tmp_path: Path, journaled: bool) -> None:
+    """A re-sent small copy (a corrected header, a cut-down version) of a stored instance of
+    hundreds of MB: the duplicate check compares sizes before it reads the stored file."""
+    import tracemalloc
+
+    from services.receiver.applier import JournalApplier
+    from services.receiver.tests.test_journal import FlakyPublisher, _decider, _journal, _put_into
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    item = SettingsItem(min_free_space_mb=0)
+    applier = None
+    if journaled:
+        applier = JournalApplier(_journal(tmp_path / "journal"), _put_into(store), FlakyPublisher(0), store,
+                                 _decider(store))
+        applier.start()
+    ingest = Ingest(LocalBlobWriter(store), Published(), lambda: item, journal=applier,
+                    journal_max_bytes=256 * 1024 if journaled else 0)
+    assoc = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
+    meta, data = _instance(tmp_path, 64)
+    assert ingest.store_spooled(assoc, _receive(Spooler(store, lambda: SettingsItem(
+        min_free_space_mb=0, spool_threshold_mb=1)), meta, data), EXPLICIT, "") == STATUS_SUCCESS
+    small = pydicom.dcmread(pydicom.filebase.DicomBytesIO(meta + data))
+    small.NumberOfFrames, small.Rows, small.Columns, small.PixelData = 1, 32, 32, bytes(2048)
+    small_bytes = pydicom.filebase.DicomBytesIO()
+    small.save_as(small_bytes, enforce_file_format=True)
+    tracemalloc.start()
+    try:
+        assert ingest.store(assoc, small_bytes.getvalue(), EXPLICIT, "") == STATUS_SUCCESS
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        if applier is not None:
+            assert applier.wait_idle(10)
+            applier.stop()
+            applier.journal.close()
+        ingest.helpers.shutdown()
+    assert peak < 16 << 20, f"{peak >> 20} MB allocated to store a 2 KB copy"
