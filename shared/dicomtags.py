@@ -654,7 +654,7 @@ def extract_tags(source: bytes | bytearray | memoryview | mmap.mmap | str | Path
         with open(source, "rb") as handle:
             ds, transfer_syntax = _read_with_pydicom(handle, os.fstat(handle.fileno()).st_size, wanted)
     else:
-        data = source if isinstance(source, bytes | mmap.mmap) else bytes(source)
+        data = source if isinstance(source, bytes) or isinstance(source, mmap.mmap) else bytes(source)  # noqa: SIM101
         try:
             if not fast:
                 raise _Unusual("pydicom requested")

@@ -28,7 +28,12 @@ instance is written (checked every WRITEBACK_BYTES), is refused the same way.
 
 A spool file is removed on every path that does not place it under its key: a refusal, an
 identical duplicate, an error, quarantine (moved there), and the association ending before the
-message is complete (StorageSCP._ended: abort, closed socket).
+message is complete (StorageSCP._abandon_receiving, on EVT_ABORTED and EVT_CONN_CLOSE). One left
+by a killed process goes with the store's other stale temp files when a receiver starts.
+
+Where it is wired in: the direct path (services/receiver/direct.py, `LargeData`, which also reads a
+P-DATA-TF PDU above 4 MB in pieces) and pynetdicom's own path (`watch_dimse`), both through
+StorageSCP. A blob store that is not local (NATS) spools nothing; only the maximum applies there.
 """
 
 from __future__ import annotations
