@@ -309,6 +309,9 @@ class InstanceOutcome(BaseModel):
     sop_uid: str
     status: int | None = None  # the peer's C-STORE status; None: no response (never sent, aborted...)
     reason: str  # the status's meaning and the peer's Error Comment, or why it was not sent
+    # A failure status that a resend cannot change (0xA9xx, 0x0117, 0x0122, 0x0124): later attempts of
+    # the task do not send this instance again; a manual retry does.
+    final: bool = False
 
 
 class DispatchAttemptFailed(BaseModel):
@@ -323,6 +326,7 @@ class DispatchAttemptFailed(BaseModel):
     # Each instance of this attempt that got a warning or failed; the others got 0x0000.
     outcomes: list[InstanceOutcome] = Field(default_factory=list)
     outcomes_omitted: int = 0  # beyond MAX_INSTANCE_OUTCOMES
+    not_resent: int = 0  # of `failed`: refused for good by an earlier attempt, not sent in this one
 
 
 class DispatchCompleted(BaseModel):
@@ -348,6 +352,11 @@ class DispatchFailed(BaseModel):
     attempts: int
     error: str
     failed_sop_uids: list[str] = Field(default_factory=list)
+    # The instances the peer refused with a status a resend cannot change (InstanceOutcome.final),
+    # in any attempt since the request or the last manual retry; the task fails as soon as nothing
+    # else is left to send.
+    refused: list[InstanceOutcome] = Field(default_factory=list)
+    refused_omitted: int = 0  # beyond MAX_INSTANCE_OUTCOMES
 
 
 class ProcessRequested(BaseModel):

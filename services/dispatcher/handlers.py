@@ -47,7 +47,7 @@ from shared.subjects import EVENTS_STREAM, event_subject
 
 from .progress import ProgressRecord, ProgressStore, TaskState
 from .schedule import attempt_delay, seconds_until_offpeak
-from .sender import Destination, SendItem, SendResult, file_id, send_items
+from .sender import Destination, SendItem, SendResult, file_id, is_final_refusal, send_items
 
 log = logging.getLogger(__name__)
 ACTOR = "dispatcher"
@@ -73,6 +73,10 @@ class Outcome:
     changed_sop_uids: list[str] = field(default_factory=list)  # replaced in the blob store since routed
     instances: list[InstanceOutcome] = field(default_factory=list)  # warned or failed, one by one
     instances_omitted: int = 0  # beyond MAX_INSTANCE_OUTCOMES
+    not_resent: int = 0  # of failed_sop_uids: refused for good by an earlier attempt, not sent in this one
+    # Set when nothing is left to send but instances the peer refused for good: the task fails now.
+    refused: list[InstanceOutcome] = field(default_factory=list)
+    refused_count: int = 0
 
 
 class Dispatcher:
@@ -151,6 +155,7 @@ class Dispatcher:
                 return None  # this retry already carries the task (a redelivery of it)
             current.attempts = 0
             current.generation += 1
+            current.refused = []  # the operator may have fixed the peer or the data: resend those too
             if current.state == "failed":
                 current.state = "pending"
                 current.carrier = carrier
@@ -228,27 +233,42 @@ class Dispatcher:
                         record.task_id, request.target, destination.peer(), previous_peer,
                         extra=_log_context(record))
         delivered = record.delivered_set()
-        todo = [i for i in range(len(manifest.instances)) if i not in delivered]
-        skipped = len(manifest.instances) - len(todo)
+        # Refused for good by an earlier attempt of this generation: not resent (a manual retry resends).
+        refused = {i: said for i, said in record.refusals().items() if i not in delivered}
+        todo = [i for i in range(len(manifest.instances)) if i not in delivered and i not in refused]
+        skipped = len(manifest.instances) - len(todo) - len(refused)
         if not todo:
-            return Outcome(0, 0, skipped, [], "")
+            return _refusals_outcome(manifest, destination, refused, skipped, len(refused)) if refused \
+                else Outcome(0, 0, skipped, [], "")
         await self._started(record, delivery, request, destination, len(todo), skipped)
         try:
             result, changed = await self._send(record.task_id, manifest, todo, destination, self._parallel(request))
         except AttemptError as exc:
-            return Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in todo], str(exc))
+            return Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted([*todo, *refused])],
+                           str(exc), not_resent=len(refused))
         changed_uids = [manifest.instances[i].sop_uid for i in sorted(changed)]
         if changed_uids:
             log.warning("task %s: %d instance(s) were replaced by other content after the task was routed; "
                         "not sent to %s (their new copies are routed on their own)", record.task_id,
                         len(changed_uids), request.target, extra=_log_context(record))
         missing = sorted(set(todo) - set(result.delivered) - changed)
-        error = _describe_failure(result, len(todo) - len(changed), destination) if missing else ""
+        new_refusals = {i: (result.statuses[i], result.failed[i]) for i in missing
+                        if i in result.statuses and is_final_refusal(result.statuses[i])}
+        await self.progress.add_refused(record.task_id, record.generation, destination.peer(), new_refusals)
+        transient = [i for i in missing if i not in new_refusals]
+        if not transient and (refused or new_refusals):
+            outcome = _refusals_outcome(manifest, destination, {**refused, **new_refusals}, skipped, len(refused))
+        else:
+            error = _describe_failure(result, len(todo) - len(changed), destination) if missing else ""
+            if error and refused:
+                error += f"; {len(refused)} more refused for good by an earlier attempt, not resent"
+            outcome = Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted([*missing, *refused])],
+                              error, not_resent=len(refused))
         instances = _instance_outcomes(manifest, result)
-        return Outcome(len(result.delivered), result.warnings, skipped,
-                       [manifest.instances[i].sop_uid for i in missing], error, result.reencoded,
-                       result.refused_by_peer, changed_uids, instances[:MAX_INSTANCE_OUTCOMES],
-                       max(0, len(instances) - MAX_INSTANCE_OUTCOMES))
+        return dataclasses.replace(
+            outcome, sent=len(result.delivered), warnings=result.warnings, reencoded=result.reencoded,
+            refused_by_peer=result.refused_by_peer, changed_sop_uids=changed_uids,
+            instances=instances[:MAX_INSTANCE_OUTCOMES], instances_omitted=max(0, len(instances) - MAX_INSTANCE_OUTCOMES))
 
     async def _manifest(self, request: DispatchRequested) -> Manifest:
         try:
@@ -385,7 +405,10 @@ class Dispatcher:
         attempt = current.attempts + 1
         settings = self.config().settings
         max_attempts = max(1, settings.dispatch_retries)
-        last = attempt >= max_attempts
+        # Nothing left but refusals a resend cannot change: fail now rather than wait out every retry
+        # (unless a manual retry came in meanwhile: it asked for everything to be resent).
+        refused_for_good = bool(outcome.refused_count) and current.generation == record.generation
+        last = attempt >= max_attempts or refused_for_good
         delay = 0.0 if last else attempt_delay(attempt, settings.dispatch_retry_wait_seconds,
                                                settings.dispatch_retry_max_wait_seconds)
         ctx = _log_context(record)
@@ -395,7 +418,8 @@ class Dispatcher:
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.attempt_failed", DispatchAttemptFailed(
             task_id=record.task_id, target=request.target, attempt=attempt, error=outcome.error,
             sent=outcome.sent, failed=len(outcome.failed_sop_uids), retry_in_seconds=delay,
-            reencoded=outcome.reencoded, outcomes=outcome.instances, outcomes_omitted=outcome.instances_omitted),
+            reencoded=outcome.reencoded, outcomes=outcome.instances, outcomes_omitted=outcome.instances_omitted,
+            not_resent=outcome.not_resent),
             str(attempt)))
         if not last:
             await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error))
@@ -403,11 +427,13 @@ class Dispatcher:
             return
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.failed", DispatchFailed(
             task_id=record.task_id, target=request.target, attempts=attempt, error=outcome.error,
-            failed_sop_uids=outcome.failed_sop_uids)))
+            failed_sop_uids=outcome.failed_sop_uids, refused=outcome.refused if refused_for_good else [],
+            refused_omitted=max(0, outcome.refused_count - len(outcome.refused)) if refused_for_good else 0)))
         await self.bus.publish(self._follow_up(current, delivery, "alert.raised", AlertRaised(
             severity="error", source=ACTOR,
             message=f"dispatch of task {record.task_id} to '{request.target}' failed after {attempt} "
-                    f"attempt(s): {outcome.error}. Files kept; {_what_to_do(outcome.refused_by_peer, record.task_id)}")))
+                    f"attempt(s): {outcome.error}. Files kept; "
+                    f"{_what_to_do(outcome, refused_for_good, record.task_id)}")))
         await self.progress.mutate(record.task_id, _record_outcome(attempt, outcome.error, "failed"))
         self.count("tasks_failed")
         log.error("task %s failed after %d attempt(s)", record.task_id, attempt, extra=ctx)
@@ -442,9 +468,28 @@ async def _send_parallel(destination: Destination, items: list[SendItem], parall
 def _instance_outcomes(manifest: Manifest, result: SendResult) -> list[InstanceOutcome]:
     """The instances of an attempt that got a warning or failed on their own, in manifest order.
     Those never sent because the association failed are not listed: the attempt's error says why."""
-    return [InstanceOutcome(sop_uid=manifest.instances[index].sop_uid, status=result.statuses.get(index),
-                            reason=result.failed.get(index) or result.warned[index])
-            for index in sorted(set(result.failed) | set(result.warned))]
+    outcomes = []
+    for index in sorted(set(result.failed) | set(result.warned)):
+        status = result.statuses.get(index)
+        outcomes.append(InstanceOutcome(
+            sop_uid=manifest.instances[index].sop_uid, status=status,
+            reason=result.failed.get(index) or result.warned[index],
+            final=index in result.failed and status is not None and is_final_refusal(status)))
+    return outcomes
+
+
+def _refusals_outcome(manifest: Manifest, destination: Destination, refusals: dict[int, tuple[int, str]],
+                      skipped: int, not_resent: int) -> Outcome:
+    """Nothing is left to send but instances the peer refused with a status a resend cannot change
+    (`refusals`: manifest index -> (status, reason)): the task fails now, naming them, instead of
+    waiting out every retry."""
+    listed = [InstanceOutcome(sop_uid=manifest.instances[i].sop_uid, status=status, reason=reason, final=True)
+              for i, (status, reason) in sorted(refusals.items())]
+    said = sorted({outcome.reason for outcome in listed})
+    error = (f"{len(listed)} instance(s) refused ({'; '.join(said[:3])}{'; ...' if len(said) > 3 else ''}) "
+             f"with a status that a resend to {destination.describe()} cannot change; nothing else is left to send")
+    return Outcome(0, 0, skipped, [outcome.sop_uid for outcome in listed], error, not_resent=not_resent,
+                   refused=listed[:MAX_INSTANCE_OUTCOMES], refused_count=len(listed))
 
 
 def _check_routed(manifest: Manifest, items: list[SendItem]) -> tuple[list[SendItem], set[int]]:
@@ -494,8 +539,13 @@ def _describe_failure(result: SendResult, todo: int, destination: Destination) -
     return f"{', '.join(parts) or 'incomplete'} [{len(result.delivered)}/{todo} sent to {destination.describe()}]"
 
 
-def _what_to_do(refused_by_peer: bool, task_id: str) -> str:
-    if refused_by_peer:
+def _what_to_do(outcome: Outcome, refused_for_good: bool, task_id: str) -> str:
+    if refused_for_good:
+        named = ", ".join(o.sop_uid for o in outcome.refused[:3]) + (", ..." if outcome.refused_count > 3 else "")
+        return (f"the refused instance(s) ({named}; every one in this task's dispatch.failed event) fail again "
+                f"if sent as they are: correct them, or what the destination accepts from us, then "
+                f"`caduceus retry {task_id}` resends them.")
+    if outcome.refused_by_peer:
         return (f"the destination does not accept these SOP classes / transfer syntaxes, so a retry alone "
                 f"fails again: change what the destination accepts (or the rule), then "
                 f"`caduceus retry {task_id}`.")

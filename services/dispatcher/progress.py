@@ -27,6 +27,8 @@ from pydantic import BaseModel
 from shared.events import Event
 from shared.subjects import DISPATCH_PROGRESS_BUCKET
 
+from .sender import describe_status
+
 TaskState = Literal["pending", "completed", "failed"]
 _KV_KEY = re.compile(r"^[-_=A-Za-z0-9]{1,120}$")
 # Records outlive any retention period a site would configure for the blobs they point to.
@@ -65,6 +67,21 @@ class Bitmap:
     def count(self) -> int:
         return sum(bin(b).count("1") for b in self.data)
 
+    def indexes(self) -> list[int]:
+        return [byte * 8 + bit for byte, value in enumerate(self.data) if value
+                for bit in range(8) if value & (1 << bit)]
+
+
+# Distinct (status, reason) groups kept per record: a peer that writes each instance's UID into its
+# Error Comment would otherwise make one group per instance; beyond this the status's meaning alone.
+MAX_REFUSAL_REASONS = 20
+
+
+class Refusal(BaseModel):
+    status: int  # the peer's C-STORE status
+    reason: str  # its meaning and the peer's Error Comment (sender.describe_status)
+    instances: str  # Bitmap of manifest indexes
+
 
 class ProgressRecord(BaseModel):
     task_id: str
@@ -79,12 +96,21 @@ class ProgressRecord(BaseModel):
     delivered_to: str = ""
     warnings: int = 0
     last_error: str = ""
+    # Instances `delivered_to` refused with a status a resend cannot change (sender.is_final_refusal),
+    # grouped by what the peer said. Later attempts of this generation do not resend them; a manual
+    # retry (a new generation) or another peer forgets them.
+    refused: list[Refusal] = []
 
     def request_event(self) -> Event:
         return Event.model_validate(self.request)
 
     def delivered_set(self) -> Bitmap:
         return Bitmap.decode(self.delivered)
+
+    def refusals(self) -> dict[int, tuple[int, str]]:
+        """Manifest index -> (status, reason) of the instances in `refused`."""
+        return {index: (group.status, group.reason) for group in self.refused
+                for index in Bitmap.decode(group.instances).indexes()}
 
 
 def kv_key(task_id: str) -> str:
@@ -174,6 +200,7 @@ class ProgressStore:
             if record.delivered_to:
                 record.delivered = ""
                 record.warnings = 0
+            record.refused = []  # another peer may accept them
             record.delivered_to = peer
             return record
 
@@ -194,3 +221,27 @@ class ProgressStore:
             return record
 
         await self.mutate(task_id, merge)
+
+    async def add_refused(self, task_id: str, generation: int, peer: str, refusals: dict[int, tuple[int, str]],
+                          ) -> ProgressRecord | None:
+        """Record instances `peer` refused for good (index -> (status, reason)), unless a manual retry
+        started another generation meanwhile (its operator wants everything resent) or the target was
+        repointed."""
+        if not refusals:
+            return None
+
+        def merge(record: ProgressRecord | None) -> ProgressRecord | None:
+            if record is None or record.generation != generation or record.delivered_to != peer:
+                return None
+            groups = {(group.status, group.reason): group for group in record.refused}
+            for index, (status, reason) in sorted(refusals.items()):
+                if (status, reason) not in groups and len(groups) >= MAX_REFUSAL_REASONS:
+                    reason = describe_status(status, "")
+                group = groups.setdefault((status, reason), Refusal(status=status, reason=reason, instances=""))
+                bitmap = Bitmap.decode(group.instances)
+                bitmap.add(index)
+                group.instances = bitmap.encode()
+            record.refused = list(groups.values())
+            return record
+
+        return await self.mutate(task_id, merge)

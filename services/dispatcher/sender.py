@@ -61,6 +61,22 @@ def is_warning(status: int) -> bool:
     return status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
 
 
+# Failure statuses whose meaning is a property of the instance (PS3.4 B.2.3 A9xx "data set does not
+# match SOP class", PS3.7 C 0117 "invalid SOP instance") or of the peer's configuration for this
+# caller (0122 "SOP class not supported", 0124 "not authorized"): the same bytes sent to the same peer
+# get the same answer, so later attempts of the task do not resend them (docs/reliability.md).
+# Every other failure counts as transient, 0xCxxx "cannot understand" included: it is the catch-all
+# of SCP toolkits for anything that went wrong while storing (pynetdicom answers 0xC211 when its
+# storage handler raises, DCMTK's DcmStorageSCP 0xC000 when receiving the data set failed, and PACS
+# built on them report database or disk trouble that way).
+FINAL_REFUSALS = frozenset({0x0117, 0x0122, 0x0124})
+
+
+def is_final_refusal(status: int) -> bool:
+    """A failure status that a resend of the same instance to the same peer cannot change."""
+    return status in FINAL_REFUSALS or 0xA900 <= status <= 0xA9FF
+
+
 @dataclass(frozen=True)
 class Destination:
     host: str

@@ -3,6 +3,7 @@ only what the peer has not confirmed. The peer is a pynetdicom Storage SCP answe
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from .conftest import (
     dicom_target,
     events_of,
     request_dispatch,
+    run_cli,
     running_dispatcher,
     start_dispatcher_process,
     wait_events,
@@ -232,3 +234,88 @@ async def test_a_refusal_says_what_the_status_means_and_what_the_peer_commented(
         [failed] = await wait_events(bus, "dispatch.failed", request.task_id, timeout=15)
     assert "1 instance(s) refused (C-STORE status 0xA900 (Data Set Does Not Match SOP Class): " \
            "Patient ID missing)" in failed.payload["error"], failed.payload["error"]
+
+
+async def test_refusals_a_resend_cannot_change_are_not_resent_and_end_the_task_at_once(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        scripted_scp: ScriptedScp) -> None:
+    # A PACS that refuses an instance with 0xA900 (data set does not match SOP class) or 0x0122 (SOP
+    # class not supported) answers the same every time. Later attempts resend only what failed for a
+    # transient reason (0xA700), and the task fails as soon as nothing else is left, naming the
+    # refused instances, instead of resending them through every attempt and waiting out the backoff.
+    files = make_series(tmp_path / "series", 4)
+    manifest, key = await stage_files(blob_store, files)
+    mismatch, unsupported, busy, fine = (i.sop_uid for i in manifest.instances)
+    scripted_scp.script = {mismatch: [0xA900] * 9, unsupported: [0x0122] * 9, busy: [0xA700]}
+    scripted_scp.comments = {mismatch: "Patient ID missing"}
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 5},
+                             "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "scripted")
+        task_id = request.task_id or ""
+        [failed] = await wait_events(bus, "dispatch.failed", task_id, timeout=20)
+        attempts = await events_of(bus, "dispatch.attempt_failed", task_id)
+        assert [(e.payload["attempt"], e.payload["sent"], e.payload["failed"], e.payload["not_resent"])
+                for e in attempts] == [(1, 1, 3, 0), (2, 1, 2, 2)], [e.payload for e in attempts]
+        assert [e.payload["retry_in_seconds"] for e in attempts] == [0.2, 0.0]
+        finals = {o["sop_uid"]: o["final"] for o in attempts[0].payload["outcomes"]}
+        assert finals == {mismatch: True, unsupported: True, busy: False}
+        assert failed.payload["attempts"] == 2
+        assert sorted(failed.payload["failed_sop_uids"]) == sorted([mismatch, unsupported])
+        refused = {o["sop_uid"]: o for o in failed.payload["refused"]}
+        assert set(refused) == {mismatch, unsupported} and failed.payload["refused_omitted"] == 0
+        assert refused[mismatch]["status"] == 0xA900 and "Patient ID missing" in refused[mismatch]["reason"]
+        assert refused[unsupported]["status"] == 0x0122 and "SOP Class Not Supported" in refused[unsupported]["reason"]
+        assert "2 instance(s) refused" in failed.payload["error"] and "cannot change" in failed.payload["error"]
+        [alert] = await events_of(bus, "alert.raised", task_id)
+        assert mismatch in alert.payload["message"] and f"caduceus retry {task_id}" in alert.payload["message"]
+        # Each refused instance went out once; the busy one twice.
+        assert sorted(scripted_scp.received) == sorted([mismatch, unsupported, busy, busy, fine])
+
+        # The operator fixed the PACS: a manual retry resends the refused instances too.
+        scripted_scp.script, scripted_scp.comments = {}, {}
+        result = await asyncio.to_thread(run_cli, nats_url, "retry", task_id)
+        assert result.returncode == 0, result.stderr
+        [completed] = await wait_events(bus, "dispatch.completed", task_id, timeout=20)
+    assert completed.payload["sent"] == 2 and completed.payload["skipped_already_sent"] == 2
+    assert sorted(scripted_scp.received) == sorted([mismatch, unsupported, busy, busy, fine, mismatch, unsupported])
+
+
+async def test_cannot_understand_is_retried_and_only_refusals_for_good_end_the_task(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        scripted_scp: ScriptedScp) -> None:
+    # 0xCxxx "cannot understand" is what SCP toolkits answer when anything goes wrong while storing
+    # (pynetdicom 0xC211 for an exception in its handler, a PACS for its database being down): it is
+    # resent. 0x0124 (not authorized) is not. With a retry wait of a minute the test would time out
+    # if the task waited for a second attempt with nothing transient left.
+    files = make_series(tmp_path / "series", 3)
+    manifest, key = await stage_files(blob_store, files)
+    hiccup, forbidden, _ = (i.sop_uid for i in manifest.instances)
+    scripted_scp.script = {hiccup: [0xC211], forbidden: [0x0124] * 9}
+    await apply_config(bus, {"settings": {"dispatch_retries": 5, "dispatch_retry_wait_seconds": 1,
+                                          "dispatch_retry_max_wait_seconds": 1},
+                             "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "scripted")
+        [failed] = await wait_events(bus, "dispatch.failed", request.task_id, timeout=20)
+    assert failed.payload["attempts"] == 2
+    assert [o["sop_uid"] for o in failed.payload["refused"]] == [forbidden]
+    assert sorted(scripted_scp.received) == sorted([i.sop_uid for i in manifest.instances] + [hiccup])
+    # Only the refused-for-good instance is left undelivered.
+    assert failed.payload["failed_sop_uids"] == [forbidden]
+
+
+async def test_a_task_refused_for_good_in_its_first_attempt_fails_without_waiting(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        scripted_scp: ScriptedScp) -> None:
+    files = make_series(tmp_path / "series", 2)
+    manifest, key = await stage_files(blob_store, files)
+    scripted_scp.script = {manifest.instances[0].sop_uid: [0xA901] * 9}
+    await apply_config(bus, {"settings": {"dispatch_retries": 5, "dispatch_retry_wait_seconds": 60},
+                             "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "scripted")
+        [failed] = await wait_events(bus, "dispatch.failed", request.task_id, timeout=15)
+    assert failed.payload["attempts"] == 1
+    [attempt] = await events_of(bus, "dispatch.attempt_failed", request.task_id)
+    assert attempt.payload["retry_in_seconds"] == 0.0 and attempt.payload["sent"] == 1
