@@ -451,8 +451,10 @@ async def _send_parallel(destination: Destination, items: list[SendItem], parall
     """
     chunks = [items[i::parallel] for i in range(min(parallel, len(items)))]
     total = SendResult()
+    # (With several, one the peer turns away as busy leaves its share to the fallback below.)
     for result in await asyncio.gather(*(
-            asyncio.to_thread(send_items, destination, chunk, on_delivered, abort) for chunk in chunks)):
+            asyncio.to_thread(send_items, destination, chunk, on_delivered, abort, len(chunks) == 1)
+            for chunk in chunks)):
         total.merge(result)
     tried = set(total.delivered) | set(total.failed) | set(total.changed)
     unsent = [item for item in items if item.index not in tried]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import socket
 import ssl
 import struct
@@ -50,6 +51,10 @@ _config.LOG_HANDLER_LEVEL = "none"
 SUCCESS = 0x0000
 MAX_CONTEXTS = 128  # DICOM limit of presentation contexts per association (odd ids 1..255)
 MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted one
+# A peer that rejects an association as transient (PS3.8 9.3.4: result "rejected-transient", e.g.
+# "local limit exceeded" when other senders hold its associations, or "temporary congestion") is
+# asked again after these pauses (seconds) within the attempt, before the attempt fails for it.
+BUSY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)
 DIMSE_TIMEOUT = 120  # seconds to wait for a C-STORE response
 NETWORK_TIMEOUT = 120  # seconds the peer may stay silent while nothing is being sent to it
 
@@ -228,6 +233,7 @@ def _on_acse_received(event: evt.Event) -> None:
     # pynetdicom only logs why a peer rejected the association; the task's error should say it.
     primitive = event.primitive  # type: ignore[attr-defined]
     if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+        event.assoc.caduceus_busy = primitive.result == 0x02  # type: ignore[attr-defined]
         event.assoc.caduceus_rejection = (  # type: ignore[attr-defined]
             f"{primitive.reason_str.lower()} ({primitive.result_str.lower()}, by the {primitive.source_str.lower()})")
 
@@ -317,18 +323,22 @@ def _status_of(response: Dataset) -> int | None:
 
 
 def send_items(dest: Destination, items: Sequence[SendItem], on_delivered: DeliveredCallback,
-               abort: threading.Event) -> SendResult:
-    """Send `items` over as few associations as the context limit allows; never raises for peers."""
+               abort: threading.Event, wait_if_busy: bool = True) -> SendResult:
+    """Send `items` over as few associations as the context limit allows; never raises for peers.
+
+    `wait_if_busy`: ask a peer that rejects an association as transient again (BUSY_PAUSES); off for
+    one of several parallel associations of a task, whose share goes over another one instead.
+    """
     result = SendResult()
     for group in context_groups(items):
         if abort.is_set():
             break
-        result.merge(_send_group(dest, group, on_delivered, abort))
+        result.merge(_send_group(dest, group, on_delivered, abort, BUSY_PAUSES if wait_if_busy else ()))
     return result
 
 
 def _send_group(dest: Destination, items: Sequence[SendItem], on_delivered: DeliveredCallback,
-                abort: threading.Event) -> SendResult:
+                abort: threading.Event, busy_pauses: Sequence[float]) -> SendResult:
     """Send on one association; if the peer aborts it, go on with the rest on a fresh one.
 
     The instance in flight when the association dropped counts as failed for this attempt, so one
@@ -339,15 +349,16 @@ def _send_group(dest: Destination, items: Sequence[SendItem], on_delivered: Deli
     for _ in range(1 + MAX_REASSOCIATIONS):
         if not remaining or abort.is_set():
             break
-        remaining = _send_on_association(dest, remaining, result, on_delivered, abort)
+        remaining = _send_on_association(dest, remaining, result, on_delivered, abort, busy_pauses)
     return result
 
 
 def _send_on_association(dest: Destination, items: list[SendItem], result: SendResult,
-                         on_delivered: DeliveredCallback, abort: threading.Event) -> list[SendItem] | None:
+                         on_delivered: DeliveredCallback, abort: threading.Event,
+                         busy_pauses: Sequence[float] = ()) -> list[SendItem] | None:
     """Returns the items still to send after the association ended early, None if none could start."""
     try:
-        assoc = _associate(dest, items)
+        assoc = _associate_when_free(dest, items, abort, busy_pauses)
     except Exception as exc:  # noqa: BLE001 - TLS setup or socket errors become a failed attempt
         result.errors.append(f"could not associate with {dest.describe()}: {exc}")
         return None
@@ -367,6 +378,26 @@ def _send_on_association(dest: Destination, items: list[SendItem], result: SendR
         if assoc.is_established:
             assoc.release()
     return left
+
+
+def _associate_when_free(dest: Destination, items: list[SendItem], abort: threading.Event,
+                         busy_pauses: Sequence[float]) -> Association:
+    """An association; one the peer rejected as transient is asked for again after `busy_pauses`.
+
+    A busy peer is not a reason to fail the attempt and wait the retry back-off (a minute, then
+    doubling): its associations usually free up within seconds. The pauses vary a little, so that
+    senders turned away together do not all come back at the same moment.
+    """
+    assoc = _associate(dest, items)
+    for pause in (p * random.uniform(0.8, 1.2) for p in busy_pauses):
+        if not (assoc.is_rejected and getattr(assoc, "caduceus_busy", False)):
+            break
+        log.info("%s is busy (%s); asking again in %.1f s", dest.describe(),
+                 getattr(assoc, "caduceus_rejection", ""), pause)
+        if abort.wait(pause):
+            break
+        assoc = _associate(dest, items)
+    return assoc
 
 
 def _settle_reactor(assoc: Association, timeout: float = 0.2) -> None:

@@ -33,14 +33,46 @@ def _items(files: list[Path]) -> list[SendItem]:
     return items
 
 
-def test_rejected_association_says_why(tmp_path: Path, orthanc_factory: Callable[..., Orthanc]) -> None:
+def test_rejected_association_says_why(tmp_path: Path, orthanc_factory: Callable[..., Orthanc],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sender, "BUSY_PAUSES", (5.0,), raising=False)
     peer = orthanc_factory(DicomCheckCalledAet=True)
     items = _items(make_series(tmp_path / "s", 2))
+    started = time.monotonic()
     result = send_items(Destination("127.0.0.1", peer.dicom_port, "NOT-ORTHANC", "CADUCEUS"), items,
                         lambda index, status: None, threading.Event())
     assert not result.delivered
     assert result.errors == [f"association rejected by NOT-ORTHANC@127.0.0.1:{peer.dicom_port}: "
                              "called ae title not recognised (rejected permanent, by the service user)"]
+    assert time.monotonic() - started < 4, "a permanent rejection is not asked again"
+
+
+def test_a_busy_peer_is_asked_again_within_the_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PACS at its association limit rejects one more as transient ("local limit exceeded"), here
+    # because another sender holds its only association for a moment. That is no reason to fail the
+    # attempt and wait the retry back-off (a minute, then doubling): the association is asked for
+    # again after a short pause.
+    monkeypatch.setattr(sender, "BUSY_PAUSES", (0.3,) * 10, raising=False)
+    ae = AE(ae_title="BUSY")
+    ae.maximum_associations = 1
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0)])
+    assert server is not None
+    other = AE(ae_title="MODALITY")
+    other.add_requested_context(CTImageStorage)
+    held = other.associate("127.0.0.1", port, ae_title="BUSY")
+    try:
+        assert held.is_established
+        threading.Timer(1.5, held.release).start()
+        started = time.monotonic()
+        result = send_items(Destination("127.0.0.1", port, "BUSY", "CADUCEUS"), _items(make_series(tmp_path / "s", 2)),
+                            lambda index, status: None, threading.Event())
+    finally:
+        held.release()
+        server.shutdown()
+    assert (sorted(result.delivered), result.failed, result.errors) == ([0, 1], {}, [])
+    assert time.monotonic() - started > 1, "the peer was not busy: test proves nothing"
 
 
 def test_no_accepted_context_names_what_was_refused(tmp_path: Path,
