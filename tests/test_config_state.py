@@ -139,3 +139,14 @@ def test_tls_files_this_host_cannot_read_are_warned_about(tmp_path: Path) -> Non
         "the receiver or dispatcher runs, or their TLS will not work",
         f"targets.pacs.tls.ca: {tmp_path} is not a readable file on this host; it must be one where "
         "the receiver or dispatcher runs, or their TLS will not work"]
+
+
+def test_a_targets_max_associations_is_checked_and_a_larger_parallel_count_warned_about() -> None:
+    target = {"host": "h", "port": 104, "called_aet": "PACS"}
+    with pytest.raises(ConfigError, match="max_associations"):
+        CaduceusConfig.parse({"targets": {"pacs": {**target, "max_associations": 0}}})
+    config = CaduceusConfig.parse({"targets": {"pacs": {**target, "max_associations": 2, "parallel_associations": 4}}})
+    assert config.targets["pacs"].max_associations == 2
+    assert config.warnings() == ["targets.pacs: a task would open 4 parallel associations, but max_associations "
+                                 "is 2: it opens at most that many"]
+    assert CaduceusConfig.parse({"targets": {"pacs": target}}).targets["pacs"].max_associations is None

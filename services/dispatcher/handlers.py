@@ -45,6 +45,7 @@ from shared.manifest import Manifest, read_manifest
 from shared.runtime import Delivery
 from shared.subjects import EVENTS_STREAM, event_subject
 
+from .gate import AssociationGate
 from .progress import ProgressRecord, ProgressStore, TaskState
 from .schedule import attempt_delay, seconds_until_offpeak
 from .sender import Destination, SendItem, SendResult, file_id, is_final_refusal, send_items
@@ -59,6 +60,10 @@ ONE_ASSOCIATION_PAUSE_SECONDS = 1.0
 
 class AttemptError(Exception):
     """The attempt cannot succeed as things stand (missing target/blob, peer trouble)."""
+
+
+class HandedBack(Exception):
+    """The dispatcher stops while the task waits for an association: nothing was sent, hand it back."""
 
 
 @dataclass
@@ -82,8 +87,9 @@ class Outcome:
 class Dispatcher:
     def __init__(self, bus: Bus, progress: ProgressStore, store: BlobStore,
                  config: Callable[[], CaduceusConfig], keep_alive_seconds: float,
-                 counters: dict[str, int], instance: str = ACTOR) -> None:
+                 counters: dict[str, int], instance: str = ACTOR, gate: AssociationGate | None = None) -> None:
         self.bus = bus
+        self.gate = gate or AssociationGate(asyncio.Event())
         self.instance = instance  # named in dispatch.started, so that a task shows who sends it
         self.progress = progress
         self.store = store
@@ -206,6 +212,10 @@ class Dispatcher:
         try:
             async with delivery.keep_alive(every=self.keep_alive_seconds):
                 outcome = await self.attempt(record, delivery)
+        except HandedBack:
+            log.info("task %s handed back at shutdown while it waited for an association", record.task_id, extra=ctx)
+            await delivery.nak()
+            return
         except asyncio.CancelledError:
             # Shutdown cut the send short (confirmed instances are already recorded): hand the
             # task back now rather than after the ack wait.
@@ -240,12 +250,16 @@ class Dispatcher:
         if not todo:
             return _refusals_outcome(manifest, destination, refused, skipped, len(refused)) if refused \
                 else Outcome(0, 0, skipped, [], "")
-        await self._started(record, delivery, request, destination, len(todo), skipped)
+        key = f"{request.target}|{destination.peer()}"
+        associations = await self._associations(record, request, key, min(self._parallel(request), len(todo)))
         try:
-            result, changed = await self._send(record.task_id, manifest, todo, destination, self._parallel(request))
+            await self._started(record, delivery, request, destination, len(todo), skipped)
+            result, changed = await self._send(record.task_id, manifest, todo, destination, associations)
         except AttemptError as exc:
             return Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted([*todo, *refused])],
                            str(exc), not_resent=len(refused))
+        finally:
+            self.gate.give_back(key, associations)
         changed_uids = [manifest.instances[i].sop_uid for i in sorted(changed)]
         if changed_uids:
             log.warning("task %s: %d instance(s) were replaced by other content after the task was routed; "
@@ -291,6 +305,23 @@ class Dispatcher:
                                    "but the task has no peer_host")
             host = request.peer_host
         return Destination(host, target.port, target.called_aet, target.calling_aet, target.tls)
+
+    async def _associations(self, record: ProgressRecord, request: DispatchRequested, key: str, wanted: int) -> int:
+        """How many associations the task opens: `wanted`, or fewer (at least one) for a target with
+        max_associations, once this process has that many free for it (the task waits until then)."""
+        def limit() -> int | None:
+            target = self.config().targets.get(request.target)
+            return target.max_associations if target is not None else None
+
+        cap = limit()
+        if cap is not None and self.gate.in_use(key) >= cap:
+            log.info("task %s waits for one of the %d association(s) to '%s' (%d task(s) waiting in this dispatcher)",
+                     record.task_id, cap, request.target, self.gate.waiting() + 1, extra=_log_context(record))
+            self.count("tasks_waited_for_associations")
+        granted = await self.gate.take(key, limit, wanted)
+        if granted is None:
+            raise HandedBack()
+        return granted
 
     def _parallel(self, request: DispatchRequested) -> int:
         target = self.config().targets.get(request.target)

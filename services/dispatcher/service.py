@@ -17,6 +17,7 @@ from shared.runtime import Service
 from shared.settings import Settings
 from shared.subjects import DISPATCHER_NORMAL, DISPATCHER_URGENT, Durable
 
+from .gate import AssociationGate
 from .handlers import Dispatcher
 from .progress import ProgressStore
 
@@ -43,12 +44,22 @@ class DispatcherService(Service):
         progress = await ProgressStore.open(self.bus.js)
         store: BlobStore = open_blob_store(self.settings.blob_store, self.settings.data_dir, self.bus.js)
         ack_wait = self.settings.dispatch_ack_wait_seconds
+        # Handler slots: tasks sending at once. A task waiting for a target's association gives its
+        # slot back meanwhile (gate.py), and as many tasks may wait as there are slots.
+        self._slots = asyncio.Semaphore(self.settings.dispatch_concurrency)
+        self.gate = AssociationGate(self.stopping, self._slots)
         self.dispatcher = Dispatcher(self.bus, progress, store, lambda: self.config,
                                      keep_alive_seconds=max(0.5, ack_wait / 3), counters=self.counters,
-                                     instance=self.instance)
+                                     instance=self.instance, gate=self.gate)
         durables = [dataclasses.replace(d, ack_wait=ack_wait) for d in (DISPATCHER_URGENT, DISPATCHER_NORMAL)]
         self.spawn(self._pull_loop(durables))
         self.spawn(self._keep_held_alive(max(0.5, ack_wait / 3)))
+
+    def health_details(self) -> dict[str, Any]:
+        details = super().health_details()
+        if hasattr(self, "gate"):
+            details["tasks_waiting_for_associations"] = self.gate.waiting()
+        return details
 
     async def teardown(self) -> None:
         # Unsubscribe before the runtime drains the connection: a pull subscription whose fetch was
@@ -66,10 +77,11 @@ class DispatcherService(Service):
         for durable in durables:
             await self.bus.declare_durable(durable)
             subs.append(await self.bus.js.pull_subscribe_bind(durable=durable.name, stream=durable.stream))
-        limiter = asyncio.Semaphore(self.settings.dispatch_concurrency)
+        limiter = self._slots
         turn = 0
         try:
             while not self.stopping.is_set():
+                await self.gate.room_for(self.settings.dispatch_concurrency)
                 await limiter.acquire()
                 turn += 1
                 order = subs if turn % self.settings.dispatch_normal_every else subs[::-1]

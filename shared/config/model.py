@@ -172,6 +172,10 @@ class DicomTarget(Item):
     calling_aet: str = Field(default="CADUCEUS", min_length=1, max_length=16)
     tls: TlsConfig | None = None
     parallel_associations: int | None = Field(default=None, ge=1, le=16)
+    # Associations one dispatcher process holds open to this target at once, across its tasks (None:
+    # no limit). Tasks beyond it wait for their turn instead of being rejected by a peer that allows
+    # fewer; a task's parallel_associations never exceeds it.
+    max_associations: int | None = Field(default=None, ge=1, le=1000)
 
     @field_validator("called_aet", "calling_aet")
     @classmethod
@@ -301,7 +305,16 @@ class CaduceusConfig(BaseModel):
                 if tag not in extracted and tag not in compiled.unknown_tags:
                     found.append(f"rules.{name}.filter: {tag} is not in settings.extract_tags, so the router "
                                  f"always sees it empty; add it there if the rule needs it")
-        return found + self._tls_file_warnings()
+        return found + self._tls_file_warnings() + self._association_warnings()
+
+    def _association_warnings(self) -> list[str]:
+        found = []
+        for name, target in self.targets.items():
+            parallel = target.parallel_associations or self.settings.dispatch_parallel_associations
+            if target.max_associations is not None and parallel > target.max_associations:
+                found.append(f"targets.{name}: a task would open {parallel} parallel associations, but "
+                             f"max_associations is {target.max_associations}: it opens at most that many")
+        return found
 
     def _tls_file_warnings(self) -> list[str]:
         # Only a warning: the configuration may be applied from another host than the services'.

@@ -47,13 +47,30 @@ class ScriptedScp:
         self.lock = threading.Lock()
         self.store_seconds = store_seconds
         self.comments: dict[str, str] = {}  # SOP Instance UID -> Error Comment sent with its status
+        self.rejected = 0  # associations rejected (more than max_associations at once)
+        self.open = self.most_open = 0  # associations open now / at most at once
         ae = AE(ae_title="SCRIPTED")
         ae.maximum_associations = max_associations  # more are rejected: transient, local limit exceeded
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, self._on_established), (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended)])
         assert server is not None
         self.server = server
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        with self.lock:
+            self.rejected += 1
+
+    def _on_established(self, event: evt.Event) -> None:
+        with self.lock:
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+
+    def _on_ended(self, event: evt.Event) -> None:
+        with self.lock:
+            self.open -= 1
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
