@@ -79,9 +79,10 @@ class Outcome:
     instances: list[InstanceOutcome] = field(default_factory=list)  # warned or failed, one by one
     instances_omitted: int = 0  # beyond MAX_INSTANCE_OUTCOMES
     not_resent: int = 0  # of failed_sop_uids: refused for good by an earlier attempt, not sent in this one
-    # Set when nothing is left to send but instances the peer refused for good: the task fails now.
+    # Every instance refused for good in this generation (the first MAX_INSTANCE_OUTCOMES), and how many.
     refused: list[InstanceOutcome] = field(default_factory=list)
     refused_count: int = 0
+    only_refusals_left: bool = False  # nothing left to send but those: the task fails now
 
 
 class Dispatcher:
@@ -256,8 +257,9 @@ class Dispatcher:
             await self._started(record, delivery, request, destination, len(todo), skipped)
             result, changed = await self._send(record.task_id, manifest, todo, destination, associations)
         except AttemptError as exc:
-            return Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted([*todo, *refused])],
-                           str(exc), not_resent=len(refused))
+            return _listed_refusals(manifest, refused, Outcome(
+                0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted([*todo, *refused])], str(exc),
+                not_resent=len(refused)))
         finally:
             self.gate.give_back(key, associations)
         changed_uids = [manifest.instances[i].sop_uid for i in sorted(changed)]
@@ -269,15 +271,8 @@ class Dispatcher:
         new_refusals = {i: (result.statuses[i], result.failed[i]) for i in missing
                         if i in result.statuses and is_final_refusal(result.statuses[i])}
         await self.progress.add_refused(record.task_id, record.generation, destination.peer(), new_refusals)
-        transient = [i for i in missing if i not in new_refusals]
-        if not transient and (refused or new_refusals):
-            outcome = _refusals_outcome(manifest, destination, {**refused, **new_refusals}, skipped, len(refused))
-        else:
-            error = _describe_failure(result, len(todo) - len(changed), destination) if missing else ""
-            if error and refused:
-                error += f"; {len(refused)} more refused for good by an earlier attempt, not resent"
-            outcome = Outcome(0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted([*missing, *refused])],
-                              error, not_resent=len(refused))
+        outcome = _sent_outcome(manifest, destination, result, len(todo) - len(changed), missing, refused,
+                                new_refusals, skipped)
         instances = _instance_outcomes(manifest, result)
         return dataclasses.replace(
             outcome, sent=len(result.delivered), warnings=result.warnings, reencoded=result.reencoded,
@@ -438,7 +433,7 @@ class Dispatcher:
         max_attempts = max(1, settings.dispatch_retries)
         # Nothing left but refusals a resend cannot change: fail now rather than wait out every retry
         # (unless a manual retry came in meanwhile: it asked for everything to be resent).
-        refused_for_good = bool(outcome.refused_count) and current.generation == record.generation
+        refused_for_good = outcome.only_refusals_left and current.generation == record.generation
         last = attempt >= max_attempts or refused_for_good
         delay = 0.0 if last else attempt_delay(attempt, settings.dispatch_retry_wait_seconds,
                                                settings.dispatch_retry_max_wait_seconds)
@@ -458,8 +453,8 @@ class Dispatcher:
             return
         await self.bus.publish(self._follow_up(current, delivery, "dispatch.failed", DispatchFailed(
             task_id=record.task_id, target=request.target, attempts=attempt, error=outcome.error,
-            failed_sop_uids=outcome.failed_sop_uids, refused=outcome.refused if refused_for_good else [],
-            refused_omitted=max(0, outcome.refused_count - len(outcome.refused)) if refused_for_good else 0)))
+            failed_sop_uids=outcome.failed_sop_uids, refused=outcome.refused,
+            refused_omitted=outcome.refused_count - len(outcome.refused))))
         await self.bus.publish(self._follow_up(current, delivery, "alert.raised", AlertRaised(
             severity="error", source=ACTOR,
             message=f"dispatch of task {record.task_id} to '{request.target}' failed after {attempt} "
@@ -511,18 +506,40 @@ def _instance_outcomes(manifest: Manifest, result: SendResult) -> list[InstanceO
     return outcomes
 
 
-def _refusals_outcome(manifest: Manifest, destination: Destination, refusals: dict[int, tuple[int, str]],
-                      skipped: int, not_resent: int) -> Outcome:
-    """Nothing is left to send but instances the peer refused with a status a resend cannot change
-    (`refusals`: manifest index -> (status, reason)): the task fails now, naming them, instead of
-    waiting out every retry."""
+def _listed_refusals(manifest: Manifest, refusals: dict[int, tuple[int, str]], outcome: Outcome) -> Outcome:
+    """`outcome` with the instances refused for good (`refusals`: manifest index -> (status, reason))."""
     listed = [InstanceOutcome(sop_uid=manifest.instances[i].sop_uid, status=status, reason=reason, final=True)
               for i, (status, reason) in sorted(refusals.items())]
-    said = sorted({outcome.reason for outcome in listed})
-    error = (f"{len(listed)} instance(s) refused ({'; '.join(said[:3])}{'; ...' if len(said) > 3 else ''}) "
+    return dataclasses.replace(outcome, refused=listed[:MAX_INSTANCE_OUTCOMES], refused_count=len(listed))
+
+
+def _sent_outcome(manifest: Manifest, destination: Destination, result: SendResult, tried: int,
+                  missing: list[int], refused: dict[int, tuple[int, str]], new_refusals: dict[int, tuple[int, str]],
+                  skipped: int) -> Outcome:
+    """What an attempt that sent `tried` instances leaves (without its counts and per-instance
+    outcomes): `missing` not delivered, of which `new_refusals` for good, besides `refused` (for good,
+    by an earlier attempt, not sent in this one)."""
+    every_refusal = {**refused, **new_refusals}
+    if every_refusal and set(missing) <= set(new_refusals):
+        return _refusals_outcome(manifest, destination, every_refusal, skipped, len(refused))
+    error = _describe_failure(result, tried, destination) if missing else ""
+    if error and refused:
+        error += f"; {len(refused)} more refused for good by an earlier attempt, not resent"
+    return _listed_refusals(manifest, every_refusal, Outcome(
+        0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted([*missing, *refused])], error,
+        not_resent=len(refused)))
+
+
+def _refusals_outcome(manifest: Manifest, destination: Destination, refusals: dict[int, tuple[int, str]],
+                      skipped: int, not_resent: int) -> Outcome:
+    """Nothing is left to send but instances the peer refused with a status a resend cannot change:
+    the task fails now, naming them, instead of waiting out every retry."""
+    said = sorted({reason for _, reason in refusals.values()})
+    error = (f"{len(refusals)} instance(s) refused ({'; '.join(said[:3])}{'; ...' if len(said) > 3 else ''}) "
              f"with a status that a resend to {destination.describe()} cannot change; nothing else is left to send")
-    return Outcome(0, 0, skipped, [outcome.sop_uid for outcome in listed], error, not_resent=not_resent,
-                   refused=listed[:MAX_INSTANCE_OUTCOMES], refused_count=len(listed))
+    return _listed_refusals(manifest, refusals, Outcome(
+        0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted(refusals)], error,
+        not_resent=not_resent, only_refusals_left=True))
 
 
 def _check_routed(manifest: Manifest, items: list[SendItem]) -> tuple[list[SendItem], set[int]]:

@@ -298,28 +298,28 @@ async def test_refusals_a_resend_cannot_change_are_not_resent_and_end_the_task_a
     assert sorted(scripted_scp.received) == sorted([mismatch, unsupported, busy, busy, fine, mismatch, unsupported])
 
 
-async def test_cannot_understand_is_retried_and_only_refusals_for_good_end_the_task(
+async def test_cannot_understand_is_retried_and_refusals_for_good_are_not(
         tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
         scripted_scp: ScriptedScp) -> None:
     # 0xCxxx "cannot understand" is what SCP toolkits answer when anything goes wrong while storing
     # (pynetdicom 0xC211 for an exception in its handler, a PACS for its database being down): it is
-    # resent. 0x0124 (not authorized) is not. With a retry wait of a minute the test would time out
-    # if the task waited for a second attempt with nothing transient left.
+    # resent at every attempt. 0x0124 (not authorized) is sent once; the task's dispatch.failed,
+    # after its attempts, still names it among the refusals.
     files = make_series(tmp_path / "series", 3)
     manifest, key = await stage_files(blob_store, files)
     hiccup, forbidden, _ = (i.sop_uid for i in manifest.instances)
-    scripted_scp.script = {hiccup: [0xC211], forbidden: [0x0124] * 9}
-    await apply_config(bus, {"settings": {"dispatch_retries": 5, "dispatch_retry_wait_seconds": 1,
-                                          "dispatch_retry_max_wait_seconds": 1},
+    scripted_scp.script = {hiccup: [0xC211] * 9, forbidden: [0x0124] * 9}
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 3},
                              "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
     async with running_dispatcher(nats_url, data_dir):
         request = await request_dispatch(bus, manifest, key, "scripted")
         [failed] = await wait_events(bus, "dispatch.failed", request.task_id, timeout=20)
-    assert failed.payload["attempts"] == 2
-    assert [o["sop_uid"] for o in failed.payload["refused"]] == [forbidden]
-    assert sorted(scripted_scp.received) == sorted([i.sop_uid for i in manifest.instances] + [hiccup])
-    # Only the refused-for-good instance is left undelivered.
-    assert failed.payload["failed_sop_uids"] == [forbidden]
+    assert failed.payload["attempts"] == 3
+    assert [(o["sop_uid"], o["status"]) for o in failed.payload["refused"]] == [(forbidden, 0x0124)]
+    assert sorted(failed.payload["failed_sop_uids"]) == sorted([hiccup, forbidden])
+    assert sorted(scripted_scp.received) == sorted([i.sop_uid for i in manifest.instances] + [hiccup, hiccup])
+    attempts = await events_of(bus, "dispatch.attempt_failed", request.task_id)
+    assert [e.payload["not_resent"] for e in attempts] == [0, 1, 1]
 
 
 async def test_a_task_refused_for_good_in_its_first_attempt_fails_without_waiting(
