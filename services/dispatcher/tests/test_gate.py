@@ -48,3 +48,18 @@ async def test_a_raised_limit_lets_waiting_tasks_go_and_stopping_sends_the_rest_
     stopping.set()
     assert await asyncio.wait_for(waiting[1], 1) is None
     await asyncio.wait_for(gate.room_for(1), 1)
+
+
+async def test_the_waiting_room_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gate_module, "RECHECK_SECONDS", 5.0)  # leaving must wake the pull loop by itself
+    gate = AssociationGate(asyncio.Event())
+    assert await gate.take("pacs", lambda: 1, 1) == 1
+    waiting = [asyncio.create_task(gate.take("pacs", lambda: 1, 1)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    pull = asyncio.create_task(gate.room_for(2))
+    await asyncio.sleep(0.1)
+    assert not pull.done(), "two tasks wait: no room for a third"
+    gate.give_back("pacs", 1)
+    await asyncio.wait_for(pull, 1)
+    assert await waiting[0] == 1 and not waiting[1].done()
+    waiting[1].cancel()

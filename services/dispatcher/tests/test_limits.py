@@ -55,7 +55,7 @@ async def test_tasks_beyond_a_targets_max_associations_wait_their_turn(
 async def test_a_task_waiting_for_its_target_does_not_hold_up_other_targets(
         tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
         storescp: StoreScp) -> None:
-    # Two handler slots. Three tasks to a slow PACS that takes one association, then one to another
+    # Three handler slots. Three tasks to a slow PACS that takes one association, then one to another
     # target: the second and third wait for the PACS without their slot, so the fourth is sent at
     # once rather than after the PACS's tasks.
     scp = ScriptedScp(max_associations=1, store_seconds=0.5)
@@ -65,7 +65,7 @@ async def test_a_task_waiting_for_its_target_does_not_hold_up_other_targets(
         await apply_config(bus, {"settings": FAST_RETRIES, "targets": {
             "pacs": dicom_target(scp.port, "SCRIPTED", max_associations=1),
             "archive": dicom_target(storescp.port, storescp.aet)}})
-        async with running_dispatcher(nats_url, data_dir, dispatch_concurrency=2):
+        async with running_dispatcher(nats_url, data_dir, dispatch_concurrency=3):
             to_pacs = [await request_dispatch(bus, slow, slow_key, "pacs") for _ in range(3)]
             to_archive = await request_dispatch(bus, quick, quick_key, "archive")
             [archived] = await wait_events(bus, "dispatch.completed", to_archive.task_id, timeout=15)
