@@ -49,22 +49,12 @@ def _die_with_parent() -> None:
             LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _lower_priority(pid: int, nice: int, name: str) -> None:
-    """Raise a child's niceness: set from here rather than in the child so that every service
-    gets it alike, whatever it runs."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, pid) + nice)
-    except OSError as exc:   # the child is already gone; or a platform without priorities
-        log.warning("could not lower the priority of %s (pid %s): %s", name, pid, exc)
-
-
 @dataclass
 class ChildSpec:
     name: str
     argv: list[str]
     env: dict[str, str]
     log_file: Path | None = None
-    nice: int = 0   # added to the child's OS scheduling niceness (a lower priority)
 
 
 @dataclass
@@ -147,8 +137,6 @@ class Supervisor:
             if target is not None:
                 os.close(out)  # the child has its own copy; the pipe ends when every copy is closed
         child.started_at = time.monotonic()
-        if spec.nice:
-            _lower_priority(child.process.pid, spec.nice, spec.name)
         log.info("started %s (pid %s)", spec.name, child.pid)
 
     async def _drain_logs(self, timeout: float = 5.0) -> None:

@@ -54,8 +54,6 @@ from shared.settings import UP_STATE_FILE, Settings, cli_data_dir, up_state
 log = logging.getLogger("caduceus.up")
 
 EXIT_START_FAILED = 1
-# Nobody waits on these while images arrive (settings.background_nice says why they run nicer).
-BACKGROUND_SERVICES = frozenset({"bookkeeper", "cleaner", "processor", "ui"})
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -260,9 +258,7 @@ async def _supervise(args: argparse.Namespace, services: list[str], data_dir: Pa
                      state_file: Path, nats: EmbeddedNats | None, nats_url: str, bus: Bus,
                      settings: Settings) -> int:
     env = _service_env(args, data_dir, nats_url)
-    specs = [ChildSpec(name, service_argv(name), env, logs_dir / f"{name}.log",
-                       nice=settings.background_nice if name in BACKGROUND_SERVICES else 0)
-             for name in services]
+    specs = [ChildSpec(name, service_argv(name), env, logs_dir / f"{name}.log") for name in services]
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
 
     def save_state(sup: Supervisor) -> None:

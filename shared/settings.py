@@ -28,10 +28,6 @@ class Settings(BaseSettings):
     log_max_mb: int = Field(default=50, ge=1, le=100_000)
     log_files_kept: int = Field(default=5, ge=1, le=1000)
     heartbeat_seconds: float = 5.0
-    # `caduceus up` runs the services nobody waits on (bookkeeper, cleaner, processor, ui) this
-    # much nicer than the receiver, router and dispatcher: during a burst the CPU goes to the
-    # association first, and the audit log catches up in the pauses. 0 = all alike.
-    background_nice: int = Field(default=5, ge=0, le=19)
     # Receiver listens here (the launcher passes --dicom-port through this variable).
     dicom_port: int = 11112
     dicom_host: str = "0.0.0.0"
