@@ -178,8 +178,9 @@ class BackgroundStore:
 
 
 def storescu_background(port: int, files: list[Path], log: Path, *, aet: str = "CADUCEUS",
-                        calling: str = "MODALITY") -> BackgroundStore:
-    args = [STORESCU, "-v", "-aet", calling, "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
+                        calling: str = "MODALITY", extra: list[str] | None = None) -> BackgroundStore:
+    args = [STORESCU, "-v", "-aet", calling, "-aec", aet, *(extra or []), "127.0.0.1", str(port),
+            *map(str, files)]
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, "TCP_NODELAY": "1"})
@@ -229,6 +230,30 @@ class PeakRss:
         mb = 1024 * 1024
         return f"receiver RSS {self.baseline / mb:.0f} MB before, peak {self.peak / mb:.0f} MB " \
                f"(+{(self.peak - self.baseline) / mb:.0f} MB)"
+
+
+def open_temp_files(pid: int) -> list[tuple[int, int]]:
+    """(pid, size) of each file in a blob store's temp directory (`blobs/.tmp`) that process `pid`
+    or one of its children (the receiver's workers) has open, named or not (a spool file has no
+    name there until it is placed: services/receiver/spool.py)."""
+    found = []
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
+    for process in processes:
+        fds = f"/proc/{process.pid}/fd"
+        try:
+            names = os.listdir(fds)
+        except OSError:
+            continue
+        for fd in names:
+            try:
+                if "/blobs/.tmp/" in os.readlink(f"{fds}/{fd}"):
+                    found.append((process.pid, os.stat(f"{fds}/{fd}").st_size))
+            except OSError:
+                continue
+    return found
 
 
 # ---------------------------------------------------------------- reading the streams

@@ -191,6 +191,19 @@ class LocalBlobWriter:
         return StagedFile(self, fd, tmp)
 
 
+    def place_spool(self, spool: Spool, path: Path) -> UnsyncedWrite:
+        """Put a complete spool file (services/receiver/spool.py) under `path` (`store.path(key)`),
+        creating its directories; the fsyncs are still to do. Raises OSError (the spool keeps its
+        file then: its owner discards it)."""
+        created = _missing_parents(path.parent, self.store.root)
+        if created:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd = spool.place(path)
+        # The new name lives in the file's directory; a new directory lives in its parent.
+        directories = {path.parent, *(d.parent for d in created)} if self.sync_dirs else set()
+        return UnsyncedWrite(fd, directories, self.store.fsync)
+
+
 class StagedFile:
     """Instance data in a temp file of the blob store, not yet under its key."""
 
@@ -431,7 +444,7 @@ class Ingest:
         path = self.writer.store.path(key)
         try:
             duplicate = spool.duplicate_of(path)
-            write = None if duplicate == "identical" else StagedFile(self.writer, *spool.take()).place(path)
+            write = None if duplicate == "identical" else self.writer.place_spool(spool, path)
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
@@ -702,7 +715,7 @@ class Ingest:
         assert isinstance(self.writer, LocalBlobWriter)
         key: str | None = _quarantine_key()
         try:
-            StagedFile(self.writer, *spool.take()).place(self.writer.store.path(str(key))).make_durable()
+            self.writer.place_spool(spool, self.writer.store.path(str(key))).make_durable()
         except Exception as exc:  # noqa: BLE001 - the sender still gets a failure and keeps its copy
             log.error("could not keep quarantined data: %s", exc)
             key = None

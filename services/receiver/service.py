@@ -31,6 +31,9 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How often the receiver removes temp files older than an hour from a local blob store (sweep_stale_temp).
+TEMP_SWEEP_SECONDS = 600.0
+
 
 class ThreadBridge:
     """Run coroutines on the service loop from pynetdicom's threads."""
@@ -170,6 +173,29 @@ def adopt_orphan_journals(settings: Settings, used_slots: set[str], writer: Blob
             log.warning("the journal of a former receiver process is not fully applied yet: %s", directory)
 
 
+async def sweep_stale_temp(store: LocalBlobStore, stopping: asyncio.Event,
+                           interval: float = TEMP_SWEEP_SECONDS) -> None:
+    """Every `interval`, remove the blob store's temp files older than an hour, as at start.
+
+    Why not only at start: a receiver process killed mid-write (an instance staged in a temp file,
+    a spool that was not given an unnamed file, services/receiver/spool.py) is restarted at once,
+    when its temp file is seconds old, and the next start may be weeks away; its space would be
+    held until then.
+    """
+    while not stopping.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), interval)
+        if stopping.is_set():
+            return
+        try:
+            removed = await asyncio.to_thread(store.remove_stale_temp)
+        except OSError as exc:
+            log.warning("could not clean the blob store's temp directory: %s", exc)
+            continue
+        if removed:
+            log.info("removed %d unfinished temp file(s) older than an hour from the blob store", removed)
+
+
 def drain_associations(scp: StorageSCP, grace: float = 15.0) -> None:
     """SIGTERM: stop accepting; give open associations a moment to finish, then abort them; then
     let the journal applier catch up (what it cannot publish stays in the journal)."""
@@ -208,6 +234,9 @@ class ReceiverService(Service):
             "host": self.settings.dicom_host, "port": port, "ae_title": self._settings().ae_title,
             "processes": workers}})
         self.spawn(self._watch_tls(port))
+        writer = self.scp.ingest.writer
+        if isinstance(writer, LocalBlobWriter):  # (the workers share the store: the supervisor sweeps it)
+            self.spawn(sweep_stale_temp(writer.store, self.stopping))
 
     async def _watch_tls(self, port: int) -> None:
         """Retry TLS files that failed to load, and raise an alert each time the reason changes."""

@@ -28,8 +28,10 @@ instance is written (checked every WRITEBACK_BYTES), is refused the same way.
 
 A spool file is removed on every path that does not place it under its key: a refusal, an
 identical duplicate, an error, quarantine (moved there), and the association ending before the
-message is complete (StorageSCP._abandon_receiving, on EVT_ABORTED and EVT_CONN_CLOSE). One left
-by a killed process goes with the store's other stale temp files when a receiver starts.
+message is complete (StorageSCP._abandon_receiving, on EVT_ABORTED and EVT_CONN_CLOSE). It has no
+name until it is handed over to be placed (O_TMPFILE, `create_spool_file`), so a killed process
+leaves none behind; where the file system does not allow that, it is named from the start, and one
+left by a killed process goes with the store's other stale temp files (older than an hour).
 
 Where it is wired in: the direct path (services/receiver/direct.py, `LargeData`, which also reads a
 P-DATA-TF PDU above 4 MB in pieces) and pynetdicom's own path (`watch_dimse`), both through
@@ -100,7 +102,8 @@ class Spool:
         self.free_bytes = free_bytes
         self.sync = sync
         self.context = context  # log context: sop_uid, association_id
-        self.path: Path | None = None
+        self.directory = Path()  # where the file is (blobs/.tmp)
+        self.path: Path | None = None  # its name there, if it has one (create_spool_file)
         self.fd: int | None = None
         self.received = 0   # data set bytes received, also those dropped after a refusal
         self.size = 0       # bytes in the file
@@ -128,13 +131,12 @@ class Spool:
         if dropped:
             log.warning("dropped %d bytes of File Meta elements (group 0002) that the sender put into "
                         "its data set", dropped, extra=self.context)
-        path = directory / f"{uuid.uuid4().hex}.part"
+        self.directory = directory
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            self.fd, self.path = create_spool_file(directory)
         except OSError as exc:
             self._refuse(f"blob store write failed: {exc}", head)
             return
-        self.path = path
         with self._lock:
             self._add(head)
             for part in rest:
@@ -257,13 +259,100 @@ class Spool:
         finally:
             os.close(other)
 
-    def take(self) -> tuple[int, Path]:
-        """Hand the open file over (to a StagedFile, which places or removes it)."""
+    def place(self, path: Path) -> int:
+        """Put the complete file under `path` (whose directory exists) and hand over its open
+        descriptor (the caller fsyncs and closes it). Raises OSError if it cannot be placed (then
+        the spool still has it, and `discard` removes it).
+
+        An unnamed file gets `path` as its first name (linkat: the whole file appears there at
+        once); only where `path` exists already (a replaced copy) does it get a temp name first,
+        for the rename over the old copy, so a kill between the two leaves a temp file only then.
+        """
         with self._lock:
-            fd, path = self.fd, self.path
-            assert fd is not None and path is not None, "a spool is handed over once, complete"
+            fd = self.fd
+            assert fd is not None, "a spool is placed once, complete"
+            if self.path is None:
+                try:
+                    _name(fd, path)
+                except FileExistsError:
+                    self._rename_over(fd, path)
+            else:
+                os.replace(self.path, path)
             self.fd, self.path = None, None
-            return fd, path
+            return fd
+
+    def _rename_over(self, fd: int, path: Path) -> None:
+        temp = self.directory / f"{uuid.uuid4().hex}.part"
+        _name(fd, temp)
+        try:
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+
+# Directories where files without a name (O_TMPFILE) can be created and named later: probed once.
+_UNNAMED_WORKS: dict[Path, bool] = {}
+_UNNAMED_LOCK = threading.Lock()
+
+
+def create_spool_file(directory: Path) -> tuple[int, Path | None]:
+    """A new file in `directory` for a spool, open for reading and writing: without a name
+    (O_TMPFILE) where the file system and /proc allow it to be named later (`Spool.take`), else
+    named `<uuid>.part`. Returns the descriptor and the name (None: unnamed).
+
+    Why unnamed: a receiver killed while an instance arrives (the kernel's out-of-memory killer,
+    kill -9) leaves no file behind, so no spool of up to `max_instance_mb` waits in the blob store
+    for the next start's clean-up of temp files older than an hour; a crash loop while large
+    instances arrive would otherwise fill the disk with them.
+    """
+    if _unnamed_works(directory):
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644), None
+    path = directory / f"{uuid.uuid4().hex}.part"
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), path
+
+
+def _unnamed_works(directory: Path) -> bool:
+    with _UNNAMED_LOCK:
+        works = _UNNAMED_WORKS.get(directory)
+        if works is None:
+            works = _UNNAMED_WORKS[directory] = _probe_unnamed(directory)
+            if not works:
+                log.info("spool files in %s are named: the file system or /proc does not allow unnamed "
+                         "ones (O_TMPFILE), so a killed receiver leaves its spool file until the next "
+                         "clean-up of temp files older than an hour", directory)
+        return works
+
+
+def _probe_unnamed(directory: Path) -> bool:
+    """Whether an O_TMPFILE file can be created in `directory` and linked to a name."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except OSError:  # EOPNOTSUPP (file system), EISDIR or EINVAL (kernel): no O_TMPFILE there
+        return False
+    probe = directory / f"{uuid.uuid4().hex}.probe"
+    try:
+        _name(fd, probe)
+    except OSError:  # no /proc: it could not be named
+        return False
+    finally:
+        os.close(fd)
+    probe.unlink(missing_ok=True)
+    return True
+
+
+def _name(fd: int, path: Path) -> None:
+    """Give the unnamed file open as `fd` the name `path` (linkat through /proc with
+    AT_SYMLINK_FOLLOW, which needs no privilege; os.link without a directory descriptor would call
+    link(2), which links the /proc symlink itself and fails with EXDEV)."""
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory, follow_symlinks=True)
+    finally:
+        os.close(directory)
 
 
 def _write_all(fd: int, parts: list[Buffer]) -> None:

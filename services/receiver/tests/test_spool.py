@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import queue
 import random
 import re
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -22,7 +26,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from bench.common import Peer, echoscu, start_receiver, storescu
+from bench.common import REPO, Peer, echoscu, start_receiver, storescu
 from conftest import tmpfs
 from services.receiver import direct, part10
 from services.receiver.ingest import (
@@ -41,7 +45,7 @@ from shared.bus import Bus
 from shared.config.model import SettingsItem
 from shared.events import Event
 from tests.e2e.dicomfiles import BREAST_TOMOSYNTHESIS, dataset_bytes, write_large_instance
-from tests.harness import PeakRss, wait_for
+from tests.harness import PeakRss, open_temp_files, wait_for
 from tests.peers import associate_rq, pdu_item
 
 MB = 1024 * 1024
@@ -118,6 +122,12 @@ def _receive(spooler: Spooler, meta: bytes, data: bytes, seed: int = 0) -> Spool
     return spool
 
 
+def _spooled(spool: Spool) -> bytes:
+    """What the spool file holds (it has no name in blobs/.tmp: create_spool_file)."""
+    with spool.mapped() as view:
+        return bytes(view)
+
+
 def _tmp_files(store: LocalBlobStore) -> list[Path]:
     return list(store._tmp.iterdir())
 
@@ -127,9 +137,9 @@ def test_the_spool_file_is_the_file_the_in_memory_path_writes(tmp_path: Path, se
     store = LocalBlobStore(tmp_path / "blobs")
     meta, data = _instance(tmp_path)
     spool = _receive(_spooler(store, spool_threshold_mb=1), meta, data, seed)
-    assert not spool.refusal and spool.path is not None
+    assert not spool.refusal and spool.fd is not None
     expected = meta + data
-    assert spool.path.read_bytes() == expected
+    assert _spooled(spool) == expected
     assert spool.size == len(expected) and spool.sha256 == hashlib.sha256(expected).hexdigest()
     with spool.mapped() as view:
         assert view[:] == expected
@@ -144,9 +154,45 @@ def test_file_meta_elements_at_the_start_of_the_data_set_are_dropped_as_in_memor
     expected, dropped = part10.without_file_meta_elements(meta + injected + data, EXPLICIT)
     assert dropped == len(injected)
     spool = _receive(_spooler(store, spool_threshold_mb=1), meta, injected + data)
-    assert spool.path is not None and spool.path.read_bytes() == expected
+    assert _spooled(spool) == expected
     assert spool.sha256 == hashlib.sha256(expected).hexdigest()
     spool.discard()
+
+
+def test_a_process_killed_while_it_spools_leaves_no_file(tmp_path: Path) -> None:
+    """kill -9 (the out-of-memory killer, say) while an instance arrives: its spool file has no
+    name in blobs/.tmp, so nothing of it is left there (the next start removes only temp files
+    older than an hour)."""
+    script = f"""
+import os, signal
+from services.receiver.spool import Spooler
+from shared.blobstore import LocalBlobStore
+from shared.config.model import SettingsItem
+item = SettingsItem(min_free_space_mb=0, spool_threshold_mb=1)
+spool = Spooler(LocalBlobStore({str(tmp_path / "blobs")!r}), lambda: item).open(
+    b"", [b"x" * (2 << 20)], 2 << 20, {EXPLICIT!r}, {{}})
+assert spool.fd is not None and not spool.refusal
+for _ in range(8):
+    spool.write(memoryview(b"y" * (1 << 20)))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
+
+
+def test_a_spool_is_named_where_unnamed_files_are_not_possible(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.receiver import spool as spool_module
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    monkeypatch.setitem(spool_module._UNNAMED_WORKS, store._tmp, False)
+    meta, data = _instance(tmp_path)
+    spool = _receive(_spooler(store, spool_threshold_mb=1), meta, data)
+    assert spool.path is not None and spool.path.parent == store._tmp and _tmp_files(store) == [spool.path]
+    assert spool.path.read_bytes() == meta + data
+    spool.discard()
+    assert _tmp_files(store) == []
 
 
 def test_a_data_set_over_the_maximum_is_refused_and_its_file_removed_at_once(tmp_path: Path) -> None:
@@ -154,7 +200,7 @@ def test_a_data_set_over_the_maximum_is_refused_and_its_file_removed_at_once(tmp
     meta, data = _instance(tmp_path, 6)
     spooler = _spooler(store, spool_threshold_mb=1, max_instance_mb=2)
     spool = spooler.open(meta, [memoryview(data)[:(1 << 20) + 1]], (1 << 20) + 1, EXPLICIT, {})
-    assert not spool.refusal and len(_tmp_files(store)) == 1
+    assert not spool.refusal and spool.fd is not None
     for fragment in _fragments(data[(1 << 20) + 1:], 3):
         spool.write(fragment)
         if spool.received > 2 << 20:
@@ -273,6 +319,41 @@ def test_stored_duplicates_and_quarantine_from_spools(tmp_path: Path) -> None:
     assert list((tmp_path / "blobs" / ".tmp").iterdir()) == []
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_spool_gets_its_key_as_its_first_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placed under a new key, an unnamed spool file is linked there directly: it never has a temp
+    name that a process killed in between would leave in blobs/.tmp. Only a replaced copy is
+    renamed over the old one; a placement that fails leaves nothing, no descriptor either."""
+    ingest, spooler, published = _ingest(tmp_path / "blobs")
+    assoc = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
+    meta, data = _instance(tmp_path)
+    real_replace = os.replace
+
+    def no_rename(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a new spooled instance was renamed into place")
+
+    fds = _open_fds()
+    monkeypatch.setattr(os, "replace", no_rename)
+    assert ingest.store_spooled(assoc, _receive(spooler, meta, data), EXPLICIT, "") == STATUS_SUCCESS
+    monkeypatch.setattr(os, "replace", real_replace)
+    blob = tmp_path / "blobs" / published.events[-1].payload["blob_key"]
+    assert blob.read_bytes() == meta + data
+
+    changed = data[:-1] + bytes([data[-1] ^ 1])
+    assert ingest.store_spooled(assoc, _receive(spooler, meta, changed), EXPLICIT, "") == STATUS_SUCCESS
+    assert published.events[-1].payload["duplicate"] == "replaced" and blob.read_bytes() == meta + changed
+
+    blob.unlink()
+    blob.mkdir()  # the key cannot be written: a directory is in the way
+    status = ingest.store_spooled(assoc, _receive(spooler, meta, data), EXPLICIT, "")
+    assert status == STATUS_OUT_OF_RESOURCES and "write failed" in assoc.take_error_comment(status)
+    assert list((tmp_path / "blobs" / ".tmp").iterdir()) == [] and _open_fds() == fds
+    ingest.helpers.shutdown()
+
+
 def test_a_refused_spool_is_answered_out_of_resources_with_the_reason(tmp_path: Path) -> None:
     ingest, _, published = _ingest(tmp_path / "blobs", max_instance_mb=2)
     assoc = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
@@ -336,7 +417,7 @@ def test_a_data_set_outgrowing_memory_goes_to_the_spool_and_a_small_one_does_not
     spool, small = stored
     assert isinstance(spool, Spool) and small == b"small"
     spool.finish()
-    assert spool.path is not None and spool.path.read_bytes() == part10.PREAMBLE + data
+    assert _spooled(spool) == part10.PREAMBLE + data
     spool.discard()
     assert list(blobs._tmp.iterdir()) == []
 
@@ -347,7 +428,7 @@ def test_a_protocol_error_inside_a_spooled_data_set_aborts(tmp_path: Path, oddit
     store.on_pdv(1, _pdv(0x03, _store_command(7, "1.2.3.4")))
     for _ in range(80):
         store.on_pdv(1, _pdv(0x00, b"d" * 16_000))
-    assert len(list(blobs._tmp.iterdir())) == 1
+    assert store.message is not None and isinstance(store.message.sink, Spool) and store.message.sink.fd is not None
     if oddity == "command fragment":
         store.on_pdv(1, _pdv(0x03, b"c" * 10))
     else:
@@ -399,7 +480,7 @@ def test_a_p_data_pdu_holding_a_whole_instance_is_read_in_pieces(tmp_path: Path,
         (spool,) = stored
         assert isinstance(spool, Spool) and len(sock.sent) == 1  # and answered
         spool.finish()
-        assert spool.path is not None and spool.path.read_bytes() == part10.PREAMBLE + data
+        assert _spooled(spool) == part10.PREAMBLE + data
         spool.discard()
     assert list(blobs._tmp.iterdir()) == []
 
@@ -442,6 +523,12 @@ def _spool_files(data_dir: Path) -> list[Path]:
     return list((data_dir / "blobs" / ".tmp").iterdir())
 
 
+def _spools_open(receiver: Peer) -> list[int]:
+    """Sizes of the receiver's open files in blobs/.tmp (its spools, which have no name there)."""
+    assert receiver.process is not None
+    return [size for _, size in open_temp_files(receiver.process.pid)]
+
+
 @pytest.mark.parametrize("ending", ["a-abort", "socket closed"])
 async def test_an_instance_cut_off_mid_way_leaves_no_spool_file(receiver: Peer, data_dir: Path, ending: str) -> None:
     def send_part() -> socket.socket:
@@ -457,12 +544,13 @@ async def test_an_instance_cut_off_mid_way_leaves_no_spool_file(receiver: Peer, 
 
     sock = await asyncio.to_thread(send_part)
     try:
-        await asyncio.to_thread(wait_for, lambda: _spool_files(data_dir), 10, "a spool file", None, 0.02)
+        await asyncio.to_thread(wait_for, lambda: _spools_open(receiver), 10, "a spool file", None, 0.02)
         if ending == "a-abort":
             sock.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0))
     finally:
         sock.close()
-    await asyncio.to_thread(wait_for, lambda: not _spool_files(data_dir), 10, "the spool file removed", None, 0.02)
+    await asyncio.to_thread(wait_for, lambda: not _spools_open(receiver), 10, "the spool file closed", None, 0.02)
+    assert _spool_files(data_dir) == []
     assert (await asyncio.to_thread(echoscu, receiver.port)).returncode == 0
 
 
@@ -566,8 +654,6 @@ def test_a_spooled_copy_waits_for_an_older_copy_still_in_the_journal(
 
 
 def test_short_writes_are_continued_and_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     from services.receiver import spool as spool_module
 
     real_writev = os.writev
@@ -579,7 +665,7 @@ def test_short_writes_are_continued_and_hashed_once(tmp_path: Path, monkeypatch:
     store = LocalBlobStore(tmp_path / "blobs")
     meta, data = _instance(tmp_path)
     spool = _receive(_spooler(store, spool_threshold_mb=1), meta, data)
-    assert spool.path is not None and spool.path.read_bytes() == meta + data
+    assert _spooled(spool) == meta + data
     assert spool.sha256 == hashlib.sha256(meta + data).hexdigest()
     spool.discard()
 
@@ -622,3 +708,24 @@ def test_a_small_copy_of_a_large_stored_instance_does_not_read_it_whole(tmp_path
             applier.journal.close()
         ingest.helpers.shutdown()
     assert peak < 16 << 20, f"{peak >> 20} MB allocated to store a 2 KB copy"
+
+
+async def test_the_receiver_sweeps_stale_temp_files_while_it_runs(tmp_path: Path) -> None:
+    """Not only at start: a receiver killed mid-write is restarted at once, when its temp file is
+    young, and may then run for weeks."""
+    from services.receiver.service import sweep_stale_temp
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    stale, fresh = store._tmp / "stale.part", store._tmp / "fresh.part"
+    stale.write_bytes(b"left by a killed process")
+    fresh.write_bytes(b"being written")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    stopping = asyncio.Event()
+    sweeper = asyncio.create_task(sweep_stale_temp(store, stopping, interval=0.05))
+    try:
+        await asyncio.to_thread(wait_for, lambda: not stale.exists(), 5, "the stale temp file removed")
+        assert fresh.exists()
+    finally:
+        stopping.set()
+        await asyncio.wait_for(sweeper, 5)
