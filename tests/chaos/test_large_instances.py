@@ -14,12 +14,15 @@ import hashlib
 import os
 import random
 import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
+from conftest import tmpfs
 from services.receiver import part10
 from tests.e2e.dicomfiles import blob_path, dataset_bytes, write_large_instance
 from tests.harness import (
@@ -132,3 +135,50 @@ def test_receiver_killed_while_a_large_instance_arrives(
     assert list((cad.blob_root / ".tmp").iterdir()) == []
     print(f"RESULT large instance, receiver killed {moment}: {len(received)} image.received, delivered "
           f"byte-identical, blobs/.tmp empty")
+
+
+def _free_mb(path: Path) -> float:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize / MB
+
+
+def test_disk_full_and_free_space_floor_during_a_large_instance(
+        tmp_path: Path, caduceus_factory: Callable[..., Caduceus], storescp: StoreScp) -> None:
+    """The blob store on a 120 MB tmpfs: a 160 MB instance fills it while it is spooled; then, with
+    room for it, the free-space floor is passed while it is spooled; then it is accepted."""
+    data_dir = tmp_path / "data"
+    big = _large_instance(tmp_path / "big.dcm", 160, seed=3)
+    with tmpfs(data_dir / "blobs", "120m") as blobs:
+        cad = caduceus_factory(config=route_all_config(storescp.port, storescp.aet, min_free_space_mb=0),
+                               data_dir=data_dir)
+        try:
+            empty = _free_mb(blobs)
+            full = storescu(cad.dicom_port, [big], extra=["-R"])
+            assert not full.accepted and "OutOfResources" in "".join(full.statuses.values()), full.output
+            rejected = cad.wait_events("image.rejected", lambda found: len(found) >= 1, 30)
+            assert "No space left" in rejected[-1].payload["reason"], rejected[-1].payload
+
+            subprocess.run(["mount", "-o", "remount,size=400m", str(blobs)], check=True)
+            cad.apply_config(route_all_config(storescp.port, storescp.aet, min_free_space_mb=300))
+            time.sleep(1.5)
+            floor = storescu(cad.dicom_port, [big], extra=["-R"])
+            assert not floor.accepted and "OutOfResources" in "".join(floor.statuses.values()), floor.output
+            rejected = cad.wait_events("image.rejected", lambda found: len(found) >= 2, 30)
+            assert "free space below min_free_space_mb" in rejected[-1].payload["reason"], rejected[-1].payload
+            # Nothing of the refused instances is left: no file, no temp file, no space held by one
+            # still open (a spool file has no name: only the free space tells).
+            assert [p for p in blobs.rglob("*") if p.is_file()] == []
+            assert open_temp_files(cad.pid("receiver")) == []
+            assert _free_mb(blobs) - empty == pytest.approx(280, abs=2)
+
+            cad.apply_config(route_all_config(storescp.port, storescp.aet, min_free_space_mb=100))
+            time.sleep(1.5)
+            ok = storescu(cad.dicom_port, [big], extra=["-R"])
+            assert ok.accepted == {sop_uid_of(big)}, ok.output
+            assert blob_path(cad.blob_root, big).read_bytes() == _expected_blob(big)
+            cad.wait_events("dispatch.completed", lambda found: len(found) >= 1, 120)
+            (delivered,) = storescp.files()
+            assert dataset_bytes(delivered) == dataset_bytes(big)
+            assert list((blobs / ".tmp").iterdir()) == []
+        finally:
+            cad.kill_all()
