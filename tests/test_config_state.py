@@ -68,6 +68,7 @@ def test_valid_config_parses_and_normalises_single_target() -> None:
     # Large instances (services/receiver/spool.py): a threshold of 0 would spool every instance.
     ({"settings": {"spool_threshold_mb": 0}}, "settings.spool_threshold_mb"),
     ({"settings": {"spool_threshold_mb": 4097}}, "settings.spool_threshold_mb"),
+    ({"settings": {"spool_memory_budget_mb": -1}}, "settings.spool_memory_budget_mb"),
     ({"settings": {"max_instance_mb": -1}}, "settings.max_instance_mb"),
     ({"settings": {"max_instance_mb": 10**6 + 1}}, "settings.max_instance_mb"),
     ({"targets": {"t": {"type": "dicom", "host": "x", "port": 104, "called_aet": "PACS\tX"}}},

@@ -21,10 +21,11 @@ handed to pynetdicom unchanged, PDV by PDV, from the start of that message, so p
 behaviour (including its protocol errors and aborts) is kept for everything else. Every PDU other
 than P-DATA-TF, and P-DATA-TF in any other state, takes pynetdicom's own route.
 
-Large data sets (services/receiver/spool.py): once a data set passes `LargeData.watch_at()` bytes
-(the spool threshold, or the maximum instance size), `LargeData.outgrown` takes over what was
-collected and gets every later fragment as it arrives (a spool file, or nowhere once refused); the
-store callback then receives that sink instead of the fragments. A P-DATA-TF PDU longer than
+Large data sets (services/receiver/spool.py): from FIRST_WATCH on, a data set claims its share of
+the process's memory budget as it grows (`LargeData.in_memory_until`, once per MB); once it passes
+the spool threshold or the maximum instance size, or the budget is taken, `LargeData.outgrown`
+takes over what was collected and gets every later fragment as it arrives (a spool file, or
+nowhere once refused); the store callback then receives that sink instead of the fragments. A P-DATA-TF PDU longer than
 STREAMED_PDU is read in pieces, so that an instance sent in one PDU is never held whole either.
 """
 
@@ -55,8 +56,9 @@ MAX_CONTROL_PDU = 1 << 20
 STREAMED_PDU = 4 << 20
 STREAM_PIECE = 1 << 20
 NEVER = 1 << 62
-# A data set is first measured against LargeData.watch_at() when it reaches this size (the
-# smallest spool threshold and maximum): CT and MR never do, and never pay for the question.
+# A data set is first measured against LargeData (its size limits and the memory budget, whose
+# lock it takes) when it reaches this size (the smallest spool threshold and maximum): CT and MR
+# never do, and never pay for the question.
 FIRST_WATCH = 1 << 20
 C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
@@ -83,10 +85,17 @@ class Sink(Protocol):
     def discard(self) -> None: ...
 
 
+class Claim(Protocol):
+    """A data set's share of the process's memory budget (a spool.Claim)."""
+
+    def release(self) -> None: ...
+
+
 class LargeData(Protocol):
     """What the direct path asks about a growing data set (StorageSCP, services/receiver/spool.py)."""
 
-    def watch_at(self) -> int: ...
+    def claim(self, assoc: Any) -> Claim: ...
+    def in_memory_until(self, claim: Claim, size: int) -> int: ...
     def outgrown(self, assoc: Any, request: StoreRequest, fragments: list[memoryview], size: int) -> Sink: ...
 
 
@@ -200,6 +209,7 @@ class _Message:
     data: list[memoryview] = field(default_factory=list)
     size: int = 0  # of `data`
     watch_at: int = FIRST_WATCH  # past this size, _outgrow asks LargeData what to do
+    claim: Claim | None = None  # its share of the memory budget, from FIRST_WATCH on
     sink: Sink | None = None  # where the data set goes once it did
 
 
@@ -371,15 +381,23 @@ class DirectStore:
             self._serve(message)
 
     def _outgrow(self, message: _Message) -> None:
-        """The data set passed `watch_at`: if it is past `LargeData.watch_at()` too,
+        """The data set passed `watch_at`: it claims more of the memory budget and is watched again
+        further on (`LargeData.in_memory_until`), or, past its size limit or the budget,
         `LargeData.outgrown` takes what was collected, and from now on every fragment as it arrives."""
-        watch_at = self.large.watch_at() if self.large is not None else NEVER
-        if message.size <= watch_at:
-            message.watch_at = watch_at
+        large = self.large
+        if large is None:
+            message.watch_at = NEVER
             return
-        assert self.large is not None and message.request is not None
-        message.sink = self.large.outgrown(self.assoc, message.request, message.data, message.size)
+        if message.claim is None:
+            message.claim = large.claim(self.assoc)
+        until = large.in_memory_until(message.claim, message.size)
+        if until:
+            message.watch_at = until
+            return
+        assert message.request is not None
+        message.sink = large.outgrown(self.assoc, message.request, message.data, message.size)
         message.data, message.pdvs = [], []
+        message.claim.release()
 
     def _to_sink(self, message: _Message, context_id: int, pdv: memoryview, is_command: bool,
                  is_last: bool) -> None:
@@ -419,7 +437,12 @@ class DirectStore:
     def _serve(self, message: _Message) -> None:
         request = message.request
         assert request is not None
-        status, comment = self.store(self.assoc, request, message.data if message.sink is None else message.sink)
+        message.pdvs = []  # (complete: never handed over now) the store callback may free the fragments
+        try:
+            status, comment = self.store(self.assoc, request, message.data if message.sink is None else message.sink)
+        finally:
+            if message.claim is not None:
+                message.claim.release()
         response = store_response(request.sop_class_uid, request.sop_instance_uid, request.message_id, status,
                                   comment)
         # Sent from the DUL thread, the only thread that writes this socket; the state stays Sta6,
@@ -427,8 +450,11 @@ class DirectStore:
         self.dul.socket.send(p_data_pdu(request.context_id, response))
 
     def _hand_over(self) -> None:
-        """Give the current message, from its first PDV, to pynetdicom's DIMSE."""
+        """Give the current message, from its first PDV, to pynetdicom's DIMSE (which claims its
+        own share of the memory budget: spool.watch_dimse)."""
         message, self.message = self.message, None
+        if message is not None and message.claim is not None:
+            message.claim.release()
         self.passthrough = True
         for context_id, pdv in message.pdvs if message else []:
             if not self.passthrough:

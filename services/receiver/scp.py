@@ -30,7 +30,7 @@ from services.receiver import direct, fastpath, part10, timing
 from services.receiver.admission import BoundedServer
 from services.receiver.ingest import STATUS_OUT_OF_RESOURCES, AssociationInfo, Ingest, LocalBlobWriter
 from services.receiver.memory import IdleTrim
-from services.receiver.spool import DimseSink, Spool, Spooler, watch_dimse
+from services.receiver.spool import Claim, DimseSink, HeldData, Spool, Spooler, watch_dimse
 from services.receiver.timing import PhaseTimer
 from shared.config.model import SettingsItem
 from shared.events import (
@@ -331,7 +331,8 @@ class StorageSCP:
             # Without it, the last segment of each response waits for the peer's delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc.acceptor.maximum_length = self.settings().max_pdu
-        watch_dimse(assoc, self.spooler, lambda spool: self._receiving(assoc, spool))
+        assoc.caduceus_claims = set()  # its data sets' shares of the memory budget (spool.Claim)
+        watch_dimse(assoc, self.spooler, assoc.caduceus_claims, lambda spool: self._receiving(assoc, spool))
         if self.use_fastpath:
             fastpath.install(assoc)
             if direct_enabled():
@@ -414,6 +415,7 @@ class StorageSCP:
             else:
                 data = b"".join((part10.PREAMBLE, part10.file_meta(
                     request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid), *fragments))
+                fragments.clear()  # (the last references to the received PDUs: the data set is held once)
                 if timer:
                     mark = timer.mark("encode", mark)
                 status = self.ingest.store(info, data, request.transfer_syntax_uid, request.sop_instance_uid,
@@ -429,9 +431,14 @@ class StorageSCP:
         return status, info.take_error_comment(status)
 
     # Large data sets, on either path (services/receiver/spool.py).
-    def watch_at(self) -> int:
-        """direct.LargeData: the data set size from which it goes to a spool (or is refused)."""
-        return self.spooler.watch_at()
+    def claim(self, assoc: Any) -> Claim:
+        """direct.LargeData: a growing data set's share of the memory budget (none yet)."""
+        return self.spooler.claim(assoc.caduceus_claims)
+
+    def in_memory_until(self, claim: direct.Claim, size: int) -> int:
+        """direct.LargeData: how far the data set may grow in memory; 0: it goes to a spool now."""
+        assert isinstance(claim, Claim)
+        return self.spooler.in_memory_until(claim, size)
 
     def outgrown(self, assoc: Any, request: direct.StoreRequest, fragments: list[memoryview], size: int) -> Spool:
         """direct.LargeData: a data set passed `watch_at()`; it continues in a spool file."""
@@ -453,6 +460,8 @@ class StorageSCP:
         spool: Spool | None = assoc.__dict__.pop("caduceus_receiving", None)
         if spool is not None:
             spool.discard()
+        for claim in list(assoc.__dict__.get("caduceus_claims", ())):
+            claim.release()  # data sets cut off, or never stored: the budget gets their share back
 
     def _store_spooled(self, assoc: Any, info: AssociationInfo, spool: Spool, context_ts: str, sop_uid: str,
                        mark: int) -> int:
@@ -471,6 +480,14 @@ class StorageSCP:
                               extra={"sop_uid": request_sop_uid, "association_id": info.association_id})
                 info.failed += 1
                 return STATUS_OUT_OF_RESOURCES
+        held = getattr(event.request, "DataSet", None)
+        try:
+            return self._store_in_memory(event, info, request_sop_uid, mark)
+        finally:
+            if isinstance(held, HeldData):
+                held.claim.release()
+
+    def _store_in_memory(self, event: DicomEvent, info: AssociationInfo, request_sop_uid: str, mark: int) -> int:
         try:
             data = part10.encoded_dataset(event)
         except Exception as exc:  # noqa: BLE001 - file meta could not be built: keep the raw dataset

@@ -75,6 +75,12 @@ WRITEBACK_BYTES = 16 * MB
 HEAD_BYTES = MB
 IOV_MAX = 1024
 COMPARE_CHUNK = MB
+# A data set in memory claims its share of the process's MemoryBudget from this size on, in steps
+# of CLAIM_STEP, at COPIES bytes per byte: storing it from memory joins it into one byte string, a
+# copy beside the fragments received.
+FIRST_CLAIM = MB
+CLAIM_STEP = MB
+COPIES = 2
 Buffer = bytes | bytearray | memoryview
 
 
@@ -403,18 +409,87 @@ def split_head(meta: bytes, fragments: Sequence[Buffer]) -> tuple[bytes, Sequenc
     return b"".join(taken), []
 
 
+class MemoryBudget:
+    """What the associations of this process hold in memory of data sets above FIRST_CLAIM, against
+    `limit()` bytes (settings.spool_memory_budget_mb, per receiver process).
+
+    Why: each association may keep a data set in memory up to spool_threshold_mb, so N
+    associations sending such instances at once held N times that (and twice as much while they
+    were stored): 8 senders of 24 MB instances took a receiver process +338-447 MB (now
+    +112-145 MB), and the receiver accepts 200 associations. Now, once the budget is taken, a growing data set goes to its
+    spool at once, whatever its own threshold allows.
+
+    A data set claims its share in steps of CLAIM_STEP, once it passes FIRST_CLAIM (CT and MR never
+    do: their path never takes the lock), so a data set takes the lock once per CLAIM_STEP received.
+    """
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self.limit = limit
+        self.held = 0  # bytes claimed (COPIES per byte of data set)
+        self.lock = threading.Lock()
+
+
+class Claim:
+    """One data set's share of a MemoryBudget. `release` gives it back: any thread, any number of
+    times (the data set was stored or spooled, or its association ended)."""
+
+    def __init__(self, budget: MemoryBudget, holders: set[Claim]) -> None:
+        self.budget = budget
+        self.holders = holders  # the claims of its association (released when it ends)
+        self.size = 0  # the data set size claimed for
+        self.released = False
+        holders.add(self)
+
+    def cover(self, size: int) -> bool:
+        """Claim what a data set of `size` bytes costs, if the budget has it."""
+        budget = self.budget
+        with budget.lock:
+            if self.released or size <= self.size:
+                return True  # (released: its association ended meanwhile, nothing to count any more)
+            more = (size - self.size) * COPIES
+            if budget.held + more > budget.limit():
+                return False
+            budget.held += more
+            self.size = size
+            return True
+
+    def release(self) -> None:
+        with self.budget.lock:
+            self.budget.held -= self.size * COPIES
+            self.size, self.released = 0, True
+        self.holders.discard(self)
+
+
 class Spooler:
     """Where a data set goes once it outgrows memory (for both C-STORE paths of StorageSCP)."""
 
     def __init__(self, store: LocalBlobStore | None, settings: Callable[[], SettingsItem]) -> None:
         self.store = store  # None: not a local store, nothing is spooled (only the maximum applies)
         self.settings = settings
+        self.budget = MemoryBudget(self._budget_bytes)
+
+    def _budget_bytes(self) -> int:
+        budget = self.settings().spool_memory_budget_mb * MB
+        return budget if budget and self.store is not None else NEVER  # (not local: nothing can be spooled)
 
     def watch_at(self) -> int:
-        """The data set size at which `open` is to be called."""
+        """The data set size at which `open` is to be called, whatever the budget says."""
         settings = self.settings()
         threshold = settings.spool_threshold_mb * MB if self.store is not None else NEVER
         return min(threshold, settings.max_instance_mb * MB or NEVER)
+
+    def claim(self, holders: set[Claim]) -> Claim:
+        """A data set's share of the budget (none yet), kept in `holders` until released."""
+        return Claim(self.budget, holders)
+
+    def in_memory_until(self, claim: Claim, size: int) -> int:
+        """How far a data set of `size` bytes (above FIRST_CLAIM) may grow in memory before it is
+        asked again (claimed now); 0: it goes to a spool now (`open`), past `watch_at()` or the budget."""
+        limit = self.watch_at()
+        if size > limit:
+            return 0
+        until = min(limit, size + CLAIM_STEP)
+        return until if claim.cover(until) else 0
 
     def open(self, meta: bytes, fragments: Sequence[Buffer], size: int, context_ts: str,
              context: dict[str, str]) -> Spool:
@@ -458,10 +533,23 @@ class DimseSink:
         self.spool.discard()  # after the handler: a no-op unless the handler never took it
 
 
-def watch_dimse(assoc: Any, spooler: Spooler, on_spool: Callable[[Spool], None]) -> None:
+class HeldData(io.BytesIO):
+    """pynetdicom's buffer of a C-STORE data set that passed FIRST_CLAIM, with its claim on the
+    memory budget (released once the instance is stored, StorageSCP._store, or spooled)."""
+
+    def __init__(self, received: io.BytesIO, claim: Claim) -> None:
+        super().__init__()
+        with received.getbuffer() as view:
+            self.write(view)
+        self.claim = claim
+        self.until = 0  # the size it may reach before the budget is asked again
+
+
+def watch_dimse(assoc: Any, spooler: Spooler, holders: set[Claim], on_spool: Callable[[Spool], None]) -> None:
     """Bound pynetdicom's own C-STORE path (messages the direct path hands over, or all of them
     with CADUCEUS_RECEIVER_DIRECT=0) like the direct path: once a C-STORE-RQ's data set passes
-    `spooler.watch_at()`, it continues in a Spool, through pynetdicom's chunked-dataset hook.
+    `spooler.watch_at()`, or the memory budget is taken (its claim is kept in `holders`), it
+    continues in a Spool, through pynetdicom's chunked-dataset hook.
 
     Why not pynetdicom's own `_config.STORE_RECV_CHUNKED_DATASET`: it is global and all or
     nothing (every C-STORE, CT and MR too, would go through a file), writes to the system temp
@@ -478,10 +566,18 @@ def watch_dimse(assoc: Any, spooler: Spooler, on_spool: Callable[[Spool], None])
         if message is None or message._data_set_file is not None or not isinstance(message, C_STORE_RQ):
             return
         data_set = message.data_set
-        size = data_set.tell() if data_set is not None else 0
-        if size <= MB or size <= spooler.watch_at():
+        if data_set is None or data_set.tell() <= FIRST_CLAIM:
+            return
+        size = data_set.tell()
+        if not isinstance(data_set, HeldData):
+            data_set = message.data_set = HeldData(data_set, spooler.claim(holders))
+        if size <= data_set.until:
+            return
+        data_set.until = spooler.in_memory_until(data_set.claim, size)
+        if data_set.until:
             return
         spool = _spool_message(assoc, message, spooler, size)
+        data_set.claim.release()
         on_spool(spool)
 
     dimse.receive_primitive = receive_primitive

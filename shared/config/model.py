@@ -102,6 +102,11 @@ class SettingsItem(Item):
     # min_free_space_mb stops an endless one).
     spool_threshold_mb: int = Field(default=32, ge=1, le=4096)
     max_instance_mb: int = Field(default=4096, ge=0, le=10**6, description="0 = no limit")
+    # What the associations of one receiver process may hold in memory at once of data sets above
+    # 1 MB (each counted twice: storing one from memory copies it); past it, a growing data set
+    # goes to its temp file at once, below spool_threshold_mb too. 0 = no budget (then each
+    # association may hold up to spool_threshold_mb).
+    spool_memory_budget_mb: int = Field(default=128, ge=0, le=10**6, description="0 = no budget")
 
     @field_validator("ae_title")
     @classmethod

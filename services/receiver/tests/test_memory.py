@@ -68,3 +68,12 @@ def test_malloc_trim_is_called_for_real() -> None:
     blocks = [bytes(40_000) for _ in range(2000)]   # ~80 MB through malloc, then freed
     del blocks
     assert release_free_memory() is True
+
+
+def test_arenas_are_shared_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.receiver.memory import share_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not share_arenas()
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert share_arenas() == sys.platform.startswith("linux")  # (glibc here)
