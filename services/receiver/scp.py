@@ -452,20 +452,23 @@ class StorageSCP:
 
     @staticmethod
     def _receiving(assoc: Any, spool: Spool) -> None:
-        """Remember the spool of the instance `assoc` is receiving: removed if the association ends first."""
-        assoc.caduceus_receiving = spool
+        """Remember a spool of `assoc` not yet taken by a store: removed if the association ends
+        first. A set: on pynetdicom's path a sender that does not wait for responses can have a
+        complete one queued for the handler while the next one arrives."""
+        assoc.__dict__.setdefault("caduceus_receiving", set()).add(spool)
 
     @staticmethod
     def _abandon_receiving(assoc: Any) -> None:
-        spool: Spool | None = assoc.__dict__.pop("caduceus_receiving", None)
-        if spool is not None:
+        spools: set[Spool] = assoc.__dict__.get("caduceus_receiving", set())
+        for spool in list(spools):
+            spools.discard(spool)
             spool.discard()
         for claim in list(assoc.__dict__.get("caduceus_claims", ())):
             claim.release()  # data sets cut off, or never stored: the budget gets their share back
 
     def _store_spooled(self, assoc: Any, info: AssociationInfo, spool: Spool, context_ts: str, sop_uid: str,
                        mark: int) -> int:
-        assoc.__dict__.pop("caduceus_receiving", None)  # complete: the store owns it now
+        assoc.__dict__.get("caduceus_receiving", set()).discard(spool)  # complete: the store owns it now
         return self.ingest.store_spooled(info, spool, context_ts, sop_uid, mark=mark)
 
     def _store(self, event: DicomEvent, info: AssociationInfo, mark: int) -> int:

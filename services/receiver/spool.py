@@ -228,8 +228,14 @@ class Spool:
             self.path = None
 
     def discard(self) -> None:
-        """Remove the file unless it was handed over (`take`); any thread, any number of times."""
+        """Remove the file unless it was placed; any thread, any number of times."""
         with self._lock:
+            self._close()
+
+    def __del__(self) -> None:
+        # A safety net: a spool that some path lost without discarding it (a descriptor left open
+        # would hold an unnamed file's space for as long as the process lives).
+        with contextlib.suppress(Exception):
             self._close()
 
     # ------------------------------------------------------------ the complete file

@@ -24,7 +24,13 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
 from pynetdicom import AE, _config
 
 from bench.common import REPO, Peer, echoscu, start_receiver, storescu
@@ -110,13 +116,13 @@ def _spooler(store: LocalBlobStore, **settings: Any) -> Spooler:
     return Spooler(store, lambda: item)
 
 
-def _receive(spooler: Spooler, meta: bytes, data: bytes, seed: int = 0) -> Spool:
+def _receive(spooler: Spooler, meta: bytes, data: bytes, seed: int = 0, context_ts: str = EXPLICIT) -> Spool:
     """What the direct path does: collect up to watch_at, open a spool, write the rest, finish."""
     fragments, collected, size = _fragments(data, seed), [], 0
     while fragments and size <= spooler.watch_at():
         collected.append(fragments.pop(0))
         size += len(collected[-1])
-    spool = spooler.open(meta, collected, size, EXPLICIT, {"sop_uid": "1.2.3"})
+    spool = spooler.open(meta, collected, size, context_ts, {"sop_uid": "1.2.3"})
     for fragment in fragments:
         spool.write(fragment)
     spool.finish()
@@ -355,6 +361,60 @@ def test_a_spool_gets_its_key_as_its_first_name(tmp_path: Path, monkeypatch: pyt
     ingest.helpers.shutdown()
 
 
+def _variant(tmp_path: Path, name: str) -> tuple[str, bytes, bytes]:
+    """(transfer syntax, preamble + the receiver's File Meta, data set) of a 3 MB instance, made
+    `name`: a well-formed one in another encoding, or one that has to be quarantined."""
+    base = pydicom.dcmread(write_large_instance(tmp_path / f"{name}.dcm", 3), stop_before_pixels=True)
+    pixels = random.Random(3).randbytes(3 << 20)
+    syntax = str({"implicit": ImplicitVRLittleEndian, "deflated": DeflatedExplicitVRLittleEndian,
+                  "encapsulated": JPEGBaseline8Bit}.get(name, EXPLICIT))
+    base.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+    if name == "no SOP Instance UID":
+        del base.SOPInstanceUID
+    base.PixelData = encapsulate([pixels[:1 << 20], pixels[1 << 20:]]) if name == "encapsulated" else pixels
+    base["PixelData"].VR = "OB" if name == "encapsulated" else "OW"
+    if name == "encapsulated":
+        base["PixelData"].is_undefined_length = True
+    encoded = pydicom.filebase.DicomBytesIO()
+    base.save_as(encoded, enforce_file_format=True)
+    data = dataset_bytes(encoded.getvalue())
+    if name == "File Meta elements in the data set":
+        data = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", 22) + b"1.2.840.10008.1.2.4.50" + data
+    elif name == "cut in the pixel data":
+        data = data[:-1000]
+    elif name == "cut in an element header":
+        data += b"\xfc\xff\xfc"
+    sop_uid = str(base.file_meta.MediaStorageSOPInstanceUID)
+    return syntax, part10.PREAMBLE + part10.file_meta(str(base.SOPClassUID), sop_uid, syntax), data
+
+
+@pytest.mark.parametrize("name", ["explicit", "implicit", "deflated", "encapsulated", "File Meta elements in the data set",
+                                  "cut in the pixel data", "cut in an element header", "no SOP Instance UID"])
+def test_an_instance_spooled_or_held_in_memory_is_stored_and_announced_alike(tmp_path: Path, name: str) -> None:
+    """The same instance below the spool threshold (in memory) and above it (spooled): the same
+    status, file, and event (tags read from a memory map instead of bytes), or the same quarantine."""
+    syntax, meta, data = _variant(tmp_path, name)
+    assert len(data) > 2 << 20
+    outcomes = []
+    for spooled in (False, True):
+        ingest, spooler, published = _ingest(tmp_path / f"blobs-{spooled}")
+        assoc = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
+        if spooled:
+            status = ingest.store_spooled(assoc, _receive(spooler, meta, data, context_ts=syntax), syntax, "")
+        else:
+            status = ingest.store(assoc, meta + data, syntax, "")
+        ingest.helpers.shutdown()
+        (event,) = published.events
+        payload = dict(event.payload)
+        blob = (tmp_path / f"blobs-{spooled}" / str(payload.pop("blob_key"))).read_bytes()
+        outcomes.append((status, event.type, (event.study_uid, event.series_uid, event.sop_uid), payload, blob))
+        assert list((tmp_path / f"blobs-{spooled}" / ".tmp").iterdir()) == []
+    in_memory, spooled_outcome = outcomes
+    assert spooled_outcome == in_memory
+    well_formed = name in ("explicit", "implicit", "deflated", "encapsulated", "File Meta elements in the data set")
+    assert in_memory[0] == (STATUS_SUCCESS if well_formed else STATUS_CANNOT_UNDERSTAND), in_memory[3]
+
+
 def test_a_refused_spool_is_answered_out_of_resources_with_the_reason(tmp_path: Path) -> None:
     ingest, _, published = _ingest(tmp_path / "blobs", max_instance_mb=2)
     assoc = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
@@ -483,6 +543,42 @@ def test_the_memory_budget_gets_back_what_an_ended_association_held(tmp_path: Pa
     _send(handed_over, bytes(2 << 20), last=False)
     handed_over.on_pdv(1, _pdv(0x01, b"\x00" * 8))  # a command fragment inside the data set: to pynetdicom
     assert handed_over.passthrough and spooler.budget.held == 0
+
+
+def test_a_spool_still_arriving_is_removed_when_its_association_ends_after_an_earlier_one_was_stored(
+        tmp_path: Path) -> None:
+    """pynetdicom's path: a sender that does not wait for responses has one large instance
+    complete and queued for the handler while the next one is being spooled; the handler storing
+    the first must not take the second off the association's list, or that spool is never removed
+    when the association is aborted (its descriptor and its unnamed file's space held for good)."""
+    from services.receiver.scp import StorageSCP
+
+    ingest, spooler, _ = _ingest(tmp_path / "blobs")
+    scp = StorageSCP(ingest, ingest.settings, lambda event: None, "127.0.0.1", 0)
+    assoc = SpoolingAssoc()
+    info = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
+    meta, data = _instance(tmp_path)
+    first = _receive(spooler, meta, data)
+    scp._receiving(assoc, first)
+    second = spooler.open(meta, [memoryview(data)[:(2 << 20)]], 2 << 20, EXPLICIT, {})  # still arriving
+    scp._receiving(assoc, second)
+    assert scp._store_spooled(assoc, info, first, EXPLICIT, "", 0) == STATUS_SUCCESS
+    scp._abandon_receiving(assoc)  # EVT_ABORTED, EVT_CONN_CLOSE
+    assert second.fd is None
+    ingest.helpers.shutdown()
+
+
+def test_a_spool_nobody_discarded_closes_its_file_when_it_is_collected(tmp_path: Path) -> None:
+    """A safety net for a path that loses a spool: its unnamed file's space goes with it."""
+    import gc
+
+    fds = _open_fds()
+    spool = _spooler(LocalBlobStore(tmp_path / "blobs"), spool_threshold_mb=1).open(
+        b"", [b"x" * (2 << 20)], 2 << 20, EXPLICIT, {})
+    assert spool.fd is not None and _open_fds() == fds + 1
+    del spool
+    gc.collect()
+    assert _open_fds() == fds
 
 
 @pytest.mark.parametrize("oddity", ["command fragment", "other context"])
