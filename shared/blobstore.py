@@ -62,6 +62,17 @@ def start_writeback(fd: int) -> None:
     LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
+def file_holds(path: Path, data: bytes) -> bool | None:
+    """Whether the file at `path` holds exactly `data`; None if there is no file. The sizes are
+    compared first: a file of another size is never read (a spooled instance's may be GBs)."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below; a missing file is a common case
+    except FileNotFoundError:
+        return None
+    with handle:
+        return os.fstat(handle.fileno()).st_size == len(data) and handle.read() == data
+
+
 def receipt_stamp(received_at: datetime) -> int:
     """The modification time (ns) an instance's blob file gets: its copy's receipt time.
 

@@ -52,7 +52,7 @@ from typing import Any
 
 from services.receiver.journal import Journal, JournalError, JournalRecord
 from services.receiver.receipt import Duplicate, Receipt
-from shared.blobstore import BlobError, LocalBlobStore, blob_key, receipt_stamp
+from shared.blobstore import BlobError, LocalBlobStore, blob_key, file_holds, receipt_stamp
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class JournalApplier:
             newer = path.stat().st_mtime_ns > receipt_stamp(event.occurred_at)
         except OSError:
             return False
-        if not newer or self.store.get_sync(key) == data:
+        if not newer or file_holds(path, data):  # (sizes first: the later copy may be GBs)
             return False
         log.warning("journal: a later copy of this instance is already stored; this older one is "
                     "published as superseded and its file not written", extra={

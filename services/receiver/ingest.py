@@ -52,6 +52,7 @@ from shared.blobstore import (
     BlobInfo,
     LocalBlobStore,
     blob_key,
+    file_holds,
     fsync_directory,
     receipt_stamp,
     start_writeback,
@@ -145,14 +146,8 @@ class LocalBlobWriter:
     def duplicate_of(path: Path, data: bytes) -> Duplicate:
         """How `data` compares with the copy stored at `path`; the stored file is read only when
         its size is the same (a stored copy may be a spooled instance of GBs)."""
-        try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below; a missing file is the common case
-        except FileNotFoundError:
-            return "new"
-        with handle:
-            if os.fstat(handle.fileno()).st_size != len(data):
-                return "replaced"
-            return "identical" if handle.read() == data else "replaced"
+        held = file_holds(path, data)
+        return "new" if held is None else "identical" if held else "replaced"
 
     def free_bytes(self) -> int | None:
         return self.store.free_bytes()

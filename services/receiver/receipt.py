@@ -109,7 +109,7 @@ def received_event(receipt: Receipt, tags: ExtractedTags, key: str, size: int, s
 
 
 def decide_again(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate | None, keywords: list[str],
-                 read_blob: Callable[[str], bytes | None]) -> tuple[Event, bool] | None:
+                 compare: Callable[[str, bytes], Duplicate]) -> tuple[Event, bool] | None:
     """For a journaled instance a previous receiver process accepted but did not apply: its event
     and whether its file must be written, or None if it is unreadable (then its sender was answered
     0xC000 and the data quarantined, or was not answered at all).
@@ -124,5 +124,5 @@ def decide_again(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate 
     except TagExtractionError:
         return None
     key = instance_key(tags)
-    duplicate = verdict or duplicate_of(read_blob(key), data)
+    duplicate = verdict or compare(key, data)  # how `data` compares with the stored copy of `key`
     return received_event(receipt, tags, key, len(data), sha256, duplicate), duplicate != "identical"

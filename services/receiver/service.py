@@ -19,7 +19,7 @@ from typing import Any
 from services.receiver.applier import DecideAgain, JournalApplier, PublishBatch, PutFile
 from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
 from services.receiver.journal import MEMORY_BYTES, Journal, JournalError, slot_directory
-from services.receiver.receipt import Duplicate, Receipt, decide_again
+from services.receiver.receipt import Duplicate, Receipt, decide_again, duplicate_of
 from services.receiver.scp import TLS_RETRY_SECONDS, StorageSCP
 from services.receiver.workers import RoutingServer, WorkerPool, process_count, worker_count
 from shared.blobstore import BlobInfo, LocalBlobStore, NatsObjectBlobStore, open_blob_store
@@ -128,8 +128,13 @@ def open_journal(settings: Settings, slot: str, writer: BlobWriter, publish: Pub
 
 def replay_decider(settings_item: Callable[[], SettingsItem], writer: BlobWriter) -> DecideAgain:
     """How the applier builds the event of an instance a previous process journaled (receipt.py)."""
+    def compare(key: str, data: bytes) -> Duplicate:
+        if isinstance(writer, LocalBlobWriter):  # (sizes first: the stored copy may be GBs)
+            return writer.duplicate_of(writer.store.path(key), data)
+        return duplicate_of(writer.read(key), data)
+
     def decide(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate | None) -> tuple[Event, bool] | None:
-        return decide_again(receipt, data, sha256, verdict, settings_item().extract_tags, writer.read)
+        return decide_again(receipt, data, sha256, verdict, settings_item().extract_tags, compare)
 
     return decide
 
@@ -140,7 +145,7 @@ def _file_putter(writer: BlobWriter) -> PutFile:
     def put_local(key: str, data: bytes, replayed: bool) -> None:
         assert isinstance(writer, LocalBlobWriter)
         path = writer.store.path(key)
-        if not replayed or writer.read_path(path) != data:
+        if not replayed or writer.duplicate_of(path, data) != "identical":  # (sizes first)
             writer.put_visible(path, data).close()
 
     def put_other(key: str, data: bytes, replayed: bool) -> None:

@@ -168,7 +168,8 @@ class FlakyPublisher:
 def _decider(store: LocalBlobStore) -> DecideAgain:
     """As the receiver's (services/receiver/service.py replay_decider), with the default tag list."""
     def decide(receipt: Receipt, data: bytes, sha256: str, verdict: Duplicate | None) -> tuple[Event, bool] | None:
-        return decide_again(receipt, data, sha256, verdict, SettingsItem().extract_tags, LocalBlobWriter(store).read)
+        return decide_again(receipt, data, sha256, verdict, SettingsItem().extract_tags,
+                            lambda key, copy: LocalBlobWriter.duplicate_of(store.path(key), copy))
     return decide
 
 

@@ -924,3 +924,82 @@ async def test_many_associations_sending_large_instances_share_a_memory_budget(
         assert rss.peak - rss.baseline < MANY_SENDERS_BOUND, rss.report()
     finally:
         receiver.stop()
+
+
+class EventsPublished:
+    """JetStream stand-in for the journal applier: stores every event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, events: list[tuple[Event, bytes | None]], timeout: float) -> list[Future[int]]:
+        futures = []
+        for event, _ in events:
+            self.events.append(event)
+            future: Future[int] = Future()
+            future.set_result(len(self.events))
+            futures.append(future)
+        return futures
+
+
+@pytest.mark.parametrize("stored", ["newer", "older", "decision lost"])
+def test_replaying_a_small_copy_of_a_large_stored_instance_does_not_read_it_whole(
+        tmp_path: Path, stored: str) -> None:
+    """A small copy of an instance journaled by a receiver that was then killed, while the blob
+    store holds a large (spooled) copy of it: the next process's replay compares sizes before it
+    reads the stored file. It read the file whole: a stored copy of GBs at every start, and the
+    replay happens at every start until it is done."""
+    import tracemalloc
+
+    from services.receiver.applier import JournalApplier
+    from services.receiver.journal import Journal
+    from services.receiver.receipt import Receipt, identified_tags, instance_key
+    from services.receiver.service import _file_putter, replay_decider
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    writer = LocalBlobWriter(store)
+    item = SettingsItem(min_free_space_mb=0)
+    decide = replay_decider(lambda: item, writer)
+    journal = Journal(tmp_path / "journal", segment_bytes=1 << 20, max_bytes=8 << 20)
+    journal.open()
+    applier = JournalApplier(journal, _file_putter(writer), EventsPublished(), store, decide)  # never started
+    meta, data = _instance(tmp_path, 64)
+    small = pydicom.dcmread(pydicom.filebase.DicomBytesIO(meta + data))
+    small.NumberOfFrames, small.Rows, small.Columns, small.PixelData = 1, 32, 32, bytes(2048)
+    encoded = pydicom.filebase.DicomBytesIO()
+    small.save_as(encoded, enforce_file_format=True)
+    small_bytes = encoded.getvalue()
+    assoc = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
+    if stored == "decision lost":  # killed between the record's fdatasync and its decision (or a power cut)
+        applier.sync(applier.receive(Receipt.now(assoc, EXPLICIT), small_bytes))
+    else:
+        ingest = Ingest(writer, Published(), lambda: item, journal=applier, journal_max_bytes=256 * 1024)
+        assert ingest.store(assoc, small_bytes, EXPLICIT, "") == STATUS_SUCCESS
+        ingest.helpers.shutdown()
+    journal.close()  # the receiver is killed before its applier wrote the file
+    path = store.path(instance_key(identified_tags(small_bytes, [])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(meta + data)  # the large copy, received by another receiver process
+    at = time.time() + (3600 if stored == "newer" else -3600)
+    os.utime(path, (at, at))
+
+    journal = Journal(tmp_path / "journal", segment_bytes=1 << 20, max_bytes=8 << 20)
+    replayed = journal.open()
+    published = EventsPublished()
+    applier = JournalApplier(journal, _file_putter(writer), published, store, decide)
+    applier.adopt(replayed)
+    tracemalloc.start()
+    try:
+        applier.start()
+        assert applier.wait_idle(10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        applier.stop()
+        journal.close()
+    (event,) = published.events
+    if stored == "newer":  # the later, large copy stays
+        assert event.payload["duplicate"] == "superseded" and path.stat().st_size == len(meta + data)
+    else:
+        assert event.payload["duplicate"] in ("new", "replaced") and path.read_bytes() == small_bytes
+    assert peak < 16 << 20, f"{peak >> 20} MB allocated to replay a 2 KB copy"
