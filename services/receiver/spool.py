@@ -7,10 +7,11 @@ from 124 to 638 MB), a few breast tomosynthesis or whole-slide instances at once
 machine's memory, and a peer could send a P-DATA stream as long as it liked.
 
 Now a data set stays in memory, as before, until it passes `settings.spool_threshold_mb` (CT and MR
-never do, so their path is unchanged). Then what arrived so far, and everything after it as it
-arrives, is written to a temp file in the blob store's staging directory (`blobs/.tmp`, the
-directory of the store's other temp files, so placing it under its key is a rename) and hashed on
-the way (`Spool`). Once the message is complete, `Ingest.store_spooled` reads its tags from a
+never do, so their path is unchanged), or until the associations of the process hold their memory
+budget (`MemoryBudget`, `settings.spool_memory_budget_mb`). Then what arrived so far, and
+everything after it as it arrives, is written to a temp file in the blob store's staging directory
+(`blobs/.tmp`, on the store's file system, so placing it under its key is a link or a rename) and
+hashed on the way (`Spool`). Once the message is complete, `Ingest.store_spooled` reads its tags from a
 read-only memory map of the file (the header and the element headers behind it: a few pages) and
 places the file under its key; durability is the rule of the other large instances (file fsynced
 and its event journaled, or acknowledged by JetStream, before 0x0000). The file holds the same

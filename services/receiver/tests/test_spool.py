@@ -200,6 +200,12 @@ def test_a_spool_is_named_where_unnamed_files_are_not_possible(tmp_path: Path,
     assert spool.path.read_bytes() == meta + data
     spool.discard()
     assert _tmp_files(store) == []
+    ingest = Ingest(LocalBlobWriter(store), Published(), lambda: SettingsItem(min_free_space_mb=0))
+    assoc = AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 1234)
+    assert ingest.store_spooled(assoc, _receive(_spooler(store, spool_threshold_mb=1), meta, data), EXPLICIT, "") \
+        == STATUS_SUCCESS
+    ingest.helpers.shutdown()
+    assert _tmp_files(store) == [] and [p.read_bytes() for p in store.root.rglob("*.dcm")] == [meta + data]
 
 
 def test_a_data_set_over_the_maximum_is_refused_and_its_file_removed_at_once(tmp_path: Path) -> None:
