@@ -180,10 +180,9 @@ class Supervisor:
             return
         await self._spawn(child)
         child.restarts += 1
-        if self.stopping.is_set() and child.process is not None:
+        if self.stopping.is_set():
             # stop() began while this child was being spawned and did not see it
-            with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
+            _signal(child, signal.SIGTERM)
         self._notify()
         await self.record("service.restarted", ServiceRestarted(
             service=child.spec.name, pid=child.pid or 0, restarts=child.restarts))
@@ -208,20 +207,30 @@ class Supervisor:
     async def _terminate_all(self) -> None:
         running = [c for c in self.children.values() if c.running]
         for child in running:
-            with contextlib.suppress(ProcessLookupError):
-                assert child.process is not None
-                child.process.send_signal(signal.SIGTERM)
+            _signal(child, signal.SIGTERM)
         if not running:
             return
         waits = [asyncio.create_task(c.process.wait()) for c in running if c.process is not None]
         _, pending = await asyncio.wait(waits, timeout=self.grace)
         if pending:
             for child in running:
-                if child.running and child.process is not None:
+                if child.running:
                     log.warning("%s did not stop within %.0fs: SIGKILL", child.spec.name, self.grace)
-                    with contextlib.suppress(ProcessLookupError):
-                        child.process.kill()
+                    _signal(child, signal.SIGKILL)
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _signal(child: Child, sig: int) -> None:
+    """Signal a running child without reaping it.
+
+    Not `Process.send_signal()` / `kill()`: they go through `Popen.send_signal`, which first polls
+    (waitpid WNOHANG), and so reaps a child that has just exited; asyncio's child watcher then
+    finds it gone and reports exit code 255 instead of the child's own. Until the watcher has
+    reaped it (returncode still None) the pid is the child's, a zombie at worst, so os.kill is safe.
+    """
+    if child.running and child.pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, sig)
 
 
 def _describe(code: int | None) -> str:

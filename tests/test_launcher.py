@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,6 +206,38 @@ async def test_supervisor_restarts_crashing_child_with_backoff_and_records_it(bu
     assert all(e.actor == "supervisor" and e.payload["exit_code"] == 3 for e in crashed)
     restarted = await _read_events(bus, "service.restarted")
     assert [e.payload["restarts"] for e in restarted][:4] == [1, 2, 3, 4]
+
+
+async def test_a_child_exiting_as_the_stop_signals_it_keeps_its_exit_code(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's Process.send_signal goes through Popen.send_signal, which polls (waitpid WNOHANG)
+    first: a child that had exited a moment before was reaped there, and asyncio's child watcher,
+    finding it gone, reported exit code 255 (the crash test above failed so under CPU load).
+    Here the watcher is held until the stop has signalled the exited child, as a busy machine may."""
+    exited, release = threading.Event(), threading.Event()
+    real_waitpid = os.waitpid
+
+    def held_waitpid(pid: int, options: int) -> tuple[int, int]:
+        if options == 0 and pid > 0:   # the child watcher's blocking wait: hold it after the exit
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            exited.set()
+            release.wait(20)
+        return real_waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", held_waitpid)
+    spec = ChildSpec("cleaner", [sys.executable, "-c", "import sys; sys.exit(3)"], child_env(dict(os.environ), {}))
+    supervisor = Supervisor([spec], None, grace=5)
+    await supervisor.start()
+    try:
+        assert await asyncio.to_thread(exited.wait, 20)
+        stopping = asyncio.create_task(supervisor.wait())
+        supervisor.request_stop()
+        for _ in range(3):
+            await asyncio.sleep(0)   # stop() sends its signals before its first wait
+    finally:
+        release.set()
+    await asyncio.wait_for(stopping, 20)
+    assert supervisor.children["cleaner"].exits == [3]
 
 
 async def test_supervisor_stop_kills_a_child_that_ignores_sigterm(bus: Bus, tmp_path: Path) -> None:
