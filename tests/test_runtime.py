@@ -32,8 +32,11 @@ class Worker(Service):
         self.seen: list[tuple[str, int]] = []
         self.fail_first = fail_first
 
+    set_up = False
+
     async def setup(self) -> None:
         self.consume(WORK, self.handle)
+        self.set_up = True   # (the runtime has read the EVENTS stream's creation time before this)
 
     async def handle(self, delivery: Delivery) -> None:
         self.seen.append((delivery.event.task_id or "", delivery.attempt))
@@ -94,10 +97,13 @@ async def test_service_follows_configuration(nats_url: str, tmp_path: Path, bus:
 async def test_heartbeats_and_lifecycle_events(nats_url: str, tmp_path: Path, bus: Bus) -> None:
     worker = Worker(_settings(nats_url, tmp_path))
     running = asyncio.create_task(worker.run())
-    await asyncio.sleep(1.2)
-    beat = await bus.get_last_for_subject(subjects.STATUS_STREAM,
-                                          subjects.status_subject("testworker", worker.instance))
-    assert beat is not None and beat.type == "service.heartbeat" and beat.payload["pid"] == os.getpid()
+    # (A fixed 1.2 s used to stand in for the start: connect, configuration, setup, first beat.)
+    deadline = asyncio.get_running_loop().time() + 10
+    while (beat := await bus.get_last_for_subject(subjects.STATUS_STREAM,
+                                                  subjects.status_subject("testworker", worker.instance))) is None:
+        assert asyncio.get_running_loop().time() < deadline, "no heartbeat"
+        await asyncio.sleep(0.05)
+    assert beat.type == "service.heartbeat" and beat.payload["pid"] == os.getpid()
     worker.request_stop("bye")
     await running
     started = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.started")
@@ -145,6 +151,9 @@ async def test_a_service_following_events_starts_again_when_the_stream_is_create
     worker = EventsWorker(_settings(nats_url, tmp_path))
     plain = Worker(_settings(nats_url, tmp_path / "plain"))
     running = [asyncio.create_task(worker.run()), asyncio.create_task(plain.run())]
+    # Both started (and know the stream they follow) before it is replaced: a fixed 1 s used to
+    # stand in for that, and a worker slower to start would have followed the new stream from the outset.
+    await _wait_for(lambda: worker.set_up and plain.set_up)
     await asyncio.sleep(1.0)
     assert not any(task.done() for task in running)  # the same stream all along: nothing to do
     await bus.js.delete_stream(subjects.EVENTS_STREAM)
