@@ -263,13 +263,18 @@ class Service:
 
     async def _heartbeat(self) -> None:
         interval = self.settings.heartbeat_seconds
-        while True:
+        # Ends with `stopping`, not only when cancelled: Python 3.11's asyncio.wait_for, inside every
+        # nats-py request, returns the reply instead of raising CancelledError when the reply arrives
+        # just as the task is cancelled. A heartbeat answered at that moment carried on for good and
+        # the stop, waiting for it, hung until `caduceus up` killed the service (no service.stopped).
+        while not self.stopping.is_set():
             with contextlib.suppress(Exception):
                 await self.bus.publish(make_event("service.heartbeat", self.name, ServiceHeartbeat(
                     service=self.name, instance=self.instance, pid=os.getpid(),
                     uptime_seconds=round(time.monotonic() - self.started_at, 1),
                     interval_seconds=interval, details=self.health_details())), retries=0, timeout=2)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=interval)
 
     # ------------------------------------------------------------ consumers
 

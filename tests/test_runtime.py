@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from shared import runtime, subjects
 from shared.bus import Bus
 from shared.config.model import CaduceusConfig, SettingsItem
 from shared.config.state import plan_changes
-from shared.events import DispatchRetryRequested, make_event
+from shared.events import DispatchRetryRequested, Event, make_event
 from shared.runtime import Delivery, Service
 from shared.settings import Settings
 
@@ -112,6 +113,36 @@ async def test_heartbeats_and_lifecycle_events(nats_url: str, tmp_path: Path, bu
     # A stopped instance is history, not a stale row in `caduceus status` for the next hour.
     assert await bus.get_last_for_subject(subjects.STATUS_STREAM,
                                           subjects.status_subject("testworker", worker.instance)) is None
+
+
+async def test_a_heartbeat_that_loses_its_cancel_does_not_hang_the_stop(
+        nats_url: str, tmp_path: Path, bus: Bus) -> None:
+    """Python 3.11's asyncio.wait_for (inside every nats-py request) returns the reply instead of
+    raising CancelledError when the reply arrives just as its task is cancelled. A heartbeat whose
+    publish was answered at the moment the stop cancelled it carried on, and the stop waited for it
+    for good (test_sigterm_stops_a_service_process_cleanly hung 2 runs in 10 under CPU load)."""
+    worker = Worker(_settings(nats_url, tmp_path))
+    running = asyncio.create_task(worker.run())
+    await _wait_for(lambda: worker.set_up)
+    publish = worker.bus.publish
+    beating = asyncio.Event()
+
+    async def publish_answered_as_cancelled(event: Event, **options: Any) -> int:
+        if event.type != "service.heartbeat" or beating.is_set():
+            return await publish(event, **options)
+        beating.set()
+        try:
+            await asyncio.sleep(3600)   # waiting for JetStream's reply...
+        except asyncio.CancelledError:
+            return 1   # ...which arrived with the cancel: wait_for returns it, the cancel is lost
+        return 1
+
+    worker.bus.publish = publish_answered_as_cancelled  # type: ignore[method-assign]
+    await asyncio.wait_for(beating.wait(), 10)
+    worker.request_stop("test: stop")
+    await asyncio.wait_for(running, 10)
+    stopped = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.stopped")
+    assert stopped is not None and stopped.payload["reason"] == "test: stop"
 
 
 def test_sigterm_stops_a_service_process_cleanly(nats_url: str, tmp_path: Path) -> None:
