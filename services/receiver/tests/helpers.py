@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,15 @@ async def wait_events(bus: Bus, event_type: str, count: int, timeout: float = 15
 def blob_files(data_dir: Path, prefix: str = "instances") -> list[Path]:
     root = data_dir / "blobs" / prefix
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def idle_peak_bytes(applier: Any) -> int:
+    """Start a JournalApplier, wait until it is idle, and return the most memory Python had
+    allocated meanwhile (tracemalloc's peak)."""
+    tracemalloc.start()
+    try:
+        applier.start()
+        assert applier.wait_idle(10)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

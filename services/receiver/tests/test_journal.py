@@ -582,8 +582,7 @@ def _not_journaled(event: Event, timeout: float) -> Future[int]:
 def test_a_replayed_filed_record_checks_a_large_file_without_reading_it_whole(tmp_path: Path) -> None:
     """A spooled instance (services/receiver/spool.py) of hundreds of MB has an F record too: its
     replay after a crash hashes the file it names in chunks, not as one bytes object."""
-    import tracemalloc
-
+    from services.receiver.tests.helpers import idle_peak_bytes
     from tests.e2e.dicomfiles import write_large_instance
 
     store = LocalBlobStore(tmp_path / "blobs")
@@ -606,13 +605,7 @@ def test_a_replayed_filed_record_checks_a_large_file_without_reading_it_whole(tm
     publisher = FlakyPublisher(0)
     applier = JournalApplier(journal, _put_into(store), publisher, store, _decider(store))
     applier.adopt(replayed)
-    tracemalloc.start()
-    try:
-        applier.start()
-        assert applier.wait_idle(10)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = idle_peak_bytes(applier)
     applier.stop()
     journal.close()
     assert publisher.stored == [event.event_id]

@@ -45,7 +45,7 @@ from services.receiver.ingest import (
     LocalBlobWriter,
 )
 from services.receiver.spool import Claim, Spool, Spooler
-from services.receiver.tests.helpers import apply_settings, blob_files, wait_events
+from services.receiver.tests.helpers import apply_settings, blob_files, idle_peak_bytes, wait_events
 from services.receiver.tests.test_direct import FakeAssoc, _pdv, _store_command
 from shared.blobstore import LocalBlobStore
 from shared.bus import Bus
@@ -955,8 +955,6 @@ def test_replaying_a_small_copy_of_a_large_stored_instance_does_not_read_it_whol
     store holds a large (spooled) copy of it: the next process's replay compares sizes before it
     reads the stored file. It read the file whole: a stored copy of GBs at every start, and the
     replay happens at every start until it is done."""
-    import tracemalloc
-
     from services.receiver.applier import JournalApplier
     from services.receiver.journal import Journal
     from services.receiver.receipt import Receipt, identified_tags, instance_key
@@ -994,13 +992,9 @@ def test_replaying_a_small_copy_of_a_large_stored_instance_does_not_read_it_whol
     published = EventsPublished()
     applier = JournalApplier(journal, _file_putter(writer), published, store, decide)
     applier.adopt(replayed)
-    tracemalloc.start()
     try:
-        applier.start()
-        assert applier.wait_idle(10)
-        peak = tracemalloc.get_traced_memory()[1]
+        peak = idle_peak_bytes(applier)
     finally:
-        tracemalloc.stop()
         applier.stop()
         journal.close()
     (event,) = published.events
