@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import os
 import re
@@ -81,6 +82,42 @@ def receipt_stamp(received_at: datetime) -> int:
     it expects (the dispatcher; a journal replay deciding which copy is newer).
     """
     return int(received_at.timestamp()) * 1_000_000_000 + received_at.microsecond * 1000
+
+
+CopyRank = tuple[int, str]
+
+
+def copy_rank(received_at: datetime, sha256: str) -> CopyRank:
+    """Where a copy of an instance stands among its copies: by receipt stamp, then (equal stamps,
+    other bytes) by sha256. The one order the receiver keeps the newest copy in the blob store by
+    and the router routes the newest copy of a batch by, so the two never disagree (docs/
+    reliability.md, "De-duplication rules")."""
+    return receipt_stamp(received_at), sha256
+
+
+RENAME_NOREPLACE = 1  # <linux/fs.h>
+AT_FDCWD = -100
+_NOREPLACE_WORKS = LIBC is not None and hasattr(LIBC, "renameat2")
+
+
+def rename_new(source: Path, target: Path) -> None:
+    """Rename `source` to `target` unless `target` exists: FileExistsError then, and `source` stays.
+
+    Atomic: of two processes placing a first copy of an instance at once, one gets the name and
+    the other learns that a copy is there. renameat2(RENAME_NOREPLACE) where kernel and file system
+    have it (one call, as os.replace), else a hard link and the unlink of `source`.
+    """
+    global _NOREPLACE_WORKS
+    if _NOREPLACE_WORKS:
+        assert LIBC is not None
+        if LIBC.renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), str(target))  # (EEXIST: a FileExistsError)
+        _NOREPLACE_WORKS = False  # this kernel or file system has no RENAME_NOREPLACE
+    os.link(source, target)
+    os.unlink(source)
 
 
 def safe_segment(value: str) -> str:

@@ -152,8 +152,9 @@ class ImageReceived(BaseModel):
     peer_host: str
     peer_port: int
     association_id: str
-    # superseded: a replay after a crash found a later copy of the instance already stored; this
-    # one's file was not written (routers ignore it).
+    # superseded: a copy received later (shared.blobstore.copy_rank) was already stored when this
+    # one's file was to be placed (another receiver process's, or found by a replay after a crash);
+    # this one's file was not written (routers ignore it).
     duplicate: Literal["new", "identical", "replaced", "superseded"] = "new"
     tags: dict[str, str] = Field(default_factory=dict)
 

@@ -36,10 +36,8 @@ thread applies them as if just received.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 import queue
 import struct
 import threading
@@ -47,12 +45,13 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from services.receiver.journal import Journal, JournalError, JournalRecord
 from services.receiver.receipt import Duplicate, Receipt
-from shared.blobstore import BlobError, LocalBlobStore, blob_key, file_holds, receipt_stamp
+from shared.blobstore import BlobError, LocalBlobStore, blob_key, receipt_stamp
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,21 @@ GATHER_IDLE_SECONDS = 0.005
 GATHER_MAX_SECONDS = 0.5
 
 PublishBatch = Callable[[list[tuple[Event, bytes | None]], float], list[Future[int]]]
-PutFile = Callable[[str, bytes, bool], None]
+
+
+@dataclass(frozen=True)
+class Placing:
+    """Which copy of an instance a journaled file is (services/receiver/placing.py)."""
+
+    stamp: int  # its receipt stamp (shared.blobstore.receipt_stamp)
+    sha256: str
+    first: bool  # no copy was stored when it was received: it is tried as the first one at once
+
+
+# put_file(key, data, replayed, placing) -> verdict: writes the blob (durable or not: `store` decides
+# what syncfs covers), an instance's copy only over an older one (else "superseded" or "identical");
+# placing None: other bytes (quarantined), written as they are. A replayed record's file may be there.
+PutFile = Callable[[str, bytes, bool, "Placing | None"], Duplicate]
 # decide_again(receipt, data, sha256, verdict or None) -> (event, write the file?) or None
 # (unreadable: skip it); services/receiver/receipt.py.
 DecideAgain = Callable[[Receipt, bytes, str, "Duplicate | None"], "tuple[Event, bool] | None"]
@@ -88,8 +101,6 @@ class JournalApplier:
                  store: LocalBlobStore | None, decide_again: DecideAgain, publish_timeout: float = 5.0) -> None:
         self.journal = journal
         self.decide_again = decide_again
-        # put_file(key, data, replayed): writes the blob (durable or not: `store` decides what
-        # syncfs covers); a replayed record's file may already be there.
         self.put_file = put_file
         self.publish_batch = publish_batch
         self.store = store  # a local store whose files need a syncfs before a checkpoint
@@ -287,17 +298,17 @@ class JournalApplier:
             outcome = self._outcome(record) if record.durable else None
             if outcome is not None:  # else refused, unreadable, or only a D / X record
                 event, event_json, write = outcome
-                if write:
-                    key = str(event.payload["blob_key"])
-                    data = self.journal.read_data(record)
-                    replayed = record.attachment is None
-                    if replayed and self._superseded(key, data, event):
+                # The bytes are in the record (R, W): placed unless a newer copy is stored, and an
+                # identical copy's receipt may be newer than the stored file's (placing.py); only
+                # a local store compares copies.
+                if record.meta[:1] in (RECEIVED, WRITE) and (write or self.store is not None):
+                    placed = self._write_file(record, event)
+                    if placed is None:
+                        return False
+                    if placed == "superseded":
                         event, event_json = _as_superseded(event), None
-                    else:
-                        if not self._write_file(key, data, replayed, event):
-                            return False
-                        self._stamp(key, event)
-                        self._written(key)
+                    if write:
+                        self._written(str(event.payload["blob_key"]))
                 applied.append((event, event_json))
             self.journal.release(record)
         done = self._publish(applied)
@@ -333,7 +344,7 @@ class JournalApplier:
             key = blob_key("quarantine", datetime.now(UTC).strftime("%Y-%m-%d"), f"journal-{uuid.uuid4().hex}")
             log.exception("journal record %d: its event could not be built again; its bytes are kept "
                           "under %s instead", record.seq, key)
-            self._put_file(key, data, False)  # (raises if it cannot: then the applier stops, nothing lost)
+            self._put_file(key, data, False, None)  # (raises if it cannot: then the applier stops, nothing lost)
             return None
         if again is None:
             log.warning("journal record %d: not applied: its data is not a readable instance, so its "
@@ -350,6 +361,8 @@ class JournalApplier:
         sender was never told success, which waited for both), or a later copy replaced the file
         (and that copy's own record announces it)."""
         event = Event.from_json(record.meta[1:])
+        if event.payload.get("duplicate") == "superseded":
+            return event, None, False  # its file was never placed: a newer copy is stored
         key, sha256 = str(event.payload["blob_key"]), str(event.payload["sha256"])
         found = self._local_sha256(key)
         if found != sha256:
@@ -370,54 +383,39 @@ class JournalApplier:
         except (BlobError, OSError):  # missing or unreadable
             return None
 
-    def _superseded(self, key: str, data: bytes, event: Event) -> bool:
-        """Whether the blob holds another copy of this instance, received after this one.
-
-        Two receiver processes may each accept a copy of one SOP instance; when the one that took
-        the earlier copy crashed before writing it, its replay comes after the later copy's file
-        (found in the field by a loss-hunting review: the older copy overwrote the newer one).
-        A blob file's modification time is its copy's receipt time (`_stamp`).
-        """
-        if self.store is None:
-            return False
-        path = self.store.path(key)
-        try:
-            newer = path.stat().st_mtime_ns > receipt_stamp(event.occurred_at)
-        except OSError:
-            return False
-        if not newer or file_holds(path, data):  # (sizes first: the later copy may be GBs)
-            return False
-        log.warning("journal: a later copy of this instance is already stored; this older one is "
-                    "published as superseded and its file not written", extra={
-                        "series_uid": event.series_uid, "sop_uid": event.sop_uid})
-        return True
-
-    def _stamp(self, key: str, event: Event) -> None:
-        """Set the blob file's modification time to its copy's receipt time (see `_superseded`)."""
-        if self.store is not None:
-            stamp = receipt_stamp(event.occurred_at)
-            with contextlib.suppress(OSError):  # only the ordering check loses by it
-                os.utime(self.store.path(key), ns=(stamp, stamp))
-
-    def _put_file(self, key: str, data: bytes, replayed: bool) -> None:
+    def _put_file(self, key: str, data: bytes, replayed: bool, placing: Placing | None) -> Duplicate:
         """Every blob file this thread writes goes through here: the next checkpoint syncs them."""
         self._files_to_sync = True
-        self.put_file(key, data, replayed)
+        return self.put_file(key, data, replayed, placing)
 
-    def _write_file(self, key: str, data: bytes, replayed: bool, event: Event) -> bool:
-        """Until the file is written (True), or stopping past the grace period (False)."""
+    def _write_file(self, record: JournalRecord, event: Event) -> Duplicate | None:
+        """Place the file of an instance whose bytes are in `record`: its verdict once placed (or
+        found superseded: a copy received later is stored; or identical), None if stopping past the
+        grace period.
+
+        Two receiver processes may each accept a copy of one SOP instance; whichever places its
+        file last, the copy received last stays (services/receiver/placing.py). A replay after a
+        crash is one case (a loss-hunting review found the older copy written over the newer one).
+        """
+        key, data = str(event.payload["blob_key"]), self.journal.read_data(record)
+        placing = Placing(receipt_stamp(event.occurred_at), str(event.payload["sha256"]),
+                          first=event.payload.get("duplicate") == "new" and record.attachment is not None)
         delay = RETRY_FIRST_SECONDS
         while True:
             try:
-                self._put_file(key, data, replayed)
+                placed = self._put_file(key, data, record.attachment is None, placing)
                 self.blob_error = None
-                return True
+                if placed == "superseded":
+                    log.warning("journal: a copy of this instance received later is stored; this one is "
+                                "published as superseded and its file not written", extra={
+                                    "series_uid": event.series_uid, "sop_uid": event.sop_uid})
+                return placed
             except Exception as exc:  # noqa: BLE001 - accepted data: keep trying, it is in the journal
                 self.blob_error = str(exc)
                 log.error("could not write the blob file of a journaled instance (retrying): %s", exc,
                           extra={"series_uid": event.series_uid, "sop_uid": event.sop_uid})
                 if self._giving_up():
-                    return False
+                    return None
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
 

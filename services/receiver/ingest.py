@@ -13,8 +13,10 @@ Runs on pynetdicom's association threads. The C-STORE status is decided here:
   quarantine/<date>/<uuid> and `image.quarantined` says why.
 
 Duplicates (same SOP Instance UID stored again): identical bytes are not rewritten and the event
-says duplicate="identical"; different bytes replace the file and the event says "replaced". In
-both cases `image.received` is published, because the earlier copy's event may never have been
+says duplicate="identical"; different bytes replace the file and the event says "replaced",
+unless the stored copy was received later (another receiver process's): then the file is left
+alone and the event says "superseded" (services/receiver/placing.py). In every case
+`image.received` is published, because the earlier copy's event may never have been
 published (a publish failure answers 0xA700 after the file was written, and the sender's retry then
 finds identical bytes). Consumers must treat every `image.received` as "this instance is present".
 """
@@ -22,6 +24,7 @@ finds identical bytes). Consumers must treat every `image.received` as "this ins
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import threading
@@ -38,6 +41,7 @@ from typing import Any, Protocol
 from services.receiver import part10
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import JournalError
+from services.receiver.placing import place_newest
 from services.receiver.receipt import (
     Duplicate,
     Receipt,
@@ -55,6 +59,7 @@ from shared.blobstore import (
     file_holds,
     fsync_directory,
     receipt_stamp,
+    rename_new,
     start_writeback,
 )
 from shared.config.model import SettingsItem
@@ -152,8 +157,12 @@ class LocalBlobWriter:
     def free_bytes(self) -> int | None:
         return self.store.free_bytes()
 
-    def put_visible(self, path: Path, data: bytes) -> UnsyncedWrite:
-        """Write `data` at `path` (`store.path(key)`) now; `make_durable()` on the result fsyncs it.
+    def place_bytes(self, path: Path, data: bytes, stamp: int, sha256: Callable[[], str],
+                    staged: StagedFile | None = None, first: bool | None = None,
+                    ) -> tuple[Duplicate, UnsyncedWrite | None]:
+        """Place `data` at `path` (`store.path(key)`) unless the stored copy is newer (services/
+        receiver/placing.py), from `staged` if it is in a temp file already; `make_durable()` on the
+        write returned fsyncs it.
 
         Once this returns, the file is complete under its key for every reader on this machine, so
         `image.received` can be published before the fsyncs (Ingest._finish): the JetStream round
@@ -161,7 +170,15 @@ class LocalBlobWriter:
         sender hears success only after both. (A worker thread for the fsyncs measured the same
         wall time and cost about five times the context switches.)
         """
-        return self.stage(data, writeback=False).place(path)
+        copy = BytesCopy(self, data, stamp, sha256, staged)
+        try:
+            return place_newest(path, copy, first)
+        finally:
+            copy.discard()
+
+    def place_spooled(self, spool: Spool, path: Path, stamp: int) -> tuple[Duplicate, UnsyncedWrite | None]:
+        """As `place_bytes`, for a complete spool file (services/receiver/spool.py)."""
+        return place_newest(path, SpoolCopy(self, spool, stamp))
 
     def stage(self, data: bytes, writeback: bool = True) -> StagedFile:
         """Write `data` to a new temp file of the store; `place()` on the result puts it under its key.
@@ -186,14 +203,15 @@ class LocalBlobWriter:
         return StagedFile(self, fd, tmp)
 
 
-    def place_spool(self, spool: Spool, path: Path) -> UnsyncedWrite:
+    def place_spool(self, spool: Spool, path: Path, stamp: int | None = None, over: bool = True) -> UnsyncedWrite:
         """Put a complete spool file (services/receiver/spool.py) under `path` (`store.path(key)`),
-        creating its directories; the fsyncs are still to do. Raises OSError (the spool keeps its
-        file then: its owner discards it)."""
+        creating its directories, with `stamp` as its modification time; the fsyncs are still to
+        do. Raises OSError (the spool keeps its file then: its owner discards it); FileExistsError
+        if `path` exists and not `over`."""
         created = _missing_parents(path.parent, self.store.root)
         if created:
             path.parent.mkdir(parents=True, exist_ok=True)
-        fd = spool.place(path)
+        fd = spool.place(path, stamp, over)
         # The new name lives in the file's directory; a new directory lives in its parent.
         directories = {path.parent, *(d.parent for d in created)} if self.sync_dirs else set()
         return UnsyncedWrite(fd, directories, self.store.fsync)
@@ -207,20 +225,28 @@ class StagedFile:
         self.fd: int | None = fd
         self.tmp = tmp
 
-    def place(self, path: Path) -> UnsyncedWrite:
-        """Rename the temp file to `path` (creating its directories); the fsyncs are still to do."""
-        fd, self.fd = self.fd, None
+    def place(self, path: Path, stamp: int, over: bool) -> UnsyncedWrite:
+        """Rename the temp file to `path` (creating its directories), with `stamp` as its
+        modification time, set first: the file never has another under its key. The fsyncs are
+        still to do. `over=False`: FileExistsError if `path` exists (the file stays staged)."""
+        fd = self.fd
         assert fd is not None, "a staged file is placed or discarded once"
         store = self.writer.store
         try:
             created = _missing_parents(path.parent, store.root)
             if created:  # else the series directory exists: no mkdir (and no EEXIST) per image
                 path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.tmp, path)
-        except BaseException:
-            os.close(fd)
-            self.tmp.unlink(missing_ok=True)
+            os.utime(fd, ns=(stamp, stamp))
+            if over:
+                os.replace(self.tmp, path)
+            else:
+                rename_new(self.tmp, path)
+        except FileExistsError:
             raise
+        except BaseException:
+            self.discard()
+            raise
+        self.fd = None
         # The rename lives in the file's directory; a new directory lives in its parent.
         directories = {path.parent, *(d.parent for d in created)} if self.writer.sync_dirs else set()
         return UnsyncedWrite(fd, directories, store.fsync)
@@ -241,12 +267,6 @@ class UnsyncedWrite:
         self.directories = directories
         self.fsync = fsync
 
-    def stamp(self, received_at: datetime) -> None:
-        """Give the file its copy's receipt time (shared.blobstore.receipt_stamp)."""
-        if self.fd is not None:
-            stamp = receipt_stamp(received_at)
-            os.utime(self.fd, ns=(stamp, stamp))
-
     def make_durable(self) -> None:
         """Flush file and directories to disk (once); raises what fsync raised."""
         fd, self.fd = self.fd, None
@@ -264,6 +284,49 @@ class UnsyncedWrite:
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
+
+
+class BytesCopy:
+    """Instance bytes in memory, or in a staged temp file, as a placing.Copy."""
+
+    def __init__(self, writer: LocalBlobWriter, data: bytes, stamp: int, sha256: Callable[[], str],
+                 staged: StagedFile | None = None) -> None:
+        self.writer = writer
+        self.data = data
+        self.stamp = stamp
+        self.sha256 = sha256
+        self.staged = staged
+        self.own = staged is None  # a temp file written here, removed here unless placed
+
+    def holds_same(self, handle: io.BufferedReader, size: int) -> bool:
+        return size == len(self.data) and handle.read() == self.data  # (sizes first: a stored copy may be GBs)
+
+    def place(self, path: Path, over: bool) -> UnsyncedWrite:
+        if self.staged is None:  # (kept for a second try after FileExistsError)
+            self.staged = self.writer.stage(self.data, writeback=False)
+        return self.staged.place(path, self.stamp, over)
+
+    def discard(self) -> None:
+        if self.own and self.staged is not None:
+            self.staged.discard()
+
+
+class SpoolCopy:
+    """A complete spool file (services/receiver/spool.py) as a placing.Copy."""
+
+    def __init__(self, writer: LocalBlobWriter, spool: Spool, stamp: int) -> None:
+        self.writer = writer
+        self.spool = spool
+        self.stamp = stamp
+
+    def sha256(self) -> str:
+        return self.spool.sha256
+
+    def holds_same(self, handle: io.BufferedReader, size: int) -> bool:
+        return self.spool.same_bytes(handle.fileno(), size)
+
+    def place(self, path: Path, over: bool) -> UnsyncedWrite:
+        return self.writer.place_spool(self.spool, path, self.stamp, over)
 
 
 def _worth_a_helper(data: bytes, alone: bool) -> bool:
@@ -384,16 +447,16 @@ class Ingest:
             # A larger copy of an instance still waiting in the journal goes the same way, so that
             # the newest copy is the one written last.
             return self._journal_decided(assoc, data, digest.result(), tags, key, context_ts, ctx, mark)
+        receipt = Receipt.now(assoc, context_ts)  # (before placing: the file gets its stamp first)
         try:
-            duplicate, write = self._start_write(key, data, staged)
+            duplicate, write = self._start_write(key, data, receipt_stamp(receipt.occurred_at), digest, staged)
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
         if timer:
             mark = timer.mark("place" if staged else "file", mark)
         try:
-            event = received_event(Receipt.now(assoc, context_ts), tags, key, len(data), digest.result(),
-                                   duplicate)
+            event = received_event(receipt, tags, key, len(data), digest.result(), duplicate)
             if timer:
                 mark = timer.mark("event", mark)
             return self._finish(assoc, event, write, tags, ctx, mark)
@@ -436,17 +499,17 @@ class Ingest:
         key = instance_key(tags)
         if not self._no_journaled_copy(key):
             return self._reject(assoc, "an earlier copy of this instance is still being stored", tags.sop_uid, tags)
-        path = self.writer.store.path(key)
+        receipt = Receipt.now(assoc, context_ts)
         try:
-            duplicate = spool.duplicate_of(path)
-            write = None if duplicate == "identical" else self.writer.place_spool(spool, path)
+            duplicate, write = self.writer.place_spooled(spool, self.writer.store.path(key),
+                                                         receipt_stamp(receipt.occurred_at))
         except Exception as exc:  # noqa: BLE001 - any storage failure is "try again later" for the sender
             log.error("blob write failed for %s: %s", key, exc, extra=ctx)
             return self._reject(assoc, f"blob store write failed: {exc}", tags.sop_uid, tags)
         if timer:
             mark = timer.mark("place", mark)
         try:
-            event = received_event(Receipt.now(assoc, context_ts), tags, key, spool.size, spool.sha256, duplicate)
+            event = received_event(receipt, tags, key, spool.size, spool.sha256, duplicate)
             return self._finish(assoc, event, write, tags, ctx, mark)
         finally:
             if write is not None:
@@ -568,7 +631,6 @@ class Ingest:
         published = self.publish(event, self.publish_timeout)
         if write is not None:
             try:
-                write.stamp(event.occurred_at)
                 write.make_durable()
             except Exception as exc:  # noqa: BLE001 - not durable means not accepted
                 log.error("blob write failed for %s after image.received was published: %s", key, exc, extra=ctx)
@@ -609,7 +671,6 @@ class Ingest:
         try:
             failure = "blob store write failed"
             if write is not None:
-                write.stamp(event.occurred_at)
                 write.make_durable()
             failure = "could not journal the event"
             if journal_synced is not None:
@@ -663,23 +724,18 @@ class Ingest:
             return False
         return free is None or free >= settings.min_free_space_mb * 1024 * 1024
 
-    def _start_write(self, key: str, data: bytes, staged: StagedFile | None = None) -> tuple[
-            Duplicate, UnsyncedWrite | None]:
-        """Deal with an existing copy, then write (on a local store, without the fsyncs yet; from
-        `staged` if the data is already in a temp file).
+    def _start_write(self, key: str, data: bytes, stamp: int, digest: Future[str],
+                     staged: StagedFile | None = None) -> tuple[Duplicate, UnsyncedWrite | None]:
+        """Deal with an existing copy, then write (on a local store, without the fsyncs yet, and
+        only over an older copy; from `staged` if the data is already in a temp file).
 
         Returns the duplicate kind and the write still to be made durable (None: nothing to do).
         """
         if isinstance(self.writer, LocalBlobWriter):
-            path = self.writer.store.path(key)
-            duplicate = self.writer.duplicate_of(path, data)
-        else:
-            duplicate = duplicate_of(self.writer.read(key), data)
-        if duplicate == "identical":
-            return duplicate, None
-        if isinstance(self.writer, LocalBlobWriter):
-            return duplicate, staged.place(path) if staged else self.writer.put_visible(path, data)
-        self.writer.put(key, data)
+            return self.writer.place_bytes(self.writer.store.path(key), data, stamp, digest.result, staged)
+        duplicate = duplicate_of(self.writer.read(key), data)
+        if duplicate != "identical":
+            self.writer.put(key, data)
         return duplicate, None
 
     # ------------------------------------------------------------ failures

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from services.receiver.applier import DecideAgain, JournalApplier, PublishBatch, PutFile
+from services.receiver.applier import DecideAgain, JournalApplier, Placing, PublishBatch, PutFile
 from services.receiver.ingest import BlobWriter, Ingest, LocalBlobWriter
 from services.receiver.journal import MEMORY_BYTES, Journal, JournalError, slot_directory
 from services.receiver.receipt import Duplicate, Receipt, decide_again, duplicate_of
@@ -141,16 +141,26 @@ def replay_decider(settings_item: Callable[[], SettingsItem], writer: BlobWriter
 
 def _file_putter(writer: BlobWriter) -> PutFile:
     """How the applier writes a journaled instance's blob: on a local store without the fsyncs
-    (its syncfs before each checkpoint covers them), and not again if it is already there (replay)."""
-    def put_local(key: str, data: bytes, replayed: bool) -> None:
+    (its syncfs before each checkpoint covers them), only over an older copy (services/receiver/
+    placing.py: what a replay finds there, or another process's copy); elsewhere not again if it is
+    already there (replay)."""
+    def put_local(key: str, data: bytes, replayed: bool, placing: Placing | None) -> Duplicate:
         assert isinstance(writer, LocalBlobWriter)
         path = writer.store.path(key)
-        if not replayed or writer.duplicate_of(path, data) != "identical":  # (sizes first)
-            writer.put_visible(path, data).close()
-
-    def put_other(key: str, data: bytes, replayed: bool) -> None:
-        if not replayed or writer.read(key) != data:
+        if placing is None:
             writer.put(key, data)
+            return "new"
+        duplicate, write = writer.place_bytes(path, data, placing.stamp, lambda: placing.sha256,
+                                              first=placing.first)
+        if write is not None:
+            write.close()
+        return duplicate
+
+    def put_other(key: str, data: bytes, replayed: bool, placing: Placing | None) -> Duplicate:
+        if replayed and writer.read(key) == data:
+            return "identical"
+        writer.put(key, data)
+        return "new"
 
     return put_local if isinstance(writer, LocalBlobWriter) else put_other
 

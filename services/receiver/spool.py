@@ -58,8 +58,7 @@ from pydicom import dcmread
 from pynetdicom.dimse_messages import C_STORE_RQ
 
 from services.receiver import part10
-from services.receiver.receipt import Duplicate
-from shared.blobstore import LocalBlobStore, start_writeback
+from shared.blobstore import LocalBlobStore, rename_new, start_writeback
 from shared.config.model import SettingsItem
 from shared.dicomtags import ExtractedTags
 
@@ -255,42 +254,42 @@ class Spool:
         finally:
             view.close()
 
-    def duplicate_of(self, path: Path) -> Duplicate:
-        """How the file compares with an existing copy at `path`, read in chunks."""
+    def same_bytes(self, other: int, size: int) -> bool:
+        """Whether the open file `other` (of `size` bytes) holds the spool's bytes, read in chunks."""
         assert self.fd is not None
-        try:
-            other = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return "new"
-        try:
-            if os.fstat(other).st_size != self.size:
-                return "replaced"
-            for offset in range(0, self.size, COMPARE_CHUNK):
-                if os.pread(other, COMPARE_CHUNK, offset) != os.pread(self.fd, COMPARE_CHUNK, offset):
-                    return "replaced"
-            return "identical"
-        finally:
-            os.close(other)
+        if size != self.size:
+            return False
+        for offset in range(0, self.size, COMPARE_CHUNK):
+            if os.pread(other, COMPARE_CHUNK, offset) != os.pread(self.fd, COMPARE_CHUNK, offset):
+                return False
+        return True
 
-    def place(self, path: Path) -> int:
-        """Put the complete file under `path` (whose directory exists) and hand over its open
-        descriptor (the caller fsyncs and closes it). Raises OSError if it cannot be placed (then
-        the spool still has it, and `discard` removes it).
+    def place(self, path: Path, stamp: int | None = None, over: bool = True) -> int:
+        """Put the complete file under `path` (whose directory exists), with `stamp` as its
+        modification time (set first), and hand over its open descriptor (the caller fsyncs and
+        closes it). Raises OSError if it cannot be placed (then the spool still has it, and
+        `discard` removes it); FileExistsError if `path` exists and not `over`.
 
         An unnamed file gets `path` as its first name (linkat: the whole file appears there at
-        once); only where `path` exists already (a replaced copy) does it get a temp name first,
-        for the rename over the old copy, so a kill between the two leaves a temp file only then.
+        once); only over an existing copy (a replaced one) does it get a temp name first, for the
+        rename over the old copy, so a kill between the two leaves a temp file only then.
         """
         with self._lock:
             fd = self.fd
             assert fd is not None, "a spool is placed once, complete"
+            if stamp is not None:
+                os.utime(fd, ns=(stamp, stamp))
             if self.path is None:
                 try:
                     _name(fd, path)
                 except FileExistsError:
+                    if not over:
+                        raise
                     self._rename_over(fd, path)
-            else:
+            elif over:
                 os.replace(self.path, path)
+            else:
+                rename_new(self.path, path)
             self.fd, self.path = None, None
             return fd
 

@@ -15,10 +15,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from services.receiver.applier import GATHER_MAX_SECONDS, DecideAgain, JournalApplier, PutFile
+from services.receiver.applier import GATHER_MAX_SECONDS, DecideAgain, JournalApplier, Placing, PutFile
 from services.receiver.ingest import AssociationInfo, Ingest, LocalBlobWriter
 from services.receiver.journal import HEADER, Journal, JournalError, JournalFull, JournalRecord
 from services.receiver.receipt import Duplicate, Receipt, decide_again, instance_key, received_event
+from services.receiver.service import _file_putter
 from shared.blobstore import LocalBlobStore
 from shared.config.model import SettingsItem
 from shared.dicomtags import extract_tags
@@ -174,9 +175,8 @@ def _decider(store: LocalBlobStore) -> DecideAgain:
 
 
 def _put_into(store: LocalBlobStore) -> PutFile:
-    def put(key: str, data: bytes, replayed: bool) -> None:
-        store.put_sync(key, data)
-    return put
+    """As the receiver's (services/receiver/service.py)."""
+    return _file_putter(LocalBlobWriter(store))
 
 
 def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,7 +204,7 @@ def test_applier_writes_files_retries_publishes_and_checkpoints(tmp_path: Path, 
 def test_applier_replays_what_a_dead_process_left(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store,  # never started
+    dead = JournalApplier(journal, lambda key, data, replayed, placing: "new", FlakyPublisher(0), store,  # never started
                           _decider(store))
     events = [_event(n) for n in range(3)]
     for n, event in enumerate(events):
@@ -311,7 +311,7 @@ def test_received_records_replay_with_their_recorded_verdicts(tmp_path: Path) ->
     they survive kill -9); the next process applies them as they were decided."""
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    dead = JournalApplier(journal, lambda key, data, replayed, placing: "new", FlakyPublisher(0), store, _decider(store))
     datas = [_instance(n) for n in range(4)]
     store.put_sync(instance_key(extract_tags(datas[1], [])), datas[1])  # 1 is an identical copy
     receipts = []
@@ -338,9 +338,13 @@ def test_received_records_replay_with_their_recorded_verdicts(tmp_path: Path) ->
         events.extend(event for event, _ in items)
         return FlakyPublisher(0)(items, timeout)
 
-    def put(key: str, data: bytes, replayed: bool) -> None:
-        written.append(key)
-        store.put_sync(key, data)
+    put_into = _put_into(store)
+
+    def put(key: str, data: bytes, replayed: bool, placing: Placing | None) -> Duplicate:
+        placed = put_into(key, data, replayed, placing)
+        if placed != "identical":
+            written.append(key)
+        return placed
 
     applier = JournalApplier(journal, put, publish, store, _decider(store))
     applier.adopt(replayed)
@@ -350,7 +354,8 @@ def test_received_records_replay_with_their_recorded_verdicts(tmp_path: Path) ->
     assert [e.event_id for e in events] == [receipts[n].event_id for n in (0, 1, 3)]
     # The recorded verdicts, not what the blob store says now (0's file is there: "identical").
     assert [e.payload["duplicate"] for e in events] == ["new", "identical", "new"]
-    assert written == [instance_key(extract_tags(datas[n], [])) for n in (0, 3)]  # not the identical copy
+    # Not the identical copy, nor 0, whose file was written before the kill.
+    assert written == [instance_key(extract_tags(datas[3], []))]
     assert LocalBlobWriter(store).read(instance_key(extract_tags(datas[2], []))) is None  # refused: never applied
     journal.close()
 
@@ -362,7 +367,7 @@ def test_a_replay_does_not_overwrite_a_copy_received_after_it(tmp_path: Path, st
     copy (a loss-hunting review found it did), yet must still replace an older file."""
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    dead = JournalApplier(journal, lambda key, data, replayed, placing: "new", FlakyPublisher(0), store, _decider(store))
     replayed_copy = _instance(7)
     other_copy = replayed_copy.replace(b"P1", b"P2")
     receipt, record = _receive(dead, replayed_copy)
@@ -404,7 +409,7 @@ def test_a_received_record_whose_decision_was_lost_is_decided_again(tmp_path: Pa
     success: the instance is decided again from its bytes; an unreadable one is skipped."""
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    dead = JournalApplier(journal, lambda key, data, replayed, placing: "new", FlakyPublisher(0), store, _decider(store))
     data = _instance(7)
     receipt, _ = _receive(dead, data)
     _receive(dead, b"not DICOM at all" * 20)
@@ -452,7 +457,7 @@ def test_filed_events_are_published_once_file_and_record_are_durable(tmp_path: P
     journal.close()
 
     journal = _journal(tmp_path / "journal-2")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    dead = JournalApplier(journal, lambda key, data, replayed, placing: "new", FlakyPublisher(0), store, _decider(store))
     intact, gone, changed, refused = (_filed(store, n) for n in (3, 4, 5, 6))
     for event in (intact, gone, changed):
         dead.sync(dead.file(event))
@@ -516,7 +521,7 @@ def test_a_replayed_record_whose_event_cannot_be_built_is_kept_aside(tmp_path: P
     lose the bytes: they go under quarantine/."""
     store = LocalBlobStore(tmp_path / "blobs")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    dead = JournalApplier(journal, lambda key, data, replayed, placing: "new", FlakyPublisher(0), store, _decider(store))
     first, second = _instance(1), _instance(2)
     _receive(dead, first)
     receipt, _ = _receive(dead, second)
@@ -596,7 +601,7 @@ def test_a_replayed_filed_record_checks_a_large_file_without_reading_it_whole(tm
     event = received_event(Receipt.now(_Assoc(), "1.2.840.10008.1.2.1"), tags, key, store.path(key).stat().st_size,
                            sha256, "new")
     journal = _journal(tmp_path / "journal")
-    dead = JournalApplier(journal, lambda key, data, replayed: None, FlakyPublisher(0), store, _decider(store))
+    dead = JournalApplier(journal, lambda key, data, replayed, placing: "new", FlakyPublisher(0), store, _decider(store))
     dead.sync(dead.file(event))
     journal.close()
 

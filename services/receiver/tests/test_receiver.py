@@ -457,7 +457,7 @@ async def test_journal_of_a_former_worker_is_applied_and_removed(nats_url: str, 
         "blob_key": key, "size": path.stat().st_size, "sha256": "0" * 64, "calling_aet": "GONE",
         "called_aet": "CADUCEUS", "peer_host": "127.0.0.1", "peer_port": 1, "association_id": "orphan",
         "duplicate": "new", "tags": {}}, sop_uid=sop_uid)
-    never_started = JournalApplier(journal, lambda key, data, replayed: None, lambda events, timeout: [], None,
+    never_started = JournalApplier(journal, lambda key, data, replayed, placing: "new", lambda events, timeout: [], None,
                                    lambda receipt, data, sha256, verdict: None)
     never_started.accept(event, key, "0" * 64, path.read_bytes())
     journal.close()
