@@ -301,17 +301,7 @@ class RouterService(Service):
                 await self._complete_study(batch, due)
 
     async def _write_manifest(self, batch: Batch) -> str:
-        first = batch.first.received
-        manifest = Manifest(
-            batch_id=batch.batch_id, level=batch.level, study_uid=batch.study_uid,
-            series_uids=batch.series_uids(), calling_aet=first.calling_aet, peer_host=first.peer_host,
-            instances=[ManifestInstance(
-                sop_uid=i.sop_uid, series_uid=i.series_uid, study_uid=i.study_uid, blob_key=i.received.blob_key,
-                sop_class_uid=i.received.sop_class_uid, transfer_syntax_uid=i.received.transfer_syntax_uid,
-                sha256=i.received.sha256, size=i.received.size, stream_seq=i.stream_seq,
-                received_stamp=receipt_stamp(i.received_at))
-                for i in batch.ordered()])
-        return await write_manifest(self.blobs, manifest)
+        return await write_manifest(self.blobs, batch_manifest(batch))
 
     async def _complete_series(self, batch: Batch) -> None:
         key = await self._write_manifest(batch)
@@ -345,3 +335,17 @@ class RouterService(Service):
         self.counters["studies_completed"] = self.counters.get("studies_completed", 0) + 1
         log.info("study complete (%s, %s): %d series, %d instances", due.trigger, due.action,
                  len(payload.series_uids), payload.instance_count, extra={"study_uid": batch.study_uid})
+
+
+def batch_manifest(batch: Batch) -> Manifest:
+    """What a completed batch routes: the newest copy of each of its instances (state.Batch.add)."""
+    first = batch.first.received
+    return Manifest(
+        batch_id=batch.batch_id, level=batch.level, study_uid=batch.study_uid,
+        series_uids=batch.series_uids(), calling_aet=first.calling_aet, peer_host=first.peer_host,
+        instances=[ManifestInstance(
+            sop_uid=i.sop_uid, series_uid=i.series_uid, study_uid=i.study_uid, blob_key=i.received.blob_key,
+            sop_class_uid=i.received.sop_class_uid, transfer_syntax_uid=i.received.transfer_syntax_uid,
+            sha256=i.received.sha256, size=i.received.size, stream_seq=i.stream_seq,
+            received_stamp=receipt_stamp(i.received_at))
+            for i in batch.ordered()])

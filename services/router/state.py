@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from shared.blobstore import CopyRank, copy_rank
 from shared.events import (
     Event,
     ImageReceived,
@@ -47,6 +48,11 @@ class Instance:
     received: ImageReceived
     received_at: datetime  # the receiver's receipt time of this copy (the event's occurred_at)
 
+    @property
+    def rank(self) -> CopyRank:
+        """Among copies of one SOP instance, the newest is the one the blob store keeps."""
+        return copy_rank(self.received_at, self.received.sha256)
+
 
 @dataclass
 class Batch:
@@ -54,7 +60,13 @@ class Batch:
     uid: str                      # series UID or study UID
     study_uid: str
     first_seq: int
+    # Per SOP Instance UID, the newest copy (what the blob store keeps, and what is routed).
     instances: dict[str, Instance] = field(default_factory=dict)
+    # The other copies in the batch, of SOP instances that came more than once (usually none).
+    # Kept for `split_after`: a copy that came after the batch completed belongs to the next one.
+    others: dict[str, list[Instance]] = field(default_factory=dict)
+    # The highest stream sequence of any copy in the batch, the newest or not.
+    last_seq: int = 0
     force_requested: bool = False
     force_request_event_id: str = ""
     # A study batch some series of which were left to the study rules (a series decision with no
@@ -68,8 +80,18 @@ class Batch:
         return batch_id_for(self.level, self.uid, self.first_seq)
 
     def add(self, instance: Instance) -> None:
-        # Same SOP Instance UID again: the latest copy wins (it is what the blob store holds).
-        self.instances[instance.sop_uid] = instance
+        # Same SOP Instance UID again: the newest copy by receipt (copy_rank) wins, whatever its
+        # place on the stream: the receiver keeps that one in the blob store (two of its processes
+        # may publish two copies in the other order); the later event wins a full tie.
+        held = self.instances.get(instance.sop_uid)
+        if held is None:
+            self.instances[instance.sop_uid] = instance
+        elif instance.rank >= held.rank:
+            self.instances[instance.sop_uid] = instance
+            self.others.setdefault(instance.sop_uid, []).append(held)
+        else:
+            self.others.setdefault(instance.sop_uid, []).append(instance)
+        self.last_seq = max(self.last_seq, instance.stream_seq)
         if self._last_arrival is not None:
             self._last_arrival = max(self._last_arrival, instance.arrived_at)
 
@@ -83,10 +105,6 @@ class Batch:
     @property
     def last(self) -> Instance:
         return max(self.instances.values(), key=lambda i: i.stream_seq)
-
-    @property
-    def last_seq(self) -> int:
-        return self.last.stream_seq
 
     @property
     def first_arrival(self) -> datetime:
@@ -112,12 +130,16 @@ class Batch:
         return list(descriptions.values())
 
     def split_after(self, last_seq: int) -> Batch | None:
-        """The batch that follows once this one closed at `last_seq` (None if nothing is left)."""
-        rest = {sop: i for sop, i in self.instances.items() if i.stream_seq > last_seq}
+        """The batch that follows once this one closed at `last_seq` (None if nothing is left): the
+        copies that came after it, each SOP instance's newest of them routed."""
+        copies = [*self.instances.values(), *(i for held in self.others.values() for i in held)]
+        rest = sorted((i for i in copies if i.stream_seq > last_seq), key=lambda i: i.stream_seq)
         if not rest:
             return None
-        first_seq = min(i.stream_seq for i in rest.values())
-        return Batch(self.level, self.uid, self.study_uid, first_seq, rest)
+        follower = Batch(self.level, self.uid, self.study_uid, rest[0].stream_seq)
+        for instance in rest:
+            follower.add(instance)
+        return follower
 
 
 @dataclass

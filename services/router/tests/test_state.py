@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from services.router.state import RouterState, batch_id_for
 from shared.events import Event, ImageReceived, RouteDecided, RouteRequested, SeriesCompleted, make_event
 
 
-def image(seq: int, sop: str, series: str = "1.1") -> Event:
+def image(seq: int, sop: str, series: str = "1.1", received_at: datetime | None = None, sha256: str = "0") -> Event:
     event = make_event("image.received", "receiver", ImageReceived(
         sop_class_uid="1.2", transfer_syntax_uid="1.2.840.10008.1.2.1", blob_key=f"instances/{sop}", size=1,
-        sha256="0", calling_aet="A", called_aet="B", peer_host="127.0.0.1", peer_port=1, association_id="x",
-        tags={"SeriesDescription": series}), study_uid="1", series_uid=series, sop_uid=sop)
+        sha256=sha256, calling_aet="A", called_aet="B", peer_host="127.0.0.1", peer_port=1, association_id="x",
+        tags={"SeriesDescription": series}), study_uid="1", series_uid=series, sop_uid=sop,
+        **({"occurred_at": received_at} if received_at else {}))
     event.stream_seq = seq
     return event
 
@@ -76,6 +79,54 @@ def test_a_superseded_copy_neither_replaces_the_stored_one_nor_opens_a_batch() -
     alone = RouterState()
     alone.apply(stale)
     assert alone.series == {} and alone.last_seq == 2
+
+
+RECEIVED = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def test_the_copy_received_last_is_routed_whatever_order_its_events_come_in() -> None:
+    # Two receiver processes stored two copies of one instance at once; the blob store keeps the
+    # one received last (services/receiver/placing.py), but the events can reach the stream in
+    # the other order. The router took the last event on the stream: the dispatcher then found
+    # the file changed since routing and sent nothing for that instance (session 17 review).
+    newer = image(1, "a", received_at=RECEIVED + timedelta(milliseconds=3), sha256="1" * 64)
+    older = image(2, "a", received_at=RECEIVED, sha256="f" * 64)
+    state = RouterState()
+    for event in (newer, image(3, "b"), older):
+        state.apply(event)
+    batch = state.series["1.1"]
+    assert batch.instances["a"].event_id == newer.event_id
+    assert batch.last_seq == 3 and len(batch.instances) == 2
+
+
+def test_copies_received_in_the_same_microsecond_route_the_greater_sha256() -> None:
+    for order in ((1, 2), (2, 1)):
+        copies = {n: image(seq, "a", received_at=RECEIVED, sha256=str(n) * 64) for n, seq in zip((1, 2), order, strict=True)}
+        state = RouterState()
+        for event in sorted(copies.values(), key=lambda e: e.stream_seq or 0):
+            state.apply(event)
+        assert state.series["1.1"].instances["a"].event_id == copies[2].event_id
+
+
+def test_live_and_replay_agree_when_an_older_copy_comes_after_completion() -> None:
+    # Live: the batch of copy `newer` completes (last_seq 2), then the event of an older copy
+    # comes: a batch of its own. A replay sees it before series.completed, in the same batch as
+    # the newer copy, which it does not replace; the split must still give it its own batch.
+    newer = image(1, "a", received_at=RECEIVED + timedelta(seconds=1), sha256="1" * 64)
+    older = image(3, "a", received_at=RECEIVED, sha256="2" * 64)
+    live = RouterState()
+    for event in (newer, image(2, "b")):
+        live.apply(event)
+    live.remove(live.series["1.1"])
+    live.apply(older)
+    live.apply(completed(4, 1, 2))
+    replayed = RouterState()
+    for event in (newer, image(2, "b"), older, completed(4, 1, 2)):
+        replayed.apply(event)
+    for state in (live, replayed):
+        batch = state.series["1.1"]
+        assert batch.batch_id == batch_id_for("series", "1.1", 3)
+        assert [i.event_id for i in batch.instances.values()] == [older.event_id]
 
 
 def test_a_reroute_request_becomes_a_pending_decision_under_a_new_batch_id() -> None:
