@@ -151,9 +151,17 @@ class DispatcherService(Service):
 
     async def _keep_held_alive(self, every: float) -> None:
         """A message fetched while every handler slot is busy waits for a slot; until then it is
-        reported in progress, so JetStream does not give it to another dispatcher meanwhile."""
-        while True:
-            await asyncio.sleep(every)
+        reported in progress, so JetStream does not give it to another dispatcher meanwhile.
+
+        Ends with `stopping`, not only when cancelled (as the runtime's heartbeat): Python 3.11's
+        asyncio.wait_for, inside nats-py (a publish that must flush a full pending buffer), returns
+        instead of raising CancelledError when it completes just as the task is cancelled, and the
+        stop waits for this loop."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=every)
+            if self.stopping.is_set():
+                return  # the pull loop's shutdown hands the held messages back
             self._reap({task for task, _ in self._polls.values() if task.done()})
             for msg in list(self._held.values()):
                 with contextlib.suppress(Exception):
