@@ -93,16 +93,24 @@ class Delivery:
     @contextlib.asynccontextmanager
     async def keep_alive(self, every: float = 15.0) -> AsyncIterator[None]:
         """Tell JetStream the work is still running, so it is not redelivered to someone else."""
+        # Ends with `done`, not only when cancelled: a report that completes just as it is cancelled
+        # (Python 3.11's asyncio.wait_for inside nats-py returns then) would otherwise leave the beat
+        # running for as long as the process lives (nobody awaits it).
+        done = asyncio.Event()
+
         async def beat() -> None:
-            while True:
-                await asyncio.sleep(every)
-                with contextlib.suppress(Exception):
-                    await self.in_progress()
+            while not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), timeout=every)
+                if not done.is_set():
+                    with contextlib.suppress(Exception):
+                        await self.in_progress()
 
         task = asyncio.create_task(beat())
         try:
             yield
         finally:
+            done.set()
             task.cancel()
 
 

@@ -194,3 +194,29 @@ async def test_a_service_following_events_starts_again_when_the_stream_is_create
     assert not running[1].done()  # (a service that reads no work from EVENTS carries on)
     plain.request_stop("test done")
     await running[1]
+
+
+async def test_a_keep_alive_that_loses_its_cancel_stops_reporting_with_the_work() -> None:
+    """The in-progress beat of a handler is cancelled when its work ends, and not awaited. A report
+    that completed just as it was cancelled (Python 3.11's wait_for, inside nats-py, then returns
+    instead of raising) kept the beat running for as long as the process lived."""
+    reporting = asyncio.Event()
+    reports: list[float] = []
+
+    class Msg:
+        async def in_progress(self) -> None:
+            reports.append(asyncio.get_running_loop().time())
+            if reporting.is_set():
+                return
+            reporting.set()
+            try:
+                await asyncio.sleep(3600)  # flushing...
+            except asyncio.CancelledError:
+                return  # ...done just as the work ended: the cancel is lost
+
+    delivery = Delivery.__new__(Delivery)  # (no event needed for this)
+    delivery.msg, delivery.decided = Msg(), False  # type: ignore[assignment]
+    async with delivery.keep_alive(every=0.05):
+        await asyncio.wait_for(reporting.wait(), 5)
+    await asyncio.sleep(0.3)
+    assert len(reports) == 1, "the beat carried on after the work ended"
