@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
-from . import reencode
+from . import fastpath, reencode
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def send_c_store(assoc: Any, path: Path) -> Stored:
                 file.seek(meta.offset)
                 size = os.fstat(file.fileno()).st_size - meta.offset
             message_id = _send_request(assoc, context.context_id, meta, data, size, path.name)
-    _, response = assoc.dimse.get_msg(block=True)
+    response = _response(assoc)
     status = _status(assoc, response, message_id)
     return Stored(status, reencoded, str(response.ErrorComment or "") if status is not None else "")
 
@@ -262,6 +263,28 @@ def _send_request(assoc: Any, context_id: int, meta: FileMeta, data: _Readable, 
         assoc.abort()
         raise
     return message_id
+
+
+def _response(assoc: Any) -> Any:
+    """The next DIMSE message, None after the DIMSE timeout (or once the association ended).
+
+    The DIMSE timeout is for a peer that has the request and does not answer: while the end of
+    the request is still draining from the socket's send buffer over a slow link (the peer
+    acknowledged bytes during the wait), the wait starts again (fastpath's network timeout does
+    the same)."""
+    while True:
+        before = fastpath.unacknowledged_bytes(assoc)
+        waited = time.monotonic()
+        _, response = assoc.dimse.get_msg(block=True)
+        # (None also comes at once as the marker of an abort or a closed connection)
+        timed_out = assoc.dimse_timeout is not None and time.monotonic() - waited >= assoc.dimse_timeout
+        if response is not None or not timed_out or not before or not assoc.is_established:
+            return response
+        now = fastpath.unacknowledged_bytes(assoc)
+        if now is None or now >= before:
+            return None
+        log.info("no C-STORE response within %g s, but the peer is still taking the request "
+                 "(%d bytes left to acknowledge); waiting on", assoc.dimse_timeout, now)
 
 
 def _status(assoc: Any, response: Any, message_id: int) -> int | None:

@@ -23,7 +23,11 @@ own loops.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
+import sys
+import termios
 import threading
 import time
 import types
@@ -32,6 +36,10 @@ from typing import Any
 from pynetdicom import AE
 
 from shared import dicomnet
+
+# Linux: the ioctl for the bytes of a TCP socket's send queue the peer has not acknowledged yet
+# (SIOCOUTQ); elsewhere None, and the timeouts run from the last write, as before.
+OUTQ_IOCTL: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 
 CHECK_EVERY = 0.005  # seconds between the association thread's checks for release/abort/timeout
 
@@ -48,6 +56,7 @@ class FastAE(AE):
         if enabled():
             dicomnet.install_dul(assoc.dul, sock)
             _install_write_lock(assoc, sock)
+            _count_acknowledged_bytes_as_progress(assoc.dul)
             assoc._run_reactor = types.MethodType(_scu_reactor, assoc)
             assoc.caduceus_fastpath = True
         return sock
@@ -70,6 +79,53 @@ def _install_write_lock(assoc: Any, sock: Any) -> None:
 
     sock.send = locked_write
     assoc.caduceus_write = locked_write
+
+
+def unacknowledged_bytes(assoc: Any) -> int | None:
+    """Bytes written to the association's socket that the peer has not acknowledged yet (sent or
+    still queued); None where the system cannot tell (not Linux, no socket)."""
+    sock = getattr(assoc.dul.socket, "socket", None) if assoc.dul.socket is not None else None
+    if OUTQ_IOCTL is None or sock is None:
+        return None
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), OUTQ_IOCTL, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):  # closed meanwhile (fileno -1)
+        return None
+
+
+def _count_acknowledged_bytes_as_progress(dul: Any) -> None:
+    """Make the network timeout mean "no progress for that long", not "that long since the last
+    write or read".
+
+    The last block of an instance is written into the socket's send buffer (up to ~4 MB, the
+    kernel's tcp_wmem maximum) and the write returns at once; over a slow link (below ~35 KB/s for
+    4 MB in 120 s) that buffer is still draining when the timer, restarted by the write, runs out,
+    and the peer has nothing to say until it has the whole request. So when the timer runs out, the
+    send queue is looked at: if the peer acknowledged bytes since the timer was (re)started, the
+    transfer is moving and the timer starts again. A peer that takes nothing more for a whole
+    timeout is given up as before; so, at most one timeout later, is one whose link took its last
+    byte early in the previous period.
+    """
+    timer = dul._idle_timer
+    assoc = dul.assoc
+    restart = timer.restart
+    queued_at_restart: list[int | None] = [None]
+
+    def restart_noting_the_queue() -> None:
+        queued_at_restart[0] = unacknowledged_bytes(assoc)
+        restart()
+
+    def idle_timer_expired() -> bool:
+        if not timer.expired:
+            return False
+        before, now = queued_at_restart[0], unacknowledged_bytes(assoc)
+        if before is None or now is None or now >= before:
+            return True
+        restart_noting_the_queue()  # acknowledged since: the link is slow, not the peer silent
+        return False
+
+    timer.restart = restart_noting_the_queue
+    dul.idle_timer_expired = idle_timer_expired
 
 
 def installed(assoc: Any) -> bool:

@@ -55,8 +55,12 @@ MAX_REASSOCIATIONS = 3  # fresh associations per attempt after the peer aborted 
 # "local limit exceeded" when other senders hold its associations, or "temporary congestion") is
 # asked again after these pauses (seconds) within the attempt, before the attempt fails for it.
 BUSY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0)
-DIMSE_TIMEOUT = 120  # seconds to wait for a C-STORE response
-NETWORK_TIMEOUT = 120  # seconds the peer may stay silent while nothing is being sent to it
+# Seconds to wait for a C-STORE response; with the fast path, once the peer has acknowledged the
+# whole request (the end of a large one may still be draining from the send buffer, cstore._response).
+DIMSE_TIMEOUT = 120
+# Seconds without progress before the association is given up: nothing received from the peer,
+# nothing written to it, and (with the fast path, on Linux) none of our queued bytes acknowledged.
+NETWORK_TIMEOUT = 120
 
 
 def is_warning(status: int) -> bool:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -18,7 +19,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from services.dispatcher import sender
+from services.dispatcher import cstore, sender
 from services.dispatcher.sender import Destination, SendItem, send_items
 from shared.natsserver import free_port
 from tests.peers import Orthanc, StoreScp, make_series
@@ -123,6 +124,7 @@ class ThrottledProxy:
 
     def __init__(self, port: int, rate: int) -> None:
         self.target, self.rate = port, rate
+        self.stalled = threading.Event()  # set: the link stops taking what the client sends
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -133,21 +135,26 @@ class ThrottledProxy:
                 client, _ = self.listener.accept()
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
                 server = socket.create_connection(("127.0.0.1", self.target))
-                threading.Thread(target=self._relay, args=(client, server, self.rate), daemon=True).start()
-                threading.Thread(target=self._relay, args=(server, client, 0), daemon=True).start()
+                threading.Thread(target=self._relay, args=(client, server, self.rate, self.stalled),
+                                 daemon=True).start()
+                threading.Thread(target=self._relay, args=(server, client, 0, threading.Event()),
+                                 daemon=True).start()
 
     @staticmethod
-    def _relay(source: socket.socket, sink: socket.socket, rate: int) -> None:
+    def _relay(source: socket.socket, sink: socket.socket, rate: int, stalled: threading.Event) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(1 << 14):
                 sink.sendall(data)
                 if rate:
                     time.sleep(len(data) / rate)
+                while stalled.is_set():
+                    time.sleep(0.05)
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        self.stalled.clear()
         self.listener.close()
 
 
@@ -169,6 +176,63 @@ def test_an_instance_that_takes_longer_than_the_network_timeout_to_send_is_deliv
         proxy.close()
     assert time.monotonic() - started > 6, "the link was not slow: test proves nothing"
     assert (result.delivered, result.failed, result.errors) == ([0], {}, [])
+
+
+def test_a_link_still_draining_the_end_of_an_instance_does_not_time_out(
+        tmp_path: Path, storescp: StoreScp, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last block of an instance goes into the socket's send buffer (up to 4 MB) and the write
+    # returns; over a slow link that buffer takes longer than the network timeout to drain (4 MB
+    # at 35 KB/s: 2 minutes), and the peer has nothing to say until it has the whole request. Both
+    # the network timeout and the DIMSE timeout used to run from the last write, and aborted a
+    # transfer that was still moving. Here both are 2 s and the link drains for longer than that.
+    monkeypatch.setattr(sender, "NETWORK_TIMEOUT", 2)
+    monkeypatch.setattr(sender, "DIMSE_TIMEOUT", 2)
+    last_write: list[float] = []
+    write_data_set = cstore._write_data_set
+
+    def noting_the_last_write(*args: Any) -> None:
+        write_data_set(*args)
+        last_write.append(time.monotonic())
+
+    monkeypatch.setattr(cstore, "_write_data_set", noting_the_last_write)
+    proxy = ThrottledProxy(storescp.port, rate=256 << 10)
+    try:
+        items = _items(make_series(tmp_path / "s", 1, size=1024))  # ~2 MB: ~8 s through the proxy
+        result = send_items(Destination("127.0.0.1", proxy.port, storescp.aet, "CADUCEUS"), items,
+                            lambda index, status: None, threading.Event())
+        answered = time.monotonic()
+    finally:
+        proxy.close()
+    assert (result.delivered, result.failed, result.errors) == ([0], {}, [])
+    assert answered - last_write[-1] > 3, "the send buffer drained within the timeout: test proves nothing"
+
+
+def test_a_link_that_stops_taking_the_end_of_an_instance_still_times_out(
+        tmp_path: Path, storescp: StoreScp, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same slow link, which stops taking anything once the last block is in the send buffer:
+    # the bytes left there are never acknowledged, so the network timeout ends the association
+    # (it must not wait on for a queue that does not move).
+    monkeypatch.setattr(sender, "NETWORK_TIMEOUT", 2)
+    monkeypatch.setattr(sender, "DIMSE_TIMEOUT", 2)
+    proxy = ThrottledProxy(storescp.port, rate=256 << 10)
+    last_write: list[float] = []
+    write_data_set = cstore._write_data_set
+
+    def stalling_after_the_last_write(*args: Any) -> None:
+        write_data_set(*args)
+        proxy.stalled.set()
+        last_write.append(time.monotonic())
+
+    monkeypatch.setattr(cstore, "_write_data_set", stalling_after_the_last_write)
+    try:
+        items = _items(make_series(tmp_path / "s", 1, size=1024))
+        result = send_items(Destination("127.0.0.1", proxy.port, storescp.aet, "CADUCEUS"), items,
+                            lambda index, status: None, threading.Event())
+        ended = time.monotonic()
+    finally:
+        proxy.close()
+    assert result.delivered == [] and 0 in result.failed, result
+    assert ended - last_write[-1] < 6, "the timeout waited for a send queue that did not move"
 
 
 def test_a_peer_that_stops_reading_mid_instance_fails_the_attempt(
