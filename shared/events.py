@@ -310,8 +310,9 @@ class InstanceOutcome(BaseModel):
     sop_uid: str
     status: int | None = None  # the peer's C-STORE status; None: no response (never sent, aborted...)
     reason: str  # the status's meaning and the peer's Error Comment, or why it was not sent
-    # A failure status that a resend cannot change (0xA9xx, 0x0117, 0x0122, 0x0124): later attempts of
-    # the task do not send this instance again; a manual retry does.
+    # A failure status that a resend cannot change (0xA9xx, 0x0117, 0x0122, 0x0124), or (status None)
+    # every presentation context refused as not supported when proposed alone: later attempts of the
+    # task do not send this instance again; a manual retry does.
     final: bool = False
 
 

@@ -181,13 +181,14 @@ class StoreScp:
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    accept_all: bool = True  # +xa; off for a configuration file (`-xf FILE PROFILE` in extra_args)
 
     def start(self) -> StoreScp:
         if not Path(STORESCP).is_file():
             raise FileNotFoundError(f"{STORESCP} missing: apt-get install dcmtk")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        args = [STORESCP, "--fork", "+xa", "+B", "-aet", self.aet, "-od", str(self.out_dir),
-                *self.extra_args, str(self.port)]
+        args = [STORESCP, "--fork", *(["+xa"] if self.accept_all else []), "+B", "-aet", self.aet,
+                "-od", str(self.out_dir), *self.extra_args, str(self.port)]
         log = open(self.log_file or self.out_dir.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
         # TCP_NODELAY=1: DCMTK otherwise stalls on delayed ACKs with small PDUs.
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -347,8 +348,9 @@ def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StoreScp]]:
     made: list[StoreScp] = []
 
     def make(*, start: bool = True, aet: str = "STORESCP", extra_args: list[str] | None = None,
-             port: int | None = None) -> StoreScp:
-        peer = StoreScp(tmp_path / f"storescp-{len(made)}", aet=aet, extra_args=extra_args or [])
+             port: int | None = None, accept_all: bool = True) -> StoreScp:
+        peer = StoreScp(tmp_path / f"storescp-{len(made)}", aet=aet, extra_args=extra_args or [],
+                        accept_all=accept_all)
         if port:
             peer.port = port
         made.append(peer)

@@ -53,6 +53,8 @@ from .sender import Destination, SendItem, SendResult, file_id, is_final_refusal
 log = logging.getLogger(__name__)
 ACTOR = "dispatcher"
 FLUSH_SECONDS = 0.5  # how often confirmed instances are written to the progress record
+# Manifest index -> (the peer's status, None for a presentation context refusal; what it said).
+Refusals = dict[int, tuple[int | None, str]]
 # Before the one association that takes over from parallel ones the peer refused: time for the peer
 # to see them end (a limit that still counts them would refuse that one too).
 ONE_ASSOCIATION_PAUSE_SECONDS = 1.0
@@ -268,8 +270,8 @@ class Dispatcher:
                         "not sent to %s (their new copies are routed on their own)", record.task_id,
                         len(changed_uids), request.target, extra=_log_context(record))
         missing = sorted(set(todo) - set(result.delivered) - changed)
-        new_refusals = {i: (result.statuses[i], result.failed[i]) for i in missing
-                        if i in result.statuses and is_final_refusal(result.statuses[i])}
+        new_refusals: Refusals = {
+            i: (result.statuses.get(i), result.failed[i]) for i in missing if _refused_for_good(result, i)}
         await self.progress.add_refused(record.task_id, record.generation, destination.peer(), new_refusals)
         outcome = _sent_outcome(manifest, destination, result, len(todo) - len(changed), missing, refused,
                                 new_refusals, skipped)
@@ -493,20 +495,27 @@ async def _send_parallel(destination: Destination, items: list[SendItem], parall
     return total
 
 
+def _refused_for_good(result: SendResult, index: int) -> bool:
+    """Failed with a status a resend cannot change, or with every presentation context refused as
+    not supported when proposed alone (sender._context_refusal)."""
+    if index not in result.failed:
+        return False
+    status = result.statuses.get(index)
+    return index in result.context_refused or (status is not None and is_final_refusal(status))
+
+
 def _instance_outcomes(manifest: Manifest, result: SendResult) -> list[InstanceOutcome]:
     """The instances of an attempt that got a warning or failed on their own, in manifest order.
     Those never sent because the association failed are not listed: the attempt's error says why."""
     outcomes = []
     for index in sorted(set(result.failed) | set(result.warned)):
-        status = result.statuses.get(index)
         outcomes.append(InstanceOutcome(
-            sop_uid=manifest.instances[index].sop_uid, status=status,
-            reason=result.failed.get(index) or result.warned[index],
-            final=index in result.failed and status is not None and is_final_refusal(status)))
+            sop_uid=manifest.instances[index].sop_uid, status=result.statuses.get(index),
+            reason=result.failed.get(index) or result.warned[index], final=_refused_for_good(result, index)))
     return outcomes
 
 
-def _listed_refusals(manifest: Manifest, refusals: dict[int, tuple[int, str]], outcome: Outcome) -> Outcome:
+def _listed_refusals(manifest: Manifest, refusals: Refusals, outcome: Outcome) -> Outcome:
     """`outcome` with the instances refused for good (`refusals`: manifest index -> (status, reason))."""
     listed = [InstanceOutcome(sop_uid=manifest.instances[i].sop_uid, status=status, reason=reason, final=True)
               for i, (status, reason) in sorted(refusals.items())]
@@ -514,7 +523,7 @@ def _listed_refusals(manifest: Manifest, refusals: dict[int, tuple[int, str]], o
 
 
 def _sent_outcome(manifest: Manifest, destination: Destination, result: SendResult, tried: int,
-                  missing: list[int], refused: dict[int, tuple[int, str]], new_refusals: dict[int, tuple[int, str]],
+                  missing: list[int], refused: Refusals, new_refusals: Refusals,
                   skipped: int) -> Outcome:
     """What an attempt that sent `tried` instances leaves (without its counts and per-instance
     outcomes): `missing` not delivered, of which `new_refusals` for good, besides `refused` (for good,
@@ -530,13 +539,14 @@ def _sent_outcome(manifest: Manifest, destination: Destination, result: SendResu
         not_resent=len(refused)))
 
 
-def _refusals_outcome(manifest: Manifest, destination: Destination, refusals: dict[int, tuple[int, str]],
+def _refusals_outcome(manifest: Manifest, destination: Destination, refusals: Refusals,
                       skipped: int, not_resent: int) -> Outcome:
-    """Nothing is left to send but instances the peer refused with a status a resend cannot change:
-    the task fails now, naming them, instead of waiting out every retry."""
+    """Nothing is left to send but instances the peer refused in a way a resend cannot change (a
+    final status, or presentation contexts it does not support): the task fails now, naming them,
+    instead of waiting out every retry."""
     said = sorted({reason for _, reason in refusals.values()})
     error = (f"{len(refusals)} instance(s) refused ({'; '.join(said[:3])}{'; ...' if len(said) > 3 else ''}) "
-             f"with a status that a resend to {destination.describe()} cannot change; nothing else is left to send")
+             f"in a way that a resend to {destination.describe()} cannot change; nothing else is left to send")
     return _listed_refusals(manifest, refusals, Outcome(
         0, 0, skipped, [manifest.instances[i].sop_uid for i in sorted(refusals)], error,
         not_resent=not_resent, only_refusals_left=True))

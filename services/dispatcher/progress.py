@@ -75,11 +75,14 @@ class Bitmap:
 # Distinct (status, reason) groups kept per record: a peer that writes each instance's UID into its
 # Error Comment would otherwise make one group per instance; beyond this the status's meaning alone.
 MAX_REFUSAL_REASONS = 20
+CONTEXT_REFUSED = "presentation context not accepted by the destination (not supported)"
 
 
 class Refusal(BaseModel):
-    status: int  # the peer's C-STORE status
-    reason: str  # its meaning and the peer's Error Comment (sender.describe_status)
+    # The peer's C-STORE status; None: it refused the instance's presentation contexts as not
+    # supported, so the instance was never sent (sender._context_refusal).
+    status: int | None
+    reason: str  # the status's meaning and the peer's Error Comment (sender.describe_status), or the context refusal
     instances: str  # Bitmap of manifest indexes
 
 
@@ -97,7 +100,7 @@ class ProgressRecord(BaseModel):
     warnings: int = 0
     last_error: str = ""
     # Instances `delivered_to` refused with a status a resend cannot change (sender.is_final_refusal),
-    # grouped by what the peer said. Later attempts of this generation do not resend them; a manual
+    # or whose presentation contexts it refused as not supported (status None), grouped by what the peer said. Later attempts of this generation do not resend them; a manual
     # retry (a new generation) or another peer forgets them.
     refused: list[Refusal] = []
 
@@ -107,7 +110,7 @@ class ProgressRecord(BaseModel):
     def delivered_set(self) -> Bitmap:
         return Bitmap.decode(self.delivered)
 
-    def refusals(self) -> dict[int, tuple[int, str]]:
+    def refusals(self) -> dict[int, tuple[int | None, str]]:
         """Manifest index -> (status, reason) of the instances in `refused`."""
         return {index: (group.status, group.reason) for group in self.refused
                 for index in Bitmap.decode(group.instances).indexes()}
@@ -222,8 +225,8 @@ class ProgressStore:
 
         await self.mutate(task_id, merge)
 
-    async def add_refused(self, task_id: str, generation: int, peer: str, refusals: dict[int, tuple[int, str]],
-                          ) -> ProgressRecord | None:
+    async def add_refused(self, task_id: str, generation: int, peer: str,
+                          refusals: dict[int, tuple[int | None, str]]) -> ProgressRecord | None:
         """Record instances `peer` refused for good (index -> (status, reason)), unless a manual retry
         started another generation meanwhile (its operator wants everything resent) or the target was
         repointed."""
@@ -236,7 +239,7 @@ class ProgressStore:
             groups = {(group.status, group.reason): group for group in record.refused}
             for index, (status, reason) in sorted(refusals.items()):
                 if (status, reason) not in groups and len(groups) >= MAX_REFUSAL_REASONS:
-                    reason = describe_status(status, "")
+                    reason = describe_status(status, "") if status is not None else CONTEXT_REFUSED
                 group = groups.setdefault((status, reason), Refusal(status=status, reason=reason, instances=""))
                 bitmap = Bitmap.decode(group.instances)
                 bitmap.add(index)

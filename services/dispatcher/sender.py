@@ -5,7 +5,8 @@ re-encode), and each file is proposed in its own transfer syntax, so nothing is 
 in Explicit VR Little Endian (or deflated) are also proposed as Implicit VR Little Endian, which
 every Storage SCP must accept, and re-encoded only for a peer that accepted nothing else
 (`reencode`). A peer that refuses a file's SOP class/transfer syntax gets nothing for that file and
-the attempt fails for it.
+the attempt fails for it; when the peer said it does not support them (PS3.8 results 3 and 4) in
+an association that proposed nothing else, the file is refused for good (`_context_refusal`).
 
 Associations come from `fastpath.FastAE`: with pynetdicom 3.0 (and CADUCEUS_DISPATCH_FASTPATH not
 0) they run event-driven loops and each C-STORE is written by `cstore.send_c_store`; otherwise
@@ -86,6 +87,14 @@ def is_final_refusal(status: int) -> bool:
     return status in FINAL_REFUSALS or 0xA900 <= status <= 0xA9FF
 
 
+# Presentation context results (PS3.8 9.3.3.2, table 9-18) that say what the peer supports: the SOP
+# class (abstract syntax), or none of the proposed transfer syntaxes. The others (1 user rejection,
+# 2 no reason given) say nothing about that.
+ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
+TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+NOT_SUPPORTED_RESULTS = frozenset({ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED})
+
+
 @dataclass(frozen=True)
 class Destination:
     host: str
@@ -135,6 +144,9 @@ class SendResult:
     changed: list[int] = field(default_factory=list)  # replaced by another file before their turn: not sent
     statuses: dict[int, int] = field(default_factory=dict)  # manifest index -> the peer's status, if not 0x0000
     warned: dict[int, str] = field(default_factory=dict)  # manifest index -> the warning, for delivered ones
+    # Of `failed`: every context proposed for them was refused as not supported in an association
+    # that proposed nothing else (`_context_refusal`): refused for good, like a final status.
+    context_refused: set[int] = field(default_factory=set)
 
     @property
     def warnings(self) -> int:
@@ -149,6 +161,7 @@ class SendResult:
         self.refused_by_peer |= other.refused_by_peer
         self.failed.update(other.failed)
         self.errors += other.errors
+        self.context_refused |= other.context_refused
 
 
 DeliveredCallback = Callable[[int, int], None]  # (manifest index, status)
@@ -262,6 +275,46 @@ def _refused_every_context(assoc: Association) -> bool:
     return bool(assoc.rejected_contexts) and not assoc.accepted_contexts
 
 
+def _note_context_refusal(assoc: Association, item: SendItem, dest: Destination, result: SendResult,
+                          unsure: list[SendItem]) -> bool:
+    """Record that the peer refused every context proposed for `item` as not supported: for good
+    (failed, `context_refused`), or, proposed among other contexts, to be proposed alone (`unsure`).
+    False when it refused them otherwise (no reason given, user rejection), or accepted one."""
+    refusal = _context_refusal(assoc, item, dest)
+    if refusal is None:
+        return False
+    reason, alone = refusal
+    if alone:
+        result.failed[item.index] = reason
+        result.context_refused.add(item.index)
+    else:
+        unsure.append(item)
+    return True
+
+
+def _context_refusal(assoc: Association, item: SendItem, dest: Destination) -> tuple[str, bool] | None:
+    """Why the peer refused every context proposed for `item` as not supported (results 3, 4), and
+    whether the association proposed nothing else, None if it refused any of them otherwise.
+
+    The rule for "refused for good": a peer that supports the SOP class in one of the syntaxes
+    accepts a context for it when it is offered nothing else; some peers take only so many contexts
+    per association and answer the others "not supported" too, so a refusal among other contexts
+    is not taken as the peer's last word (`_send_group` proposes those alone once).
+    """
+    pairs = _context_pairs(item)
+    proposed = {cx.context_id: (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in assoc.requestor.requested_contexts}
+    said = {proposed[cx.context_id]: cx.result for cx in assoc.rejected_contexts if cx.context_id in proposed}
+    if not all(said.get(pair) in NOT_SUPPORTED_RESULTS for pair in pairs):
+        return None
+    alone = set(proposed.values()) <= set(pairs)
+    sop_class = UID(item.sop_class_uid).name
+    if all(said[pair] == ABSTRACT_SYNTAX_NOT_SUPPORTED for pair in pairs):
+        return f"SOP class '{sop_class}' not accepted by {dest.describe()} (abstract syntax not supported)", alone
+    syntaxes = " nor ".join(f"'{UID(syntax).name}'" for _, syntax in pairs)
+    return f"'{sop_class}' in {syntaxes} not accepted by {dest.describe()} (transfer syntax not supported)", alone
+
+
 def _connect_problem(dest: Destination, timeout: float = 3.0) -> str:
     """Why a connection fails (refused, timed out, unknown host), found by trying once more.
 
@@ -343,38 +396,68 @@ def send_items(dest: Destination, items: Sequence[SendItem], on_delivered: Deliv
 
 def _send_group(dest: Destination, items: Sequence[SendItem], on_delivered: DeliveredCallback,
                 abort: threading.Event, busy_pauses: Sequence[float]) -> SendResult:
-    """Send on one association; if the peer aborts it, go on with the rest on a fresh one.
+    """Send the items, then propose alone, once, what the peer said it does not support while other
+    contexts were proposed too (some peers take only so many contexts per association and refuse
+    the rest that way): accepted now, they are sent; refused again, they are refused for good."""
+    result = SendResult()
+    unsure = _send_reassociating(dest, items, result, on_delivered, abort, busy_pauses)
+    for alone in _by_context_pairs(unsure):
+        if abort.is_set():
+            break
+        log.info("%s refused the presentation context(s) of %d instance(s) (%s) among others; proposing "
+                 "them alone", dest.describe(), len(alone), UID(alone[0].sop_class_uid).name)
+        _send_reassociating(dest, alone, result, on_delivered, abort, busy_pauses)  # (alone: none unsure)
+    return result
+
+
+def _by_context_pairs(items: Sequence[SendItem]) -> list[list[SendItem]]:
+    """The items grouped by the presentation contexts proposed for them, in order of first appearance."""
+    groups: dict[tuple[tuple[str, str], ...], list[SendItem]] = {}
+    for item in items:
+        groups.setdefault(tuple(_context_pairs(item)), []).append(item)
+    return list(groups.values())
+
+
+def _send_reassociating(dest: Destination, items: Sequence[SendItem], result: SendResult,
+                        on_delivered: DeliveredCallback, abort: threading.Event,
+                        busy_pauses: Sequence[float]) -> list[SendItem]:
+    """Send on one association; if the peer aborts it, go on with the rest on a fresh one. Returns
+    the items whose contexts the peer refused as not supported among other contexts (not sent).
 
     The instance in flight when the association dropped counts as failed for this attempt, so one
     instance the peer cannot take does not keep every instance after it from being delivered.
     """
-    result = SendResult()
+    unsure: list[SendItem] = []
     remaining: list[SendItem] | None = list(items)
     for _ in range(1 + MAX_REASSOCIATIONS):
         if not remaining or abort.is_set():
             break
-        remaining = _send_on_association(dest, remaining, result, on_delivered, abort, busy_pauses)
-    return result
+        remaining = _send_on_association(dest, remaining, result, on_delivered, abort, busy_pauses, unsure)
+    return unsure
 
 
 def _send_on_association(dest: Destination, items: list[SendItem], result: SendResult,
                          on_delivered: DeliveredCallback, abort: threading.Event,
-                         busy_pauses: Sequence[float] = ()) -> list[SendItem] | None:
-    """Returns the items still to send after the association ended early, None if none could start."""
+                         busy_pauses: Sequence[float], unsure: list[SendItem]) -> list[SendItem] | None:
+    """Returns the items still to send after the association ended early, None if none could start.
+    Items whose contexts the peer refused as not supported among others are added to `unsure`."""
     try:
         assoc = _associate_when_free(dest, items, abort, busy_pauses)
     except Exception as exc:  # noqa: BLE001 - TLS setup or socket errors become a failed attempt
         result.errors.append(f"could not associate with {dest.describe()}: {exc}")
         return None
     if not assoc.is_established:
-        result.errors.append(_association_error(assoc, dest))
-        result.refused_by_peer |= _refused_every_context(assoc)
+        # (pynetdicom aborts an association in which the peer accepted no context.)
+        if not _refused_every_context(assoc) or \
+                not all([_note_context_refusal(assoc, item, dest, result, unsure) for item in items]):
+            result.errors.append(_association_error(assoc, dest))
+            result.refused_by_peer |= _refused_every_context(assoc)
         return None
     left = list(items)
     try:
         while left and not abort.is_set() and assoc.is_established:
             item = left.pop(0)
-            if not _send_one(assoc, item, result, on_delivered):
+            if not _send_one(assoc, item, result, on_delivered, dest, unsure):
                 left.insert(0, item)  # never went out: try it on the next association
         if not assoc.is_established:
             result.errors.append(_association_error(assoc, dest))
@@ -458,7 +541,8 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(source, "sha256").hexdigest()
 
 
-def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback) -> bool:
+def _send_one(assoc: Association, item: SendItem, result: SendResult, on_delivered: DeliveredCallback,
+              dest: Destination, unsure: list[SendItem]) -> bool:
     """Send one instance and record its outcome; False if it never went out (association gone)."""
     if item.file_id is not None and _replaced(item):
         result.changed.append(item.index)
@@ -470,8 +554,9 @@ def _send_one(assoc: Association, item: SendItem, result: SendResult, on_deliver
             assoc.abort()  # established but out of data transfer: do not keep trying on it
         return False
     except ValueError as exc:  # no accepted context fits this file
-        result.failed[item.index] = str(exc)
-        result.refused_by_peer = True
+        if not _note_context_refusal(assoc, item, dest, result, unsure):
+            result.failed[item.index] = str(exc)
+            result.refused_by_peer = True
         return True
     except reencode.ReencodeError as exc:
         result.failed[item.index] = str(exc)

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pynetdicom.acse
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from services.dispatcher import cstore, sender
 from services.dispatcher.sender import Destination, SendItem, send_items
@@ -76,16 +77,105 @@ def test_a_busy_peer_is_asked_again_within_the_attempt(tmp_path: Path, monkeypat
     assert time.monotonic() - started > 1, "the peer was not busy: test proves nothing"
 
 
-def test_no_accepted_context_names_what_was_refused(tmp_path: Path,
-                                                    storescp_factory: Callable[..., StoreScp]) -> None:
+def test_a_transfer_syntax_refused_when_proposed_alone_is_refused_for_good(
+        tmp_path: Path, storescp_factory: Callable[..., StoreScp]) -> None:
+    # The only context of the association, refused with "transfer syntax not supported" (PS3.8
+    # result 4): the peer was not short of contexts, it does not take JPEG 2000. The instance fails
+    # for good (not resent by later attempts), and says why.
     peer = storescp_factory(extra_args=["+xi"])  # Implicit VR Little Endian only
     items = _items([Path(str(get_testdata_file("JPEG2000.dcm")))])
     result = send_items(Destination("127.0.0.1", peer.port, peer.aet, "CADUCEUS"), items,
                         lambda index, status: None, threading.Event())
-    assert not result.delivered
-    assert result.errors == [f"STORESCP@127.0.0.1:{peer.port} accepted none of the proposed presentation "
-                             "contexts (Secondary Capture Image Storage in JPEG 2000 Image Compression: "
-                             "transfer syntax(es) not supported)"]
+    assert not result.delivered and result.errors == []
+    assert result.failed == {0: "'Secondary Capture Image Storage' in 'JPEG 2000 Image Compression' not accepted "
+                                f"by STORESCP@127.0.0.1:{peer.port} (transfer syntax not supported)"}
+    assert result.context_refused == {0}
+
+
+# storescp's configuration: CT and Secondary Capture, uncompressed only (no MR, no JPEG 2000).
+CT_AND_SC_UNCOMPRESSED = """
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[CtAndSc]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = CTImageStorage\\Uncompressed
+PresentationContext3 = SecondaryCaptureImageStorage\\Uncompressed
+[[Profiles]]
+[CtAndSc]
+PresentationContexts = CtAndSc
+"""
+
+
+def test_what_a_configured_storescp_does_not_take_is_proposed_alone_then_refused_for_good(
+        tmp_path: Path, storescp_factory: Callable[..., StoreScp], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A series the destination takes in part: CT goes through; MR (SOP class not configured:
+    # "abstract syntax not supported") and a JPEG 2000 secondary capture ("transfer syntax not
+    # supported") were refused in an association that proposed five contexts, so each is proposed
+    # alone once more within the attempt: refused again, they are refused for good.
+    config = tmp_path / "storescp.cfg"
+    config.write_text(CT_AND_SC_UNCOMPRESSED)
+    peer = storescp_factory(accept_all=False, extra_args=["-xf", str(config), "CtAndSc"])
+    proposals: list[int] = []
+    associate = sender._associate
+
+    def counting(dest: Destination, group: Any) -> Any:
+        assoc = associate(dest, group)
+        proposals.append(len(assoc.requestor.requested_contexts))
+        return assoc
+
+    monkeypatch.setattr(sender, "_associate", counting)
+    files = [*make_series(tmp_path / "s", 2), Path(str(get_testdata_file("MR_small.dcm"))),
+             Path(str(get_testdata_file("JPEG2000.dcm")))]
+    result = send_items(Destination("127.0.0.1", peer.port, peer.aet, "CADUCEUS"), _items(files),
+                        lambda index, status: None, threading.Event())
+    where = f"STORESCP@127.0.0.1:{peer.port}"
+    assert sorted(result.delivered) == [0, 1] and result.errors == []
+    assert result.failed == {
+        2: f"SOP class 'MR Image Storage' not accepted by {where} (abstract syntax not supported)",
+        3: f"'Secondary Capture Image Storage' in 'JPEG 2000 Image Compression' not accepted by {where} "
+           "(transfer syntax not supported)"}
+    assert result.context_refused == {2, 3}
+    assert proposals == [5, 2, 1], "each refused pair proposed alone once"
+    assert len(peer.files()) == 2
+
+
+def test_a_peer_that_takes_few_contexts_per_association_gets_the_rest_in_the_same_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Some peers accept only so many presentation contexts per association and answer the others
+    # "abstract syntax not supported" though they do support them. Proposed alone, they are
+    # accepted: nothing is refused for good, and everything arrives in the one attempt.
+    negotiate = pynetdicom.acse.negotiate_as_acceptor
+
+    def two_contexts_at_most(*args: Any, **kwargs: Any) -> Any:
+        contexts, roles = negotiate(*args, **kwargs)
+        for cx in [cx for cx in contexts if cx.result == 0x00][2:]:
+            cx.result = 0x03
+        return contexts, roles
+
+    monkeypatch.setattr(pynetdicom.acse, "negotiate_as_acceptor", two_contexts_at_most)
+    ae = AE(ae_title="FEW")
+    for sop_class in (CTImageStorage, MRImageStorage):
+        ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    received: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
+        return 0x0000
+
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    assert server is not None
+    try:
+        files = [*make_series(tmp_path / "s", 2), Path(str(get_testdata_file("MR_small.dcm")))]
+        result = send_items(Destination("127.0.0.1", port, "FEW", "CADUCEUS"), _items(files),
+                            lambda index, status: None, threading.Event())
+    finally:
+        server.shutdown()
+    assert (sorted(result.delivered), result.failed, result.errors) == ([0, 1, 2], {}, [])
+    assert result.context_refused == set() and len(received) == 3
 
 
 def test_unreachable_peer_says_how(tmp_path: Path, storescp_factory: Callable[..., StoreScp]) -> None:

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from bench.common import stage_files
 from services.dispatcher import sender
@@ -336,3 +337,49 @@ async def test_a_task_refused_for_good_in_its_first_attempt_fails_without_waitin
     assert failed.payload["attempts"] == 1
     [attempt] = await events_of(bus, "dispatch.attempt_failed", request.task_id)
     assert attempt.payload["retry_in_seconds"] == 0.0 and attempt.payload["sent"] == 1
+
+
+async def test_a_sop_class_the_destination_does_not_support_is_refused_for_good(
+        tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
+        scripted_scp: ScriptedScp) -> None:
+    # The peer supports CT Image Storage only: it answers the MR instance's presentation contexts
+    # "abstract syntax not supported", here in an association that proposed nothing else. That is
+    # its set-up, not a passing state: the MR instance is not resent by the next attempt (which
+    # resends the one that failed for a transient reason), and the task fails as soon as nothing
+    # else is left, naming it and why. Once the peer takes MR, a manual retry delivers it.
+    files = [*make_series(tmp_path / "series", 2), Path(str(get_testdata_file("MR_small.dcm")))]
+    manifest, key = await stage_files(blob_store, files)
+    fine, busy, mr = (i.sop_uid for i in manifest.instances)
+    scripted_scp.script = {busy: [0xA700]}
+    await apply_config(bus, {"settings": {**FAST_RETRIES, "dispatch_retries": 5},
+                             "targets": {"scripted": dicom_target(scripted_scp.port, "SCRIPTED")}})
+    why = f"SOP class 'MR Image Storage' not accepted by SCRIPTED@127.0.0.1:{scripted_scp.port} " \
+          "(abstract syntax not supported)"
+    async with running_dispatcher(nats_url, data_dir):
+        request = await request_dispatch(bus, manifest, key, "scripted")
+        task_id = request.task_id or ""
+        [failed] = await wait_events(bus, "dispatch.failed", task_id, timeout=20)
+        attempts = await events_of(bus, "dispatch.attempt_failed", task_id)
+        assert [(e.payload["attempt"], e.payload["sent"], e.payload["failed"], e.payload["not_resent"])
+                for e in attempts] == [(1, 1, 2, 0), (2, 1, 1, 1)], [e.payload for e in attempts]
+        outcomes = {o["sop_uid"]: o for o in attempts[0].payload["outcomes"]}
+        assert {uid: (o["status"], o["final"]) for uid, o in outcomes.items()} == \
+            {mr: (None, True), busy: (0xA700, False)}
+        assert outcomes[mr]["reason"] == why
+        assert failed.payload["attempts"] == 2 and failed.payload["failed_sop_uids"] == [mr]
+        assert failed.payload["refused"] == [{"sop_uid": mr, "status": None, "reason": why, "final": True}]
+        assert why in failed.payload["error"] and "cannot change" in failed.payload["error"]
+        [alert] = await events_of(bus, "alert.raised", task_id)
+        assert alert.payload["severity"] == "error"
+        assert mr in alert.payload["message"] and why in alert.payload["message"]
+        assert sorted(scripted_scp.received) == sorted([fine, busy, busy])
+
+        # The PACS is configured for MR: a manual retry resends the refused instance.
+        more = AE()
+        more.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        scripted_scp.server.contexts.extend(more.supported_contexts)
+        result = await asyncio.to_thread(run_cli, nats_url, "retry", task_id)
+        assert result.returncode == 0, result.stderr
+        [completed] = await wait_events(bus, "dispatch.completed", task_id, timeout=20)
+    assert completed.payload["sent"] == 1 and completed.payload["skipped_already_sent"] == 2
+    assert sorted(scripted_scp.received) == sorted([fine, busy, busy, mr])
