@@ -602,9 +602,12 @@ def _describe_failure(result: SendResult, todo: int, destination: Destination) -
 def _what_to_do(outcome: Outcome, refused_for_good: bool, task_id: str) -> str:
     if refused_for_good:
         named = ", ".join(o.sop_uid for o in outcome.refused[:3]) + (", ..." if outcome.refused_count > 3 else "")
+        # (status None: refused at negotiation, for its SOP class or transfer syntax, not for its content)
+        contexts = any(o.status is None for o in outcome.refused)
+        fix = "what the destination accepts from us (it does not accept these SOP classes / transfer syntaxes)" \
+            if contexts else "them, or what the destination accepts from us"
         return (f"the refused instance(s) ({named}; every one in this task's dispatch.failed event) fail again "
-                f"if sent as they are: correct them, or what the destination accepts from us, then "
-                f"`caduceus retry {task_id}` resends them.")
+                f"if sent as they are: correct {fix}, then `caduceus retry {task_id}` resends them.")
     if outcome.refused_by_peer:
         return (f"the destination does not accept these SOP classes / transfer syntaxes, so a retry alone "
                 f"fails again: change what the destination accepts (or the rule), then "

@@ -283,19 +283,24 @@ async def test_peer_taking_only_the_default_syntax_gets_reencoded_copies(
         assert ds.PixelData == originals[uid].PixelData and ds.PatientName == originals[uid].PatientName
 
 
-async def test_a_refused_syntax_alert_says_a_retry_alone_fails_again(
+async def test_a_refused_syntax_alert_says_what_to_change(
         tmp_path: Path, bus: Bus, nats_url: str, data_dir: Path, blob_store: LocalBlobStore,
         storescp_factory: Callable[..., StoreScp]) -> None:
+    # Proposed alone and refused as "transfer syntax not supported": refused for good, so the task
+    # fails after its first attempt, and the alert says what to change.
     peer = storescp_factory(extra_args=["+xi"])  # no JPEG 2000
     manifest, key = await stage_files(blob_store, [Path(str(get_testdata_file("JPEG2000.dcm")))])
     await apply_pacs_config(bus, peer.port, peer.aet)
     async with running_dispatcher(nats_url, data_dir):
         request = await request_dispatch(bus, manifest, key, "pacs")
-        await wait_events(bus, "dispatch.failed", request.task_id)
+        [failed] = await wait_events(bus, "dispatch.failed", request.task_id)
         [alert] = await wait_events(bus, "alert.raised", request.task_id)
-    assert "JPEG 2000" in alert.payload["message"]
-    assert "does not accept these SOP classes / transfer syntaxes, so a retry alone fails again" \
-        in alert.payload["message"]
+    assert failed.payload["attempts"] == 1
+    message = alert.payload["message"]
+    assert "'Secondary Capture Image Storage' in 'JPEG 2000 Image Compression' not accepted by" in message
+    assert manifest.instances[0].sop_uid in message
+    assert "correct what the destination accepts from us (it does not accept these SOP classes / transfer " \
+           f"syntaxes), then `caduceus retry {request.task_id}`" in message, message
 
 
 async def test_a_task_published_while_a_dispatcher_stops_is_not_held_for_the_ack_wait(
