@@ -273,18 +273,18 @@ def _response(assoc: Any) -> Any:
     acknowledged bytes during the wait), the wait starts again (fastpath's network timeout does
     the same)."""
     while True:
-        before = fastpath.unacknowledged_bytes(assoc)
+        before = fastpath.acknowledged_bytes(assoc)
         waited = time.monotonic()
         _, response = assoc.dimse.get_msg(block=True)
         # (None also comes at once as the marker of an abort or a closed connection)
         timed_out = assoc.dimse_timeout is not None and time.monotonic() - waited >= assoc.dimse_timeout
-        if response is not None or not timed_out or not before or not assoc.is_established:
+        if response is not None or not timed_out or before is None or not assoc.is_established:
             return response
-        now = fastpath.unacknowledged_bytes(assoc)
-        if now is None or now >= before:
+        now = fastpath.acknowledged_bytes(assoc)
+        if now is None or now <= before:
             return None
         log.info("no C-STORE response within %g s, but the peer is still taking the request "
-                 "(%d bytes left to acknowledge); waiting on", assoc.dimse_timeout, now)
+                 "(%d bytes acknowledged meanwhile); waiting on", assoc.dimse_timeout, now - before)
 
 
 def _status(assoc: Any, response: Any, message_id: int) -> int | None:

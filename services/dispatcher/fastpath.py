@@ -23,11 +23,10 @@ own loops.
 
 from __future__ import annotations
 
-import fcntl
 import os
+import socket
 import struct
 import sys
-import termios
 import threading
 import time
 import types
@@ -37,9 +36,11 @@ from pynetdicom import AE
 
 from shared import dicomnet
 
-# Linux: the ioctl for the bytes of a TCP socket's send queue the peer has not acknowledged yet
-# (SIOCOUTQ); elsewhere None, and the timeouts run from the last write, as before.
-OUTQ_IOCTL: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+# Linux (4.1 and later): where struct tcp_info (getsockopt TCP_INFO) holds tcpi_bytes_acked, the
+# bytes of the connection the peer has acknowledged so far (a u64, RFC 4898's ThruOctetsAcked).
+# Elsewhere the timeouts run from the last write, as before.
+TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
+BYTES_ACKED_OFFSET = 120
 
 CHECK_EVERY = 0.005  # seconds between the association thread's checks for release/abort/timeout
 
@@ -81,50 +82,54 @@ def _install_write_lock(assoc: Any, sock: Any) -> None:
     assoc.caduceus_write = locked_write
 
 
-def unacknowledged_bytes(assoc: Any) -> int | None:
-    """Bytes written to the association's socket that the peer has not acknowledged yet (sent or
-    still queued); None where the system cannot tell (not Linux, no socket)."""
+def acknowledged_bytes(assoc: Any) -> int | None:
+    """How many bytes the peer has acknowledged on the association's connection so far; None
+    where the system does not tell (not Linux, a kernel before 4.1, no socket)."""
     sock = getattr(assoc.dul.socket, "socket", None) if assoc.dul.socket is not None else None
-    if OUTQ_IOCTL is None or sock is None:
+    if TCP_INFO is None or sock is None:
         return None
     try:
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), OUTQ_IOCTL, b"\0\0\0\0"))[0])
-    except (OSError, ValueError):  # closed meanwhile (fileno -1)
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 256)
+    except (OSError, ValueError):  # closed meanwhile
         return None
+    if len(info) < BYTES_ACKED_OFFSET + 8:
+        return None
+    return int(struct.unpack_from("=Q", info, BYTES_ACKED_OFFSET)[0])
 
 
 def _count_acknowledged_bytes_as_progress(dul: Any) -> None:
     """Make the network timeout mean "no progress for that long", not "that long since the last
-    write or read".
+    write returned or a PDU arrived".
 
     The last block of an instance is written into the socket's send buffer (up to ~4 MB, the
     kernel's tcp_wmem maximum) and the write returns at once; over a slow link (below ~35 KB/s for
     4 MB in 120 s) that buffer is still draining when the timer, restarted by the write, runs out,
-    and the peer has nothing to say until it has the whole request. So when the timer runs out, the
-    send queue is looked at: if the peer acknowledged bytes since the timer was (re)started, the
-    transfer is moving and the timer starts again. A peer that takes nothing more for a whole
-    timeout is given up as before; so, at most one timeout later, is one whose link took its last
-    byte early in the previous period.
+    and the peer has nothing to say until it has the whole request. Likewise a write that blocks
+    while a very slow link takes its block may outlast the timer. So when the timer runs out, the
+    connection's acknowledged bytes are looked at: if the peer acknowledged any since the timer was
+    (re)started, the transfer is moving and the timer starts again. A peer that takes nothing more
+    for a whole timeout is given up as before (at most one more timeout later, when its last byte
+    was acknowledged early in the period).
     """
     timer = dul._idle_timer
     assoc = dul.assoc
     restart = timer.restart
-    queued_at_restart: list[int | None] = [None]
+    acked_at_restart: list[int | None] = [None]
 
-    def restart_noting_the_queue() -> None:
-        queued_at_restart[0] = unacknowledged_bytes(assoc)
+    def restart_noting_the_acknowledged_bytes() -> None:
+        acked_at_restart[0] = acknowledged_bytes(assoc)
         restart()
 
     def idle_timer_expired() -> bool:
         if not timer.expired:
             return False
-        before, now = queued_at_restart[0], unacknowledged_bytes(assoc)
-        if before is None or now is None or now >= before:
+        before, now = acked_at_restart[0], acknowledged_bytes(assoc)
+        if before is None or now is None or now <= before:
             return True
-        restart_noting_the_queue()  # acknowledged since: the link is slow, not the peer silent
+        restart_noting_the_acknowledged_bytes()  # the link is slow, the peer not silent
         return False
 
-    timer.restart = restart_noting_the_queue
+    timer.restart = restart_noting_the_acknowledged_bytes
     dul.idle_timer_expired = idle_timer_expired
 
 

@@ -297,6 +297,42 @@ def test_a_link_still_draining_the_end_of_an_instance_does_not_time_out(
     assert answered - last_write[-1] > 3, "the send buffer drained within the timeout: test proves nothing"
 
 
+def test_a_write_that_takes_longer_than_the_network_timeout_on_a_moving_link_is_not_cut_off(
+        tmp_path: Path, storescp: StoreScp, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With a small send buffer (here 32 KB) the 1 MB blocks of an instance each block in their write
+    # while the slow link takes them (4 s at 256 KB/s), past the 2 s network timeout: the timer,
+    # restarted by each write that returned, must see that the peer keeps acknowledging bytes.
+    monkeypatch.setattr(sender, "NETWORK_TIMEOUT", 2)
+    monkeypatch.setattr(sender, "DIMSE_TIMEOUT", 2)
+    on_connection_open = sender._on_connection_open
+
+    def with_a_small_send_buffer(event: evt.Event) -> None:
+        on_connection_open(event)
+        sock = event.assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert sock is not None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+
+    monkeypatch.setattr(sender, "_on_connection_open", with_a_small_send_buffer)
+    writes: list[float] = []
+    write_data_set = cstore._write_data_set
+
+    def timing_the_writes(*args: Any) -> None:
+        started = time.monotonic()
+        write_data_set(*args)
+        writes.append(time.monotonic() - started)
+
+    monkeypatch.setattr(cstore, "_write_data_set", timing_the_writes)
+    proxy = ThrottledProxy(storescp.port, rate=256 << 10)
+    try:
+        items = _items(make_series(tmp_path / "s", 1, size=1024))  # ~2 MB, two 1 MB writes: ~8 s
+        result = send_items(Destination("127.0.0.1", proxy.port, storescp.aet, "CADUCEUS"), items,
+                            lambda index, status: None, threading.Event())
+    finally:
+        proxy.close()
+    assert (result.delivered, result.failed, result.errors) == ([0], {}, [])
+    assert writes[0] > 2 * 2, "no single write outlasted the timeout: test proves nothing"
+
+
 def test_a_link_that_stops_taking_the_end_of_an_instance_still_times_out(
         tmp_path: Path, storescp: StoreScp, monkeypatch: pytest.MonkeyPatch) -> None:
     # The same slow link, which stops taking anything once the last block is in the send buffer:
