@@ -112,6 +112,9 @@ class ServiceHeartbeat(BaseModel):
     uptime_seconds: float
     interval_seconds: float
     details: dict[str, Any] = Field(default_factory=dict)
+    # The CONFIG stream sequence whose configuration this instance uses: its on_config has run
+    # (the receiver's: in every one of its processes). 0 in heartbeats of versions before it existed.
+    config_seq: int = 0
 
 
 class ServiceCrashed(BaseModel):

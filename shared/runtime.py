@@ -123,6 +123,10 @@ def retry_delay(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
 
 # How often a service that follows EVENTS checks that the stream is still the one it started on.
 STREAM_CHECK_SECONDS = 10.0
+# A heartbeat asked for by beat_soon() (a configuration change applied) waits this long for more
+# changes of the same burst, and at most the second: a burst gives one heartbeat.
+BEAT_SOON_QUIET = 0.05
+BEAT_SOON_MAX_DELAY = 1.0
 EXIT_STREAM_REPLACED = 75  # EX_TEMPFAIL: stopped to be started again (see Service._watch_events_stream)
 
 
@@ -145,6 +149,9 @@ class Service:
         self._tasks: list[asyncio.Task[Any]] = []
         self._inflight: set[asyncio.Task[Any]] = set()
         self.counters: dict[str, int] = {}
+        # The CONFIG sequence whose configuration on_config has applied (heartbeat `config_seq`).
+        self.config_seq = 0
+        self._beat_soon = asyncio.Event()   # publish a heartbeat before the interval is over
 
     # ------------------------------------------------------------ hooks for subclasses
 
@@ -159,7 +166,17 @@ class Service:
         return dict(self.counters)
 
     def on_config(self, config: CaduceusConfig) -> None:
-        """Called when the configuration changed."""
+        """Called when the configuration changed (on the event loop). What it hands elsewhere
+        (threads, other processes) must be in use when it returns, or the service must override
+        `applied_config_seq()`: the heartbeat tells `caduceus config apply` the change is in force."""
+
+    def applied_config_seq(self) -> int:
+        """The CONFIG sequence this service uses throughout, for the heartbeat."""
+        return self.config_seq
+
+    def beat_soon(self) -> None:
+        """Publish a heartbeat shortly (what it reports changed); a burst of calls gives one."""
+        self._beat_soon.set()
 
     @property
     def config(self) -> CaduceusConfig:
@@ -183,7 +200,7 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
         self.bus = await Bus.connect(self.settings.nats_url, actor=self.name)
-        self.config_follower = ConfigFollower(self.bus, on_change=self.on_config)
+        self.config_follower = ConfigFollower(self.bus, on_change=self._apply_config)
         await self.config_follower.start()
         await self.config_follower.wait_ready()
         events_created = await self._events_created() if self.follows_events else None
@@ -197,6 +214,12 @@ class Service:
         log.info("%s started", self.name, extra={"data": {"instance": self.instance}})
         await self.stopping.wait()
         await self._shutdown()
+
+    def _apply_config(self, config: CaduceusConfig) -> None:
+        self.on_config(config)
+        # (Not reached when on_config raised: the heartbeat keeps the sequence it did apply.)
+        self.config_seq = self.config_follower.last_seq
+        self.beat_soon()
 
     def request_stop(self, reason: str = "stop requested") -> None:
         if not self.stopping.is_set():
@@ -275,14 +298,39 @@ class Service:
         # nats-py request, returns the reply instead of raising CancelledError when the reply arrives
         # just as the task is cancelled. A heartbeat answered at that moment carried on for good and
         # the stop, waiting for it, hung until `caduceus up` killed the service (no service.stopped).
+        # (Every wait below ends with `stopping` too.)
         while not self.stopping.is_set():
+            self._beat_soon.clear()   # (before the payload: a change after it asks for the next beat)
             with contextlib.suppress(Exception):
                 await self.bus.publish(make_event("service.heartbeat", self.name, ServiceHeartbeat(
                     service=self.name, instance=self.instance, pid=os.getpid(),
                     uptime_seconds=round(time.monotonic() - self.started_at, 1),
-                    interval_seconds=interval, details=self.health_details())), retries=0, timeout=2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=interval)
+                    interval_seconds=interval, details=self.health_details(),
+                    config_seq=self.applied_config_seq())), retries=0, timeout=2)
+            if await self._woken(interval):
+                await self._quiet_period()
+
+    async def _woken(self, timeout: float) -> bool:
+        """Wait up to `timeout` for `beat_soon()` or the stop; True for `beat_soon()` (not stopping)."""
+        waiters = [asyncio.ensure_future(self.stopping.wait()), asyncio.ensure_future(self._beat_soon.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return self._beat_soon.is_set() and not self.stopping.is_set()
+
+    async def _quiet_period(self) -> None:
+        """After `beat_soon()`: until no call for BEAT_SOON_QUIET seconds (at most BEAT_SOON_MAX_DELAY).
+
+        `caduceus config apply` publishes one event per changed item, each after the previous one's
+        ack: without this, a change of ten items gave ten heartbeats in a few milliseconds.
+        """
+        deadline = time.monotonic() + BEAT_SOON_MAX_DELAY
+        while (left := deadline - time.monotonic()) > 0:
+            self._beat_soon.clear()
+            if not await self._woken(min(BEAT_SOON_QUIET, left)):
+                return
 
     # ------------------------------------------------------------ consumers
 

@@ -220,3 +220,64 @@ async def test_a_keep_alive_that_loses_its_cancel_stops_reporting_with_the_work(
         await asyncio.wait_for(reporting.wait(), 5)
     await asyncio.sleep(0.3)
     assert len(reports) == 1, "the beat carried on after the work ended"
+
+
+async def _heartbeats(bus: Bus, worker: Service) -> tuple[list[Event], Any]:
+    """Every heartbeat `worker` publishes from now on (core subscription), and the subscription."""
+    beats: list[Event] = []
+
+    async def collect(msg: Any) -> None:
+        beats.append(Event.from_json(msg.data))
+
+    sub = await bus.nc.subscribe(subjects.status_subject(worker.name, worker.instance), cb=collect)
+    return beats, sub
+
+
+async def test_a_configuration_change_is_reported_by_one_heartbeat_at_once(
+        nats_url: str, tmp_path: Path, bus: Bus) -> None:
+    """The heartbeat says which CONFIG sequence the service applied, and one comes right after a
+    change (not at the next interval, 30 s here), one for a burst of changes (`config apply`
+    publishes one event per item, each after the previous one's ack)."""
+    worker = Worker(Settings(nats_url=nats_url, data_dir=tmp_path, heartbeat_seconds=30))
+    running = asyncio.create_task(worker.run())
+    await _wait_for(lambda: worker.set_up)
+    subject = subjects.status_subject(worker.name, worker.instance)
+    deadline = asyncio.get_running_loop().time() + 10
+    while (first := await bus.get_last_for_subject(subjects.STATUS_STREAM, subject)) is None:
+        assert asyncio.get_running_loop().time() < deadline, "no heartbeat"
+        await asyncio.sleep(0.05)
+    assert first.payload["config_seq"] == 0
+    beats, sub = await _heartbeats(bus, worker)
+    await bus.nc.flush()
+    desired = CaduceusConfig.parse({
+        "settings": {"series_complete_seconds": 7},
+        "targets": {f"t{n}": {"type": "dicom", "host": "127.0.0.1", "port": 11200 + n, "called_aet": f"T{n}"}
+                    for n in range(8)}})
+    changes = plan_changes({}, desired, actor="user:test")
+    published = asyncio.get_running_loop().time()
+    seqs = [await bus.publish(event) for event in changes]   # one after the other, as `config apply`
+    await _wait_for(lambda: any(b.payload["config_seq"] == seqs[-1] for b in beats), timeout=5)
+    assert asyncio.get_running_loop().time() - published < 2, "the change waited for the heartbeat interval"
+    await asyncio.sleep(0.3)   # (room for a second heartbeat, were there one)
+    assert worker.config.settings.series_complete_seconds == 7
+    assert len(beats) <= 2 < len(changes), [b.payload["config_seq"] for b in beats]
+    assert beats[-1].payload["config_seq"] == seqs[-1] == worker.config_follower.last_seq
+    await sub.unsubscribe()
+    worker.request_stop()
+    await asyncio.wait_for(running, 10)
+
+
+async def test_a_stop_while_a_heartbeat_waits_for_more_changes_is_not_held_up(
+        nats_url: str, tmp_path: Path, bus: Bus) -> None:
+    worker = Worker(Settings(nats_url=nats_url, data_dir=tmp_path, heartbeat_seconds=30))
+    running = asyncio.create_task(worker.run())
+    await _wait_for(lambda: worker.set_up)
+    worker.beat_soon()
+    await asyncio.sleep(0.01)
+    for _ in range(5):   # a change every 10 ms: the heartbeat keeps waiting for the burst to end
+        worker.beat_soon()
+        await asyncio.sleep(0.01)
+    worker.request_stop("test: stop")
+    await asyncio.wait_for(running, 5)
+    stopped = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.stopped")
+    assert stopped is not None and stopped.payload["reason"] == "test: stop"

@@ -240,11 +240,19 @@ class ReceiverService(Service):
             self.pool = WorkerPool(workers - 1, self.instance, self.settings.receiver_worker_hung_seconds)
         pool = self.pool
         self.scp = await build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop())
+        config_seq = self.config_follower.last_seq
         if pool is not None:
+            loop = asyncio.get_running_loop()
+            # A worker that applied a configuration change: its sequence counts in our heartbeat.
+            pool.on_config_applied = lambda: loop.call_soon_threadsafe(self.beat_soon)
             port = await asyncio.to_thread(self.scp.start, RoutingServer, lambda server: server.attach(pool))
             pool.start()
         else:
             port = await asyncio.to_thread(self.scp.start)
+        if self.config_follower.last_seq != config_seq:
+            # A change arrived while the server was being built (on_config found no server to apply
+            # it to, start() may have read the settings before it): the server takes it now.
+            self.scp.apply_settings(self.config.settings)
         log.info("DICOM storage SCP listening", extra={"data": {
             "host": self.settings.dicom_host, "port": port, "ae_title": self._settings().ae_title,
             "processes": workers}})
@@ -280,8 +288,15 @@ class ReceiverService(Service):
         return self.config.settings
 
     def on_config(self, config: CaduceusConfig) -> None:
+        # The association threads read the settings live (self._settings) or from the server's
+        # attributes set here, for the next association: in use once this returns.
         if self.scp is not None:
             self.scp.apply_settings(config.settings)
+
+    def applied_config_seq(self) -> int:
+        """Ours, or the oldest a ready worker process reports: connections go to either."""
+        workers = self.pool.applied_config_seq() if self.pool is not None else None
+        return self.config_seq if workers is None else min(self.config_seq, workers)
 
     async def teardown(self) -> None:
         jobs = []

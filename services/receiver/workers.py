@@ -17,7 +17,9 @@ events or heartbeats (the supervisor is the service; its heartbeat reports the w
 on the channel: supervisor -> worker: a connection (fd + JSON {key, host, port}) or a request to
 end idle connections (JSON {end: [key...]}, no fd); worker -> supervisor: b"R" (ready), b"A<key>"
 (its A-ASSOCIATE-RQ arrived), b"E<key>" (it ended), b"S" + JSON every 2 s (its open associations
-and journal counters, which the supervisor's heartbeat adds to its own). When the supervisor dies the channel reaches
+and journal counters, which the supervisor's heartbeat adds to its own), b"C<seq>" (before b"R" and
+after each configuration change: the CONFIG sequence it applied; the supervisor's heartbeat reports
+the oldest of every ready process's, and is published at once when it changes). When the supervisor dies the channel reaches
 EOF and the worker drains and exits; when a worker dies the supervisor starts another one and
 forgets the dead one's connections.
 """
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 WORKERS_ENV = "CADUCEUS_RECEIVER_WORKERS"
 CHANNEL_FD_ENV = "CADUCEUS_RECEIVER_CHANNEL_FD"
 PROCESSES_ENV = "CADUCEUS_RECEIVER_PROCESSES"
-READY, REQUESTED, ENDED, STATUS = b"R", b"A", b"E", b"S"
+READY, REQUESTED, ENDED, STATUS, CONFIG = b"R", b"A", b"E", b"S", b"C"
 RESTART_DELAY = 1.0
 # A connection still in its TLS handshake (up to TLS_HANDSHAKE_SECONDS, on its own thread) has no
 # association yet: reconcile must not take it for ended, or the supervisor would under-count it.
@@ -202,6 +204,7 @@ class Worker:
     process: subprocess.Popen[bytes]
     ready: bool = False
     status: dict[str, int] = field(default_factory=dict)  # its latest b"S" report
+    config_seq: int = 0   # its latest b"C" report
     reader: threading.Thread | None = field(default=None, repr=False)
     last_heard: float = field(default_factory=time.monotonic)   # its latest message of any kind
     killed_silent: bool = False
@@ -235,6 +238,8 @@ class WorkerPool:
         self.lock = threading.Lock()
         self.stopping = False
         self.restarts = 0
+        # Called (on a reader thread) when a worker reports the configuration it applied.
+        self.on_config_applied: Callable[[], object] = lambda: None
 
     def start(self) -> None:
         for index in range(1, self.extra + 1):
@@ -289,6 +294,8 @@ class WorkerPool:
                 worker.ready = True
             elif message[:1] == STATUS:
                 worker.status = _status_counts(message[1:])
+            elif message[:1] == CONFIG:
+                self._config_reported(worker, message[1:])
             else:
                 self._reported(message)
         worker.ready = False
@@ -304,6 +311,21 @@ class WorkerPool:
         time.sleep(RESTART_DELAY)
         if not self.stopping:
             self._spawn(worker.index)
+
+    def _config_reported(self, worker: Worker, raw: bytes) -> None:
+        try:
+            worker.config_seq = int(raw)
+        except ValueError:
+            log.error("unreadable configuration report from a receiver worker: %r", raw[:64])
+            return
+        self.on_config_applied()
+
+    def applied_config_seq(self) -> int | None:
+        """The oldest CONFIG sequence a ready worker applied (None: no worker is ready). A worker
+        that is not ready is given no connection; it reports before it says it is ready."""
+        with self.lock:
+            ready = [worker.config_seq for worker in self.workers.values() if worker.ready]
+        return min(ready, default=None)
 
     def _reported(self, message: bytes) -> None:
         try:
@@ -485,9 +507,15 @@ async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.Abs
     bus = await Bus.connect(settings.nats_url, actor="receiver")
     scp_holder: list[Any] = []
 
+    def applied() -> None:
+        """Tell the supervisor which configuration this worker's connections get now."""
+        with contextlib.suppress(OSError):
+            channel.send(CONFIG + str(follower.last_seq).encode())
+
     def on_config(config: Any) -> None:
-        if scp_holder:
+        if scp_holder and scp_holder[0].server is not None:
             scp_holder[0].apply_settings(config.settings)
+            applied()
 
     follower = ConfigFollower(bus, on_change=on_config)
     await follower.start()
@@ -499,5 +527,11 @@ async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.Abs
 
     scp = await build_scp(settings, bus, lambda: follower.config.settings, loop)
     scp_holder.append(scp)
+    config_seq = follower.last_seq
     await asyncio.to_thread(scp.start, HandedOverServer, configure)
+    if follower.last_seq != config_seq:
+        # A change arrived while the server was being built (on_config above waits for the
+        # server, start() may have read the settings before it): the server takes it now.
+        scp.apply_settings(follower.config.settings)
+    applied()   # (before "ready")
     return scp, follower, bus
