@@ -2,7 +2,9 @@
 
 `apply` validates the whole document first (nothing is published when any part is invalid), plans
 the difference against the current fold and publishes one `config.item.*` event per changed item,
-with the user as actor. Re-applying the same document publishes nothing.
+with the user as actor. Re-applying the same document publishes nothing. Then (unless `--no-wait`)
+it waits until every running service reports, in its heartbeat, that it uses the configuration up
+to the last sequence published (shared/config/applied.py), and says who does and who does not.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from cli.connection import (
     run_with_bus,
 )
 from shared.bus import Bus
+from shared.config.applied import AppliedReport, wait_applied
 from shared.config.model import CaduceusConfig, ConfigError, raw_document
 from shared.config.state import fold, plan_changes, read_all, read_all_at
 from shared.events import ConfigItemChanged, Event
 
 EXIT_INVALID = 2
 EXIT_CONFLICT = 4
+EXIT_NOT_CONFIRMED = 5   # published, but a running service did not report it in use within --wait
+DEFAULT_WAIT_SECONDS = 30.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code for a failed Nats-Expected-Last-Sequence
 
 class FileError(ValueError):
@@ -75,8 +80,9 @@ async def plan_apply(bus: Bus, desired: CaduceusConfig, actor: str, comment: str
     return plan_changes(fold(events), desired, actor, comment), based_on
 
 
-async def publish_plan(bus: Bus, changes: list[Event], based_on: int) -> None:
-    """Publish a plan with "expected last sequence" N, N+1, ...
+async def publish_plan(bus: Bus, changes: list[Event], based_on: int) -> int:
+    """Publish a plan with "expected last sequence" N, N+1, ...; return the CONFIG sequence of the
+    configuration it makes (`based_on` for an empty plan).
 
     If another apply slipped in after the plan was made, JetStream refuses ours instead of
     silently mixing two plans, and ConcurrentChange is raised.
@@ -91,6 +97,7 @@ async def publish_plan(bus: Bus, changes: list[Event], based_on: int) -> None:
             raise ConcurrentChange(
                 f"the configuration was changed by someone else while applying ({done} of {len(changes)} "
                 f"change(s) published); run the command again") from None
+    return last_seq
 
 
 async def apply_config(bus: Bus, desired: CaduceusConfig, actor: str, comment: str = "",
@@ -100,6 +107,19 @@ async def apply_config(bus: Bus, desired: CaduceusConfig, actor: str, comment: s
     if not dry_run:
         await publish_plan(bus, changes, based_on)
     return changes
+
+
+async def apply_and_confirm(bus: Bus, desired: CaduceusConfig, actor: str, comment: str, dry_run: bool,
+                            wait: float | None) -> tuple[list[Event], AppliedReport | None]:
+    """Plan and publish (unless dry_run), then wait up to `wait` s (None: not at all) for the running
+    services to report the configuration in use (also when nothing changed: whether it is)."""
+    changes, based_on = await plan_apply(bus, desired, actor, comment)
+    if dry_run:
+        return changes, None
+    seq = await publish_plan(bus, changes, based_on)
+    if wait is None or seq == 0:
+        return changes, None
+    return changes, await wait_applied(bus, seq, timeout=wait)
 
 
 def describe_change(event: Event) -> str:
@@ -119,6 +139,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     apply.add_argument("--comment", default="", help="recorded with every change event")
     apply.add_argument("--dry-run", action="store_true", help="validate and show the plan, publish nothing")
     apply.add_argument("--actor", default=None, help="who applies it (default user:<OS user>)")
+    apply.add_argument("--wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="SECONDS",
+                       help="how long to wait for every running service to report that it uses the new "
+                            f"configuration (default {DEFAULT_WAIT_SECONDS:g}); exit code {EXIT_NOT_CONFIRMED} "
+                            "if one did not")
+    apply.add_argument("--no-wait", action="store_true", help="publish and return at once")
     add_connection_arguments(apply)
     apply.set_defaults(func=cmd_apply)
 
@@ -146,20 +171,56 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print_warnings(desired, "caduceus config")
     actor = args.actor or default_actor()
     url = cli_nats_url(args)
+    wait = None if args.no_wait else max(0.0, args.wait)
     try:
-        changes = run_with_bus(url, actor, lambda bus: apply_config(bus, desired, actor, args.comment, args.dry_run))
+        changes, report = run_with_bus(url, actor, lambda bus: apply_and_confirm(
+            bus, desired, actor, args.comment, args.dry_run, wait))
     except ConcurrentChange as exc:
         return _fail(str(exc), EXIT_CONFLICT)
     except Exception as exc:  # noqa: BLE001 - connection trouble: say what and where
         return _fail(f"failed talking to NATS at {url}: {exc!r}", EXIT_UNREACHABLE)
     if not changes:
         print("no changes")
+    else:
+        prefix = "would apply" if args.dry_run else "applied"
+        print(f"{prefix} {len(changes)} change(s) as {actor}:")
+        for event in changes:
+            print(f"  {describe_change(event)}")
+    if report is None:
         return 0
-    prefix = "would apply" if args.dry_run else "applied"
-    print(f"{prefix} {len(changes)} change(s) as {actor}:")
-    for event in changes:
-        print(f"  {describe_change(event)}")
-    return 0
+    print(render_applied(report))
+    return 0 if report.confirmed else EXIT_NOT_CONFIRMED
+
+
+def render_applied(report: AppliedReport) -> str:
+    """Which running service instances use configuration sequence `report.seq`, and which not."""
+    running = [i for i in report.instances if i.state != "stopped"]
+    late = [i for i in report.instances if i.state in ("pending", "not reporting")]
+    if not running:
+        return (f"configuration {report.seq}: no service is running (each reads the whole configuration "
+                "when it starts)")
+    elif not late:
+        head = (f"configuration {report.seq} in use by every running service ({len(running)} instance(s), "
+                f"confirmed in {report.waited_seconds:.1f} s)")
+    else:
+        head = (f"NOT CONFIRMED: {len(late)} of {len(running)} running instance(s) did not report configuration "
+                f"{report.seq} in use within {report.waited_seconds:.1f} s")
+    lines = [head]
+    for i in report.instances:
+        if i.state == "applied":
+            what = "applied"
+        elif i.state == "pending":
+            what = f"NOT APPLIED (still at {i.config_seq}; last heartbeat {i.age_seconds:.1f} s ago)"
+        elif i.state == "not reporting":
+            what = "UNKNOWN (an older version: its heartbeat does not say which configuration it uses)"
+        else:
+            what = "stopped while waiting (reads the whole configuration when it starts)"
+        lines.append(f"  {i.service:<11} {i.instance:<40} {what}")
+    if report.not_running:
+        names = ", ".join(service if age is None else f"{service} (last heartbeat {age:.0f} s ago)"
+                          for service, age in report.not_running.items())
+        lines.append(f"not running: {names} (a service reads the whole configuration when it starts)")
+    return "\n".join(lines)
 
 
 def current_document(events: list[Event]) -> dict[str, Any]:

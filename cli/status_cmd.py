@@ -109,6 +109,7 @@ def render(report: HealthReport, nats: dict[str, object] | None = None, work: Wo
     if nats is not None:
         state = "healthy" if nats["healthy"] else f"UNHEALTHY: {nats['error']}"
         lines.append(f"  {'nats':<11} {state}  (embedded; {nats['monitor_url']}/healthz)")
+    config_last = next((s.last_seq for s in report.streams if s.name == "CONFIG"), None)
     for service in report.services:
         marker = "" if service.expected else "  (not expected)"
         if not service.instances:
@@ -119,6 +120,7 @@ def render(report: HealthReport, nats: dict[str, object] | None = None, work: Wo
             details = " ".join(f"{k}={v}" for k, v in inst.details.items())
             lines.append(f"  {name:<11} {inst.state:<8} {inst.instance:<32} pid {inst.pid:<7} "
                          f"beat {inst.age_seconds:>6.1f}s ago  up {inst.uptime_seconds:>8.0f}s"
+                         f"  {_config(inst.config_seq, config_last)}"
                          f"{'  ' + details if details else ''}{marker if i == 0 else ''}")
     if work is not None:
         tasks = work.tasks_by_state
@@ -137,6 +139,13 @@ def render(report: HealthReport, nats: dict[str, object] | None = None, work: Wo
         lines.append(f"  {c.stream:<8} {c.name:<20} {c.num_pending:>9} {c.num_ack_pending:>11} "
                      f"{c.num_redelivered:>11} {c.ack_floor_seq:>9}")
     return "\n".join(lines)
+
+
+def _config(seq: int | None, last: int | None) -> str:
+    """Which configuration an instance uses; flagged when the CONFIG stream has a later one."""
+    if seq is None:
+        return "config ?"
+    return f"config {seq}" + (f" (BEHIND {last})" if last is not None and seq < last else "")
 
 
 def _kept(max_age_seconds: float) -> str:

@@ -40,6 +40,7 @@ class InstanceHealth(BaseModel):
     uptime_seconds: float
     last_heartbeat: datetime
     details: dict[str, Any] = Field(default_factory=dict)
+    config_seq: int | None = None   # CONFIG sequence it uses (None: its version does not say)
 
 
 class ServiceHealth(BaseModel):
@@ -84,7 +85,8 @@ def instance_health(heartbeat: Event, now: datetime) -> InstanceHealth:
     return InstanceHealth(service=beat.service, instance=beat.instance, pid=beat.pid, state=state,
                           age_seconds=round(age, 1), interval_seconds=beat.interval_seconds,
                           uptime_seconds=beat.uptime_seconds, last_heartbeat=heartbeat.occurred_at,
-                          details=beat.details)
+                          details=beat.details,
+                          config_seq=beat.config_seq if "config_seq" in beat.model_fields_set else None)
 
 
 def service_health(heartbeats: list[Event], now: datetime,
