@@ -36,6 +36,7 @@ from pydicom import dcmread
 
 from cli.up_cmd import _stop_orphaned_nats as stop_orphaned_nats
 from shared.bus import Bus, replay
+from shared.config.applied import wait_applied
 from shared.events import Event
 from shared.health import EXPECTED_SERVICES
 from shared.natsserver import free_port, wait_port
@@ -256,6 +257,14 @@ def open_temp_files(pid: int) -> list[tuple[int, int]]:
     return found
 
 
+async def config_in_use(bus: Bus, seq: int, services: list[str], timeout: float = 15.0) -> None:
+    """Until every running instance of each of `services` (each must be running) reports, in its
+    heartbeat, that it uses CONFIG sequence `seq` or later: what a test changing the configuration
+    of a running service waits for (they publish a heartbeat right after applying a change)."""
+    report = await wait_applied(bus, seq, timeout=timeout, services=services)
+    assert report.confirmed and not report.not_running, f"configuration {seq} not in use: {report}"
+
+
 # ---------------------------------------------------------------- reading the streams
 
 async def _read_events(nats_url: str, filter_subject: str) -> list[Event]:
@@ -395,6 +404,7 @@ class Caduceus:
         return report
 
     def apply_config(self, document: dict[str, Any], comment: str = "test") -> None:
+        """`caduceus config apply`: returns once every running service reports the change in use."""
         path = self.root / f"config-{time.monotonic_ns()}.yaml"
         path.write_text(yaml.safe_dump(document))
         result = self.cli("config", "apply", str(path), "--comment", comment)

@@ -102,7 +102,6 @@ def test_failure_statuses_aborts_and_refusals(tmp_path: Path, caduceus_factory: 
 
         # The operator fixes the target, then retries the failed series.
         cad.apply_config(_config(busy, aborter, strict.port, "STRICT", refusing), comment="fix AE title")
-        time.sleep(1.5)  # the dispatcher folds the CONFIG stream live
         series_uid = str(failed[0].series_uid)
         result = cad.cli("retry", "--series", series_uid)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -243,7 +243,6 @@ def test_blob_disk_full_answers_a700_then_recovers(tmp_path: Path, small_disk: P
         # is accepted all the same: its journal record was durable before its file write failed in
         # the journal applier, and it stays in the journal until the file can be written.)
         cad.apply_config(route_all_config(storescp.port, storescp.aet, min_free_space_mb=0))
-        time.sleep(1.5)
         _fill(blobs / "filler-2", leave_bytes=0)
         first_full = storescu(cad.dicom_port, files[10:11])
         receiver_log = cad.data / "logs" / "receiver.log"

@@ -13,20 +13,25 @@ from nats.js.api import DeliverPolicy
 from shared import subjects
 from shared.bus import Bus, event_from_msg
 from shared.config.model import CaduceusConfig
-from shared.config.state import fold, plan_changes, read_all
+from shared.config.state import fold, plan_changes, read_all_at
 from shared.events import Event
+from tests.harness import config_in_use
 
 
-async def apply_settings(bus: Bus, *, unchecked: bool = False, **settings: Any) -> None:
-    """Publish settings as `config apply` would; `unchecked`: without the checks only new input
-    gets (values outside what senders accept, for tests of the receiver's own limits)."""
-    current = fold(await read_all(bus))
+async def apply_settings(bus: Bus, *, unchecked: bool = False, wait: bool = True, **settings: Any) -> int:
+    """Publish settings as `config apply` would and, unless not `wait` (no receiver is running),
+    wait until the receiver (each of its processes) uses them; return their CONFIG sequence.
+    `unchecked`: without the checks only new input gets (values outside what senders accept, for
+    tests of the receiver's own limits)."""
+    events, seq = await read_all_at(bus)
     document = {"settings": settings}
     desired = CaduceusConfig.from_items({("settings", "settings"): settings}) if unchecked \
         else CaduceusConfig.parse(document)
-    for event in plan_changes(current, desired, actor="test"):
-        await bus.publish(event)
-    await asyncio.sleep(0.3)  # the receiver's config follower applies it
+    for event in plan_changes(fold(events), desired, actor="test"):
+        seq = await bus.publish(event)
+    if wait:
+        await config_in_use(bus, seq, ["receiver"])
+    return seq
 
 
 async def read_events(bus: Bus, event_type: str | None = None, settle: float = 0.5) -> list[Event]:

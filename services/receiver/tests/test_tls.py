@@ -18,7 +18,6 @@ async def test_tls_with_client_certificates(receiver: Peer, bus: Bus, series5: P
     tls = make_tls_files(tmp_path / "tls")
     await apply_settings(bus, tls_certificate=str(tls.server_cert), tls_key=str(tls.server_key),
                          tls_ca=str(tls.ca))
-    await asyncio.sleep(1.0)  # the live configuration reaches the receiver; TLS applies to new associations
 
     secure = await asyncio.to_thread(storescu, receiver.port, series5, extra=[
         "+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca)])
@@ -40,7 +39,6 @@ async def test_an_idle_connection_does_not_hold_up_tls_senders(receiver: Peer, b
     tls = make_tls_files(tmp_path / "tls")
     await apply_settings(bus, tls_certificate=str(tls.server_cert), tls_key=str(tls.server_key),
                          tls_ca=str(tls.ca))
-    await asyncio.sleep(1.0)
     idle = await asyncio.to_thread(open_connections, receiver.port, 3, 10)
     try:
         assert len(idle) == 3
@@ -64,7 +62,6 @@ async def test_failed_handshakes_end_at_once_and_free_their_slots(receiver: Peer
     tls = make_tls_files(tmp_path / "tls")
     await apply_settings(bus, tls_certificate=str(tls.server_cert), tls_key=str(tls.server_key),
                          tls_ca=str(tls.ca), max_connections_per_host=3)
-    await asyncio.sleep(1.0)
     def send_plain_pdu(sock: socket.socket, _n: int) -> None:
         sock.send(b"\x01\x00\x00\x00\x00\x44" + bytes(68))  # the start of an A-ASSOCIATE-RQ
 
@@ -100,7 +97,8 @@ async def test_unreadable_tls_files_close_every_connection_until_fixed(nats_url:
     ready = make_tls_files(tmp_path / "made")
     later = tmp_path / "installed-later"
     await apply_settings(bus, tls_certificate=str(later / ready.server_cert.name),
-                         tls_key=str(later / ready.server_key.name), tls_ca=str(later / ready.ca.name))
+                         tls_key=str(later / ready.server_key.name), tls_ca=str(later / ready.ca.name),
+                         wait=False)  # (before the receiver starts)
     peer = start_receiver(nats_url, data_dir, log_path=tmp_path / "receiver.log")
     try:
         [alert] = await wait_events(bus, "alert.raised", 1)

@@ -17,6 +17,7 @@ import pytest
 from bench.common import Peer, make_series, start_receiver, storescu
 from services.receiver.tests.helpers import apply_settings, wait_events
 from shared.bus import Bus
+from shared.config.applied import wait_applied
 from tests.peers import closed_by_peer, open_connections
 
 WORKER_STARTED = re.compile(r"receiver worker (\d+) started \(pid (\d+)\)")
@@ -100,6 +101,26 @@ async def test_a_silent_worker_is_replaced(nats_url: str, data_dir: Path, tmp_pa
         assert len(await wait_events(bus, "image.received", 6)) == 6
     finally:
         peer.stop()
+
+
+async def test_the_receiver_reports_a_configuration_only_once_every_process_uses_it(
+        two_process_receiver: Peer, bus: Bus) -> None:
+    """Connections go to the supervisor or a worker, each with its own configuration follower: the
+    receiver's heartbeat reports the oldest configuration any of them uses."""
+    peer = two_process_receiver
+    log = _wait_log(peer, "receiver worker ready")
+    worker_pid = int(WORKER_STARTED.findall(log)[0][1])
+    await apply_settings(bus, max_connections_per_host=10)
+    os.kill(worker_pid, signal.SIGSTOP)   # (well before the 60 s after which a silent worker is replaced)
+    try:
+        seq = await apply_settings(bus, max_connections_per_host=12, wait=False)
+        report = await wait_applied(bus, seq, timeout=2, services=["receiver"])
+        [receiver] = report.instances
+        assert receiver.state == "pending" and receiver.config_seq == seq - 1, report
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
+    report = await wait_applied(bus, seq, timeout=10, services=["receiver"])
+    assert report.confirmed and [i.config_seq for i in report.instances] == [seq], report
 
 
 async def test_a_dead_workers_connections_stop_counting(two_process_receiver: Peer, bus: Bus) -> None:

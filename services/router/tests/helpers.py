@@ -14,18 +14,24 @@ from services.router.service import RouterService
 from shared.blobstore import LocalBlobStore, blob_key
 from shared.bus import Bus, replay
 from shared.config.model import CaduceusConfig
-from shared.config.state import fold, plan_changes, read_all
+from shared.config.state import fold, plan_changes, read_all_at
 from shared.events import Event, ImageReceived, make_event
 from shared.settings import Settings
+from tests.harness import config_in_use
 
 FAST = {"series_complete_seconds": 1, "study_complete_seconds": 30, "study_force_complete_seconds": 600}
 TARGETS = {"pacs": {"host": "127.0.0.1", "port": 11113, "called_aet": "PACS"},
            "archive": {"host": "127.0.0.1", "port": 11114, "called_aet": "ARCHIVE"}}
 
 
-async def apply_config(bus: Bus, document: dict[str, Any]) -> None:
-    current = fold(await read_all(bus))
-    await bus.publish_many(plan_changes(current, CaduceusConfig.parse(document), actor="test"))
+async def apply_config(bus: Bus, document: dict[str, Any], running: list[str] | None = None) -> None:
+    """Publish `document` as `config apply` would; `running`: the services the test runs now, whose
+    heartbeats must say they use it before this returns."""
+    events, seq = await read_all_at(bus)
+    for event in plan_changes(fold(events), CaduceusConfig.parse(document), actor="test"):
+        seq = await bus.publish(event)
+    if running:
+        await config_in_use(bus, seq, running)
 
 
 async def send_image(bus: Bus, store: LocalBlobStore, study: str, series: str, sop: str,

@@ -329,7 +329,8 @@ async def test_a_rerouted_series_is_not_left_to_study_rules(bus: Bus, nats_url: 
         events = await wait_for(bus, lambda ev: len(of_type(ev, "route.decided")) == 1)
         [completed] = of_type(events, "series.completed")
         await apply_config(bus, {"settings": FAST, "targets": TARGETS, "rules": {
-            "mr-study": {"filter": "@Modality@ == 'MR'", "trigger": "study", "targets": ["pacs"]}}})
+            "mr-study": {"filter": "@Modality@ == 'MR'", "trigger": "study", "targets": ["pacs"]}}},
+            running=["router"])
         batch_id = f"{completed.payload['batch_id']}~r1"  # what `caduceus reroute --series` asks
         await bus.publish(make_event("route.requested", "user:admin", RouteRequested(
             batch_id=batch_id, original_batch_id=completed.payload["batch_id"], completed_type="series.completed",
@@ -352,7 +353,7 @@ async def test_a_study_whose_series_were_left_to_study_rules_is_decided_when_tho
     async with running_router(nats_url, data_dir):
         await send_series(bus, store, "9.2", "9.2.1", 2, {"Modality": "MR", "SeriesDescription": "Axial T2"})
         await wait_for(bus, lambda ev: len(of_type(ev, "route.decided")) == 1)
-        await apply_config(bus, {"settings": FAST, "targets": TARGETS, "rules": {}})
+        await apply_config(bus, {"settings": FAST, "targets": TARGETS, "rules": {}}, running=["router"])
         events = await wait_for(bus, lambda ev: len(of_type(ev, "route.decided")) == 2)
     [study] = of_type(events, "study.completed")
     assert study.study_uid == "9.2" and study.payload["series_uids"] == ["9.2.1"]
