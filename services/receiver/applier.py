@@ -26,7 +26,8 @@ Records (the first byte of a record's meta says which):
   saves); `confirm` once file and record are durable, else `refuse` (an X record). Replayed, it
   is published only if the file it names is on disk with the recorded sha256.
 - `W` / `-` (whole): the event and the bytes (`W`) or the event alone (`-`: an identical copy is
-  stored already), decided before writing (`accept`): a larger copy of an instance waiting in the
+  stored already; on a local store identical copies are `W` too, placed to restamp the file),
+  decided before writing (`accept`): a larger copy of an instance waiting in the
   journal, and records of earlier versions.
 
 A receiver that dies leaves its unapplied records in the journal; the next process's

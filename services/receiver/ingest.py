@@ -604,8 +604,12 @@ class Ingest:
         event = received_event(Receipt.now(assoc, context_ts), tags, key, len(data), sha256, duplicate)
         if timer:
             mark = timer.mark("event", mark)
+        # On a local store an identical copy's bytes are journaled too: the applier places it like
+        # any copy (placing.py), which restamps the file for it, or puts it over a copy received
+        # before it that another process placed meanwhile (the router routes this one, the newest).
+        keep = duplicate != "identical" or isinstance(self.writer, LocalBlobWriter)
         try:
-            self.journal.accept(event, key, sha256, None if duplicate == "identical" else data)
+            self.journal.accept(event, key, sha256, data if keep else None)
         except (JournalError, OSError) as exc:
             log.error("could not journal the instance: %s", exc, extra=ctx)
             return self._reject(assoc, str(exc), tags.sop_uid, tags)

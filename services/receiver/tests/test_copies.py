@@ -277,3 +277,35 @@ def test_concurrent_placements_in_two_processes_keep_the_newest_copy(tmp_path: P
         path = LocalBlobStore(root).path(instance_key(identified_tags(newest[0], [])))
         assert path.read_bytes() == newest[0] and path.stat().st_mtime_ns == newest[1]
         assert not list((root / ".tmp").iterdir())
+
+
+def test_an_identical_larger_copy_journaled_behind_its_twin_restamps_the_file(tmp_path: Path) -> None:
+    """Process 1 journals a small copy Q, then a large copy P (journaled behind Q, a `W` record),
+    then P again (identical to the pending P: a `-` record, event only). Meanwhile process 2
+    stores a copy C received between P and its identical twin. The router routes the twin (the
+    newest), so the file must hold its bytes: the `-` record's copy must still be placed (restamped
+    over P, or placed over C), else the file keeps C, the dispatcher finds it changed and sends
+    nothing, and C, older, is not routed either."""
+    stream = Stream()
+    first, second = Process(tmp_path, "w1", stream), Process(tmp_path, "w2", stream)
+    small, large, between = copy_of("Q"), copy_of("P", pixels=300 * 1024), copy_of("C")
+    try:
+        first.receive(small)
+        time.sleep(0.002)  # (receipt stamps are in microseconds)
+        first.receive(large)  # behind Q in the journal
+        time.sleep(0.002)
+        second.receive(between)
+        time.sleep(0.002)
+        first.receive(large)  # identical to the pending P
+        second.applier.start()
+        assert second.applier.wait_idle(10)  # C placed first
+        first.applier.start()
+        assert first.applier.wait_idle(10)
+    finally:
+        first.stop()
+        second.stop()
+    key = instance_key(identified_tags(large, []))
+    newest = stream.newest()
+    assert newest.payload["sha256"] == _sha(large)
+    assert first.store.get_sync(key) == large
+    assert first.store.path(key).stat().st_mtime_ns == copy_rank(newest.occurred_at, "")[0]
