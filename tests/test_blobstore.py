@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import time
 from collections.abc import AsyncIterator
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import blobstore
 from shared.blobstore import BlobError, BlobNotFound, BlobStore, LocalBlobStore, NatsObjectBlobStore, blob_key
 from shared.bus import Bus
 
@@ -95,3 +98,46 @@ async def test_raw_unsafe_keys_are_refused(store: BlobStore, raw: str) -> None:
 def test_distinct_hostile_values_get_distinct_keys() -> None:
     assert blob_key("../a") != blob_key("../b")
     assert blob_key("1.2.3") == "1.2.3"
+
+
+@pytest.mark.parametrize("noreplace", [True, False], ids=["renameat2", "link and unlink"])
+def test_rename_new_never_replaces_and_keeps_the_source_when_the_name_is_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, noreplace: bool) -> None:
+    """Both ways (renameat2 RENAME_NOREPLACE, and a hard link then unlink where the kernel or file
+    system lacks it): the first copy gets the name, a second one gets FileExistsError and keeps its
+    temp file for the comparison under the lock (services/receiver/placing.py)."""
+    if noreplace and not blobstore._NOREPLACE_WORKS:
+        pytest.skip("no renameat2 here")
+    monkeypatch.setattr(blobstore, "_NOREPLACE_WORKS", noreplace)
+    first, second, target = tmp_path / "a.part", tmp_path / "b.part", tmp_path / "x.dcm"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    blobstore.rename_new(first, target)
+    assert target.read_bytes() == b"first" and not first.exists()
+    with pytest.raises(FileExistsError):
+        blobstore.rename_new(second, target)
+    assert target.read_bytes() == b"first" and second.read_bytes() == b"second"
+    assert os.stat(target).st_nlink == 1  # (no name of the temp file left on it)
+
+
+def test_rename_new_falls_back_to_link_and_unlink_where_renameat2_says_einval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without RENAME_NOREPLACE answers EINVAL: the rename is done by link and
+    unlink, and from then on without asking renameat2 again."""
+    calls = []
+
+    class NoNoreplace:
+        def renameat2(self, *args: object) -> int:
+            calls.append(args)
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+
+    monkeypatch.setattr(blobstore, "LIBC", NoNoreplace())
+    monkeypatch.setattr(blobstore, "_NOREPLACE_WORKS", True)
+    source, target = tmp_path / "a.part", tmp_path / "x.dcm"
+    for _ in range(2):
+        source.write_bytes(b"data")
+        target.unlink(missing_ok=True)
+        blobstore.rename_new(source, target)
+        assert target.read_bytes() == b"data" and not source.exists()
+    assert len(calls) == 1 and blobstore._NOREPLACE_WORKS is False
