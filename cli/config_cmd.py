@@ -210,7 +210,8 @@ def render_applied(report: AppliedReport) -> str:
         if i.state == "applied":
             what = "applied"
         elif i.state == "pending":
-            what = f"NOT APPLIED (still at {i.config_seq}; last heartbeat {i.age_seconds:.1f} s ago)"
+            where = " of a CONFIG stream replaced since" if i.other_stream else ""
+            what = f"NOT APPLIED (still at {i.config_seq}{where}; last heartbeat {i.age_seconds:.1f} s ago)"
         elif i.state == "not reporting":
             what = "UNKNOWN (an older version: its heartbeat does not say which configuration it uses)"
         else:

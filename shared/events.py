@@ -115,6 +115,10 @@ class ServiceHeartbeat(BaseModel):
     # The CONFIG stream sequence whose configuration this instance uses: its on_config has run
     # (the receiver's: in every one of its processes). 0 in heartbeats of versions before it existed.
     config_seq: int = 0
+    # Which CONFIG stream `config_seq` counts on: its creation time (shared/config/state.py
+    # config_stream_id). A stream created anew (NATS store lost) starts counting from 1 again.
+    # "" in heartbeats of versions before it existed.
+    config_stream: str = ""
 
 
 class ServiceCrashed(BaseModel):

@@ -149,8 +149,10 @@ class Service:
         self._tasks: list[asyncio.Task[Any]] = []
         self._inflight: set[asyncio.Task[Any]] = set()
         self.counters: dict[str, int] = {}
-        # The CONFIG sequence whose configuration on_config has applied (heartbeat `config_seq`).
+        # The CONFIG sequence whose configuration on_config has applied (heartbeat `config_seq`),
+        # and the CONFIG stream it counts on (its creation time, heartbeat `config_stream`).
         self.config_seq = 0
+        self.config_stream = ""
         self._beat_soon = asyncio.Event()   # publish a heartbeat before the interval is over
 
     # ------------------------------------------------------------ hooks for subclasses
@@ -219,6 +221,7 @@ class Service:
         self.on_config(config)
         # (Not reached when on_config raised: the heartbeat keeps the sequence it did apply.)
         self.config_seq = self.config_follower.last_seq
+        self.config_stream = self.config_follower.stream
         self.beat_soon()
 
     def request_stop(self, reason: str = "stop requested") -> None:
@@ -305,10 +308,19 @@ class Service:
                 await self.bus.publish(make_event("service.heartbeat", self.name, ServiceHeartbeat(
                     service=self.name, instance=self.instance, pid=os.getpid(),
                     uptime_seconds=round(time.monotonic() - self.started_at, 1),
-                    interval_seconds=interval, details=self.health_details(),
-                    config_seq=self.applied_config_seq())), retries=0, timeout=2)
+                    interval_seconds=interval, details=self._details(),
+                    config_seq=self.applied_config_seq(), config_stream=self.config_stream)),
+                    retries=0, timeout=2)
             if await self._woken(interval):
                 await self._quiet_period()
+
+    def _details(self) -> dict[str, Any]:
+        details = self.health_details()
+        if self.config_follower.replaced:
+            # The CONFIG stream was created anew and is still empty: the configuration in force is
+            # the one folded from the old stream (shared/config/state.py ConfigFollower).
+            details["config_stream_replaced"] = True
+        return details
 
     async def _woken(self, timeout: float) -> bool:
         """Wait up to `timeout` for `beat_soon()` or the stop; True for `beat_soon()` (not stopping)."""

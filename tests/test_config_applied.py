@@ -129,3 +129,55 @@ def test_apply_reports_a_hung_and_a_stopped_service_and_does_not_wait_for_ever(
         code, out, err = cli("config", "apply", str(config_file(tmp_path, 5)))
         assert code == 0, out + err
         assert out.startswith("no changes\nconfiguration 4 in use by every running service (1 instance(s)"), out
+
+
+def test_a_sequence_of_a_config_stream_replaced_since_is_not_taken_for_applied(
+        cli: Cli, nats_url: str, tmp_path: Path) -> None:
+    """The NATS store lost and the CONFIG stream declared again: it counts from 1 again. A service
+    that still reports the old stream's sequence 4 has not applied the new stream's change 2 (it was
+    reported applied); once its follower folded the new stream it reports the new stream's sequence."""
+    with service_process(nats_url, tmp_path / "c", "cleaner") as cleaner:
+        for retries in (3, 4, 5):
+            assert cli("config", "apply", str(config_file(tmp_path, retries)))[0] == 0   # up to 4
+        os.kill(cleaner.pid, signal.SIGSTOP)   # its heartbeat stays fresh and says: 4 (of the old stream)
+        try:
+            asyncio.run(_recreate_config_stream(nats_url))
+            code, out, err = cli("config", "apply", str(config_file(tmp_path, 6)), "--wait", "1.5")
+            assert code == 5, out + err
+            assert "did not report configuration 2 in use" in out, out
+            assert "NOT APPLIED (still at 4 of a CONFIG stream replaced since;" in out, out
+        finally:
+            os.kill(cleaner.pid, signal.SIGCONT)
+        code, out, err = cli("config", "apply", str(config_file(tmp_path, 6)))
+        assert code == 0, out + err
+        assert out.startswith("no changes\nconfiguration 2 in use by every running service (1 instance(s)"), out
+        beat = asyncio.run(_heartbeat(nats_url, "cleaner"))
+        assert beat["config_seq"] == 2 and beat["config_stream"] == asyncio.run(_config_stream(nats_url))
+
+
+async def _recreate_config_stream(nats_url: str) -> None:
+    bus = await Bus.connect(nats_url, actor="test")
+    try:
+        await bus.js.delete_stream(subjects.CONFIG_STREAM)
+        await bus.declare_streams()
+    finally:
+        await bus.close()
+
+
+async def _config_stream(nats_url: str) -> str:
+    bus = await Bus.connect(nats_url, actor="test")
+    try:
+        created = (await bus.js.stream_info(subjects.CONFIG_STREAM)).created
+        return created.isoformat() if created else ""
+    finally:
+        await bus.close()
+
+
+async def _heartbeat(nats_url: str, name: str) -> dict:  # type: ignore[type-arg]
+    bus = await Bus.connect(nats_url, actor="test")
+    try:
+        beat = await bus.get_last_for_subject(subjects.STATUS_STREAM, subjects.status_subject(name, f"{name}-test"))
+        assert beat is not None
+        return beat.payload
+    finally:
+        await bus.close()

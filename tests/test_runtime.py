@@ -281,3 +281,54 @@ async def test_a_stop_while_a_heartbeat_waits_for_more_changes_is_not_held_up(
     await asyncio.wait_for(running, 5)
     stopped = await bus.get_last_for_subject(subjects.EVENTS_STREAM, "caduceus.events.service.stopped")
     assert stopped is not None and stopped.payload["reason"] == "test: stop"
+
+
+async def _heartbeat_of(bus: Bus, worker: Service) -> dict[str, Any]:
+    beat = await bus.get_last_for_subject(subjects.STATUS_STREAM, subjects.status_subject(worker.name, worker.instance))
+    return beat.payload if beat is not None else {}
+
+
+async def test_a_service_follows_a_config_stream_created_anew(
+        nats_url: str, tmp_path: Path, bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NATS store lost under a service that does not follow EVENTS (receiver, cleaner, ui: they
+    are not restarted), and the streams declared again. nats-py's ordered consumer resumed after the
+    old stream's last sequence, so the service kept the old fold and never saw the new stream's
+    changes, while its heartbeat reported the old stream's sequence as applied. While the new stream
+    is empty the old configuration stays in force (a lost store must not open a receiver to the
+    defaults) and the heartbeat says so; once it has items, their fold is the configuration."""
+    from shared.config import state
+    from shared.config.applied import wait_applied
+
+    monkeypatch.setattr(state, "STREAM_CHECK_SECONDS", 0.2, raising=False)
+    worker = Worker(_settings(nats_url, tmp_path))
+    running = asyncio.create_task(worker.run())
+    await _wait_for(lambda: worker.set_up)
+    for retries in range(2, 6):   # the old stream gets further than the new one will
+        old = CaduceusConfig(settings=SettingsItem(allowed_calling_aets=["GOOD"], dispatch_retries=retries))
+        await bus.publish_many(plan_changes(worker.config_follower.items, old, actor="user:test"))
+    await _wait_for(lambda: worker.config_seq == 4 and worker.config.settings.dispatch_retries == 5)
+    old_stream = worker.config_stream
+    assert old_stream and (await _heartbeat_of(bus, worker)).get("config_stream") == old_stream
+
+    await bus.js.delete_stream(subjects.CONFIG_STREAM)
+    await bus.declare_streams()
+    await _wait_for(lambda: worker.config_stream not in ("", old_stream))
+    assert worker.config_seq == 0 and worker.config_follower.replaced
+    assert worker.config.settings.allowed_calling_aets == ["GOOD"]   # kept: the new stream is empty
+    await asyncio.sleep(0.6)   # (a heartbeat: every 0.5 s)
+    beat = await _heartbeat_of(bus, worker)
+    assert beat["details"].get("config_stream_replaced") is True and beat["config_seq"] == 0, beat
+
+    new = CaduceusConfig(settings=SettingsItem(series_complete_seconds=9))
+    [event] = plan_changes({}, new, actor="user:test")
+    seq = await bus.publish(event)
+    assert seq == 1
+    await _wait_for(lambda: worker.config.settings.series_complete_seconds == 9)
+    assert worker.config.settings.allowed_calling_aets == [] and not worker.config_follower.replaced
+    assert (worker.config_seq, worker.config_stream) == (1, worker.config_follower.stream)
+    report = await wait_applied(bus, 1, timeout=5, services=["testworker"])
+    assert report.confirmed, report
+    beat = await _heartbeat_of(bus, worker)
+    assert "config_stream_replaced" not in beat["details"] and beat["config_stream"] == worker.config_stream
+    worker.request_stop()
+    await running

@@ -240,7 +240,7 @@ class ReceiverService(Service):
             self.pool = WorkerPool(workers - 1, self.instance, self.settings.receiver_worker_hung_seconds)
         pool = self.pool
         self.scp = await build_scp(self.settings, self.bus, self._settings, asyncio.get_running_loop())
-        config_seq = self.config_follower.last_seq
+        config_at = (self.config_follower.stream, self.config_follower.last_seq)
         if pool is not None:
             loop = asyncio.get_running_loop()
             # A worker that applied a configuration change: its sequence counts in our heartbeat.
@@ -249,7 +249,7 @@ class ReceiverService(Service):
             pool.start()
         else:
             port = await asyncio.to_thread(self.scp.start)
-        if self.config_follower.last_seq != config_seq:
+        if (self.config_follower.stream, self.config_follower.last_seq) != config_at:
             # A change arrived while the server was being built (on_config found no server to apply
             # it to, start() may have read the settings before it): the server takes it now.
             self.scp.apply_settings(self.config.settings)
@@ -295,7 +295,7 @@ class ReceiverService(Service):
 
     def applied_config_seq(self) -> int:
         """Ours, or the oldest a ready worker process reports: connections go to either."""
-        workers = self.pool.applied_config_seq() if self.pool is not None else None
+        workers = self.pool.applied_config_seq(self.config_stream) if self.pool is not None else None
         return self.config_seq if workers is None else min(self.config_seq, workers)
 
     async def teardown(self) -> None:

@@ -17,9 +17,11 @@ events or heartbeats (the supervisor is the service; its heartbeat reports the w
 on the channel: supervisor -> worker: a connection (fd + JSON {key, host, port}) or a request to
 end idle connections (JSON {end: [key...]}, no fd); worker -> supervisor: b"R" (ready), b"A<key>"
 (its A-ASSOCIATE-RQ arrived), b"E<key>" (it ended), b"S" + JSON every 2 s (its open associations
-and journal counters, which the supervisor's heartbeat adds to its own), b"C<seq>" (before b"R" and
-after each configuration change: the CONFIG sequence it applied; the supervisor's heartbeat reports
-the oldest of every ready process's, and is published at once when it changes). When the supervisor dies the channel reaches
+and journal counters, which the supervisor's heartbeat adds to its own), b"C<seq> <stream>" (before
+b"R" and after each configuration change: the CONFIG sequence it applied and the CONFIG stream it
+counts on, its creation time; the supervisor's heartbeat reports the oldest of every ready process's,
+a sequence on another stream than the supervisor's counting as 0, and is published at once when it
+changes). When the supervisor dies the channel reaches
 EOF and the worker drains and exits; when a worker dies the supervisor starts another one and
 forgets the dead one's connections.
 """
@@ -205,6 +207,7 @@ class Worker:
     ready: bool = False
     status: dict[str, int] = field(default_factory=dict)  # its latest b"S" report
     config_seq: int = 0   # its latest b"C" report
+    config_stream: str = ""
     reader: threading.Thread | None = field(default=None, repr=False)
     last_heard: float = field(default_factory=time.monotonic)   # its latest message of any kind
     killed_silent: bool = False
@@ -313,18 +316,21 @@ class WorkerPool:
             self._spawn(worker.index)
 
     def _config_reported(self, worker: Worker, raw: bytes) -> None:
+        seq, _, stream = raw.decode(errors="replace").partition(" ")
         try:
-            worker.config_seq = int(raw)
+            worker.config_seq, worker.config_stream = int(seq), stream
         except ValueError:
             log.error("unreadable configuration report from a receiver worker: %r", raw[:64])
             return
         self.on_config_applied()
 
-    def applied_config_seq(self) -> int | None:
-        """The oldest CONFIG sequence a ready worker applied (None: no worker is ready). A worker
-        that is not ready is given no connection; it reports before it says it is ready."""
+    def applied_config_seq(self, stream: str) -> int | None:
+        """The oldest CONFIG sequence of `stream` a ready worker applied (None: no worker is ready);
+        a worker still on another CONFIG stream (one created anew since) has applied nothing of it.
+        A worker that is not ready is given no connection; it reports before it says it is ready."""
         with self.lock:
-            ready = [worker.config_seq for worker in self.workers.values() if worker.ready]
+            ready = [worker.config_seq if worker.config_stream == stream else 0
+                     for worker in self.workers.values() if worker.ready]
         return min(ready, default=None)
 
     def _reported(self, message: bytes) -> None:
@@ -510,7 +516,7 @@ async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.Abs
     def applied() -> None:
         """Tell the supervisor which configuration this worker's connections get now."""
         with contextlib.suppress(OSError):
-            channel.send(CONFIG + str(follower.last_seq).encode())
+            channel.send(CONFIG + f"{follower.last_seq} {follower.stream}".encode())
 
     def on_config(config: Any) -> None:
         if scp_holder and scp_holder[0].server is not None:
@@ -527,9 +533,9 @@ async def _start_worker(settings: Any, channel: socket.socket, loop: asyncio.Abs
 
     scp = await build_scp(settings, bus, lambda: follower.config.settings, loop)
     scp_holder.append(scp)
-    config_seq = follower.last_seq
+    config_at = (follower.stream, follower.last_seq)
     await asyncio.to_thread(scp.start, HandedOverServer, configure)
-    if follower.last_seq != config_seq:
+    if (follower.stream, follower.last_seq) != config_at:
         # A change arrived while the server was being built (on_config above waits for the
         # server, start() may have read the settings before it): the server takes it now.
         scp.apply_settings(follower.config.settings)

@@ -10,6 +10,11 @@ a second instead of at the next heartbeat interval.
 says who did and who did not. An instance that stops or crashes meanwhile (its `service.stopped` /
 `service.crashed`) is not waited for: when it starts again it reads the whole configuration before
 its first heartbeat.
+
+A sequence counts only on the CONFIG stream it was published on: one created anew (the NATS store
+lost or replaced) counts from 1 again, so a heartbeat also says which stream its `config_seq` counts
+on (`config_stream`, the stream's creation time), and an instance still on an older stream has not
+applied a change of the new one whatever its sequence.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from shared import subjects
 from shared.bus import Bus, readable_event
+from shared.config.state import config_stream_id
 from shared.events import Event, ServiceCrashed, ServiceHeartbeat, ServiceStopped
 from shared.health import EXPECTED_SERVICES, instance_health, read_heartbeats
 
@@ -37,6 +43,8 @@ class InstanceApplied(BaseModel):
     instance: str
     pid: int
     config_seq: int | None     # None: its version does not report it
+    # Its config_seq counts on another CONFIG stream than the change (one replaced since).
+    other_stream: bool = False
     state: AppliedState        # "pending": running, still at an older sequence
     age_seconds: float         # of its last heartbeat
 
@@ -100,15 +108,31 @@ def _reports(beat: ServiceHeartbeat) -> bool:
     return "config_seq" in beat.model_fields_set
 
 
+def _other_stream(beat: ServiceHeartbeat, stream: str) -> bool:
+    """Its sequence counts on another CONFIG stream ("" on either side: not known, not compared)."""
+    return bool(stream and beat.config_stream and beat.config_stream != stream)
+
+
+def _applied(beat: ServiceHeartbeat, seq: int, stream: str) -> bool:
+    return beat.config_seq >= seq and not _other_stream(beat, stream)
+
+
 async def wait_applied(bus: Bus, seq: int, *, timeout: float, services: Collection[str] | None = None,
-                       expected: Collection[str] = EXPECTED_SERVICES) -> AppliedReport:
+                       expected: Collection[str] = EXPECTED_SERVICES, stream: str | None = None) -> AppliedReport:
     """Wait up to `timeout` s until every running instance reports CONFIG sequence `seq` or later.
+
+    `stream`: the CONFIG stream `seq` was published on (its creation time); None: the one there is now.
 
     `services`: only instances of these, and wait (up to `timeout`) for each of them to have a running
     instance at all (tests that started them); None: every running instance, and the `expected`
     services that have none are reported as not running.
     """
     started = time.monotonic()
+    if stream is None:
+        try:
+            stream = await config_stream_id(bus)
+        except Exception:  # noqa: BLE001 - no CONFIG stream (any more): sequences alone are compared
+            stream = ""
     watch = _Watch()
 
     async def on_heartbeat(msg: Any) -> None:
@@ -140,7 +164,7 @@ async def wait_applied(bus: Bus, seq: int, *, timeout: float, services: Collecti
             keys = watched() - watch.gone
             if services is not None and not set(services) <= {service for service, _ in keys}:
                 return False
-            return all(not _reports(beat) or beat.config_seq >= seq
+            return all(not _reports(beat) or _applied(beat, seq, stream)
                        for beat in (watch.latest[key][1] for key in keys))
 
         deadline = started + timeout
@@ -150,14 +174,15 @@ async def wait_applied(bus: Bus, seq: int, *, timeout: float, services: Collecti
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(watch.changed.wait(), left)
-        return _report(watch, watched(), seq, started, expected if services is None else services)
+        return _report(watch, watched(), seq, stream, started, expected if services is None else services)
     finally:
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
 
-def _report(watch: _Watch, keys: set[Key], seq: int, started: float, expected: Collection[str]) -> AppliedReport:
+def _report(watch: _Watch, keys: set[Key], seq: int, stream: str, started: float,
+            expected: Collection[str]) -> AppliedReport:
     now = datetime.now(UTC)
     instances = []
     for key in sorted(keys):
@@ -168,10 +193,11 @@ def _report(watch: _Watch, keys: set[Key], seq: int, started: float, expected: C
         elif not _reports(beat):
             state = "not reporting"
         else:
-            state = "applied" if beat.config_seq >= seq else "pending"
+            state = "applied" if _applied(beat, seq, stream) else "pending"
         instances.append(InstanceApplied(
             service=beat.service, instance=beat.instance, pid=beat.pid,
             config_seq=beat.config_seq if _reports(beat) else None, state=state,
+            other_stream=_other_stream(beat, stream),
             age_seconds=instance_health(event, now).age_seconds))
     running = {i.service for i in instances if i.state != "stopped"}
     not_running: dict[str, float | None] = {}

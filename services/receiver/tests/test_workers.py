@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import Peer, make_series, start_receiver, storescu
+from bench.common import Peer, echoscu, make_series, start_receiver, storescu
 from services.receiver.tests.helpers import apply_settings, wait_events
+from shared import subjects
 from shared.bus import Bus
 from shared.config.applied import wait_applied
 from tests.peers import closed_by_peer, open_connections
@@ -252,3 +253,51 @@ def test_a_worker_reports_connections_that_ended_without_a_close_event() -> None
         for sock in (ours, theirs, client, server_end):
             sock.close()
         server.server_close()
+
+
+async def _receiver_beat(bus: Bus) -> dict:
+    from shared.health import read_heartbeats
+
+    beats = [b for b in await read_heartbeats(bus) if b.type == "service.heartbeat"
+             and b.payload["service"] == "receiver"]
+    return beats[-1].payload if beats else {}
+
+
+async def _echoes(port: int, calling_aet: str, count: int = 4) -> list[int]:
+    """Return codes of `count` echoes in turn (connections go to either process)."""
+    return [(await asyncio.to_thread(echoscu, port, calling_aet=calling_aet)).returncode for _ in range(count)]
+
+
+async def test_the_receiver_follows_a_config_stream_created_anew_and_keeps_its_allow_list_until_then(
+        two_process_receiver: Peer, bus: Bus) -> None:
+    """The NATS store lost under a running receiver (it is not restarted: it does not follow EVENTS)
+    and the streams declared again: each of its processes kept the old fold and never saw the new
+    stream's changes, while its heartbeat said it applied them. Now every process folds the new
+    stream; until it has items, the allow-list stays in force (no opening up to the defaults)."""
+    from shared.config.state import config_stream_id
+
+    peer = two_process_receiver
+    _wait_log(peer, "receiver worker ready")
+    for n in range(3):   # the old stream gets further than the new one will
+        await apply_settings(bus, allowed_calling_aets=["GOOD"], max_connections_per_host=10 + n)
+    old_stream = await config_stream_id(bus)
+    assert 0 not in await _echoes(peer.port, "BAD")
+    await bus.js.delete_stream(subjects.CONFIG_STREAM)
+    await bus.declare_streams()
+    new_stream = await config_stream_id(bus)
+    assert new_stream != old_stream
+    deadline = time.monotonic() + 30   # (each process checks the stream every 5 s)
+    while (beat := await _receiver_beat(bus)).get("config_stream") != new_stream:
+        assert time.monotonic() < deadline, beat
+        await asyncio.sleep(0.2)
+    assert beat["config_seq"] == 0 and beat["details"].get("config_stream_replaced") is True, beat
+    assert 0 not in await _echoes(peer.port, "BAD")        # the allow-list is still in force
+    assert set(await _echoes(peer.port, "GOOD")) == {0}
+
+    seq = await apply_settings(bus, allowed_calling_aets=["OTHER"])   # waits for every process
+    assert seq == 1
+    beat = await _receiver_beat(bus)
+    assert beat["config_seq"] == 1 and beat["config_stream"] == new_stream, beat
+    assert "config_stream_replaced" not in beat["details"]
+    assert set(await _echoes(peer.port, "OTHER")) == {0}   # in every process
+    assert 0 not in await _echoes(peer.port, "GOOD")
