@@ -148,6 +148,23 @@ class ConfigItemChanged(BaseModel):
 
 # ---------------------------------------------------------------- DICOM ingest
 
+class StoredCopy(BaseModel):
+    """The copy of an instance its blob file held when a `superseded` copy was not placed over it,
+    read from that file under the placement lock (services/receiver/placing.py).
+
+    Why an event names it: that copy may never get an event of its own (its process was killed
+    between placing it and journaling its event, or its publish failed and its sender heard
+    0xA700), while the superseded copy's sender heard success. The router routes this copy when
+    its batch holds no event of its own for it (services/router/state.py).
+    """
+
+    received_stamp: int  # the file's modification time (ns): its copy's shared.blobstore.receipt_stamp
+    sha256: str
+    size: int
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
 class ImageReceived(BaseModel):
     sop_class_uid: str
     transfer_syntax_uid: str
@@ -161,9 +178,12 @@ class ImageReceived(BaseModel):
     association_id: str
     # superseded: a copy received later (shared.blobstore.copy_rank) was already stored when this
     # one's file was to be placed (another receiver process's, or found by a replay after a crash);
-    # this one's file was not written (routers ignore it).
+    # this one's file was not written; `stored` names the copy it lost to, which routers route.
     duplicate: Literal["new", "identical", "replaced", "superseded"] = "new"
     tags: dict[str, str] = Field(default_factory=dict)
+    # Only with `superseded`: the stored copy it lost to (None: not known, e.g. an event of an
+    # older version, or a file that could not be read; routers then ignore the event).
+    stored: StoredCopy | None = None
 
 
 class ImageQuarantined(BaseModel):

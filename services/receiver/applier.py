@@ -51,6 +51,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.receiver.journal import Journal, JournalError, JournalRecord
+from services.receiver.placing import as_superseded
 from services.receiver.receipt import Duplicate, Receipt
 from shared.blobstore import BlobError, LocalBlobStore, blob_key, receipt_stamp
 from shared.events import Event
@@ -307,7 +308,7 @@ class JournalApplier:
                     if placed is None:
                         return False
                     if placed == "superseded":
-                        event, event_json = _as_superseded(event), None
+                        event, event_json = self._superseded(event), None
                     if write:
                         self._written(str(event.payload["blob_key"]))
                 applied.append((event, event_json))
@@ -316,6 +317,13 @@ class JournalApplier:
         if done and batch:
             self.applied_seq = max(self.applied_seq, batch[-1].seq)
         return done
+
+    def _superseded(self, event: Event) -> Event:
+        """The event of a copy whose file was not placed: a newer copy is stored, which it names
+        (placing.as_superseded; only a local store compares copies)."""
+        if self.store is None:
+            return event.model_copy(update={"payload": {**event.payload, "duplicate": "superseded"}})
+        return as_superseded(event, self.store.path(str(event.payload["blob_key"])))
 
     def _outcome(self, record: JournalRecord) -> tuple[Event, bytes | None, bool] | None:
         """What a durable record comes to: its event (and its JSON if known), and whether its blob
@@ -460,6 +468,3 @@ class JournalApplier:
             log.error("journal checkpoint failed (the records stay in the journal): %s", exc)
         self._last_checkpoint = time.monotonic()
 
-
-def _as_superseded(event: Event) -> Event:
-    return event.model_copy(update={"payload": {**event.payload, "duplicate": "superseded"}})

@@ -15,7 +15,7 @@ Runs on pynetdicom's association threads. The C-STORE status is decided here:
 Duplicates (same SOP Instance UID stored again): identical bytes are not rewritten and the event
 says duplicate="identical"; different bytes replace the file and the event says "replaced",
 unless the stored copy was received later (another receiver process's): then the file is left
-alone and the event says "superseded" (services/receiver/placing.py). In every case
+alone and the event says "superseded", naming the stored copy (services/receiver/placing.py). In every case
 `image.received` is published, because the earlier copy's event may never have been
 published (a publish failure answers 0xA700 after the file was written, and the sender's retry then
 finds identical bytes). Consumers must treat every `image.received` as "this instance is present".
@@ -41,7 +41,7 @@ from typing import Any, Protocol
 from services.receiver import part10
 from services.receiver.applier import JournalApplier
 from services.receiver.journal import JournalError
-from services.receiver.placing import place_newest
+from services.receiver.placing import as_superseded, place_newest
 from services.receiver.receipt import (
     Duplicate,
     Receipt,
@@ -456,7 +456,7 @@ class Ingest:
         if timer:
             mark = timer.mark("place" if staged else "file", mark)
         try:
-            event = received_event(receipt, tags, key, len(data), digest.result(), duplicate)
+            event = self._announced(received_event(receipt, tags, key, len(data), digest.result(), duplicate))
             if timer:
                 mark = timer.mark("event", mark)
             return self._finish(assoc, event, write, tags, ctx, mark)
@@ -509,11 +509,18 @@ class Ingest:
         if timer:
             mark = timer.mark("place", mark)
         try:
-            event = received_event(receipt, tags, key, spool.size, spool.sha256, duplicate)
+            event = self._announced(received_event(receipt, tags, key, spool.size, spool.sha256, duplicate))
             return self._finish(assoc, event, write, tags, ctx, mark)
         finally:
             if write is not None:
                 write.close()  # after an unexpected error; nothing left to do otherwise
+
+    def _announced(self, event: Event) -> Event:
+        """The event of a copy placed (or not) by this thread: a superseded one names the stored copy
+        (placing.as_superseded; only a local store finds copies superseded)."""
+        if event.payload["duplicate"] != "superseded" or not isinstance(self.writer, LocalBlobWriter):
+            return event
+        return as_superseded(event, self.writer.store.path(str(event.payload["blob_key"])))
 
     def _no_journaled_copy(self, key: str) -> bool:
         """Whether no copy of `key` waits in the journal (waiting for the applier up to

@@ -7,8 +7,8 @@ while the router routed whichever event came last on the stream. When the two or
 the dispatcher found the file changed since routing and sent nothing for that instance (a review
 of session 17). Now both follow the copies' rank (`shared.blobstore.copy_rank`: receipt stamp,
 then sha256): a copy is placed only over an older one, the router routes the newest copy of a
-batch, and a copy older than the stored one is published as `duplicate: superseded`, which the
-router ignores.
+batch, and a copy older than the stored one is published as `duplicate: superseded`, naming the
+stored copy (`as_superseded`), which the router routes unless its batch holds that copy's own event.
 
 How, at no cost for the usual case: a first copy is placed with a rename that fails if the name
 exists (`rename_new`), so two first copies cannot both succeed. Only when a file is there already
@@ -23,11 +23,14 @@ import fcntl
 import hashlib
 import io
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from services.receiver.receipt import Duplicate
+from shared.dicomtags import TagExtractionError, extract_tags
+from shared.events import Event, StoredCopy
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,55 @@ def _stored_is_newer(handle: io.BufferedReader, stat: os.stat_result, copy: Copy
         return stat.st_mtime_ns > copy.stamp
     handle.seek(0)  # same stamp (same microsecond): the greater sha256 wins, as in the router
     return hashlib.file_digest(handle, "sha256").hexdigest() > copy.sha256()
+
+
+def as_superseded(event: Event, path: Path) -> Event:
+    """`event` (a copy found `superseded` at `path`) as published: naming the copy stored there.
+
+    Why: that stored copy may never be announced (its process killed between placing a large
+    instance and its F record being durable; or, without the journal, its publish failed and its
+    sender heard 0xA700 while the file stayed), yet this copy's sender hears success. The router
+    routes the copy named here when its batch holds no event of that copy (docs/reliability.md).
+
+    Why the router, not an event of the stored copy published from here: this process cannot tell
+    whether the stored copy's own event is still coming (the usual case: another process's applier
+    placed it and publishes it next), so such an event would mostly announce a second time, with
+    another association's sender, a copy that is announced anyway; this one says only what
+    happened here and lets the router, which sees the batch, use it when nothing else does.
+    """
+    payload = {**event.payload, "duplicate": "superseded"}
+    stored = stored_copy(path)
+    if stored is not None:
+        payload["stored"] = stored.model_dump()
+    return event.model_copy(update={"payload": payload})
+
+
+def stored_copy(path: Path) -> StoredCopy | None:
+    """What the file at `path` holds (stamp, digest, size, and from its header SOP class and
+    transfer syntax), read under the instance's lock; None if it cannot be read.
+
+    Read after the placement that found the copy superseded, under the lock again (so the verdict
+    keeps its plain type through the layers that pass it on): every rename or restamp over an
+    existing file happens under this lock, so the stamp, digest and header are of one copy; and a
+    stored copy is only ever replaced by a newer one, so the copy read is at least as new as the
+    one that superseded, and is the one the file holds for the router to route.
+    """
+    lock = _lock(path.parent)
+    try:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:  # (read in place: may be GBs)
+                tags = extract_tags(view)
+    except (OSError, ValueError, TagExtractionError) as exc:  # (mmap of an empty file: ValueError)
+        log.warning("a superseded copy's event cannot name the stored copy of %s (%s): the router "
+                    "will not route it from this event", path, exc)
+        return None
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return StoredCopy(received_stamp=stat.st_mtime_ns, sha256=digest, size=stat.st_size,
+                      sop_class_uid=tags.sop_class_uid, transfer_syntax_uid=tags.transfer_syntax_uid)
 
 
 _LOCK_FAILED_LOGGED = False

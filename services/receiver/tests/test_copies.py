@@ -346,23 +346,62 @@ def test_a_spool_placed_as_a_first_copy_over_a_name_just_taken_stays_for_the_com
     assert os.stat(path).st_nlink == 1 and not list((tmp_path / "blobs" / ".tmp").iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (docs/reliability.md): a superseding copy that was "
-                   "never announced leaves the instance unrouted")
-def test_an_older_copy_superseded_by_a_copy_never_announced_is_still_routed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path_taken", ["live", "journaled"])
+def test_an_older_copy_superseded_by_a_copy_never_announced_is_still_routed(tmp_path: Path, path_taken: str) -> None:
     """A large copy N is placed by a process that is killed before its F record is durable (its
     sender hears nothing, N gets no event); a copy O received before N, placed after it, is
-    `superseded` and the router ignores it: O's sender got 0x0000, and no event routes the
-    instance (before copies were ordered, O replaced N and was routed)."""
-    newer, data = copy_of("N (never announced)"), copy_of("O")
-    path = _stored(tmp_path / "blobs", newer, time.time_ns() + 3600 * 10**9)
+    `superseded`: O's sender got 0x0000, and the router ignored O's event, so no event routed the
+    instance (before copies were ordered, O replaced N and was routed). Now O's event names the
+    stored copy, read from its file, and the router routes that one (router/tests/test_state.py;
+    through to the dispatcher's check: tests/test_copies_of_an_instance.py)."""
+    newer, data = copy_of("N (never announced)", pixels=300 * 1024), copy_of("O")
+    stamp = time.time_ns() // 1000 * 1000 + 3600 * 10**9
+    path = _stored(tmp_path / "blobs", newer, stamp)
     stream = Stream()
-    publish = stream.publisher()
-    ingest = Ingest(LocalBlobWriter(LocalBlobStore(tmp_path / "blobs")),
-                    lambda event, timeout: publish([(event, None)], timeout)[0], lambda: SETTINGS)
+    if path_taken == "journaled":  # the applier places O's file behind the C-STORE
+        process = Process(tmp_path, "w1", stream)
+        try:
+            process.receive(data)
+            process.applier.start()
+            assert process.applier.wait_idle(10)
+        finally:
+            process.stop()
+    else:  # no journal: the association places O's file itself
+        publish = stream.publisher()
+        ingest = Ingest(LocalBlobWriter(LocalBlobStore(tmp_path / "blobs")),
+                        lambda event, timeout: publish([(event, None)], timeout)[0], lambda: SETTINGS)
+        try:
+            assert ingest.store(AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 104), data, EXPLICIT,
+                                "") == STATUS_SUCCESS
+        finally:
+            ingest.helpers.shutdown()
+    [event] = stream.events
+    assert event.payload["duplicate"] == "superseded" and event.payload["sha256"] == _sha(data)
+    assert path.read_bytes() == newer
+    assert event.payload["stored"] == {"received_stamp": stamp, "sha256": _sha(newer), "size": len(newer),
+                                       "sop_class_uid": "1.2.840.10008.5.1.4.1.1.7",
+                                       "transfer_syntax_uid": EXPLICIT}
+    routable = [e.payload["sha256"] if e.payload["duplicate"] != "superseded" else e.payload["stored"]["sha256"]
+                for e in stream.events]
+    assert routable == [_sha(path.read_bytes())]
+
+
+def test_a_superseded_copy_whose_stored_file_is_unreadable_is_published_without_naming_it(tmp_path: Path) -> None:
+    """The stored file is not a readable instance (e.g. damaged on disk): the superseded copy's
+    event is still published (its sender was told success), without naming the stored copy (`stored` null)."""
+    data = copy_of("O")
+    path = _stored(tmp_path / "blobs", copy_of("N"), time.time_ns() + 3600 * 10**9)
+    stamp = path.stat().st_mtime_ns
+    path.write_bytes(b"not DICOM")
+    os.utime(path, ns=(stamp, stamp))
+    stream = Stream()
+    process = Process(tmp_path, "w1", stream)
     try:
-        assert ingest.store(AssociationInfo("a1", "MODALITY", "CADUCEUS", "127.0.0.1", 104), data, EXPLICIT,
-                            "") == STATUS_SUCCESS
+        process.receive(data)
+        process.applier.start()
+        assert process.applier.wait_idle(10)
     finally:
-        ingest.helpers.shutdown()
-    routable = [e for e in stream.events if e.payload["duplicate"] != "superseded"]
-    assert [e.payload["sha256"] for e in routable] == [_sha(path.read_bytes())]
+        process.stop()
+    [event] = stream.events
+    assert event.payload["duplicate"] == "superseded" and event.payload.get("stored") is None
+    assert path.read_bytes() == b"not DICOM"
