@@ -10,6 +10,8 @@ own code, in one process, with the order of placing and publishing forced."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -117,3 +119,36 @@ def test_the_routed_copy_is_the_stored_copy_and_is_sent(tmp_path: Path, case: st
                                                        routed.transfer_syntax_uid, path)])
     assert changed == set() and [item.index for item in items] == [0]
     assert path.stat().st_mtime_ns == routed.received_stamp  # the dispatcher's one-stat check holds
+
+
+def test_a_stored_copy_never_announced_is_routed_from_the_superseded_copys_event(tmp_path: Path) -> None:
+    """Copy N is stored but never announced (its process was killed before its F record was
+    durable); copy O, received before it and placed after, is superseded while its sender hears
+    success. The router routes N from O's event, and the dispatcher's check of the file passes."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    newer = copy_of("N", 300 * 1024)
+    stamp = time.time_ns() // 1000 * 1000 + 3600 * 10**9
+    key = "instances/1.2.3/1.2.3.4/1.2.3.4.5.6.dcm"
+    store.put_sync(key, newer)
+    os.utime(store.path(key), ns=(stamp, stamp))
+    stream = Stream()
+    publish = stream.publisher()
+    ingest = Ingest(LocalBlobWriter(store), lambda event, timeout: publish([(event, None)], timeout)[0],
+                    lambda: SETTINGS)
+    try:
+        assert ingest.store(AssociationInfo("a1", "M1", "CADUCEUS", "127.0.0.1", 104), copy_of("O"), EXPLICIT,
+                            "") == STATUS_SUCCESS
+    finally:
+        ingest.helpers.shutdown()
+    [event] = stream.events
+    assert event.payload["duplicate"] == "superseded"
+
+    router = RouterState()
+    event.stream_seq = 1
+    router.apply(event)
+    [batch] = router.series.values()
+    [routed] = batch_manifest(batch).instances
+    assert (routed.sha256, routed.size, routed.received_stamp) == (hashlib.sha256(newer).hexdigest(), len(newer), stamp)
+    items, changed = _check_routed(batch_manifest(batch), [SendItem(0, routed.sop_uid, routed.sop_class_uid,
+                                                                    routed.transfer_syntax_uid, store.path(key))])
+    assert changed == set() and [item.index for item in items] == [0]

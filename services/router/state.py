@@ -15,7 +15,7 @@ replaying from its checkpoint and arrive at the same batches with the same batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from shared.blobstore import CopyRank, copy_rank
@@ -153,6 +153,22 @@ class PendingDecision:
     rerouted: bool = False  # asked for by route.requested (decide.decide's `rerouted`)
 
 
+def _stored_copy(superseded: ImageReceived) -> tuple[ImageReceived, datetime]:
+    """The copy a superseded event names, as a received copy: its file's stamp, digest, size, SOP
+    class and transfer syntax (what the manifest and the dispatcher's check use). Its tags and
+    sender are the superseded copy's: the same SOP instance, and the stored file's other tags are
+    not in the event."""
+    stored = superseded.stored
+    assert stored is not None
+    copy = superseded.model_copy(update={
+        "sha256": stored.sha256, "size": stored.size, "sop_class_uid": stored.sop_class_uid,
+        "transfer_syntax_uid": stored.transfer_syntax_uid})
+    return copy, EPOCH + timedelta(microseconds=stored.received_stamp // 1000)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class RouterState:
     def __init__(self) -> None:
         self.series: dict[str, Batch] = {}
@@ -187,11 +203,19 @@ class RouterState:
     def _image(self, event: Event, seq: int) -> None:
         if not (event.series_uid and event.study_uid and event.sop_uid):
             return
-        if event.payload.get("duplicate") == "superseded":
-            return  # a later copy was stored first and is routed; this one's bytes are not in the store
+        received = ImageReceived.model_validate(event.payload)
+        received_at = event.occurred_at or utcnow()
+        if received.duplicate == "superseded":
+            # This copy's bytes are not in the store: a copy received later is. Routed is that
+            # stored copy, named by the event, as if it were its own event: its own event, if in
+            # the batch, has the same rank, so the batch keeps one entry for the instance either
+            # way (a newer copy still wins); the stored copy may have no event at all (its process
+            # was killed before announcing it), while this copy's sender was told success.
+            if received.stored is None:
+                return  # (an event of an older version, or the stored file was unreadable)
+            received, received_at = _stored_copy(received)
         instance = Instance(event.sop_uid, event.series_uid, event.study_uid, seq, event.event_id,
-                            event.recorded_at or event.occurred_at or utcnow(),
-                            ImageReceived.model_validate(event.payload), event.occurred_at or utcnow())
+                            event.recorded_at or event.occurred_at or utcnow(), received, received_at)
         for level, batches, uid in (("series", self.series, event.series_uid),
                                     ("study", self.studies, event.study_uid)):
             batch = batches.get(uid)

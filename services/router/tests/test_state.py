@@ -68,7 +68,8 @@ def test_resent_instance_latest_wins_and_checkpoint_moves_on() -> None:
 
 def test_a_superseded_copy_neither_replaces_the_stored_one_nor_opens_a_batch() -> None:
     # A replay after a receiver crash publishes an older copy after a later one that is stored:
-    # the batch keeps the stored copy, and on its own the old copy opens nothing to route.
+    # the batch keeps the stored copy, and on its own the old copy opens nothing to route (an
+    # event that does not name the stored copy: of an older version, or its file was unreadable).
     state = RouterState()
     stored = image(1, "a")
     state.apply(stored)
@@ -145,3 +146,43 @@ def test_a_reroute_request_becomes_a_pending_decision_under_a_new_batch_id() -> 
     assert pending.completed_event.payload["action"] == "proceed"
     assert pending.completed_event.payload["batch_id"] == "b1~r1"
     assert pending.completed_event.event_id == request.event_id  # the decision's causation
+
+
+def superseded(seq: int, sop: str, stored_at: datetime, stored_sha256: str) -> Event:
+    """An older copy's event that found the copy received at `stored_at` stored (payload `stored`)."""
+    event = image(seq, sop, received_at=stored_at - timedelta(hours=1), sha256="0" * 64)
+    stamp = int(stored_at.timestamp()) * 10**9 + stored_at.microsecond * 1000
+    event.payload.update(duplicate="superseded", stored={
+        "received_stamp": stamp, "sha256": stored_sha256, "size": 7, "sop_class_uid": "1.9",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.4.50"})
+    return event
+
+
+def test_a_superseded_copy_routes_the_stored_copy_it_names_when_that_has_no_event() -> None:
+    # The stored copy's process was killed before announcing it; the older copy's sender was told
+    # success. Routed: the stored copy, with its stamp and digest (the dispatcher's check passes).
+    state = RouterState()
+    state.apply(superseded(1, "a", RECEIVED, "e" * 64))
+    [routed] = state.series["1.1"].instances.values()
+    assert (routed.received.sha256, routed.received.size, routed.received_at) == ("e" * 64, 7, RECEIVED)
+    assert (routed.received.sop_class_uid, routed.received.transfer_syntax_uid) == ("1.9", "1.2.840.10008.1.2.4.50")
+    assert routed.received.tags["SeriesDescription"] == "1.1"
+
+
+def test_a_superseded_copy_and_the_stored_copys_own_event_give_one_entry_in_either_order() -> None:
+    own = image(2, "a", received_at=RECEIVED, sha256="e" * 64)
+    for events in ([superseded(1, "a", RECEIVED, "e" * 64), own], [own, superseded(3, "a", RECEIVED, "e" * 64)]):
+        state = RouterState()
+        for event in events:
+            state.apply(event)
+        batch = state.series["1.1"]
+        assert list(batch.instances) == ["a"]
+        assert (batch.instances["a"].received.sha256, batch.instances["a"].received_at) == ("e" * 64, RECEIVED)
+
+
+def test_a_copy_newer_than_the_one_a_superseded_copy_names_is_routed() -> None:
+    newest = image(1, "a", received_at=RECEIVED + timedelta(seconds=1), sha256="1" * 64)
+    state = RouterState()
+    state.apply(newest)
+    state.apply(superseded(2, "a", RECEIVED, "e" * 64))
+    assert state.series["1.1"].instances["a"].event_id == newest.event_id
