@@ -225,9 +225,10 @@ def new_series(ev: StoredEvent) -> Row:
 
 def series_on_image(row: Row | None, ev: StoredEvent) -> Row:
     p = ev.payload
-    if row and p.get("duplicate") == "superseded":
-        # An older copy a journal replay did not store, published after the later copy: the router
-        # ignores it (no batch opens), so the series is not receiving again.
+    if row and p.get("duplicate") == "superseded" and not p.get("stored"):
+        # An older copy not stored, whose event does not name the stored copy: the router ignores
+        # it (no batch opens), so the series is not receiving again. (One that names it makes the
+        # router route the stored copy, docs/events.md: the series is receiving again.)
         return _touch(dict(row), ev)
     new = dict(row) if row else new_series(ev)
     tags: dict[str, Any] = p.get("tags") or {}

@@ -153,6 +153,19 @@ def test_a_superseded_copy_does_not_reopen_its_series(engine: Engine) -> None:
     assert series.status == "dispatched" and series.instance_count == 2
 
 
+def test_a_superseded_copy_naming_the_stored_copy_reopens_its_series(engine: Engine) -> None:
+    # Such an event makes the router route the stored copy it names (a copy that may never have
+    # been announced) in a new batch: the series is receiving again, its count unchanged.
+    events = series_events(STUDY, SERIES_UID, 2, "done")
+    stale = image(STUDY, SERIES_UID, 0)
+    stale.payload.update(duplicate="superseded", stored={
+        "received_stamp": 1, "sha256": "e" * 64, "size": 1, "sop_class_uid": "1.2", "transfer_syntax_uid": "1.2"})
+    write_batch(engine, [record_from_event(e, "EVENTS", n + 1, None) for n, e in enumerate([*events, stale])])
+    with engine.connect() as conn:
+        series = conn.execute(select(SERIES)).one()
+    assert series.status == "receiving" and series.instance_count == 2
+
+
 def test_the_new_incarnation_of_a_stream_is_stored_even_where_its_event_ids_repeat_the_old_ones(
         engine: Engine) -> None:
     # After a NATS store loss the router numbers batches from the new stream's sequences again, and
