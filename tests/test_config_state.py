@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from shared.bus import Bus
+from shared.config import state
 from shared.config.model import CaduceusConfig, ConfigError
 from shared.config.state import fold, plan_changes, read_all
 
@@ -151,3 +153,27 @@ def test_a_targets_max_associations_is_checked_and_a_larger_parallel_count_warne
     assert config.warnings() == ["targets.pacs: a task would open 4 parallel associations, but max_associations "
                                  "is 2: it opens at most that many"]
     assert CaduceusConfig.parse({"targets": {"pacs": target}}).targets["pacs"].max_associations is None
+
+
+async def test_a_follower_whose_stream_check_loses_its_cancel_still_stops(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11's asyncio.wait_for (inside nats-py's requests) returns the reply instead of
+    raising CancelledError when the reply arrives just as its task is cancelled; the follower's
+    periodic stream check, a `while True` loop, then carried on and stop(), awaiting it, hung."""
+    monkeypatch.setattr(state, "STREAM_CHECK_SECONDS", 0.05)
+    await bus.declare_streams()
+    follower = state.ConfigFollower(bus)
+    await follower.start()
+    checking = asyncio.Event()
+
+    async def check_answered_as_cancelled() -> bool:
+        checking.set()
+        try:
+            await asyncio.sleep(3600)   # waiting for the stream info...
+        except asyncio.CancelledError:
+            return False   # ...which arrived with the cancel: the cancel is lost
+        return False
+
+    monkeypatch.setattr(follower, "_replaced", check_answered_as_cancelled)
+    await asyncio.wait_for(checking.wait(), 5)
+    await asyncio.wait_for(follower.stop(), 5)

@@ -140,6 +140,7 @@ class ConfigFollower:
         self._caught_up = False
         self._consumer = ""           # the ordered consumer the last message came from
         self._watch_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._switching = asyncio.Lock()
         self._switch_task: asyncio.Task[bool] | None = None
 
@@ -240,8 +241,13 @@ class ConfigFollower:
             raise
 
     async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(STREAM_CHECK_SECONDS)
+        # Ends with `_stopping`, not only when cancelled: Python 3.11's asyncio.wait_for inside
+        # nats-py's stream_info request can swallow the cancel, and stop() awaits this task.
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), STREAM_CHECK_SECONDS)
+            if self._stopping.is_set():
+                return
             try:
                 await self._replaced()
             except Exception as exc:  # noqa: BLE001 - NATS unreachable for now: check again later
@@ -252,6 +258,7 @@ class ConfigFollower:
         return self.config
 
     async def stop(self) -> None:
+        self._stopping.set()
         for task in (self._watch_task, self._switch_task):
             if task is not None:
                 task.cancel()
