@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
 from typing import Any
 
 import nats
@@ -156,6 +157,10 @@ class Bus:
     async def last_seq(self, stream: str) -> int:
         info = await self.js.stream_info(stream)
         return int(info.state.last_seq)
+
+    async def stream_created(self, stream: str) -> datetime | None:
+        """The stream's creation time: which incarnation of it exists now (NotFoundError if none)."""
+        return (await self.js.stream_info(stream)).created
 
     async def get_last_for_subject(self, stream: str, subject: str) -> Event | None:
         try:

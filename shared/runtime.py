@@ -258,7 +258,7 @@ class Service:
 
     async def _events_created(self) -> datetime | None:
         """The EVENTS stream's creation time: which incarnation of it this process follows."""
-        return (await self.bus.js.stream_info(subjects.EVENTS_STREAM)).created
+        return await self.bus.stream_created(subjects.EVENTS_STREAM)
 
     async def _watch_events_stream(self, created: datetime | None) -> None:
         """Stop, to be started again, once the EVENTS stream is gone or was created anew.

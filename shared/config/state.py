@@ -102,7 +102,7 @@ async def config_stream_id(bus: Bus) -> str:
 
     Sequences of two incarnations (a NATS store lost or replaced, the stream declared again) are
     not comparable: a configuration sequence means something only together with this."""
-    created = (await bus.js.stream_info(subjects.CONFIG_STREAM)).created
+    created = await bus.stream_created(subjects.CONFIG_STREAM)
     return created.isoformat() if created is not None else ""
 
 
