@@ -13,10 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
-from cli.main import main
 from shared import subjects
 from shared.bus import Bus
 
@@ -31,18 +29,6 @@ class Named(Service):
 Named().main()
 """
 Cli = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(nats_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    monkeypatch.setenv("CADUCEUS_NATS_URL", nats_url)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @contextlib.contextmanager

@@ -20,18 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy" / "example-config.yaml"
 
 
-@pytest.fixture
-def cli(nats_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("CADUCEUS_NATS_URL", nats_url)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def history(cli) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     code, out, _ = cli("config", "history", "--json")
     assert code == 0

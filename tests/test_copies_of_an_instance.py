@@ -22,7 +22,7 @@ import pytest
 from services.dispatcher.handlers import _check_routed
 from services.dispatcher.sender import SendItem
 from services.receiver.ingest import STATUS_SUCCESS, AssociationInfo, Ingest, LocalBlobWriter
-from services.receiver.tests.test_copies import EXPLICIT, SETTINGS, Process, Stream, copy_of
+from services.receiver.tests.test_copies import EXPLICIT, SETTINGS, Process, Stream, apply_in_order, copy_of
 from services.router.service import batch_manifest
 from services.router.state import RouterState
 from shared.blobstore import LocalBlobStore
@@ -74,24 +74,7 @@ def _journaled_copies_at_once(root: Path, stream: Stream, newer_first: bool) -> 
     first.receive(copy_of("A"))
     time.sleep(0.002)
     second.receive(copy_of("B"))
-    try:
-        if newer_first:  # B placed and published, then A placed (over it, it was)
-            go.set()
-            second.applier.start()
-            assert second.applier.wait_idle(10)
-            first.applier.start()
-            assert first.applier.wait_idle(10)
-        else:  # A placed, B placed and published, then A published
-            first.applier.start()
-            assert placed.wait(10)
-            second.applier.start()
-            assert second.applier.wait_idle(10)
-            go.set()
-            assert first.applier.wait_idle(10)
-    finally:
-        go.set()
-        first.stop()
-        second.stop()
+    apply_in_order(first, second, placed, go, newer_first)
     return first.store
 
 

@@ -103,27 +103,28 @@ class Process:
     def receive(self, data: bytes) -> None:
         assert self.ingest.store(self.assoc, data, EXPLICIT, "") == STATUS_SUCCESS
 
+    def receive_and_apply(self, data: bytes) -> None:
+        """Receive `data`, let the applier place and publish it, then stop."""
+        try:
+            self.receive(data)
+            self.applier.start()
+            assert self.applier.wait_idle(10)
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         self.applier.stop()
         self.journal.close()
         self.ingest.helpers.shutdown()
 
 
-@pytest.mark.parametrize("order", ["newer placed first", "older placed first, published last"])
-def test_two_processes_keep_and_announce_the_copy_received_last(tmp_path: Path, order: str) -> None:
-    """Process 1 receives copy A, then process 2 copy B. Their journal appliers place the files
-    and publish the events in the order given. "newer placed first": A's file went over B's (the
-    last write won), so the blob held the older copy while B's event was the newer one."""
-    stream = Stream()
-    placed, go = threading.Event(), threading.Event()
-    first = Process(tmp_path, "w1", stream, placed, go)
-    second = Process(tmp_path, "w2", stream)
-    older, newer = copy_of("A"), copy_of("B")
-    first.receive(older)
-    time.sleep(0.002)  # (receipt stamps are in microseconds)
-    second.receive(newer)
+def apply_in_order(first: Process, second: Process, placed: threading.Event, go: threading.Event,
+                   newer_first: bool) -> None:
+    """Run the appliers of `first` (copy A, its publish held back by `go`) and `second` (copy B,
+    received later), then stop both. `newer_first`: B placed and published, then A placed; else
+    A placed, B placed and published, then A published."""
     try:
-        if order == "newer placed first":
+        if newer_first:
             go.set()
             second.applier.start()
             assert second.applier.wait_idle(10)
@@ -140,6 +141,22 @@ def test_two_processes_keep_and_announce_the_copy_received_last(tmp_path: Path, 
         go.set()
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("order", ["newer placed first", "older placed first, published last"])
+def test_two_processes_keep_and_announce_the_copy_received_last(tmp_path: Path, order: str) -> None:
+    """Process 1 receives copy A, then process 2 copy B. Their journal appliers place the files
+    and publish the events in the order given. "newer placed first": A's file went over B's (the
+    last write won), so the blob held the older copy while B's event was the newer one."""
+    stream = Stream()
+    placed, go = threading.Event(), threading.Event()
+    first = Process(tmp_path, "w1", stream, placed, go)
+    second = Process(tmp_path, "w2", stream)
+    older, newer = copy_of("A"), copy_of("B")
+    first.receive(older)
+    time.sleep(0.002)  # (receipt stamps are in microseconds)
+    second.receive(newer)
+    apply_in_order(first, second, placed, go, newer_first=order == "newer placed first")
     key = instance_key(identified_tags(newer, []))
     assert [e.payload["sha256"] for e in stream.events] == [_sha(newer), _sha(older)]  # B on the stream first
     assert first.store.get_sync(key) == newer
@@ -359,13 +376,7 @@ def test_an_older_copy_superseded_by_a_copy_never_announced_is_still_routed(tmp_
     path = _stored(tmp_path / "blobs", newer, stamp)
     stream = Stream()
     if path_taken == "journaled":  # the applier places O's file behind the C-STORE
-        process = Process(tmp_path, "w1", stream)
-        try:
-            process.receive(data)
-            process.applier.start()
-            assert process.applier.wait_idle(10)
-        finally:
-            process.stop()
+        Process(tmp_path, "w1", stream).receive_and_apply(data)
     else:  # no journal: the association places O's file itself
         publish = stream.publisher()
         ingest = Ingest(LocalBlobWriter(LocalBlobStore(tmp_path / "blobs")),
@@ -395,13 +406,7 @@ def test_a_superseded_copy_whose_stored_file_is_unreadable_is_published_without_
     path.write_bytes(b"not DICOM")
     os.utime(path, ns=(stamp, stamp))
     stream = Stream()
-    process = Process(tmp_path, "w1", stream)
-    try:
-        process.receive(data)
-        process.applier.start()
-        assert process.applier.wait_idle(10)
-    finally:
-        process.stop()
+    Process(tmp_path, "w1", stream).receive_and_apply(data)
     [event] = stream.events
     assert event.payload["duplicate"] == "superseded" and event.payload.get("stored") is None
     assert path.read_bytes() == b"not DICOM"
